@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Install everything the sidecar and its tests need on a Debian bookworm machine, as root.
+# Idempotent: each step is skipped when what it provides is already there.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+need_apt=()
+command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
+command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
+command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
+command -v consul >/dev/null 2>&1 || need_apt+=(consul)
+command -v busybox >/dev/null 2>&1 || need_apt+=(busybox-static)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v ss >/dev/null 2>&1 || need_apt+=(iproute2)
+
+if ((${#need_apt[@]})); then
+    # Consul is packaged only in bullseye: add that suite with a low pin so that
+    # nothing else is taken from it.
+    if [[ " ${need_apt[*]} " == *" consul "* ]] && [[ ! -f /etc/apt/sources.list.d/bullseye.sources ]]; then
+        log "adding the bullseye suite for consul"
+        cat >/etc/apt/sources.list.d/bullseye.sources <<'EOF'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bullseye
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+        cat >/etc/apt/preferences.d/bullseye-pin <<'EOF'
+Package: *
+Pin: release n=bullseye
+Pin-Priority: 100
+EOF
+    fi
+    log "apt-get install ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# The distribution packages start their services through systemd where there is one;
+# we start what we need ourselves, on our own ports, so stop the packaged defaults
+# only if we were the ones who just installed them and they came up.
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c 'import registrar, templater, consul, docker, jinja2, watchdog, psutil, pytest' 2>/dev/null \
+    || [[ "$ROOT/pyproject.toml" -nt "$VENV/.installed" ]]; then
+    log "pip install -e .[dev]"
+    "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+    touch "$VENV/.installed"
+fi
