@@ -1,0 +1,449 @@
+"""Keep the agent's services equal to the running containers.
+
+One thread owns all state and makes every Consul call, fed by a queue of intents from the
+Docker side and the readiness probes, so no lock and no ordering puzzles. A tick (every
+second, or with backoff while Consul is away) compares what is desired with what the agent
+holds and restores anything it lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from registrar.consul_registry import MAINTENANCE_REASON, Registry
+from registrar.errors import ConsulRejected, ConsulUnavailable
+from registrar.intents import (
+    TERMINATING,
+    Destroyed,
+    Died,
+    Health,
+    Intent,
+    Listing,
+    Paused,
+    Ready,
+    Stopping,
+    Up,
+    parse_signal,
+)
+from registrar.model import CRITICAL, PASSING, Service
+from registrar.probe import Prober
+from registrar.spec import SpecSettings, container_name, docker_health_status, services_for
+from sidecar.backoff import Backoff
+from sidecar.logs import kv
+
+log = logging.getLogger("registrar.sync")
+
+TICK = 1.0
+TTL_HEARTBEAT = 60.0
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    spec: SpecSettings
+    deregister: str = "always"  # or on-success
+    cleanup: bool = False
+    retry_interval: float = 2.0
+    probe_window: float = 60.0
+
+
+@dataclass
+class Plan:
+    register: list[Service] = field(default_factory=list)
+    deregister: list[str] = field(default_factory=list)
+    maintenance_on: list[str] = field(default_factory=list)
+    maintenance_off: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.register or self.deregister or self.maintenance_on or self.maintenance_off)
+
+
+def plan(
+    desired: dict[str, Service],
+    want_maintenance: set[str],
+    agent: dict[str, dict[str, Any]],
+    agent_maintenance: set[str],
+    owned: Callable[[str], bool],
+    cleanup: bool,
+) -> Plan:
+    """What to do so that the agent holds the desired services. Pure.
+
+    agent_maintenance holds the services in maintenance that we put there; maintenance set
+    by an operator is never lifted.
+    """
+    result = Plan()
+    for service_id, service in sorted(desired.items()):
+        view = agent.get(service_id)
+        if view is None or not service.same_registration(view):
+            result.register.append(service)
+    if cleanup:
+        result.deregister = sorted(sid for sid in agent if owned(sid) and sid not in desired)
+    missing = {s.id for s in result.register if s.id not in agent}
+    result.maintenance_on = sorted(
+        sid for sid in want_maintenance if sid in desired and (sid not in agent_maintenance or sid in missing)
+    )
+    result.maintenance_off = sorted(sid for sid in agent_maintenance if sid in desired and sid not in want_maintenance)
+    return result
+
+
+@dataclass
+class Tracked:
+    container_id: str
+    name: str
+    services: dict[str, Service]
+    generation: int
+    stop_signal: int | None = None
+    docker_status: str | None = None
+
+
+class Syncer:
+    def __init__(self, registry: Registry, settings: SyncSettings) -> None:
+        self._registry = registry
+        self._settings = settings
+        self._queue: queue.Queue[Intent | None] = queue.Queue()
+        self._containers: dict[str, Tracked] = {}
+        self._lingering: dict[str, list[str]] = {}  # died, kept by --deregister on-success
+        self._want_maintenance: set[str] = set()
+        self._agent_maintenance: set[str] = set()
+        self._known_status: dict[str, str] = {}
+        self._consul_up: bool | None = None
+        self._backoff = Backoff(base=0.1, cap=settings.retry_interval)
+        self._generation = 0
+        self._last_heartbeat = 0.0
+        self._prober = Prober(self._on_ready, window=settings.probe_window)
+        self.stats = {"registered": 0, "deregistered": 0, "errors": 0}
+
+    # -- inputs, from any thread
+
+    def submit(self, intent: Intent) -> None:
+        self._queue.put(intent)
+
+    def _on_ready(self, service_id: str, index: int, generation: int) -> None:
+        self._queue.put(Ready(service_id, index, generation))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    # -- the loop
+
+    def run(self, stop: threading.Event) -> None:
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            timeout = max(0.0, next_tick - time.monotonic())
+            try:
+                intent = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                intent = None
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self._tick()
+                continue
+            if intent is None:
+                if stop.is_set():
+                    break
+                continue
+            self._handle(intent)
+        self._prober.cancel_all()
+
+    def _handle(self, intent: Intent) -> None:
+        try:
+            if isinstance(intent, Up):
+                self._up(intent)
+            elif isinstance(intent, Stopping):
+                self._stopping(intent)
+            elif isinstance(intent, Paused):
+                self._set_maintenance(intent.container_id, True, "paused")
+            elif isinstance(intent, Died):
+                self._died(intent.container_id, intent.exit_code)
+            elif isinstance(intent, Destroyed):
+                self._destroyed(intent.container_id)
+            elif isinstance(intent, Health):
+                self._health(intent)
+            elif isinstance(intent, Listing):
+                self._listing(intent)
+            elif isinstance(intent, Ready):
+                self._ready(intent)
+        except ConsulUnavailable as err:
+            self._consul_down(err)
+
+    # -- container lifecycle
+
+    def _up(self, intent: Up) -> None:
+        inspect = intent.inspect
+        container_id = str(inspect.get("Id", ""))
+        name = container_name(inspect)
+        result = services_for(inspect, self._settings.spec)
+        for error in result.errors:
+            self.stats["errors"] += 1
+            log.error("skipped %s", error)
+        for note in result.skipped:
+            log.info("ignored %s", note)
+        old = self._containers.get(container_id)
+        if intent.fresh:
+            # A restarted container is not ready because its previous run was.
+            for service in result.services:
+                for index, check in enumerate(service.checks):
+                    if check.kind != "docker":
+                        self._known_status.pop(service.check_id(index), None)
+        if intent.fresh or old is None:
+            self._generation += 1
+        generation = self._generation if intent.fresh or old is None else old.generation
+        tracked = Tracked(
+            container_id=container_id,
+            name=name,
+            services={s.id: s for s in result.services},
+            generation=generation,
+            stop_signal=parse_signal((inspect.get("Config") or {}).get("StopSignal")),
+            docker_status=docker_health_status(inspect),
+        )
+        self._containers[container_id] = tracked
+        self._lingering.pop(container_id, None)
+        stale = set(old.services) - set(tracked.services) if old else set()
+        for service_id in sorted(stale):
+            self._deregister(service_id)
+        paused = bool((inspect.get("State") or {}).get("Paused"))
+        for service in tracked.services.values():
+            if intent.fresh or old is None or old.services.get(service.id) != service:
+                self._register(service, tracked, intent.event_ns)
+                if intent.fresh:
+                    self._start_probes(service, generation)
+            if intent.fresh and not paused and service.id in self._want_maintenance | self._agent_maintenance:
+                self._want_maintenance.discard(service.id)
+                self._maintenance(service.id, False)
+            elif paused and service.id not in self._want_maintenance:
+                self._want_maintenance.add(service.id)
+                self._maintenance(service.id, True)
+
+    def _stopping(self, intent: Stopping) -> None:
+        tracked = self._containers.get(intent.container_id)
+        if tracked is None:
+            return
+        terminating = intent.signal in {int(s) for s in TERMINATING} or intent.signal == tracked.stop_signal
+        if terminating:
+            self._set_maintenance(intent.container_id, True, f"signal {signal_name(intent.signal)}")
+
+    def _set_maintenance(self, container_id: str, enable: bool, why: str) -> None:
+        tracked = self._containers.get(container_id)
+        if tracked is None:
+            return
+        for service_id in sorted(tracked.services):
+            if enable:
+                self._want_maintenance.add(service_id)
+            else:
+                self._want_maintenance.discard(service_id)
+            self._maintenance(service_id, enable)
+            log.info("%s %s", "draining" if enable else "undraining", kv(id=service_id, reason=why))
+
+    def _died(self, container_id: str, exit_code: int | None) -> None:
+        tracked = self._containers.pop(container_id, None)
+        if tracked is None:
+            return
+        for service_id in tracked.services:
+            self._prober.cancel(service_id)
+        if self._settings.deregister == "on-success" and exit_code != 0:
+            self._lingering[container_id] = sorted(tracked.services)
+            log.info("kept %s", kv(container=tracked.name, exit_code=exit_code, deregister="on-success"))
+            return
+        for service_id in sorted(tracked.services):
+            self._deregister(service_id)
+
+    def _destroyed(self, container_id: str) -> None:
+        self._died(container_id, None)
+        for service_id in self._lingering.pop(container_id, []):
+            self._deregister(service_id)
+
+    def _health(self, intent: Health) -> None:
+        tracked = self._containers.get(intent.container_id)
+        if tracked is None:
+            return
+        tracked.docker_status = intent.status
+        for service in tracked.services.values():
+            for index, check in enumerate(service.checks):
+                if check.kind == "docker":
+                    check_id = service.check_id(index)
+                    self._known_status[check_id] = intent.status
+                    self._ttl(check_id, intent.status)
+                    log.info("health %s", kv(id=service.id, status=intent.status))
+
+    def _listing(self, intent: Listing) -> None:
+        running = {str(i.get("Id", "")) for i in intent.inspects}
+        for container_id in sorted(set(self._containers) - running):
+            self._died(container_id, None)
+        for inspect in intent.inspects:
+            self._up(Up(inspect, fresh=False))
+        self._reconcile(cleanup=self._settings.cleanup)
+
+    def _ready(self, intent: Ready) -> None:
+        service = self._service(intent.service_id)
+        if service is None:
+            return
+        tracked = self._containers[service.container_id]
+        if tracked.generation != intent.generation:
+            return
+        check_id = service.check_id(intent.check_index)
+        if self._known_status.get(check_id) == PASSING:
+            return
+        self._registry.set_check_status(service, intent.check_index, PASSING)
+        self._known_status[check_id] = PASSING
+        log.info("ready %s", kv(id=service.id, check=check_id))
+
+    # -- Consul calls, each logging what it did
+
+    def _statuses(self, service: Service, tracked: Tracked) -> dict[str, str]:
+        statuses = {}
+        for index, check in enumerate(service.checks):
+            check_id = service.check_id(index)
+            if check.kind == "docker":
+                statuses[check_id] = tracked.docker_status or CRITICAL
+            elif check_id in self._known_status:
+                statuses[check_id] = self._known_status[check_id]
+            elif check.initial_status is None:
+                statuses[check_id] = CRITICAL
+        return statuses
+
+    def _register(self, service: Service, tracked: Tracked, event_ns: int | None = None) -> None:
+        try:
+            self._registry.register(service, self._statuses(service, tracked))
+        except ConsulRejected as err:
+            self.stats["errors"] += 1
+            log.error("rejected %s: %s", kv(container=tracked.name, id=service.id), err)
+            return
+        self.stats["registered"] += 1
+        facts: dict[str, object] = {"service": service.name, "id": service.id, "port": service.port}
+        if event_ns:
+            facts["latency_ms"] = round((time.time_ns() - int(event_ns)) / 1e6, 1)
+        log.info("registered %s", kv(**facts))
+
+    def _start_probes(self, service: Service, generation: int) -> None:
+        for index, check in enumerate(service.checks):
+            if check.probeable and self._known_status.get(service.check_id(index)) != PASSING:
+                self._prober.start(service.id, index, check, generation)
+
+    def _deregister(self, service_id: str) -> None:
+        self._prober.cancel(service_id)
+        self._want_maintenance.discard(service_id)
+        self._agent_maintenance.discard(service_id)
+        for check_id in [
+            c for c in self._known_status if c == f"service:{service_id}" or c.startswith(f"service:{service_id}:")
+        ]:
+            del self._known_status[check_id]
+        try:
+            self._registry.deregister(service_id)
+        except ConsulRejected as err:
+            log.error("deregister refused %s: %s", kv(id=service_id), err)
+            return
+        self.stats["deregistered"] += 1
+        log.info("deregistered %s", kv(id=service_id))
+
+    def _maintenance(self, service_id: str, enable: bool) -> None:
+        try:
+            self._registry.maintenance(service_id, enable)
+        except ConsulRejected as err:
+            log.error("maintenance refused %s: %s", kv(id=service_id, enable=enable), err)
+            return
+        if enable:
+            self._agent_maintenance.add(service_id)
+        else:
+            self._agent_maintenance.discard(service_id)
+
+    def _ttl(self, check_id: str, status: str) -> None:
+        try:
+            self._registry.ttl_update(check_id, status, f"docker health: {status}")
+        except ConsulRejected as err:
+            log.error("ttl update refused %s: %s", kv(check=check_id), err)
+
+    def _service(self, service_id: str) -> Service | None:
+        for tracked in self._containers.values():
+            if service_id in tracked.services:
+                return tracked.services[service_id]
+        return None
+
+    # -- the tick: notice a lost or restarted agent and restore
+
+    def _tick(self) -> float:
+        try:
+            self._reconcile(cleanup=False)
+            if time.monotonic() - self._last_heartbeat > TTL_HEARTBEAT:
+                self._heartbeat()
+        except ConsulUnavailable as err:
+            self._consul_down(err)
+            return self._backoff.next_delay()
+        return TICK
+
+    def _reconcile(self, cleanup: bool) -> None:
+        agent = self._registry.services()
+        checks = self._registry.checks()
+        self._consul_back()
+        prefix = "_service_maintenance:"
+        self._agent_maintenance = {
+            cid[len(prefix) :]
+            for cid, c in checks.items()
+            if cid.startswith(prefix) and (c.get("Notes") or "") == MAINTENANCE_REASON
+        }
+        for check_id, check in checks.items():
+            if check_id.startswith("service:") and check.get("Status"):
+                self._known_status[check_id] = str(check["Status"])
+        desired = {sid: s for t in self._containers.values() for sid, s in t.services.items()}
+        lingering = {sid for ids in self._lingering.values() for sid in ids}
+        hostname = self._settings.spec.hostname
+        todo = plan(
+            desired,
+            self._want_maintenance,
+            agent,
+            self._agent_maintenance,
+            lambda sid: sid.startswith(f"{hostname}:") and sid not in lingering,
+            cleanup,
+        )
+        if todo.empty():
+            return
+        log.info(
+            "reconcile %s",
+            kv(register=len(todo.register), deregister=len(todo.deregister), maintenance=len(todo.maintenance_on)),
+        )
+        for service in todo.register:
+            self._register(service, self._containers[service.container_id])
+            if service.id not in agent:
+                self._start_probes(service, self._containers[service.container_id].generation)
+        for service_id in todo.deregister:
+            self._deregister(service_id)
+        for service_id in todo.maintenance_on:
+            self._maintenance(service_id, True)
+        for service_id in todo.maintenance_off:
+            self._maintenance(service_id, False)
+
+    def _heartbeat(self) -> None:
+        for tracked in self._containers.values():
+            if tracked.docker_status is None:
+                continue
+            for service in tracked.services.values():
+                for index, check in enumerate(service.checks):
+                    if check.kind == "docker":
+                        self._ttl(service.check_id(index), tracked.docker_status)
+        self._last_heartbeat = time.monotonic()
+
+    def _consul_down(self, err: Exception) -> None:
+        if self._consul_up is not False:
+            log.warning("consul unavailable, will retry: %s", err)
+        self._consul_up = False
+
+    def _consul_back(self) -> None:
+        if self._consul_up is False:
+            log.info("consul available again")
+        self._consul_up = True
+        self._backoff.reset()
+
+    @property
+    def consul_up(self) -> bool | None:
+        return self._consul_up
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from tests.support import (
+    ConsulAgent,
+    Containers,
+    Process,
+    docker_client,
+    ensure_image,
+    remove_test_containers,
+)
+
+SESSION = uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="session")
+def consul_agent(workdir: Path) -> Iterator[ConsulAgent]:
+    agent = ConsulAgent(workdir)
+    agent.start()
+    yield agent
+    agent.stop()
+
+
+@pytest.fixture
+def consul(consul_agent: ConsulAgent) -> Iterator[ConsulAgent]:
+    """The session's agent, with no services left over from an earlier test."""
+    if consul_agent.proc is None or consul_agent.proc.poll() is not None:
+        consul_agent.start()
+    for service_id in consul_agent.services():
+        consul_agent.put(f"/v1/agent/service/deregister/{service_id}")
+    yield consul_agent
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker_client()
+        client.ping()
+    except docker.errors.DockerException as err:
+        pytest.fail(f"no Docker engine answers ({err}); run scripts/test.sh, which starts dockerd")
+    ensure_image(client)
+    remove_test_containers(client)
+    yield client
+    remove_test_containers(client)
+    client.close()
+
+
+@pytest.fixture
+def containers(docker_engine: docker.DockerClient) -> Iterator[Containers]:
+    tag = f"{SESSION}{uuid.uuid4().hex[:4]}"
+    runner = Containers(docker_engine, tag)
+    yield runner
+    remove_test_containers(docker_engine, tag)
+
+
+@pytest.fixture
+def hostname() -> str:
+    return f"h{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def registrar(consul: ConsulAgent, docker_engine: docker.DockerClient, workdir: Path, hostname: str) -> Iterator[object]:
+    """A factory: registrar(*extra_args) starts the real registrar against the test agent."""
+    started: list[Process] = []
+
+    def start(*extra: str) -> Process:
+        args = ["--consul", consul.url, "--hostname", hostname, "--retry-interval", "500", *extra]
+        proc = Process("registrar", args, workdir, env={"PYTHONUNBUFFERED": "1"})
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    leaked = [t for t in threading.enumerate() if t.ident not in before and t.is_alive() and not t.daemon]
+    assert not leaked, f"threads leaked: {leaked}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -1,0 +1,205 @@
+"""The registrar against the real Docker engine and a real Consul agent."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from tests.support import ConsulAgent, Containers, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def ids_for(consul: ConsulAgent, container: Any) -> list[str]:
+    return sorted(sid for sid in consul.services() if f":{container.name}:" in sid)
+
+
+def test_registers_published_port_with_registrator_id_and_meta(consul, containers, registrar, hostname):
+    registrar()
+    c = containers.run(
+        labels={
+            "SERVICE_NAME": "web",
+            "SERVICE_TAGS": "blue, v1",
+            "SERVICE_HTTP_HOST": "app.example.com",
+            "SERVICE_HTTP_PATH": "/api",
+        },
+        environment={"SERVICE_WEIGHT": "5"},
+    )
+    sid = f"{hostname}:{c.name}:8080"
+    svc = wait_until(lambda: consul.services().get(sid), what=sid)
+    assert svc["Service"] == "web"
+    assert svc["Port"] == containers.host_port(c)
+    assert svc["Address"] == "127.0.0.1"
+    assert svc["Tags"] == ["blue", "v1"]
+    assert svc["Meta"] == {"http_host": "app.example.com", "http_path": "/api", "weight": "5"}
+    # visible in the catalog, which is what templates and the UI read
+    wait_until(lambda: consul.get("/v1/catalog/service/web"), what="catalog entry")
+
+    c.stop(timeout=1)
+    wait_until(lambda: sid not in consul.services(), what="deregistration after stop")
+
+
+def test_several_ports_udp_and_per_port_overrides(consul, containers, registrar, hostname):
+    registrar()
+    c = containers.run(
+        ports=("8080/tcp", "9090/tcp", "5353/udp"),
+        labels={"SERVICE_9090_NAME": "metrics", "SERVICE_9090_TAGS": "prom", "SERVICE_TAGS": "x"},
+    )
+    expected = {
+        f"{hostname}:{c.name}:8080",
+        f"{hostname}:{c.name}:9090",
+        f"{hostname}:{c.name}:5353:udp",
+    }
+    wait_until(lambda: expected <= set(consul.services()), what=expected)
+    services = consul.services()
+    assert services[f"{hostname}:{c.name}:8080"]["Service"] == "consul-sidecar-test-8080"
+    assert services[f"{hostname}:{c.name}:9090"]["Service"] == "metrics"
+    assert services[f"{hostname}:{c.name}:9090"]["Tags"] == ["prom"]
+    assert services[f"{hostname}:{c.name}:5353:udp"]["Tags"] == ["x", "udp"]
+
+
+@pytest.mark.parametrize(
+    ("label", "value", "reason"),
+    [
+        ("SERVICE_9999_NAME", "x", "port 9999 is not exposed"),
+        ("SERVICE_CHECK_INTERVAL", "banana", "duration"),
+        ("SERVICE_CHECK_HTTP", "/health check", "without spaces"),
+        ("SERVICE_NAME", "not_a.dns label", "DNS label"),
+        ("SERVICE_TAGS", "a,b\nbackend evil", "control character"),
+        ("SERVICE_HTTP_HOST", "a.com\n  server evil 1.2.3.4:80", "control character"),
+    ],
+)
+def test_bad_label_skips_that_container_only(consul, containers, registrar, hostname, label, value, reason):
+    proc = registrar()
+    bad = containers.run(labels={label: value, "SERVICE_CHECK_HTTP": "/"} if label != "SERVICE_CHECK_HTTP" else {label: value})
+    good = containers.run(labels={"SERVICE_NAME": "good"})
+    wait_until(lambda: f"{hostname}:{good.name}:8080" in consul.services(), what="good container")
+    line = wait_until(
+        lambda: next((ln for ln in proc.output().splitlines() if "bad label" in ln and bad.name in ln), None),
+        what="error log line",
+    )
+    assert label in line and reason in line
+    assert repr(value) in line or value in line
+    assert ids_for(consul, bad) == []
+    assert proc.alive()
+
+
+def test_twenty_containers_at_once(consul, containers, registrar, hostname):
+    registrar()
+    with ThreadPoolExecutor(10) as pool:
+        started = list(pool.map(lambda i: containers.run(labels={"SERVICE_NAME": "many"}), range(20)))
+    expected = {f"{hostname}:{c.name}:8080" for c in started}
+    wait_until(lambda: expected <= set(consul.services()), timeout=20, what="20 registrations")
+    assert len(consul.health("many")) == 20
+
+
+def test_existing_containers_registered_at_start_and_cleanup(consul, containers, registrar, hostname):
+    c = containers.run(labels={"SERVICE_NAME": "early"})
+    # a dangling entry of this host, and one of another host that must survive
+    consul.put("/v1/agent/service/register", {"ID": f"{hostname}:gone:80", "Name": "gone", "Port": 80})
+    consul.put("/v1/agent/service/register", {"ID": "otherhost:gone:80", "Name": "gone", "Port": 80})
+    registrar("--cleanup")
+    wait_until(lambda: f"{hostname}:{c.name}:8080" in consul.services(), what="listing at start")
+    wait_until(lambda: f"{hostname}:gone:80" not in consul.services(), what="cleanup")
+    assert "otherhost:gone:80" in consul.services()
+
+
+def test_http_check_fast_readiness(consul, containers, registrar, hostname):
+    registrar()
+    # the server starts listening 1.5 s after the container starts; Consul's own check would
+    # first run somewhere within its 30 s interval
+    c = containers.run(
+        labels={"SERVICE_NAME": "slowstart", "SERVICE_CHECK_HTTP": "/index.html", "SERVICE_CHECK_INTERVAL": "30s"},
+        command="sleep 1.5; httpd -f -p 8080 -h /www",
+    )
+    sid = f"{hostname}:{c.name}:8080"
+    wait_until(lambda: sid in consul.services(), what="registration")
+    assert consul.health("slowstart", passing=True) == []  # not before it answers
+    port = containers.host_port(c)
+    wait_until(lambda: consul.health("slowstart", passing=True), timeout=5, what="passing")
+    t_pass = time.monotonic()
+    # it really answers by now
+    import urllib.request
+
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=2).status == 200
+    assert time.monotonic() - t_pass < 5
+
+
+def test_stop_puts_in_maintenance_during_stop_timeout(consul, containers, registrar, hostname):
+    registrar()
+    # busybox sh as PID 1 has no SIGTERM handler, so it ignores the signal until SIGKILL
+    c = containers.run(labels={"SERVICE_NAME": "stubborn"}, command="httpd -p 8080 -h /www; sleep 3600")
+    sid = f"{hostname}:{c.name}:8080"
+    wait_until(lambda: consul.health("stubborn", passing=True), what="passing")
+    with ThreadPoolExecutor(1) as pool:
+        stopping = pool.submit(c.stop, timeout=4)
+        wait_until(lambda: f"_service_maintenance:{sid}" in consul.checks(), timeout=2, what="maintenance")
+        assert consul.health("stubborn", passing=True) == []
+        c.reload()
+        assert c.status == "running"  # still in its stop timeout, yet unroutable
+        stopping.result()
+    wait_until(lambda: sid not in consul.services(), what="deregistered after die")
+
+
+def test_pause_and_unpause(consul, containers, registrar, hostname):
+    registrar()
+    c = containers.run(labels={"SERVICE_NAME": "pausable"})
+    sid = f"{hostname}:{c.name}:8080"
+    wait_until(lambda: consul.health("pausable", passing=True), what="passing")
+    c.pause()
+    wait_until(lambda: f"_service_maintenance:{sid}" in consul.checks(), what="maintenance on pause")
+    c.unpause()
+    wait_until(lambda: f"_service_maintenance:{sid}" not in consul.checks(), what="maintenance lifted")
+    assert consul.health("pausable", passing=True)
+
+
+def test_docker_healthcheck_followed(consul, containers, registrar, hostname):
+    registrar()
+    c = containers.run(
+        labels={"SERVICE_NAME": "dockerhealth"},
+        command="httpd -f -p 8080 -h /www",
+        healthcheck={"test": ["CMD", "sh", "-c", "test -f /tmp/ok"], "interval": 200_000_000, "retries": 1},
+    )
+    sid = f"{hostname}:{c.name}:8080"
+    wait_until(lambda: sid in consul.services(), what="registration")
+    assert consul.health("dockerhealth", passing=True) == []
+    c.exec_run(["sh", "-c", "echo > /tmp/ok"])
+    wait_until(lambda: consul.health("dockerhealth", passing=True), timeout=5, what="healthy")
+    c.exec_run(["sh", "-c", "rm /tmp/ok"])
+    wait_until(lambda: not consul.health("dockerhealth", passing=True), timeout=5, what="unhealthy")
+
+
+def test_consul_restart_restores_registrations(consul, containers, registrar, hostname):
+    registrar()
+    started = [containers.run(labels={"SERVICE_NAME": "survivor", "SERVICE_CHECK_TCP": "true"}) for _ in range(3)]
+    expected = {f"{hostname}:{c.name}:8080" for c in started}
+    wait_until(lambda: len(consul.health("survivor", passing=True)) == 3, what="3 passing")
+    consul.restart()
+    t0 = time.monotonic()
+    assert not expected & set(consul.services())  # the dev agent really lost its state
+    wait_until(lambda: expected <= set(consul.services()), timeout=5, what="restored within 5 s")
+    wait_until(lambda: len(consul.health("survivor", passing=True)) == 3, timeout=5, what="passing again")
+    assert time.monotonic() - t0 < 5
+
+
+def test_consul_down_at_start_then_up(consul, containers, registrar, hostname):
+    c = containers.run(labels={"SERVICE_NAME": "patient"})
+    consul.stop()
+    proc = registrar()
+    time.sleep(2)
+    assert proc.alive()
+    consul.start()
+    wait_until(lambda: f"{hostname}:{c.name}:8080" in consul.services(), timeout=10, what="registered")
+    assert proc.output().count("consul unavailable") == 1
+
+
+def test_retry_attempts_exhausted_exits(consul, registrar):
+    consul.stop()
+    proc = registrar("--retry-attempts", "2", "--retry-interval", "100")
+    wait_until(lambda: not proc.alive(), timeout=10, what="exit")
+    assert proc.proc.returncode == 1
+    assert "giving up on consul" in proc.output()
+    consul.start()

@@ -1,0 +1,263 @@
+"""Real services for the tests: a Consul dev agent, the Docker engine, a test image, processes.
+
+Everything started here is stopped by PID; every container is labelled TEST_LABEL and only
+containers with that label are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+TEST_LABEL = "consul-sidecar.test"
+IMAGE = "consul-sidecar-test:busybox"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(fn: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
+    """Poll fn until it returns something truthy; fail with what it last returned."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except Exception as err:  # the thing polled is allowed to be not there yet
+            last = err
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}: last={last!r}")
+
+
+class ConsulAgent:
+    """`consul agent -dev` on free loopback ports; restart() loses all state, as a dev agent does."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.http_port = free_port()
+        self._ports = {
+            "serf_lan": free_port(),
+            "serf_wan": free_port(),
+            "server": free_port(),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "consul.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        config = {
+            "ports": {
+                "http": self.http_port,
+                "dns": -1,
+                "grpc": -1,
+                "serf_lan": self._ports["serf_lan"],
+                "serf_wan": self._ports["serf_wan"],
+                "server": self._ports["server"],
+            },
+            "enable_local_script_checks": True,
+        }
+        cfg = self.workdir / "consul.json"
+        cfg.write_text(json.dumps(config))
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed on stop
+        self.proc = subprocess.Popen(
+            [
+                "consul",
+                "agent",
+                "-dev",
+                "-node",
+                "test-node",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+                "-config-file",
+                str(cfg),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_until(self._leader, timeout=30, interval=0.1, what="consul leader")
+
+    def _leader(self) -> bool:
+        return bool(self.get("/v1/status/leader"))
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+            return json.loads(response.read() or b"null")
+
+    def put(self, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else b""
+        request = urllib.request.Request(self.url + path, data=data, method="PUT")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read() or b"null")
+
+    def services(self) -> dict[str, Any]:
+        return dict(self.get("/v1/agent/services"))
+
+    def checks(self) -> dict[str, Any]:
+        return dict(self.get("/v1/agent/checks"))
+
+    def health(self, name: str, passing: bool = False) -> list[Any]:
+        return list(self.get(f"/v1/health/service/{name}" + ("?passing" if passing else "")))
+
+
+def docker_client() -> docker.DockerClient:
+    return docker.from_env(timeout=60)
+
+
+def ensure_image(client: docker.DockerClient) -> str:
+    """A tiny image with busybox-static, imported from a tarball (no registry is reachable)."""
+    try:
+        client.images.get(IMAGE)
+        return IMAGE
+    except docker.errors.ImageNotFound:
+        pass
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        raise RuntimeError("busybox-static is not installed (scripts/install-deps.sh installs it)")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("bin", "tmp", "www"):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o1777 if name == "tmp" else 0o755
+            tar.addfile(info)
+        tar.add(busybox, arcname="bin/busybox")
+        for applet in ("sh", "httpd", "nc", "sleep", "echo", "cat", "kill", "true", "wget", "date"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type = tarfile.SYMTYPE
+            link.linkname = "busybox"
+            tar.addfile(link)
+        index = b"ok\n"
+        info = tarfile.TarInfo("www/index.html")
+        info.size = len(index)
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(index))
+    client.api.import_image_from_data(
+        buf.getvalue(), repository=IMAGE.split(":")[0], tag=IMAGE.split(":")[1], changes=['CMD ["/bin/sh"]']
+    )
+    return IMAGE
+
+
+def remove_test_containers(client: docker.DockerClient, session: str | None = None) -> None:
+    selector = f"{TEST_LABEL}={session}" if session else TEST_LABEL
+    for container in client.containers.list(all=True, filters={"label": selector}):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            container.remove(force=True)
+
+
+HTTPD = "httpd -f -p 8080 -h /www"
+
+
+class Containers:
+    """Starts labelled test containers; each publishes its ports on 127.0.0.1 only."""
+
+    def __init__(self, client: docker.DockerClient, session: str) -> None:
+        self.client = client
+        self.session = session
+        self.count = 0
+
+    def run(
+        self,
+        labels: dict[str, str] | None = None,
+        command: str = HTTPD,
+        ports: tuple[str, ...] = ("8080/tcp",),
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        self.count += 1
+        all_labels = {TEST_LABEL: self.session, **(labels or {})}
+        kwargs.setdefault("stop_signal", "SIGTERM")
+        return self.client.containers.run(
+            IMAGE,
+            ["sh", "-c", command],
+            name=name or f"t{self.session}-{self.count}",
+            labels=all_labels,
+            ports={p: ("127.0.0.1", None) for p in ports},
+            detach=True,
+            **kwargs,
+        )
+
+    def host_port(self, container: Any, port: str = "8080/tcp") -> int:
+        container.reload()
+        return int(container.attrs["NetworkSettings"]["Ports"][port][0]["HostPort"])
+
+
+class Process:
+    """A Python entry point run as a child, its output in a log file, stopped by PID."""
+
+    def __init__(self, module: str, args: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = workdir / f"{module}-{int(time.time() * 1000)}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+@contextlib.contextmanager
+def tempdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="sidecar-test-") as d:
+        yield Path(d)
