@@ -33,10 +33,18 @@ class Check:
         """Whether the registrar can probe it itself for fast readiness."""
         return self.kind in ("http", "https", "tcp")
 
-    def definition(self, check_id: str, service_id: str, status: str | None) -> dict[str, Any]:
-        """The check as Consul's agent API takes it (service registration or check register)."""
-        body: dict[str, Any] = {"CheckID": check_id, "ID": check_id, "Name": f"{self.kind} check"}
-        body["ServiceID"] = service_id
+    def definition(self, check_id: str, service_id: str | None, status: str | None) -> dict[str, Any]:
+        """The check as Consul's agent API takes it.
+
+        Inside a service registration (service_id None) the agent wants ``CheckID``; the
+        stand-alone check register endpoint wants ``ID`` and ``ServiceID``. Consul 1.8 rejects
+        unknown fields, so each gets exactly its own.
+        """
+        body: dict[str, Any] = {"Name": f"{self.kind} check"}
+        if service_id is None:
+            body["CheckID"] = check_id
+        else:
+            body.update(ID=check_id, ServiceID=service_id)
         if self.kind in ("http", "https"):
             body.update(HTTP=self.target, Interval=self.interval)
             if self.tls_skip_verify:
@@ -94,7 +102,7 @@ class Service:
         for index, check in enumerate(self.checks):
             check_id = self.check_id(index)
             status = statuses.get(check_id, check.initial_status)
-            checks.append(check.definition(check_id, self.id, status))
+            checks.append(check.definition(check_id, None, status))
         if checks:
             body["Checks"] = checks
         return body

@@ -170,6 +170,9 @@ class Syncer:
                 self._ready(intent)
         except ConsulUnavailable as err:
             self._consul_down(err)
+        except ConsulRejected as err:
+            # one refused call (bad data for this agent version) never stops the loop
+            log.error("refused %s: %s", kv(intent=type(intent).__name__), err)
 
     # -- container lifecycle
 
