@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ConsulAgent, Containers, wait_until
+from tests.support import ConsulAgent, Containers, UnixSocketForwarder, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +203,62 @@ def test_retry_attempts_exhausted_exits(consul, registrar):
     assert proc.proc.returncode == 1
     assert "giving up on consul" in proc.output()
     consul.start()
+
+
+def test_docker_unreachable_then_back_and_stream_break(consul, containers, registrar, hostname, workdir):
+    forwarder = UnixSocketForwarder(workdir / f"docker-{hostname}.sock")
+    first = containers.run(labels={"SERVICE_NAME": "early"})
+    proc = registrar("--docker", forwarder.url)
+    time.sleep(1.5)
+    assert proc.alive()  # no engine at that address yet: retrying, not exiting
+    forwarder.start()
+    try:
+        wait_until(lambda: f"{hostname}:{first.name}:8080" in consul.services(), timeout=10, what="first")
+        forwarder.stop()  # the event stream breaks
+        second = containers.run(labels={"SERVICE_NAME": "late"})  # started while the registrar is blind
+        first.stop(timeout=1)
+        time.sleep(1)
+        assert proc.alive()
+        forwarder.start()
+        # reconnect reconciles: the new container appears, the stopped one goes
+        wait_until(lambda: f"{hostname}:{second.name}:8080" in consul.services(), timeout=10, what="second")
+        wait_until(lambda: f"{hostname}:{first.name}:8080" not in consul.services(), timeout=10, what="first gone")
+    finally:
+        forwarder.stop()
+    output = proc.output()
+    assert output.count("docker unavailable") >= 1
+    assert "docker events connected" in output
+
+
+def test_host_network_uses_exposed_port(consul, containers, registrar, hostname):
+    from tests.support import IMAGE, TEST_LABEL, free_port
+
+    port = free_port()
+    registrar("--ip", "127.0.0.1")
+    # host networking publishes nothing: the service port is the exposed one (a Dockerfile EXPOSE)
+    api = containers.client.api
+    name = f"t{containers.session}-hostnet"
+    created = api.create_container(
+        IMAGE,
+        ["sh", "-c", f"httpd -f -p 127.0.0.1:{port} -h /www"],
+        name=name,
+        labels={TEST_LABEL: containers.session, "SERVICE_NAME": "hostnet", "SERVICE_CHECK_HTTP": "/index.html"},
+        ports=[port],
+        host_config=api.create_host_config(network_mode="host"),
+    )
+    api.start(created["Id"])
+    sid = f"{hostname}:{name}:{port}"
+    svc = wait_until(lambda: consul.services().get(sid), what=sid)
+    assert svc["Port"] == port
+    assert svc["Address"] == "127.0.0.1"
+    wait_until(lambda: consul.health("hostnet", passing=True), timeout=5, what="passing via fast probe")
+
+
+def test_internal_registers_container_ip_and_exposed_port(consul, containers, registrar, hostname):
+    registrar("--internal")
+    c = containers.run(labels={"SERVICE_NAME": "inner"})
+    sid = f"{hostname}:{c.name}:8080"
+    svc = wait_until(lambda: consul.services().get(sid), what=sid)
+    c.reload()
+    assert svc["Port"] == 8080
+    assert svc["Address"] == c.attrs["NetworkSettings"]["IPAddress"]

@@ -1,0 +1,168 @@
+"""Pure label parsing: container inspect data -> services, errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from registrar.spec import SpecSettings, docker_health_status, services_for
+
+SETTINGS = SpecSettings(hostname="h1")
+
+
+def inspect(
+    labels: dict[str, str] | None = None,
+    env: list[str] | None = None,
+    ports: dict[str, list[dict[str, str]] | None] | None = None,
+    name: str = "web-1",
+    healthcheck: dict[str, Any] | None = None,
+    network_mode: str = "bridge",
+) -> dict[str, Any]:
+    if ports is None:
+        ports = {"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "32768"}]}
+    config: dict[str, Any] = {
+        "Image": "registry.example.com/team/app:1.2",
+        "Labels": labels or {},
+        "Env": env or [],
+        "ExposedPorts": {p: {} for p in ports},
+    }
+    if healthcheck:
+        config["Healthcheck"] = healthcheck
+    return {
+        "Id": "c0ffee" * 10,
+        "Name": f"/{name}",
+        "Config": config,
+        "HostConfig": {"NetworkMode": network_mode},
+        "NetworkSettings": {"Ports": ports, "IPAddress": "172.17.0.5", "Networks": {}},
+        "State": {"Running": True},
+    }
+
+
+def test_defaults_follow_registrator():
+    result = services_for(inspect(), SETTINGS)
+    assert result.errors == []
+    [svc] = result.services
+    assert svc.id == "h1:web-1:8080"
+    assert svc.name == "app"
+    assert svc.port == 32768
+    assert svc.address == "127.0.0.1"
+    assert svc.tags == ()
+    assert svc.meta == {}
+
+
+def test_labels_override_env_and_meta_lowercased():
+    result = services_for(
+        inspect(
+            labels={"SERVICE_NAME": "api", "SERVICE_HTTP_HOST": "a.example.com"},
+            env=["SERVICE_NAME=fromenv", "SERVICE_TAGS=a,b", "PATH=/bin"],
+        ),
+        SETTINGS,
+    )
+    [svc] = result.services
+    assert svc.name == "api"
+    assert svc.tags == ("a", "b")
+    assert svc.meta == {"http_host": "a.example.com"}
+
+
+def test_several_ports_grouped_names_udp_and_per_port():
+    ports = {
+        "8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": "1000"}],
+        "9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "1001"}],
+        "53/udp": [{"HostIp": "0.0.0.0", "HostPort": "1002"}],
+        "7000/tcp": None,  # exposed, not published: skipped unless --internal
+    }
+    result = services_for(inspect(ports=ports, labels={"SERVICE_9090_NAME": "metrics"}), SETTINGS)
+    by_id = {s.id: s for s in result.services}
+    assert set(by_id) == {"h1:web-1:53:udp", "h1:web-1:8080", "h1:web-1:9090"}
+    assert by_id["h1:web-1:8080"].name == "app-8080"
+    assert by_id["h1:web-1:9090"].name == "metrics"
+    assert "udp" in by_id["h1:web-1:53:udp"].tags
+    assert by_id["h1:web-1:8080"].address == ""  # bound to all addresses: the agent's address
+
+
+def test_internal_uses_container_ip_and_exposed_port():
+    result = services_for(inspect(), SpecSettings(hostname="h1", internal=True))
+    [svc] = result.services
+    assert (svc.address, svc.port) == ("172.17.0.5", 8080)
+
+
+def test_ip_flag_and_forced_tags_and_explicit():
+    settings = SpecSettings(hostname="h1", ip="10.0.0.9", force_tags=("dc1",))
+    [svc] = services_for(inspect(labels={"SERVICE_TAGS": "x"}), settings).services
+    assert svc.address == "10.0.0.9"
+    assert svc.tags == ("x", "dc1")
+    explicit = SpecSettings(hostname="h1", explicit=True)
+    assert services_for(inspect(), explicit).services == []
+    assert len(services_for(inspect(labels={"SERVICE_NAME": "n"}), explicit).services) == 1
+
+
+def test_ignore():
+    result = services_for(inspect(labels={"SERVICE_IGNORE": "true"}), SETTINGS)
+    assert result.services == [] and result.errors == [] and result.skipped
+
+
+def test_http_check_with_interval_and_initial_status():
+    labels = {
+        "SERVICE_CHECK_HTTP": "/health",
+        "SERVICE_CHECK_INTERVAL": "5s",
+        "SERVICE_CHECK_TIMEOUT": "1s",
+        "SERVICE_CHECK_INITIAL_STATUS": "passing",
+        "SERVICE_CHECK_DEREGISTER_AFTER": "10m",
+    }
+    [svc] = services_for(inspect(labels=labels), SETTINGS).services
+    [check] = svc.checks
+    assert (check.kind, check.target, check.interval, check.timeout) == (
+        "http",
+        "http://127.0.0.1:32768/health",
+        "5s",
+        "1s",
+    )
+    assert check.initial_status == "passing"
+    definition = svc.registration({})["Checks"][0]
+    assert definition["CheckID"] == "service:h1:web-1:8080"
+    assert definition["HTTP"] == "http://127.0.0.1:32768/health"
+    assert definition["DeregisterCriticalServiceAfter"] == "10m"
+    assert "check" not in " ".join(svc.meta)
+
+
+def test_docker_healthcheck_becomes_ttl_check():
+    hc = {"Test": ["CMD-SHELL", "true"], "Interval": 1_000_000_000}
+    [svc] = services_for(inspect(healthcheck=hc), SETTINGS).services
+    [check] = svc.checks
+    assert check.kind == "docker"
+    assert svc.check_id(0) == "service:h1:web-1:8080:docker"
+    state = {"State": {"Health": {"Status": "healthy"}}}
+    assert docker_health_status(state) == "passing"
+
+
+@pytest.mark.parametrize(
+    ("labels", "label", "value"),
+    [
+        ({"SERVICE_9999_NAME": "x"}, "SERVICE_9999_NAME", "x"),
+        ({"SERVICE_CHECK_TCP": "true", "SERVICE_CHECK_INTERVAL": "banana"}, "SERVICE_CHECK_INTERVAL", "banana"),
+        ({"SERVICE_CHECK_HTTP": "/a b"}, "SERVICE_CHECK_HTTP", "/a b"),
+        ({"SERVICE_NAME": "not_a_dns label"}, "SERVICE_NAME", "not_a_dns label"),
+        ({"SERVICE_NAME": "-bad"}, "SERVICE_NAME", "-bad"),
+        ({"SERVICE_TAGS": "ok,evil\nserver x 1.2.3.4:80"}, "SERVICE_TAGS", "ok,evil\nserver x 1.2.3.4:80"),
+        ({"SERVICE_HTTP_HOST": "a.com\r\nx"}, "SERVICE_HTTP_HOST", "a.com\r\nx"),
+        ({"SERVICE_CHECK_INITIAL_STATUS": "maybe", "SERVICE_CHECK_TCP": "true"}, "SERVICE_CHECK_INITIAL_STATUS", "maybe"),
+    ],
+)
+def test_bad_labels_name_container_label_and_value(labels, label, value):
+    result = services_for(inspect(labels=labels), SETTINGS)
+    assert result.services == []
+    [error] = result.errors
+    assert (error.container, error.label, error.value) == ("web-1", label, value)
+    text = str(error)
+    assert "container=web-1" in text and label in text
+
+
+def test_bad_per_port_label_skips_only_that_port():
+    ports = {
+        "8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": "1000"}],
+        "9090/tcp": [{"HostIp": "0.0.0.0", "HostPort": "1001"}],
+    }
+    result = services_for(inspect(ports=ports, labels={"SERVICE_9090_CHECK_HTTP": "bad url"}), SETTINGS)
+    assert [s.id for s in result.services] == ["h1:web-1:8080"]
+    assert [e.label for e in result.errors] == ["SERVICE_9090_CHECK_HTTP"]

@@ -1,0 +1,67 @@
+"""The pure reconcile plan and the Docker event -> intent mapping."""
+
+from __future__ import annotations
+
+import signal
+
+from registrar.intents import Died, Health, Paused, Stopping, Up, from_event, parse_signal
+from registrar.model import Service
+from registrar.sync import plan
+
+
+def svc(sid: str, name: str = "web", port: int = 1000) -> Service:
+    return Service(id=sid, name=name, port=port, address="127.0.0.1", container_id="c", container_name="n")
+
+
+def agent_view(s: Service) -> dict:
+    return {"ID": s.id, "Service": s.name, "Port": s.port, "Address": s.address, "Tags": [], "Meta": {}}
+
+
+def owned(sid: str) -> bool:
+    return sid.startswith("h1:")
+
+
+def test_registers_missing_and_changed_only():
+    a, b, c = svc("h1:a:1"), svc("h1:b:1"), svc("h1:c:1")
+    changed = svc("h1:c:1", port=2000)
+    result = plan({s.id: s for s in (a, b, changed)}, set(), {a.id: agent_view(a), c.id: agent_view(c)}, set(), owned, False)
+    assert [s.id for s in result.register] == ["h1:b:1", "h1:c:1"]
+    assert result.deregister == []
+
+
+def test_cleanup_touches_only_this_hosts_ids():
+    a = svc("h1:a:1")
+    agent = {"h1:gone:1": agent_view(svc("h1:gone:1")), "h2:other:1": agent_view(svc("h2:other:1")), "consul": {}}
+    result = plan({a.id: a}, set(), agent, set(), owned, True)
+    assert result.deregister == ["h1:gone:1"]
+    assert plan({a.id: a}, set(), agent, set(), owned, False).deregister == []
+
+
+def test_maintenance_restored_after_agent_loss_and_lifted_when_wanted():
+    a, b = svc("h1:a:1"), svc("h1:b:1")
+    # the agent lost a: it is registered again and put back in maintenance
+    result = plan({a.id: a, b.id: b}, {a.id}, {b.id: agent_view(b)}, {a.id, b.id}, owned, False)
+    assert result.maintenance_on == ["h1:a:1"]
+    assert result.maintenance_off == ["h1:b:1"]
+
+
+def test_event_mapping():
+    running = {"Id": "x", "State": {"Running": True}}
+    start = {"Action": "start", "Actor": {"ID": "x", "Attributes": {}}, "timeNano": 5}
+    assert isinstance(from_event(start, running), Up)
+    assert from_event(start, {"State": {"Running": False}}) is None
+    kill = {"Action": "kill", "Actor": {"ID": "x", "Attributes": {"signal": "15"}}}
+    assert from_event(kill, None) == Stopping("x", signal.SIGTERM)
+    assert isinstance(from_event({"Action": "pause", "Actor": {"ID": "x"}}, None), Paused)
+    assert from_event({"Action": "die", "Actor": {"ID": "x", "Attributes": {"exitCode": "137"}}}, None) == Died("x", 137)
+    assert from_event({"Action": "health_status: healthy", "Actor": {"ID": "x"}}, None) == Health("x", "passing")
+    assert from_event({"Action": "health_status: unhealthy", "Actor": {"ID": "x"}}, None) == Health("x", "critical")
+    assert from_event({"Action": "exec_create", "Actor": {"ID": "x"}}, None) is None
+
+
+def test_parse_signal():
+    assert parse_signal("SIGTERM") == signal.SIGTERM
+    assert parse_signal("term") == signal.SIGTERM
+    assert parse_signal("9") == 9
+    assert parse_signal("NOPE") is None
+    assert parse_signal(None) is None
