@@ -23,7 +23,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support import (  # noqa: E402
+from tests.support import (
     ConsulAgent,
     Containers,
     Process,
@@ -36,7 +36,7 @@ from tests.support import (  # noqa: E402
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 class CatalogWatcher(threading.Thread):
@@ -78,7 +78,9 @@ def main() -> int:
             watcher = CatalogWatcher(agent.url, "bench")
             watcher.start()
             starts: dict[str, int] = {}
-            events = client.events(decode=True, filters={"type": "container", "event": "start", "label": f"consul-sidecar.test={session}"})
+            events = client.events(
+                decode=True, filters={"type": "container", "event": "start", "label": f"consul-sidecar.test={session}"}
+            )
 
             def collect() -> None:
                 for event in events:

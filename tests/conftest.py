@@ -72,7 +72,9 @@ def hostname() -> str:
 
 
 @pytest.fixture
-def registrar(consul: ConsulAgent, docker_engine: docker.DockerClient, workdir: Path, hostname: str) -> Iterator[object]:
+def registrar(
+    consul: ConsulAgent, docker_engine: docker.DockerClient, workdir: Path, hostname: str
+) -> Iterator[object]:
     """A factory: registrar(*extra_args) starts the real registrar against the test agent."""
     started: list[Process] = []
 

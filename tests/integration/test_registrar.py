@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ConsulAgent, Containers, UnixSocketForwarder, wait_until
+from tests.support import ConsulAgent, UnixSocketForwarder, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,9 @@ def test_several_ports_udp_and_per_port_overrides(consul, containers, registrar,
 )
 def test_bad_label_skips_that_container_only(consul, containers, registrar, hostname, label, value, reason):
     proc = registrar()
-    bad = containers.run(labels={label: value, "SERVICE_CHECK_HTTP": "/"} if label != "SERVICE_CHECK_HTTP" else {label: value})
+    bad = containers.run(
+        labels={label: value, "SERVICE_CHECK_HTTP": "/"} if label != "SERVICE_CHECK_HTTP" else {label: value}
+    )
     good = containers.run(labels={"SERVICE_NAME": "good"})
     wait_until(lambda: f"{hostname}:{good.name}:8080" in consul.services(), what="good container")
     line = wait_until(

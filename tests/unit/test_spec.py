@@ -146,7 +146,11 @@ def test_docker_healthcheck_becomes_ttl_check():
         ({"SERVICE_NAME": "-bad"}, "SERVICE_NAME", "-bad"),
         ({"SERVICE_TAGS": "ok,evil\nserver x 1.2.3.4:80"}, "SERVICE_TAGS", "ok,evil\nserver x 1.2.3.4:80"),
         ({"SERVICE_HTTP_HOST": "a.com\r\nx"}, "SERVICE_HTTP_HOST", "a.com\r\nx"),
-        ({"SERVICE_CHECK_INITIAL_STATUS": "maybe", "SERVICE_CHECK_TCP": "true"}, "SERVICE_CHECK_INITIAL_STATUS", "maybe"),
+        (
+            {"SERVICE_CHECK_INITIAL_STATUS": "maybe", "SERVICE_CHECK_TCP": "true"},
+            "SERVICE_CHECK_INITIAL_STATUS",
+            "maybe",
+        ),
     ],
 )
 def test_bad_labels_name_container_label_and_value(labels, label, value):

@@ -24,7 +24,9 @@ def owned(sid: str) -> bool:
 def test_registers_missing_and_changed_only():
     a, b, c = svc("h1:a:1"), svc("h1:b:1"), svc("h1:c:1")
     changed = svc("h1:c:1", port=2000)
-    result = plan({s.id: s for s in (a, b, changed)}, set(), {a.id: agent_view(a), c.id: agent_view(c)}, set(), owned, False)
+    result = plan(
+        {s.id: s for s in (a, b, changed)}, set(), {a.id: agent_view(a), c.id: agent_view(c)}, set(), owned, False
+    )
     assert [s.id for s in result.register] == ["h1:b:1", "h1:c:1"]
     assert result.deregister == []
 
@@ -53,7 +55,9 @@ def test_event_mapping():
     kill = {"Action": "kill", "Actor": {"ID": "x", "Attributes": {"signal": "15"}}}
     assert from_event(kill, None) == Stopping("x", signal.SIGTERM)
     assert isinstance(from_event({"Action": "pause", "Actor": {"ID": "x"}}, None), Paused)
-    assert from_event({"Action": "die", "Actor": {"ID": "x", "Attributes": {"exitCode": "137"}}}, None) == Died("x", 137)
+    assert from_event({"Action": "die", "Actor": {"ID": "x", "Attributes": {"exitCode": "137"}}}, None) == Died(
+        "x", 137
+    )
     assert from_event({"Action": "health_status: healthy", "Actor": {"ID": "x"}}, None) == Health("x", "passing")
     assert from_event({"Action": "health_status: unhealthy", "Actor": {"ID": "x"}}, None) == Health("x", "critical")
     assert from_event({"Action": "exec_create", "Actor": {"ID": "x"}}, None) is None
