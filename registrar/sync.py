@@ -213,7 +213,7 @@ class Syncer:
         for service in tracked.services.values():
             if intent.fresh or old is None or old.services.get(service.id) != service:
                 self._register(service, tracked, intent.event_ns)
-                if intent.fresh:
+                if intent.fresh or old is None:  # also containers found running at start
                     self._start_probes(service, generation)
             if intent.fresh and not paused and service.id in self._want_maintenance | self._agent_maintenance:
                 self._want_maintenance.discard(service.id)

@@ -16,6 +16,7 @@ from tests.support import (
     docker_client,
     ensure_image,
     remove_test_containers,
+    wait_until,
 )
 
 SESSION = uuid.uuid4().hex[:6]
@@ -78,10 +79,13 @@ def registrar(
     """A factory: registrar(*extra_args) starts the real registrar against the test agent."""
     started: list[Process] = []
 
-    def start(*extra: str) -> Process:
+    def start(*extra: str, ready: bool = True) -> Process:
+        """ready: wait until its event stream is open, so containers started next arrive as events."""
         args = ["--consul", consul.url, "--hostname", hostname, "--retry-interval", "500", *extra]
         proc = Process("registrar", args, workdir, env={"PYTHONUNBUFFERED": "1"})
         started.append(proc)
+        if ready:
+            wait_until(lambda: "docker events connected" in proc.output() or not proc.alive(), what="registrar up")
         return proc
 
     yield start

@@ -190,7 +190,7 @@ def test_consul_restart_restores_registrations(consul, containers, registrar, ho
 def test_consul_down_at_start_then_up(consul, containers, registrar, hostname):
     c = containers.run(labels={"SERVICE_NAME": "patient"})
     consul.stop()
-    proc = registrar()
+    proc = registrar(ready=False)
     time.sleep(2)
     assert proc.alive()
     consul.start()
@@ -200,7 +200,7 @@ def test_consul_down_at_start_then_up(consul, containers, registrar, hostname):
 
 def test_retry_attempts_exhausted_exits(consul, registrar):
     consul.stop()
-    proc = registrar("--retry-attempts", "2", "--retry-interval", "100")
+    proc = registrar("--retry-attempts", "2", "--retry-interval", "100", ready=False)
     wait_until(lambda: not proc.alive(), timeout=10, what="exit")
     assert proc.proc.returncode == 1
     assert "giving up on consul" in proc.output()
@@ -210,7 +210,7 @@ def test_retry_attempts_exhausted_exits(consul, registrar):
 def test_docker_unreachable_then_back_and_stream_break(consul, containers, registrar, hostname, workdir):
     forwarder = UnixSocketForwarder(workdir / f"docker-{hostname}.sock")
     first = containers.run(labels={"SERVICE_NAME": "early"})
-    proc = registrar("--docker", forwarder.url)
+    proc = registrar("--docker", forwarder.url, ready=False)
     time.sleep(1.5)
     assert proc.alive()  # no engine at that address yet: retrying, not exiting
     forwarder.start()

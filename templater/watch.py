@@ -1,0 +1,133 @@
+"""The blocking-query loop, in one place, with Consul's documented index rules.
+
+- carry X-Consul-Index into the next request; skip a result whose index did not move;
+- reset to 0 when the index goes backwards (the agent lost its state or changed leader);
+- never send an index below 1;
+- a minimum delay plus jitter between requests, so a flapping key cannot make us spin;
+- capped exponential backoff on errors, with one log line per change of state.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sidecar.backoff import Backoff, sleep
+from templater.errors import ConsulRejected, ConsulUnavailable
+
+log = logging.getLogger("templater.watch")
+
+
+@dataclass(frozen=True)
+class Response:
+    index: int
+    data: Any
+    last_contact_ms: int = 0
+
+
+class Fetcher(Protocol):
+    def get(self, path: str, params: dict[str, str], blocking: bool) -> Response: ...
+
+
+def next_index(previous: int, received: int) -> int:
+    """The index for the next request. Pure."""
+    if received < previous:
+        return 0
+    return max(1, received)
+
+
+@dataclass
+class WatchSettings:
+    wait: str = "60s"
+    min_delay: float = 0.005
+    jitter: float = 0.01
+    backoff_base: float = 0.25
+    backoff_cap: float = 10.0
+    stale: bool = False
+    max_stale_ms: int = 0
+
+
+class BlockingLoop:
+    """Runs one blocking query until stopped, calling on_change(data) when its data changes."""
+
+    def __init__(
+        self,
+        key: str,
+        path: str,
+        params: dict[str, str],
+        fetcher: Fetcher,
+        on_change: Callable[[Any], None],
+        on_state: Callable[[str, bool, str], None],
+        settings: WatchSettings,
+    ) -> None:
+        self.key = key
+        self._path = path
+        self._params = params
+        self._fetcher = fetcher
+        self._on_change = on_change
+        self._on_state = on_state
+        self._settings = settings
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.requests = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"watch {self.key}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _fetch(self, index: int) -> Response:
+        params = dict(self._params)
+        if index:
+            params.update(index=str(index), wait=self._settings.wait)
+        if self._settings.stale:
+            params["stale"] = ""
+        response = self._fetcher.get(self._path, params, blocking=bool(index))
+        self.requests += 1
+        if self._settings.stale and self._settings.max_stale_ms and response.last_contact_ms > self._settings.max_stale_ms:
+            # too stale: ask the leader, as consul-template's max-stale does
+            params.pop("stale", None)
+            params.pop("index", None)
+            params.pop("wait", None)
+            response = self._fetcher.get(self._path, params, blocking=False)
+            self.requests += 1
+        return response
+
+    def run(self) -> None:
+        backoff = Backoff(self._settings.backoff_base, self._settings.backoff_cap)
+        index = 0
+        last: Any = _UNSET
+        while not self._stop.is_set():
+            try:
+                response = self._fetch(index)
+            except (ConsulUnavailable, ConsulRejected) as err:
+                self._on_state(self.key, False, str(err))
+                if sleep(self._stop, backoff.next_delay()):
+                    return
+                continue
+            backoff.reset()
+            self._on_state(self.key, True, "")
+            moved = response.index != index
+            index = next_index(index, response.index)
+            if moved and response.data != last:
+                last = response.data
+                self._on_change(response.data)
+            if sleep(self._stop, self._settings.min_delay + random.uniform(0, self._settings.jitter)):
+                return
+
+
+class _Unset:
+    pass
+
+
+_UNSET = _Unset()
