@@ -21,7 +21,9 @@ _TAG = re.compile(r"^[A-Za-z0-9._:=/@+-]{1,255}$")
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # Values used as tokens in proxy files: host lists, paths, weights, flags.
 _META_VALUE = re.compile(r"^[A-Za-z0-9._:/,=@+*~%!&?()\[\]-]{0,512}$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,12 @@ def build_snapshot(
     instances: dict[str, list[Instance]] = {}
     nodes = []
     for node_name, catalog in sorted(node_catalogs.items()):
-        node = (catalog or {}).get("Node") or {}
-        node_address = str(node.get("Address", ""))
+        node_info: dict[str, Any] = (catalog or {}).get("Node") or {}
+        node_address = str(node_info.get("Address", ""))
         if not valid_name(node_name) or not valid_address(node_address):
             warn(f"left out node node={node_name!r} address={node_address!r}: not a safe name or address")
             continue
-        nodes.append(Node(node_name, node_address, clean_meta(node.get("Meta"), f"node={node_name}", warn)))
+        nodes.append(Node(node_name, node_address, clean_meta(node_info.get("Meta"), f"node={node_name}", warn)))
         for sid, svc in sorted(((catalog or {}).get("Services") or {}).items()):
             name = str(svc.get("Service", ""))
             if name not in snapshot.services:

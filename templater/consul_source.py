@@ -101,8 +101,18 @@ class CatalogSource:
         self._pool = ThreadPoolExecutor(NODE_POOL, thread_name_prefix="catalog-node")
         params = {"dc": dc} if dc else {}
         self.loops = [
-            BlockingLoop(f"{self.key}.services", "/v1/catalog/services", params, fetcher, self._services_changed, on_state, settings),
-            BlockingLoop(f"{self.key}.checks", "/v1/health/state/any", params, fetcher, self._checks_changed, on_state, settings),
+            BlockingLoop(
+                f"{self.key}.services",
+                "/v1/catalog/services",
+                params,
+                fetcher,
+                self._services_changed,
+                on_state,
+                settings,
+            ),
+            BlockingLoop(
+                f"{self.key}.checks", "/v1/health/state/any", params, fetcher, self._checks_changed, on_state, settings
+            ),
         ]
 
     def start(self) -> None:
@@ -164,7 +174,9 @@ class KVSource:
             params["recurse"] = ""
         quoted = urllib.parse.quote(path.lstrip("/"))
         self.loops = [
-            BlockingLoop(key, f"/v1/kv/{quoted}", params, fetcher, lambda data: publish(key, data or []), on_state, settings)
+            BlockingLoop(
+                key, f"/v1/kv/{quoted}", params, fetcher, lambda data: publish(key, data or []), on_state, settings
+            )
         ]
 
     def start(self) -> None:

@@ -94,7 +94,11 @@ class BlockingLoop:
             params["stale"] = ""
         response = self._fetcher.get(self._path, params, blocking=bool(index))
         self.requests += 1
-        if self._settings.stale and self._settings.max_stale_ms and response.last_contact_ms > self._settings.max_stale_ms:
+        if (
+            self._settings.stale
+            and self._settings.max_stale_ms
+            and response.last_contact_ms > self._settings.max_stale_ms
+        ):
             # too stale: ask the leader, as consul-template's max-stale does
             params.pop("stale", None)
             params.pop("index", None)
@@ -110,6 +114,10 @@ class BlockingLoop:
         while not self._stop.is_set():
             try:
                 response = self._fetch(index)
+                moved = response.index != index
+                if moved and response.data != last:
+                    self._on_change(response.data)  # may fetch more (a node's catalog)
+                    last = response.data
             except (ConsulUnavailable, ConsulRejected) as err:
                 self._on_state(self.key, False, str(err))
                 if sleep(self._stop, backoff.next_delay()):
@@ -117,11 +125,7 @@ class BlockingLoop:
                 continue
             backoff.reset()
             self._on_state(self.key, True, "")
-            moved = response.index != index
             index = next_index(index, response.index)
-            if moved and response.data != last:
-                last = response.data
-                self._on_change(response.data)
             if sleep(self._stop, self._settings.min_delay + random.uniform(0, self._settings.jitter)):
                 return
 

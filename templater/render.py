@@ -1,0 +1,259 @@
+"""Jinja2 rendering with consul-template's functions. Pure: data comes through a View.
+
+A render records what it used (its dependencies) and what was not there yet; a render with
+missing data is incomplete and is never written out, as in consul-template.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from templater.catalog import PASSING, Snapshot
+from templater.errors import TemplateError
+
+
+class View(Protocol):
+    """What a render reads; None means "not fetched yet"."""
+
+    def catalog(self, dc: str) -> Snapshot | None: ...
+    def kv(self, key: str) -> list[dict[str, Any]] | None: ...
+
+
+def catalog_key(dc: str | None) -> str:
+    return f"catalog({dc or 'local'})"
+
+
+def kv_key(path: str, recurse: bool, dc: str | None) -> str:
+    kind = "kv.tree" if recurse else "kv.key"
+    return f"{kind}({path.strip('/')}{'@' + dc if dc else ''})"
+
+
+@dataclass(frozen=True)
+class KVRequest:
+    key: str
+    path: str
+    recurse: bool
+    dc: str
+
+
+@dataclass
+class RenderResult:
+    text: str
+    used: set[str] = field(default_factory=set)  # dependency keys, e.g. catalog(local)
+    kv: dict[str, KVRequest] = field(default_factory=dict)
+    missing: set[str] = field(default_factory=set)
+    queries: set[str] = field(default_factory=set)  # consul-template style names, for /metrics
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+@dataclass(frozen=True)
+class TemplateInstance:
+    """An instance as templates see it: attribute access, meta as a dict."""
+
+    id: str
+    name: str
+    address: str
+    port: int
+    node: str
+    node_address: str
+    tags: tuple[str, ...]
+    meta: dict[str, str]
+    status: str
+
+
+class _Recorder:
+    def __init__(self, view: View, env_vars: dict[str, str]) -> None:
+        self.view = view
+        self.env_vars = env_vars
+        self.result = RenderResult("")
+
+    def _catalog(self, dc: str | None) -> Snapshot:
+        key = catalog_key(dc)
+        self.result.used.add(key)
+        snapshot = self.view.catalog(dc or "")
+        if snapshot is None:
+            self.result.missing.add(key)
+            return Snapshot()
+        return snapshot
+
+    def services(self, dc: str | None = None) -> list[dict[str, Any]]:
+        self.result.queries.add(f"catalog.services({dc or ''})")
+        snapshot = self._catalog(dc)
+        return [{"name": name, "tags": list(tags)} for name, tags in sorted(snapshot.services.items())]
+
+    def service(
+        self, name: str, tag: str | None = None, state: str = PASSING, dc: str | None = None
+    ) -> list[TemplateInstance]:
+        if state not in (PASSING, "any"):
+            raise ValueError(f"service({name!r}): state must be 'passing' or 'any', not {state!r}")
+        self.result.queries.add(f"health.service({name}|{tag or ''}|{state}|{dc or ''})")
+        snapshot = self._catalog(dc)
+        out = []
+        for inst in snapshot.instances.get(name, ()):
+            if tag is not None and tag not in inst.tags:
+                continue
+            if state == PASSING and inst.status != PASSING:
+                continue
+            out.append(
+                TemplateInstance(
+                    inst.id,
+                    inst.name,
+                    inst.address,
+                    inst.port,
+                    inst.node,
+                    inst.node_address,
+                    inst.tags,
+                    dict(inst.meta),
+                    inst.status,
+                )
+            )
+        return out
+
+    def nodes(self, dc: str | None = None) -> list[dict[str, Any]]:
+        self.result.queries.add(f"catalog.nodes({dc or ''})")
+        snapshot = self._catalog(dc)
+        return [{"name": n.name, "address": n.address, "meta": dict(n.meta)} for n in snapshot.nodes]
+
+    def _kv(self, path: str, recurse: bool, dc: str | None) -> list[dict[str, Any]]:
+        key = kv_key(path, recurse, dc)
+        self.result.used.add(key)
+        self.result.queries.add(key)
+        self.result.kv[key] = KVRequest(
+            key, path.strip("/") + ("/" if recurse and path.strip("/") else ""), recurse, dc or ""
+        )
+        entries = self.view.kv(key)
+        if entries is None:
+            self.result.missing.add(key)
+            return []
+        return entries
+
+    @staticmethod
+    def _value(entry: dict[str, Any]) -> str:
+        raw = entry.get("Value")
+        return base64.b64decode(raw).decode("utf-8", "replace") if raw else ""
+
+    def key(self, path: str, dc: str | None = None) -> str:
+        entries = self._kv(path, False, dc)
+        return self._value(entries[0]) if entries else ""
+
+    def key_or_default(self, path: str, default: str, dc: str | None = None) -> str:
+        entries = self._kv(path, False, dc)
+        return self._value(entries[0]) if entries else default
+
+    def tree(self, prefix: str, dc: str | None = None) -> list[dict[str, str]]:
+        base = prefix.strip("/")
+        entries = self._kv(prefix, True, dc)
+        out = []
+        for entry in entries:
+            full = str(entry.get("Key", ""))
+            if full.endswith("/"):
+                continue
+            out.append({"key": full[len(base) :].lstrip("/"), "path": full, "value": self._value(entry)})
+        return out
+
+    def ls(self, prefix: str, dc: str | None = None) -> list[dict[str, str]]:
+        return [item for item in self.tree(prefix, dc) if "/" not in item["key"]]
+
+    def env(self, name: str, default: str = "") -> str:
+        return self.env_vars.get(name, default)
+
+
+def by_tag(instances: Iterable[Any], tag: str) -> list[Any]:
+    return [i for i in instances if tag in _get(i, "tags")]
+
+
+def by_meta(instances: Iterable[Any], key: str, value: str | None = None) -> list[Any]:
+    out = []
+    for inst in instances:
+        meta = _get(inst, "meta") or {}
+        if key in meta and (value is None or meta[key] == value):
+            out.append(inst)
+    return out
+
+
+def group_by(items: Iterable[Any], attribute: str) -> dict[str, list[Any]]:
+    """Group by an attribute or a dotted path (`meta.http_host`); lists keep input order."""
+    groups: dict[str, list[Any]] = {}
+    for item in items:
+        value: Any = item
+        for part in attribute.split("."):
+            value = _get(value, part)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None:
+                groups.setdefault(str(v), []).append(item)
+    return dict(sorted(groups.items()))
+
+
+def _get(obj: Any, name: str) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def make_environment() -> SandboxedEnvironment:
+    env = SandboxedEnvironment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(by_tag=by_tag, by_meta=by_meta, group_by=group_by)
+    return env
+
+
+def compile_template(env: SandboxedEnvironment, name: str, source: str) -> jinja2.Template:
+    try:
+        return env.from_string(source, template_class=None)
+    except jinja2.TemplateSyntaxError as err:
+        raise TemplateError(name, err.lineno, f"syntax error: {err.message}") from err
+
+
+def render(
+    template: jinja2.Template,
+    name: str,
+    view: View,
+    variables: dict[str, str],
+    env_vars: dict[str, str],
+) -> RenderResult:
+    """Render one template; raises TemplateError naming the template and the line."""
+    recorder = _Recorder(view, env_vars)
+    context = {
+        "services": recorder.services,
+        "service": recorder.service,
+        "nodes": recorder.nodes,
+        "key": recorder.key,
+        "key_or_default": recorder.key_or_default,
+        "ls": recorder.ls,
+        "tree": recorder.tree,
+        "env": recorder.env,
+        "vars": dict(variables),
+    }
+    try:
+        text = template.render(context)
+    except jinja2.TemplateSyntaxError as err:
+        raise TemplateError(name, err.lineno, f"syntax error: {err.message}") from err
+    except Exception as err:  # any runtime error in user code is reported, never raised raw
+        raise TemplateError(name, _template_line(err), f"{type(err).__name__}: {err}") from err
+    recorder.result.text = text
+    return recorder.result
+
+
+def _template_line(err: BaseException) -> int | None:
+    """The template line in a runtime error's traceback (Jinja2 rewrites frames to <template>)."""
+    line = None
+    for frame in traceback.extract_tb(err.__traceback__ or sys.exc_info()[2]):
+        if frame.filename == "<template>":
+            line = frame.lineno
+    return line

@@ -1,0 +1,376 @@
+"""The one loop: wait for data or template edits, quiesce, render, swap, reload once per batch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import jinja2
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from templater.child import Child
+from templater.consul_source import CatalogSource, ConsulFetcher, KVSource
+from templater.errors import CheckFailed, CommandFailed, ProxyError, TemplateError
+from templater.output import run_command, swap
+from templater.proxy import KINDS, Proxy
+from templater.render import RenderResult, compile_template, make_environment, render
+from templater.settings import Settings, TemplateSpec
+from templater.status import Metrics
+from templater.store import Store
+from templater.watch import WatchSettings
+
+log = logging.getLogger("templater")
+
+TEMPLATE_KEY = "template:"
+
+
+class Source(Protocol):
+    key: str
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class ProxyHook(Protocol):
+    """Applies a new proxy configuration without a reload when it can (HAProxy runtime API)."""
+
+    def apply(self, old: str | None, new: str) -> bool: ...
+    def after_reload(self, new: str) -> None: ...
+
+
+@dataclass
+class TemplateState:
+    spec: TemplateSpec
+    compiled: jinja2.Template | None = None
+    result: RenderResult | None = None
+    deps: set[str] = field(default_factory=set)
+    done: bool = False  # rendered completely and written at least once
+    failed: bool = False
+    last_text: str | None = None
+
+
+class _TemplateEvents(FileSystemEventHandler):
+    def __init__(self, paths: set[str], store: Store) -> None:
+        self._paths = paths
+        self._store = store
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        for path in (event.src_path, getattr(event, "dest_path", "")):
+            path = os.fsdecode(path) if path else ""
+            if path in self._paths:
+                self._store.touch(TEMPLATE_KEY + path)
+
+
+class Runner:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, proxy_hook: ProxyHook | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.store = Store(settings.empty_grace)
+        self.fetcher = ConsulFetcher(settings.consul)
+        self.watch_settings = WatchSettings(stale=settings.max_stale_ms > 0, max_stale_ms=settings.max_stale_ms)
+        self.env = make_environment()
+        self.templates = [TemplateState(spec) for spec in settings.templates]
+        self.sources: dict[str, Source] = {}
+        self.down: dict[str, str] = {}
+        self.state_lock = threading.Lock()
+        self.warned: set[str] = set()
+        self.child: Child | None = None
+        self.proxy: Proxy | None = None
+        self.proxy_hook = proxy_hook
+        if settings.proxy and not settings.dry:
+            self.proxy = Proxy(KINDS[settings.proxy], settings.templates[0].dest, settings.proxy_pid_file)
+        self._observer: Any = None
+
+    # -- callbacks from watch threads
+
+    def _on_state(self, key: str, up: bool, error: str) -> None:
+        with self.state_lock:
+            was_up = not self.down
+            if up:
+                self.down.pop(key, None)
+            else:
+                self.down[key] = error
+            now_up = not self.down
+            self.metrics.consul_up = now_up
+            self.metrics.consul_error = "" if now_up else next(iter(self.down.values()))
+        if was_up and not now_up:
+            log.warning("consul unavailable, keeping the last good output, will retry: %s", error)
+        elif now_up and not was_up:
+            log.info("consul available again")
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warned:
+            self.warned.add(message)
+            log.warning("%s", message)
+
+    # -- sources
+
+    def _ensure_sources(self, state: TemplateState) -> None:
+        result = state.result
+        if result is None:
+            return
+        for key in sorted(result.used):
+            if key in self.sources:
+                continue
+            source: Source
+            if key.startswith("catalog("):
+                dc = key[len("catalog(") : -1]
+                source = CatalogSource(
+                    "" if dc == "local" else dc,
+                    self.fetcher,
+                    self.store.publish_catalog,
+                    self._on_state,
+                    self.watch_settings,
+                    self._warn,
+                )
+            else:
+                req = result.kv[key]
+                source = KVSource(
+                    key,
+                    req.path,
+                    req.recurse,
+                    req.dc,
+                    self.fetcher,
+                    self.store.publish_kv,
+                    self._on_state,
+                    self.watch_settings,
+                )
+            log.info("watching %s", key)
+            self.sources[key] = source
+            source.start()
+
+    def _drop_unused_sources(self) -> None:
+        if any(t.failed or t.result is None for t in self.templates):
+            return  # a broken template may need its old dependencies again
+        used = set().union(*(t.deps for t in self.templates))
+        for key in sorted(set(self.sources) - used):
+            log.info("no longer watching %s", key)
+            self.sources.pop(key).stop()
+            self.store.forget(key)
+
+    # -- rendering
+
+    def _load(self, state: TemplateState) -> None:
+        spec = state.spec
+        try:
+            source = spec.source.read_text()
+        except OSError as err:
+            raise TemplateError(spec.name, None, f"cannot read: {err}") from err
+        state.compiled = compile_template(self.env, spec.name, source)
+
+    def _render(self, state: TemplateState) -> RenderResult | None:
+        spec = state.spec
+        try:
+            if state.compiled is None:
+                self._load(state)
+            assert state.compiled is not None
+            result = render(state.compiled, spec.name, self.store, self.settings.variables, dict(os.environ))
+        except TemplateError as err:
+            state.failed = True
+            self.metrics.add(render_failures=1)
+            log.error("%s; keeping the last good %s", err, spec.dest)
+            return None
+        state.failed = False
+        state.result = result
+        state.deps = set(result.used)
+        self.metrics.add(renders=1)
+        return result
+
+    def _check_for(self, index: int, spec: TemplateSpec) -> str | None:
+        if self.settings.check:
+            return self.settings.check
+        if self.proxy is not None and index == 0:
+            return self.proxy.kind.check
+        return None
+
+    def cycle(self, changed: set[str]) -> tuple[bool, bool]:
+        """Render what changed, write, then one command/reload per batch. (all_done, any_failed)"""
+        commands: list[str] = []
+        reload_proxy = False
+        any_failed = False
+        new_proxy_text: str | None = None
+        old_proxy_text: str | None = None
+        for index, state in enumerate(self.templates):
+            spec = state.spec
+            edited = TEMPLATE_KEY + str(spec.source) in changed
+            if edited:
+                state.compiled = None
+            if state.done and not edited and not (state.deps & changed) and not state.failed:
+                continue
+            result = self._render(state)
+            if result is None:
+                any_failed = True
+                continue
+            self._ensure_sources(state)
+            if not result.complete:
+                log.debug("template %s waiting for %s", spec.name, ", ".join(sorted(result.missing)))
+                continue
+            content = result.text.encode()
+            if self.settings.dry:
+                if result.text != state.last_text:
+                    sys.stdout.write(f"> {spec.dest}\n{result.text}")
+                    sys.stdout.flush()
+                state.last_text = result.text
+                state.done = True
+                continue
+            try:
+                old_text = _read(spec.dest)
+                changed_file = swap(spec.dest, content, spec.name, self._check_for(index, spec), self.settings.backup)
+            except CheckFailed as err:
+                state.failed = True
+                any_failed = True
+                self.metrics.add(check_failures=1)
+                log.error("%s; keeping the last good %s", err, spec.dest)
+                continue
+            except OSError as err:
+                state.failed = True
+                any_failed = True
+                log.error("cannot write %s for template %s: %s", spec.dest, spec.name, err)
+                continue
+            state.done = True
+            state.last_text = result.text
+            if not changed_file:
+                continue
+            self.metrics.add(writes=1)
+            log.info("rendered %s -> %s", spec.name, spec.dest)
+            if spec.command:
+                if spec.command not in commands:
+                    commands.append(spec.command)
+            elif self.proxy is not None:
+                reload_proxy = True
+                if index == 0:
+                    old_proxy_text, new_proxy_text = old_text, result.text
+        for command in commands:
+            try:
+                run_command(command)
+                self.metrics.add(reloads=1)
+                log.info("command ran: %s", command)
+            except CommandFailed as err:
+                any_failed = True
+                self.metrics.add(reload_failures=1)
+                log.error("%s", err)
+        if reload_proxy:
+            any_failed |= not self._apply_proxy(old_proxy_text, new_proxy_text)
+        all_done = all(t.done for t in self.templates)
+        if all_done and not any_failed:
+            self.metrics.last_success = time.time()
+        self._drop_unused_sources()
+        self.metrics.watched = len(set().union(*((t.result.queries if t.result else set()) for t in self.templates)))
+        self.metrics.held = self.store.held()
+        return all_done, any_failed
+
+    def _apply_proxy(self, old: str | None, new: str | None) -> bool:
+        assert self.proxy is not None
+        try:
+            if self.proxy.master() is None:
+                self.proxy.ensure_running()
+                if self.proxy_hook and new is not None:
+                    self.proxy_hook.after_reload(new)
+                return True
+            if self.proxy_hook and new is not None and self.proxy_hook.apply(old, new):
+                self.metrics.add(runtime_updates=1)
+                return True
+            self.proxy.reload()
+            self.metrics.add(reloads=1)
+            if self.proxy_hook and new is not None:
+                self.proxy_hook.after_reload(new)
+            return True
+        except ProxyError as err:
+            self.metrics.add(reload_failures=1)
+            log.error("%s", err)
+            return False
+
+    # -- the loop
+
+    def _watch_templates(self) -> None:
+        paths = {str(t.spec.source) for t in self.templates}
+        observer = Observer()
+        handler = _TemplateEvents(paths, self.store)
+        for directory in sorted({str(Path(p).parent) for p in paths}):
+            observer.schedule(handler, directory, recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def _quiesce(self, changed: set[str], stop: threading.Event) -> set[str]:
+        if self.settings.wait_min <= 0:
+            return changed
+        first = last = time.monotonic()
+        while not stop.is_set():
+            now = time.monotonic()
+            remaining = min(last + self.settings.wait_min, first + self.settings.wait_max) - now
+            if remaining <= 0:
+                break
+            more = self.store.wait(remaining)
+            if more:
+                changed |= more
+                last = time.monotonic()
+        return changed
+
+    def run(self, stop: threading.Event) -> int:
+        """Until stopped (or, with --once, until every template is written). The exit code."""
+        if not self.settings.once:
+            self._watch_templates()
+        changed: set[str] = set()
+        started_child = False
+        try:
+            while not stop.is_set():
+                all_done, failed = self.cycle(changed)
+                if self.settings.once and all_done:
+                    return 1 if failed else 0
+                if self.settings.once and failed and all(t.done or t.failed for t in self.templates):
+                    return 1
+                if all_done and self.settings.exec_command and not self.settings.dry:
+                    if not started_child:
+                        self.child = Child(
+                            self.settings.exec_command,
+                            self.settings.reload_signal,
+                            self.settings.kill_signal,
+                            self.settings.kill_timeout,
+                        )
+                        self.child.start()
+                        started_child = True
+                    elif changed and any(t.spec.command is None for t in self.templates):
+                        self.child.reload() if self.child else None
+                changed = set()
+                while not stop.is_set() and not changed:
+                    changed = self.store.wait(0.5)
+                    if self.child is not None and not self.child.running():
+                        code = self.child.exit_code()
+                        log.info("child exited code=%s; stopping", code)
+                        return code or 0
+                    if self.proxy is not None and self.proxy.child is not None and self.proxy.child.poll() is not None:
+                        changed.add("proxy-exited")
+                        try:
+                            self.proxy.ensure_running()
+                        except ProxyError as err:
+                            log.error("%s", err)
+                changed = self._quiesce(changed, stop)
+            return 0
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.stop()
+        self.sources.clear()
+        if self._observer is not None:
+            self._observer.stop()
+        if self.child is not None:
+            self.child.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None

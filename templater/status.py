@@ -1,0 +1,100 @@
+"""/health and Prometheus /metrics on --status-addr."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Metrics:
+    renders: int = 0
+    render_failures: int = 0
+    writes: int = 0
+    reloads: int = 0
+    reload_failures: int = 0
+    check_failures: int = 0
+    runtime_updates: int = 0
+    last_success: float = 0.0
+    watched: int = 0
+    consul_up: bool = False
+    consul_error: str = ""
+    held: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            body = {
+                "status": "ok" if self.consul_up else "degraded",
+                "consul": "up" if self.consul_up else "down",
+                "consul_error": self.consul_error,
+                "last_success": self.last_success,
+                "held_services": list(self.held),
+            }
+        return (200 if self.consul_up else 503), body
+
+    def prometheus(self) -> str:
+        with self.lock:
+            rows = [
+                ("templater_renders_total", "counter", self.renders),
+                ("templater_render_failures_total", "counter", self.render_failures),
+                ("templater_writes_total", "counter", self.writes),
+                ("templater_reloads_total", "counter", self.reloads),
+                ("templater_reload_failures_total", "counter", self.reload_failures),
+                ("templater_check_failures_total", "counter", self.check_failures),
+                ("templater_runtime_api_updates_total", "counter", self.runtime_updates),
+                ("templater_last_success_timestamp_seconds", "gauge", self.last_success),
+                ("templater_watched_queries", "gauge", self.watched),
+                ("templater_consul_up", "gauge", int(self.consul_up)),
+            ]
+        lines = []
+        for name, kind, value in rows:
+            lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+class StatusServer:
+    def __init__(self, addr: tuple[str, int], metrics: Metrics) -> None:
+        metrics_ref = metrics
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/health"):
+                    code, body = metrics_ref.health()
+                    payload, ctype = json.dumps(body).encode(), "application/json"
+                elif self.path.startswith("/metrics"):
+                    code, payload, ctype = 200, metrics_ref.prometheus().encode(), "text/plain; version=0.0.4"
+                else:
+                    code, payload, ctype = 404, b"not found\n", "text/plain"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(addr, Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="status", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def now() -> float:
+    return time.time()
