@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import consul
-import consul.base
+import consul.exceptions
 import requests
 
 from sidecar.consul_conn import ConsulSettings, make_client
@@ -54,7 +54,7 @@ class ConsulFetcher:
             query.append(("token", client.token))
         try:
             raw = client.http.get(lambda r: r, path, params=query)
-        except (requests.RequestException, consul.base.Timeout, OSError) as err:
+        except (requests.RequestException, consul.exceptions.Timeout, OSError) as err:
             raise ConsulUnavailable(f"consul {self._settings.url}{path}: {err}") from err
         if raw.code >= 500:
             raise ConsulUnavailable(f"consul {path}: {raw.code} {raw.body[:200]}")
@@ -109,6 +109,7 @@ class CatalogSource:
                 self._services_changed,
                 on_state,
                 settings,
+                skip_equal=False,
             ),
             BlockingLoop(
                 f"{self.key}.checks", "/v1/health/state/any", params, fetcher, self._checks_changed, on_state, settings

@@ -23,12 +23,13 @@ from templater.proxy import KINDS, Proxy
 from templater.render import RenderResult, compile_template, make_environment, render
 from templater.settings import Settings, TemplateSpec
 from templater.status import Metrics
-from templater.store import Store
+from templater.store import FrozenView, Store
 from templater.watch import WatchSettings
 
 log = logging.getLogger("templater")
 
 TEMPLATE_KEY = "template:"
+EDIT_SETTLE = 0.05
 
 
 class Source(Protocol):
@@ -62,6 +63,9 @@ class _TemplateEvents(FileSystemEventHandler):
         self._store = store
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        # reading a template (ours included) raises opened/closed events: only writes count
+        if event.event_type not in ("modified", "created", "moved", "deleted", "closed"):
+            return
         for path in (event.src_path, getattr(event, "dest_path", "")):
             path = os.fsdecode(path) if path else ""
             if path in self._paths:
@@ -87,6 +91,7 @@ class Runner:
         if settings.proxy and not settings.dry:
             self.proxy = Proxy(KINDS[settings.proxy], settings.templates[0].dest, settings.proxy_pid_file)
         self._observer: Any = None
+        self.wrote = False
 
     # -- callbacks from watch threads
 
@@ -163,15 +168,18 @@ class Runner:
             source = spec.source.read_text()
         except OSError as err:
             raise TemplateError(spec.name, None, f"cannot read: {err}") from err
+        if not source.strip():
+            # an empty source is a file caught mid-write, never a config anyone wants
+            raise TemplateError(spec.name, None, "template file is empty")
         state.compiled = compile_template(self.env, spec.name, source)
 
-    def _render(self, state: TemplateState) -> RenderResult | None:
+    def _render(self, state: TemplateState, view: FrozenView) -> RenderResult | None:
         spec = state.spec
         try:
             if state.compiled is None:
                 self._load(state)
             assert state.compiled is not None
-            result = render(state.compiled, spec.name, self.store, self.settings.variables, dict(os.environ))
+            result = render(state.compiled, spec.name, view, self.settings.variables, dict(os.environ))
         except TemplateError as err:
             state.failed = True
             self.metrics.add(render_failures=1)
@@ -191,12 +199,16 @@ class Runner:
         return None
 
     def cycle(self, changed: set[str]) -> tuple[bool, bool]:
-        """Render what changed, write, then one command/reload per batch. (all_done, any_failed)"""
+        """Render what changed, write, then one command/reload per batch. (all_done, any_failed)
+
+        self.wrote tells whether any destination changed in this cycle."""
+        self.wrote = False
         commands: list[str] = []
         reload_proxy = False
         any_failed = False
         new_proxy_text: str | None = None
         old_proxy_text: str | None = None
+        view = self.store.view()
         for index, state in enumerate(self.templates):
             spec = state.spec
             edited = TEMPLATE_KEY + str(spec.source) in changed
@@ -204,7 +216,7 @@ class Runner:
                 state.compiled = None
             if state.done and not edited and not (state.deps & changed) and not state.failed:
                 continue
-            result = self._render(state)
+            result = self._render(state, view)
             if result is None:
                 any_failed = True
                 continue
@@ -239,6 +251,7 @@ class Runner:
             if not changed_file:
                 continue
             self.metrics.add(writes=1)
+            self.wrote = True
             log.info("rendered %s -> %s", spec.name, spec.dest)
             if spec.command:
                 if spec.command not in commands:
@@ -300,6 +313,11 @@ class Runner:
         self._observer = observer
 
     def _quiesce(self, changed: set[str], stop: threading.Event) -> set[str]:
+        while any(k.startswith(TEMPLATE_KEY) for k in changed) and not stop.is_set():
+            more = self.store.wait(EDIT_SETTLE)  # a file being written arrives in several events
+            if not more:
+                break
+            changed |= more
         if self.settings.wait_min <= 0:
             return changed
         first = last = time.monotonic()
@@ -337,7 +355,7 @@ class Runner:
                         )
                         self.child.start()
                         started_child = True
-                    elif changed and any(t.spec.command is None for t in self.templates):
+                    elif self.wrote and any(t.spec.command is None for t in self.templates):
                         self.child.reload() if self.child else None
                 changed = set()
                 while not stop.is_set() and not changed:
@@ -363,6 +381,7 @@ class Runner:
         self.sources.clear()
         if self._observer is not None:
             self._observer.stop()
+            self._observer.join(2)
         if self.child is not None:
             self.child.stop()
         if self.proxy is not None:

@@ -76,6 +76,11 @@ class Store:
         with self._cond:
             return sorted(name for g in self._graces.values() for name in g.holding())
 
+    def view(self) -> FrozenView:
+        """A consistent view for one render cycle: every template sees the same data."""
+        with self._cond:
+            return FrozenView(dict(self._shown), dict(self._kv))
+
     # -- the View templates read
 
     def catalog(self, dc: str) -> Snapshot | None:
@@ -93,3 +98,15 @@ class Store:
             self._shown.pop(key, None)
             self._graces.pop(key, None)
             self._deadlines.pop(key, None)
+
+
+class FrozenView:
+    def __init__(self, catalogs: dict[str, Snapshot], kv: dict[str, list[dict[str, Any]]]) -> None:
+        self._catalogs = catalogs
+        self._kv = kv
+
+    def catalog(self, dc: str) -> Snapshot | None:
+        return self._catalogs.get(f"catalog({dc or 'local'})")
+
+    def kv(self, key: str) -> list[dict[str, Any]] | None:
+        return self._kv.get(key)

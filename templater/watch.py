@@ -46,7 +46,7 @@ class WatchSettings:
     min_delay: float = 0.005
     jitter: float = 0.01
     backoff_base: float = 0.25
-    backoff_cap: float = 10.0
+    backoff_cap: float = 2.0
     stale: bool = False
     max_stale_ms: int = 0
 
@@ -63,8 +63,12 @@ class BlockingLoop:
         on_change: Callable[[Any], None],
         on_state: Callable[[str, bool, str], None],
         settings: WatchSettings,
+        skip_equal: bool = True,
     ) -> None:
+        """skip_equal: call on_change only when the data differs. `/v1/catalog/services` needs
+        every index move: a new instance of a known service changes its index, not its data."""
         self.key = key
+        self._skip_equal = skip_equal
         self._path = path
         self._params = params
         self._fetcher = fetcher
@@ -115,11 +119,21 @@ class BlockingLoop:
             try:
                 response = self._fetch(index)
                 moved = response.index != index
-                if moved and response.data != last:
+                if moved and (response.data != last or not self._skip_equal):
                     self._on_change(response.data)  # may fetch more (a node's catalog)
                     last = response.data
             except (ConsulUnavailable, ConsulRejected) as err:
                 self._on_state(self.key, False, str(err))
+                # the agent that answers next may be a new one with lower indexes: an old index
+                # would block until its wait runs out, so ask without one first
+                index = 0
+                if sleep(self._stop, backoff.next_delay()):
+                    return
+                continue
+            except Exception as err:  # a watch thread never dies: a bug here must not freeze the output
+                log.exception("watch %s failed unexpectedly", self.key)
+                self._on_state(self.key, False, f"{type(err).__name__}: {err}")
+                index = 0
                 if sleep(self._stop, backoff.next_delay()):
                     return
                 continue

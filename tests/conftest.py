@@ -103,3 +103,18 @@ def no_thread_leaks() -> Iterator[None]:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+@pytest.fixture
+def templater(consul: ConsulAgent, workdir: Path) -> Iterator[object]:
+    """A factory: templater(*args) runs the real templater against the test agent."""
+    started: list[Process] = []
+
+    def start(*extra: str) -> Process:
+        proc = Process("templater", ["--consul", consul.url, *extra], workdir, env={"PYTHONUNBUFFERED": "1"})
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,268 @@
+"""The templater against a real Consul agent: render, swap, check, exec, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support import ROOT, ConsulAgent, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+LIST = """{% for s in services() if s.name != "consul" %}
+{{ s.name }}{% for i in service(s.name) %} {{ i.address }}:{{ i.port }}{% endfor %}
+
+{% endfor %}
+"""
+
+
+def register(consul: ConsulAgent, sid: str, name: str, port: int, **extra) -> None:
+    consul.put("/v1/agent/service/register", {"ID": sid, "Name": name, "Port": port, "Address": "127.0.0.1", **extra})
+
+
+def deregister(consul: ConsulAgent, sid: str) -> None:
+    consul.put(f"/v1/agent/service/deregister/{sid}")
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def run_once(consul: ConsulAgent, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "templater", "--consul", consul.url, "--once", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+
+
+def test_once_renders_and_exits_zero(consul, tmp_path):
+    register(consul, "a1", "alpha", 8001)
+    register(consul, "a2", "alpha", 8002)
+    src = write(tmp_path / "list.j2", LIST + "{{ vars.greeting }} {{ env('HOME') }}\n")
+    dest = tmp_path / "out" / "list.conf"
+    proc = run_once(consul, "--template", f"{src}:{dest}", "--var", "greeting=hi")
+    assert proc.returncode == 0, proc.stderr
+    assert dest.read_text() == f"alpha 127.0.0.1:8001 127.0.0.1:8002\nhi {os.environ['HOME']}\n"
+
+
+def test_once_with_template_error_exits_nonzero_and_names_line(consul, tmp_path):
+    dest = write(tmp_path / "keep.conf", "old good\n")
+    src = write(tmp_path / "bad.j2", "line one\n{{ service('x') | nosuchfilter }}\n")
+    proc = run_once(consul, "--template", f"{src}:{dest}")
+    assert proc.returncode == 1
+    assert f"{src}:2" in proc.stderr and "nosuchfilter" in proc.stderr
+    assert dest.read_text() == "old good\n"
+    src2 = write(tmp_path / "bad2.j2", "a\nb\n{{ missing.attr }}\n")
+    proc = run_once(consul, "--template", f"{src2}:{dest}")
+    assert proc.returncode == 1 and f"{src2}:3" in proc.stderr and "missing" in proc.stderr
+    assert dest.read_text() == "old good\n"
+
+
+def test_dry_prints_and_touches_nothing(consul, tmp_path):
+    register(consul, "d1", "delta", 9001)
+    src = write(tmp_path / "list.j2", LIST)
+    dest = tmp_path / "never.conf"
+    proc = run_once(consul, "--dry", "--template", f"{src}:{dest}:touch {tmp_path}/ran")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"> {dest}\ndelta 127.0.0.1:9001\n"
+    assert not dest.exists() and not (tmp_path / "ran").exists()
+
+
+def test_failed_check_keeps_old_file(consul, tmp_path):
+    register(consul, "c1", "charlie", 7001)
+    src = write(tmp_path / "list.j2", LIST)
+    dest = write(tmp_path / "c.conf", "previous\n")
+    proc = run_once(consul, "--template", f"{src}:{dest}", "--check", "grep -q never-there {}")
+    assert proc.returncode == 1
+    assert "check refused template" in proc.stderr and str(src) in proc.stderr
+    assert dest.read_text() == "previous\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # staged file removed
+    ok = run_once(consul, "--template", f"{src}:{dest}", "--check", "grep -q charlie {}")
+    assert ok.returncode == 0 and dest.read_text() == "charlie 127.0.0.1:7001\n"
+
+
+def test_daemon_follows_changes_reloads_only_on_new_bytes_and_batches(consul, templater, tmp_path):
+    register(consul, "e1", "echo", 6001)
+    counter = tmp_path / "count"
+    src = write(tmp_path / "list.j2", LIST)
+    # two templates share one command: one run per batch, not one each
+    cmd = f"echo x >> {counter}"
+    proc = templater(
+        "--template", f"{src}:{tmp_path}/one.conf:{cmd}",
+        "--template", f"{src}:{tmp_path}/two.conf:{cmd}",
+        "--empty-grace", "0s",
+    )
+    wait_until(lambda: (tmp_path / "two.conf").exists() and counter.exists(), what="first render")
+    assert counter.read_text().count("x") == 1
+    t0 = time.monotonic()
+    register(consul, "e2", "echo", 6002)
+    wait_until(lambda: "6002" in (tmp_path / "one.conf").read_text(), what="instance added")
+    assert time.monotonic() - t0 < 1.0
+    wait_until(lambda: counter.read_text().count("x") == 2, what="one command for the batch")
+    # a change that does not alter the output (a KV write nobody reads, a tag) causes no command
+    consul.put("/v1/kv/unrelated", "v")
+    register(consul, "e2", "echo", 6002, Tags=["extra"])
+    time.sleep(1.0)
+    assert counter.read_text().count("x") == 2
+    deregister(consul, "e1")
+    deregister(consul, "e2")
+    wait_until(lambda: "echo" not in (tmp_path / "one.conf").read_text(), what="service gone")
+    assert proc.alive()
+
+
+def test_template_edit_rerenders_and_broken_edit_keeps_output(consul, templater, tmp_path):
+    register(consul, "f1", "foxtrot", 5001)
+    src = write(tmp_path / "t.j2", "v1 {{ service('foxtrot')|length }}\n")
+    dest = tmp_path / "t.conf"
+    proc = templater("--template", f"{src}:{dest}")
+    wait_until(lambda: dest.exists() and dest.read_text() == "v1 1\n", what="first render")
+    t0 = time.monotonic()
+    write(src, "v2 {{ service('foxtrot')|length }}\n")
+    wait_until(lambda: dest.read_text() == "v2 1\n", timeout=2, what="re-render after edit")
+    assert time.monotonic() - t0 < 1.0
+    write(src, "v3 {% for %}\n")
+    wait_until(lambda: "syntax error" in proc.output(), timeout=2, what="error logged")
+    assert f"{src}:1" in proc.output()
+    assert dest.read_text() == "v2 1\n"
+    register(consul, "f2", "foxtrot", 5002)  # data changes while the template is broken
+    time.sleep(0.5)
+    assert dest.read_text() == "v2 1\n" and proc.alive()
+    write(src, "v4 {{ service('foxtrot')|length }}\n")
+    wait_until(lambda: dest.read_text() == "v4 2\n", timeout=2, what="fixed template renders")
+
+
+def test_exec_mode_real_child_reload_and_stop(consul, templater, tmp_path):
+    register(consul, "g1", "golf", 4001)
+    src = write(tmp_path / "t.j2", LIST)
+    dest = tmp_path / "g.conf"
+    log = tmp_path / "child.log"
+    script = write(
+        tmp_path / "child.sh",
+        f"trap 'echo hup >> {log}' HUP\ntrap 'echo term >> {log}; exit 0' TERM\n"
+        f"echo start $(cat {dest}) >> {log}\nwhile true; do sleep 0.1; done\n",
+    )
+    proc = templater("--template", f"{src}:{dest}", "--exec", f"sh {script}", "--reload-signal", "SIGHUP")
+    wait_until(lambda: log.exists() and "start golf" in log.read_text(), what="child started after render")
+    register(consul, "g2", "golf", 4002)
+    wait_until(lambda: "hup" in log.read_text(), what="reload signal")
+    os.kill(proc.proc.pid, signal.SIGUSR1)  # forwarded; the child does not trap it and ends
+    wait_until(lambda: not proc.alive(), timeout=10, what="templater exits with its child")
+
+
+def test_exec_mode_sigterm_stops_child(consul, templater, tmp_path):
+    src = write(tmp_path / "t.j2", "x\n")
+    log = tmp_path / "child.log"
+    script = write(tmp_path / "child.sh", f"trap 'echo term >> {log}; exit 0' TERM\nwhile true; do sleep 0.1; done\n")
+    proc = templater("--template", f"{src}:{tmp_path}/x.conf", "--exec", f"sh {script}")
+    wait_until(lambda: any("child.sh" in " ".join(c.cmdline()) for c in psutil.Process(proc.proc.pid).children()))
+    assert proc.stop() == 0
+    assert log.read_text() == "term\n"
+
+
+def test_consul_down_keeps_output_health_reports_and_recovers(consul, templater, tmp_path):
+    register(consul, "h1", "hotel", 3001)
+    src = write(tmp_path / "t.j2", LIST)
+    dest = tmp_path / "h.conf"
+    port = free_port()
+    proc = templater("--template", f"{src}:{dest}", "--status-addr", f"127.0.0.1:{port}", "--empty-grace", "3s")
+    wait_until(lambda: dest.exists() and "hotel" in dest.read_text(), what="render")
+    assert _health(port)[0] == 200
+    consul.stop()
+    wait_until(lambda: _health(port)[0] == 503, timeout=10, what="health reports consul down")
+    assert _health(port)[1]["consul"] == "down"
+    time.sleep(1)
+    assert dest.read_text() == "hotel 127.0.0.1:3001\n" and proc.alive()
+    consul.start()  # a dev agent: it comes back empty
+    register(consul, "h1", "hotel", 3001)
+    register(consul, "h2", "hotel", 3002)
+    wait_until(lambda: "3002" in dest.read_text(), timeout=10, what="recovered")
+    assert _health(port)[0] == 200
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert "templater_renders_total" in metrics and "templater_consul_up 1" in metrics
+    assert proc.output().count("consul unavailable") == 1
+
+
+def test_consul_state_loss_never_empties_a_backend(consul, templater, tmp_path):
+    for n in (1, 2):
+        register(consul, f"i{n}", "india", 2000 + n)
+    src = write(tmp_path / "t.j2", LIST)
+    dest = tmp_path / "i.conf"
+    templater("--template", f"{src}:{dest}", "--empty-grace", "5s")
+    wait_until(lambda: dest.exists() and dest.read_text() == "india 127.0.0.1:2001 127.0.0.1:2002\n", what="render")
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            seen.append(dest.read_text())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        consul.restart()  # loses every registration
+        time.sleep(1.5)
+        register(consul, "i1", "india", 2001)  # the registrar restores them
+        register(consul, "i2", "india", 2002)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        sampler.join()
+    assert all("2001" in text and "2002" in text for text in seen), set(seen)
+    # a real removal is believed after the grace period
+    deregister(consul, "i1")
+    deregister(consul, "i2")
+    t0 = time.monotonic()
+    wait_until(lambda: "india" not in dest.read_text(), timeout=10, what="emptied after grace")
+    assert time.monotonic() - t0 > 4
+
+
+def test_untrusted_consul_data_left_out_rest_renders(consul, tmp_path):
+    register(consul, "ok1", "juliet", 1001, Tags=["good", "bad tag\nserver evil 6.6.6.6:80"], Meta={"http_host": "a.example.com", "x": "}\n"})
+    register(consul, "evil1", "juliet", 1002, Address="1.2.3.4\n    server x 9.9.9.9:1")
+    src = write(
+        tmp_path / "t.j2",
+        "{% for i in service('juliet') %}{{ i.address }}:{{ i.port }} {{ i.tags|join(',') }} "
+        "{{ i.meta|dictsort }}\n{% endfor %}",
+    )
+    dest = tmp_path / "j.conf"
+    proc = run_once(consul, "--template", f"{src}:{dest}")
+    assert proc.returncode == 0, proc.stderr
+    assert dest.read_text() == "127.0.0.1:1001 good [('http_host', 'a.example.com')]\n"
+    assert "left out tag" in proc.stderr and "left out instance" in proc.stderr and "left out meta" in proc.stderr
+
+
+def test_many_services_few_connections(consul, templater, tmp_path):
+    for n in range(300):
+        register(consul, f"m{n}", f"svc{n}", 10000 + n)
+    src = write(tmp_path / "t.j2", LIST)
+    dest = tmp_path / "m.conf"
+    proc = templater("--template", f"{src}:{dest}")
+    wait_until(lambda: dest.exists() and "svc299" in dest.read_text(), timeout=20, what="render")
+    conns = [c for c in psutil.Process(proc.proc.pid).net_connections("tcp") if c.raddr and c.raddr.port == consul.http_port]
+    assert 0 < len(conns) <= 20, conns
+    t0 = time.monotonic()
+    register(consul, "m300", "svc150", 20000)
+    wait_until(lambda: "20000" in dest.read_text(), what="single change")
+    assert time.monotonic() - t0 < 1.0
+    for n in range(301):
+        deregister(consul, f"m{n}")
+
+
+def _health(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
