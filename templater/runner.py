@@ -216,7 +216,9 @@ class Runner:
                 state.compiled = None
             if state.done and not edited and not (state.deps & changed) and not state.failed:
                 continue
+            started = time.perf_counter()
             result = self._render(state, view)
+            render_ms = (time.perf_counter() - started) * 1000
             if result is None:
                 any_failed = True
                 continue
@@ -252,7 +254,7 @@ class Runner:
                 continue
             self.metrics.add(writes=1)
             self.wrote = True
-            log.info("rendered %s -> %s", spec.name, spec.dest)
+            log.info("rendered %s -> %s render_ms=%.1f", spec.name, spec.dest, render_ms)
             if spec.command:
                 if spec.command not in commands:
                     commands.append(spec.command)
