@@ -276,6 +276,9 @@ def _service(
         raise LabelError(container, "SERVICE_*", str(len(meta)), f"more than {META_KEYS_MAX} meta keys")
 
     check = _check(values, address or "127.0.0.1", number, bad)
+    if check is not None and check.kind in ("http", "https") and "check_http" in values:
+        # proxies that check actively (the HAProxy template) use the same path
+        meta["check_http"] = values["check_http"].value.strip()
     return Service(
         id=service_id,
         name=name,

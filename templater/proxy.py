@@ -38,8 +38,8 @@ class ProxyKind:
 
 
 KINDS = {
-    "haproxy": ProxyKind("haproxy", "haproxy", "haproxy -c -q -f {}", signal.SIGUSR2, signal.SIGUSR1),
-    "nginx": ProxyKind("nginx", "nginx", "nginx -q -t -c {}", signal.SIGHUP, signal.SIGQUIT),
+    "haproxy": ProxyKind("haproxy", "haproxy", "haproxy -c -f {}", signal.SIGUSR2, signal.SIGUSR1),
+    "nginx": ProxyKind("nginx", "nginx", "nginx -t -c {}", signal.SIGHUP, signal.SIGQUIT),
 }
 
 

@@ -7,6 +7,7 @@ missing data is incomplete and is never written out, as in consul-template.
 from __future__ import annotations
 
 import base64
+import re
 import sys
 import traceback
 from collections.abc import Iterable
@@ -195,6 +196,16 @@ def group_by(items: Iterable[Any], attribute: str) -> dict[str, list[Any]]:
     return dict(sorted(groups.items()))
 
 
+def ident(text: Any) -> str:
+    """A name safe as a proxy identifier (backend, server, upstream): other characters become _."""
+    return re.sub(r"[^A-Za-z0-9_.:-]", "_", str(text))
+
+
+def split_list(text: Any) -> list[str]:
+    """A comma list from meta ("a.com, b.com") as its non-empty items."""
+    return [part.strip() for part in str(text or "").split(",") if part.strip()]
+
+
 def _get(obj: Any, name: str) -> Any:
     if isinstance(obj, dict):
         return obj.get(name)
@@ -209,7 +220,7 @@ def make_environment() -> SandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(by_tag=by_tag, by_meta=by_meta, group_by=group_by)
+    env.filters.update(by_tag=by_tag, by_meta=by_meta, group_by=group_by, ident=ident, split_list=split_list)
     return env
 
 

@@ -29,7 +29,7 @@ import docker
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 TEST_LABEL = "consul-sidecar.test"
-IMAGE = "consul-sidecar-test:busybox"
+IMAGE = "consul-sidecar-test:busybox2"
 
 
 def free_port() -> int:
@@ -160,17 +160,23 @@ def ensure_image(client: docker.DockerClient) -> str:
         raise RuntimeError("busybox-static is not installed (scripts/install-deps.sh installs it)")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in ("bin", "tmp", "www"):
+        for name in ("bin", "tmp", "www", "www/cgi-bin"):
             info = tarfile.TarInfo(name)
             info.type = tarfile.DIRTYPE
             info.mode = 0o1777 if name == "tmp" else 0o755
             tar.addfile(info)
         tar.add(busybox, arcname="bin/busybox")
-        for applet in ("sh", "httpd", "nc", "sleep", "echo", "cat", "kill", "true", "wget", "date"):
+        for applet in ("sh", "httpd", "nc", "sleep", "echo", "cat", "kill", "true", "wget", "date", "head"):
             link = tarfile.TarInfo(f"bin/{applet}")
             link.type = tarfile.SYMTYPE
             link.linkname = "busybox"
             tar.addfile(link)
+        # a 30 ms response, as the zero-drop tests ask for; GET and POST
+        slow = b'#!/bin/sh\n[ "$REQUEST_METHOD" = POST ] && head -c "$CONTENT_LENGTH" >/dev/null\nsleep 0.03\nprintf "Content-Type: text/plain\\r\\n\\r\\nok %s\\n" "$HOSTNAME"\n'
+        info = tarfile.TarInfo("www/cgi-bin/slow")
+        info.size = len(slow)
+        info.mode = 0o755
+        tar.addfile(info, io.BytesIO(slow))
         index = b"ok\n"
         info = tarfile.TarInfo("www/index.html")
         info.size = len(index)

@@ -123,7 +123,7 @@ def test_http_check_with_interval_and_initial_status():
     assert definition["CheckID"] == "service:h1:web-1:8080"
     assert definition["HTTP"] == "http://127.0.0.1:32768/health"
     assert definition["DeregisterCriticalServiceAfter"] == "10m"
-    assert "check" not in " ".join(svc.meta)
+    assert svc.meta == {"check_http": "/health"}  # for proxies that check actively
 
 
 def test_docker_healthcheck_becomes_ttl_check():

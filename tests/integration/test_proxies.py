@@ -1,0 +1,234 @@
+"""The bundled HAProxy and NGINX templates with the real proxies, registrar and containers."""
+
+from __future__ import annotations
+
+import http.client
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, ConsulAgent, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+TEMPLATES = ROOT / "templates"
+SERVE = "trap 'sleep 1; kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait"
+
+
+def register(consul: ConsulAgent, sid: str, name: str, port: int, **meta: str) -> None:
+    consul.put(
+        "/v1/agent/service/register",
+        {"ID": sid, "Name": name, "Port": port, "Address": "127.0.0.1", "Meta": meta},
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "check"),
+    [("haproxy.cfg.j2", "haproxy -c -f {}"), ("nginx.conf.j2", "nginx -t -c {}")],
+)
+@pytest.mark.parametrize("count", [0, 300])
+def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, template, check, count):
+    for n in range(count):
+        meta = {"http_host": f"s{n}.example.com"} if n % 3 else {"http_path": f"/p{n}"}
+        if n % 5 == 0:
+            meta.update(weight="3", sticky="1", check_http="/health")
+        register(consul, f"v{n}", f"svc{n}", 20000 + n, **meta)
+    dest = tmp_path / "proxy.cfg"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "templater", "--consul", consul.url, "--once",
+            "--template", f"{TEMPLATES / template}:{dest}", "--check", check,
+            "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={free_port()}", "--var", f"stats_port={free_port()}",
+        ],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = dest.read_text()
+    assert text.count("svc") >= count
+    for n in range(count):
+        consul.put(f"/v1/agent/service/deregister/v{n}")
+
+
+@dataclass
+class Load:
+    """Steady load through the proxy: a new connection per request, a quarter of them POST."""
+
+    port: int
+    host: str
+    workers: int = 4
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    get_failures: int = 0
+    latencies: list[float] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _one(self) -> None:
+        post = random.random() < 0.25
+        started = time.monotonic()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            body = b"x" * 200 if post else None
+            conn.request("POST" if post else "GET", "/cgi-bin/slow", body=body, headers={"Host": self.host})
+            response = conn.getresponse()
+            data = response.read()
+            conn.close()
+            if response.status != 200 or not data.startswith(b"ok"):
+                raise RuntimeError(f"{response.status} {data[:80]!r}")
+        except Exception as err:  # every kind of failure counts
+            with self.lock:
+                self.failures.append(f"{'POST' if post else 'GET'}: {err}")
+                self.get_failures += 0 if post else 1
+            return
+        with self.lock:
+            self.ok += 1
+            self.latencies.append(time.monotonic() - started)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self._one()
+
+    def __enter__(self) -> Load:
+        self.threads = [threading.Thread(target=self._run) for _ in range(self.workers)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def get(port: int, host: str, path: str = "/cgi-bin/slow") -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", path, headers={"Host": host})
+    response = conn.getresponse()
+    body = response.read().decode()
+    served = response.getheader("X-Served-By") or ""
+    conn.close()
+    return response.status, body + served
+
+
+@pytest.fixture
+def haproxy_stack(consul, registrar, templater, tmp_path):
+    """registrar + templater --proxy haproxy with the bundled template; yields the HTTP port."""
+    port = free_port()
+    registrar()
+    proc = templater(
+        "--template", f"{TEMPLATES / 'haproxy.cfg.j2'}:{tmp_path / 'haproxy.cfg'}",
+        "--proxy", "haproxy", "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}",
+        "--var", "bind_address=127.0.0.1", "--drain-timeout", "10s",
+    )
+    wait_until(lambda: get(port, "nothing.test")[0] == 404, timeout=15, what="haproxy serving")
+    return port, proc
+
+
+def web(containers, name: str | None = None, **labels: str):
+    all_labels = {
+        "SERVICE_NAME": "web", "SERVICE_HTTP_HOST": "app.test", "SERVICE_CHECK_HTTP": "/index.html",
+        "SERVICE_CHECK_INTERVAL": "5s", **labels,
+    }
+    return containers.run(labels=all_labels, command=SERVE, name=name, stop_signal="SIGTERM")
+
+
+def test_haproxy_routes_new_container_fast_via_runtime_api(consul, containers, haproxy_stack):
+    port, proc = haproxy_stack
+    first = web(containers)
+    wait_until(lambda: get(port, "app.test")[0] == 200, timeout=15, what="first backend routed")
+    assert get(port, "unknown.test")[0] == 404
+    reloads_before = proc.output().count("proxy reloaded")
+    delays = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        c = web(containers)
+        wait_until(lambda c=c: c.name in get(port, "app.test", "/index.html")[1] or _served_by(port, c.name), timeout=10,
+                   interval=0.005, what="new backend answers")
+        delays.append(time.monotonic() - t0)
+    assert proc.output().count("proxy reloaded") == reloads_before  # added through the runtime API
+    assert "haproxy runtime added" in proc.output()
+    assert statistics.median(delays) < 1.0, delays
+    del first
+
+
+def _served_by(port: int, container_name: str) -> bool:
+    # the server name is the registrator ID host:container:port; X-Served-By carries it
+    for _ in range(8):
+        if container_name in get(port, "app.test", "/index.html")[1]:
+            return True
+    return False
+
+
+def test_haproxy_replace_every_backend_under_load_drops_nothing(consul, containers, haproxy_stack):
+    port, proc = haproxy_stack
+    old = [web(containers) for _ in range(3)]
+    wait_until(lambda: all(_served_by(port, c.name) for c in old), timeout=20, what="3 backends serving")
+    with Load(port, "app.test") as load:
+        time.sleep(1)
+        for c in list(old):
+            new = web(containers)
+            wait_until(lambda new=new: _served_by(port, new.name), timeout=10, what="replacement serving")
+            c.stop(timeout=5)
+        time.sleep(1)
+    assert load.ok > 100
+    assert load.failures == [], load.failures[:10]
+
+
+def test_haproxy_backends_killed_abruptly_no_failed_get(consul, containers, haproxy_stack):
+    port, proc = haproxy_stack
+    backends = [web(containers) for _ in range(3)]
+    wait_until(lambda: all(_served_by(port, c.name) for c in backends), timeout=20, what="3 backends serving")
+    with Load(port, "app.test") as load:
+        time.sleep(1)
+        backends[0].kill()
+        time.sleep(1.5)
+        backends[1].kill()
+        time.sleep(1.5)
+    assert load.ok > 100
+    assert load.get_failures == 0, load.failures[:10]
+
+
+def test_haproxy_consul_state_loss_under_load(consul, containers, haproxy_stack):
+    port, proc = haproxy_stack
+    backends = [web(containers) for _ in range(2)]
+    wait_until(lambda: all(_served_by(port, c.name) for c in backends), timeout=20, what="backends serving")
+    with Load(port, "app.test") as load:
+        time.sleep(1)
+        consul.restart()
+        wait_until(lambda: len(consul.health("web", passing=True)) == 2, timeout=10, what="registered again")
+        time.sleep(1)
+    assert load.ok > 50
+    assert load.failures == [], load.failures[:10]
+
+
+def test_nginx_replace_every_backend_under_load_drops_nothing(consul, registrar, templater, containers, tmp_path):
+    port = free_port()
+    registrar()
+    templater(
+        "--template", f"{TEMPLATES / 'nginx.conf.j2'}:{tmp_path / 'nginx.conf'}",
+        "--proxy", "nginx", "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}",
+        "--var", "bind_address=127.0.0.1", "--wait", "50ms:500ms",
+    )
+    wait_until(lambda: get(port, "nothing.test")[0] == 404, timeout=15, what="nginx serving")
+    old = [web(containers) for _ in range(3)]
+    wait_until(lambda: get(port, "app.test")[0] == 200, timeout=20, what="routed")
+    time.sleep(1)
+    with Load(port, "app.test") as load:
+        time.sleep(1)
+        for c in list(old):
+            new = web(containers)
+            wait_until(lambda new=new: len(consul.health("web", passing=True)) >= 4, timeout=10, what="new passing")
+            time.sleep(0.5)
+            c.stop(timeout=5)
+            wait_until(lambda: len(consul.health("web", passing=True)) == 3, timeout=10, what="old gone")
+            del new
+        time.sleep(1)
+    assert load.ok > 100
+    assert load.failures == [], load.failures[:10]
