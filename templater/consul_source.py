@@ -129,20 +129,34 @@ class CatalogSource:
         return {"dc": self._dc} if self._dc else {}
 
     def _services_changed(self, data: Any) -> None:
+        nodes = self._fetch_nodes()
+        with self._lock:
+            self._services = dict(data or {})
+            self._nodes = nodes
+        self._rebuild()
+
+    def _fetch_nodes(self) -> dict[str, dict[str, Any]]:
         nodes = self._fetcher.get("/v1/catalog/nodes", self._params(), blocking=False).data or []
         names = [str(n.get("Node", "")) for n in nodes]
         quoted = [urllib.parse.quote(n, safe="") for n in names]
         results = list(
             self._pool.map(lambda q: self._fetcher.get(f"/v1/catalog/node/{q}", self._params(), blocking=False), quoted)
         )
-        with self._lock:
-            self._services = dict(data or {})
-            self._nodes = {name: r.data for name, r in zip(names, results, strict=True) if r.data}
-        self._rebuild()
+        return {name: r.data for name, r in zip(names, results, strict=True) if r.data}
 
     def _checks_changed(self, data: Any) -> None:
+        checks = list(data or [])
+        owners = {(c.get("Node"), c.get("ServiceID")) for c in checks if c.get("ServiceID")}
         with self._lock:
-            self._checks = list(data or [])
+            before = {(c.get("Node"), c.get("ServiceID")) for c in self._checks or [] if c.get("ServiceID")}
+        if before - owners:
+            # a service's checks vanished: it was most likely deregistered. Without re-reading
+            # the nodes it would look like an instance with no checks, which counts as passing.
+            nodes = self._fetch_nodes()
+            with self._lock:
+                self._nodes = nodes
+        with self._lock:
+            self._checks = checks
         self._rebuild()
 
     def _rebuild(self) -> None:

@@ -34,7 +34,8 @@ class ProxyKind:
     def start_argv(self, config: Path, pid_file: Path) -> list[str]:
         if self.name == "haproxy":
             return [self.binary, "-W", "-db", "-f", str(config), "-p", str(pid_file)]
-        return [self.binary, "-c", str(config), "-g", f"daemon off; pid {pid_file};"]
+        # the pid file is the configuration's own `pid` directive; found by command line otherwise
+        return [self.binary, "-c", str(config), "-g", "daemon off;"]
 
 
 KINDS = {
