@@ -21,7 +21,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support import ConsulAgent, Process, tempdir  # noqa: E402
+from tests.support import ConsulAgent, Process, tempdir
 
 TEMPLATE = """{% for s in services() if s.name != "consul" %}
 backend {{ s.name }}
@@ -77,7 +77,11 @@ def main() -> int:
                 service = f"s{(n * 37) % args.services}"
                 port = 40000 + n
                 t = time.monotonic()
-                put(agent.url, "/v1/agent/service/register", {"ID": f"x{n}", "Name": service, "Port": port, "Address": "127.0.0.1"})
+                put(
+                    agent.url,
+                    "/v1/agent/service/register",
+                    {"ID": f"x{n}", "Name": service, "Port": port, "Address": "127.0.0.1"},
+                )
                 token = f"127.0.0.1:{port}\n"
                 while token not in dest.read_text():
                     time.sleep(0.002)

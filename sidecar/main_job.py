@@ -7,6 +7,7 @@ answers), then the registrar; Ctrl-C stops everything this process started, by P
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -115,14 +116,89 @@ def main(argv: list[str] | None = None) -> int:
         started.stop_all()
 
 
+DEMO_LABEL = "consul-sidecar.demo"
+DEMO_IMAGE = "consul-sidecar-demo:busybox"
+HTTP_PORT = int(os.environ.get("SIDECAR_HTTP_PORT", "8080"))
+
+
+def _demo_image() -> None:
+    """A busybox image imported from a tarball (no registry needed); shared with the tests."""
+    import docker
+
+    from tests.support import IMAGE, docker_client, ensure_image
+
+    client = docker_client()
+    ensure_image(client)
+    with contextlib.suppress(docker.errors.APIError):
+        client.images.get(IMAGE).tag(DEMO_IMAGE.split(":")[0], DEMO_IMAGE.split(":")[1])
+
+
 def _start_routing(started: Started, consul_url: str, python: str) -> list[str]:
-    """The templater, HAProxy and the demo containers (issue 4); nothing yet."""
-    del started, consul_url, python
-    return []
+    """The templater with HAProxy on the bundled template, and three demo containers."""
+    root = Path(__file__).resolve().parents[1]
+    runtime = STATE_DIR / "haproxy"
+    runtime.mkdir(parents=True, exist_ok=True)
+    started.spawn(
+        "templater+haproxy",
+        [
+            python,
+            "-m",
+            "templater",
+            "--consul",
+            consul_url,
+            "--proxy",
+            "haproxy",
+            "--template",
+            f"{root / 'templates' / 'haproxy.cfg.j2'}:{runtime / 'haproxy.cfg'}",
+            "--var",
+            f"runtime_dir={runtime}",
+            "--var",
+            f"http_port={HTTP_PORT}",
+            "--var",
+            "bind_address=127.0.0.1",
+        ],
+    )
+    _demo_image()
+    for n in (1, 2, 3):
+        subprocess.run(["docker", "rm", "-f", f"sidecar-demo-{n}"], capture_output=True)
+        subprocess.run(
+            [
+                "docker",
+                "run",
+                "-d",
+                "--name",
+                f"sidecar-demo-{n}",
+                "--label",
+                DEMO_LABEL + "=1",
+                "-p",
+                "127.0.0.1::8080",
+                "--label",
+                "SERVICE_NAME=demo",
+                "--label",
+                "SERVICE_HTTP_HOST=demo.localhost",
+                "--label",
+                "SERVICE_CHECK_HTTP=/index.html",
+                DEMO_IMAGE,
+                "sh",
+                "-c",
+                "httpd -f -p 8080 -h /www",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return [
+        f"demo: curl -H 'Host: demo.localhost' http://127.0.0.1:{HTTP_PORT}/cgi-bin/slow  (3 containers, round robin)",
+        f"HAProxy config: {runtime / 'haproxy.cfg'}",
+    ]
 
 
 def _cleanup_routing() -> None:
-    return None
+    """Remove the demo containers (only those carrying our demo label)."""
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={DEMO_LABEL}"], capture_output=True, text=True)
+    ids = out.stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+        print(f"[sidecar] removed {len(ids)} demo containers", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,13 @@ def wait_until(fn: Callable[[], T], timeout: float = 10.0, interval: float = 0.0
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = fn()
+            value = fn()
         except Exception as err:  # the thing polled is allowed to be not there yet
             last = err
         else:
-            if last:
-                return last
+            if value:
+                return value
+            last = value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}: last={last!r}")
 
@@ -172,7 +173,10 @@ def ensure_image(client: docker.DockerClient) -> str:
             link.linkname = "busybox"
             tar.addfile(link)
         # a 30 ms response, as the zero-drop tests ask for; GET and POST
-        slow = b'#!/bin/sh\n[ "$REQUEST_METHOD" = POST ] && head -c "$CONTENT_LENGTH" >/dev/null\nsleep 0.03\nprintf "Content-Type: text/plain\\r\\n\\r\\nok %s\\n" "$HOSTNAME"\n'
+        slow = (
+            b'#!/bin/sh\n[ "$REQUEST_METHOD" = POST ] && head -c "$CONTENT_LENGTH" >/dev/null\nsleep 0.03\n'
+            b'printf "Content-Type: text/plain\\r\\n\\r\\nok %s\\n" "$HOSTNAME"\n'
+        )
         info = tarfile.TarInfo("www/cgi-bin/slow")
         info.size = len(slow)
         info.mode = 0o755

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -43,11 +42,27 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
     dest = tmp_path / "proxy.cfg"
     proc = subprocess.run(
         [
-            sys.executable, "-m", "templater", "--consul", consul.url, "--once",
-            "--template", f"{TEMPLATES / template}:{dest}", "--check", check,
-            "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={free_port()}", "--var", f"stats_port={free_port()}",
+            sys.executable,
+            "-m",
+            "templater",
+            "--consul",
+            consul.url,
+            "--once",
+            "--template",
+            f"{TEMPLATES / template}:{dest}",
+            "--check",
+            check,
+            "--var",
+            f"runtime_dir={tmp_path}",
+            "--var",
+            f"http_port={free_port()}",
+            "--var",
+            f"stats_port={free_port()}",
         ],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = dest.read_text()
@@ -123,9 +138,18 @@ def haproxy_stack(consul, registrar, templater, tmp_path):
     port = free_port()
     registrar()
     proc = templater(
-        "--template", f"{TEMPLATES / 'haproxy.cfg.j2'}:{tmp_path / 'haproxy.cfg'}",
-        "--proxy", "haproxy", "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}",
-        "--var", "bind_address=127.0.0.1", "--drain-timeout", "10s",
+        "--template",
+        f"{TEMPLATES / 'haproxy.cfg.j2'}:{tmp_path / 'haproxy.cfg'}",
+        "--proxy",
+        "haproxy",
+        "--var",
+        f"runtime_dir={tmp_path}",
+        "--var",
+        f"http_port={port}",
+        "--var",
+        "bind_address=127.0.0.1",
+        "--drain-timeout",
+        "10s",
     )
     wait_until(lambda: get(port, "nothing.test")[0] == 404, timeout=15, what="haproxy serving")
     return port, proc
@@ -133,8 +157,11 @@ def haproxy_stack(consul, registrar, templater, tmp_path):
 
 def web(containers, name: str | None = None, **labels: str):
     all_labels = {
-        "SERVICE_NAME": "web", "SERVICE_HTTP_HOST": "app.test", "SERVICE_CHECK_HTTP": "/index.html",
-        "SERVICE_CHECK_INTERVAL": "5s", **labels,
+        "SERVICE_NAME": "web",
+        "SERVICE_HTTP_HOST": "app.test",
+        "SERVICE_CHECK_HTTP": "/index.html",
+        "SERVICE_CHECK_INTERVAL": "5s",
+        **labels,
     }
     return containers.run(labels=all_labels, command=SERVE, name=name, stop_signal="SIGTERM")
 
@@ -149,8 +176,12 @@ def test_haproxy_routes_new_container_fast_via_runtime_api(consul, containers, h
     for _ in range(3):
         t0 = time.monotonic()
         c = web(containers)
-        wait_until(lambda c=c: c.name in get(port, "app.test", "/index.html")[1] or _served_by(port, c.name), timeout=10,
-                   interval=0.005, what="new backend answers")
+        wait_until(
+            lambda c=c: c.name in get(port, "app.test", "/index.html")[1] or _served_by(port, c.name),
+            timeout=10,
+            interval=0.005,
+            what="new backend answers",
+        )
         delays.append(time.monotonic() - t0)
     assert proc.output().count("proxy reloaded") == reloads_before  # added through the runtime API
     assert "haproxy runtime added" in proc.output()
@@ -160,14 +191,11 @@ def test_haproxy_routes_new_container_fast_via_runtime_api(consul, containers, h
 
 def _served_by(port: int, container_name: str) -> bool:
     # the server name is the registrator ID host:container:port; X-Served-By carries it
-    for _ in range(8):
-        if container_name in get(port, "app.test", "/index.html")[1]:
-            return True
-    return False
+    return any(container_name in get(port, "app.test", "/index.html")[1] for _ in range(8))
 
 
 def test_haproxy_replace_every_backend_under_load_drops_nothing(consul, containers, haproxy_stack):
-    port, proc = haproxy_stack
+    port, _ = haproxy_stack
     old = [web(containers) for _ in range(3)]
     wait_until(lambda: all(_served_by(port, c.name) for c in old), timeout=20, what="3 backends serving")
     with Load(port, "app.test") as load:
@@ -182,7 +210,7 @@ def test_haproxy_replace_every_backend_under_load_drops_nothing(consul, containe
 
 
 def test_haproxy_backends_killed_abruptly_no_failed_get(consul, containers, haproxy_stack):
-    port, proc = haproxy_stack
+    port, _ = haproxy_stack
     backends = [web(containers) for _ in range(3)]
     wait_until(lambda: all(_served_by(port, c.name) for c in backends), timeout=20, what="3 backends serving")
     with Load(port, "app.test") as load:
@@ -196,7 +224,7 @@ def test_haproxy_backends_killed_abruptly_no_failed_get(consul, containers, hapr
 
 
 def test_haproxy_consul_state_loss_under_load(consul, containers, haproxy_stack):
-    port, proc = haproxy_stack
+    port, _ = haproxy_stack
     backends = [web(containers) for _ in range(2)]
     wait_until(lambda: all(_served_by(port, c.name) for c in backends), timeout=20, what="backends serving")
     with Load(port, "app.test") as load:
@@ -212,9 +240,18 @@ def test_nginx_replace_every_backend_under_load_drops_nothing(consul, registrar,
     port = free_port()
     registrar()
     templater(
-        "--template", f"{TEMPLATES / 'nginx.conf.j2'}:{tmp_path / 'nginx.conf'}",
-        "--proxy", "nginx", "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}",
-        "--var", "bind_address=127.0.0.1", "--wait", "50ms:500ms",
+        "--template",
+        f"{TEMPLATES / 'nginx.conf.j2'}:{tmp_path / 'nginx.conf'}",
+        "--proxy",
+        "nginx",
+        "--var",
+        f"runtime_dir={tmp_path}",
+        "--var",
+        f"http_port={port}",
+        "--var",
+        "bind_address=127.0.0.1",
+        "--wait",
+        "50ms:500ms",
     )
     wait_until(lambda: get(port, "nothing.test")[0] == 404, timeout=15, what="nginx serving")
     old = [web(containers) for _ in range(3)]

@@ -42,7 +42,10 @@ def write(path: Path, text: str) -> Path:
 def run_once(consul: ConsulAgent, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "templater", "--consul", consul.url, "--once", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
@@ -99,9 +102,12 @@ def test_daemon_follows_changes_reloads_only_on_new_bytes_and_batches(consul, te
     # two templates share one command: one run per batch, not one each
     cmd = f"echo x >> {counter}"
     proc = templater(
-        "--template", f"{src}:{tmp_path}/one.conf:{cmd}",
-        "--template", f"{src}:{tmp_path}/two.conf:{cmd}",
-        "--empty-grace", "0s",
+        "--template",
+        f"{src}:{tmp_path}/one.conf:{cmd}",
+        "--template",
+        f"{src}:{tmp_path}/two.conf:{cmd}",
+        "--empty-grace",
+        "0s",
     )
     wait_until(lambda: (tmp_path / "two.conf").exists() and counter.exists(), what="first render")
     assert counter.read_text().count("x") == 1
@@ -229,7 +235,14 @@ def test_consul_state_loss_never_empties_a_backend(consul, templater, tmp_path):
 
 
 def test_untrusted_consul_data_left_out_rest_renders(consul, tmp_path):
-    register(consul, "ok1", "juliet", 1001, Tags=["good", "bad tag\nserver evil 6.6.6.6:80"], Meta={"http_host": "a.example.com", "x": "}\n"})
+    register(
+        consul,
+        "ok1",
+        "juliet",
+        1001,
+        Tags=["good", "bad tag\nserver evil 6.6.6.6:80"],
+        Meta={"http_host": "a.example.com", "x": "}\n"},
+    )
     register(consul, "evil1", "juliet", 1002, Address="1.2.3.4\n    server x 9.9.9.9:1")
     src = write(
         tmp_path / "t.j2",
@@ -250,7 +263,9 @@ def test_many_services_few_connections(consul, templater, tmp_path):
     dest = tmp_path / "m.conf"
     proc = templater("--template", f"{src}:{dest}")
     wait_until(lambda: dest.exists() and "svc299" in dest.read_text(), timeout=20, what="render")
-    conns = [c for c in psutil.Process(proc.proc.pid).net_connections("tcp") if c.raddr and c.raddr.port == consul.http_port]
+    conns = [
+        c for c in psutil.Process(proc.proc.pid).net_connections("tcp") if c.raddr and c.raddr.port == consul.http_port
+    ]
     assert 0 < len(conns) <= 20, conns
     t0 = time.monotonic()
     register(consul, "m300", "svc150", 20000)
