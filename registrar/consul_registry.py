@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -12,7 +11,7 @@ import requests
 
 from registrar.errors import ConsulRejected, ConsulUnavailable
 from registrar.model import Check, Service
-from sidecar.consul_conn import ConsulSettings, make_client
+from sidecar.consul_conn import ClientPerThread, ConsulSettings
 
 T = TypeVar("T")
 
@@ -38,19 +37,11 @@ class ConsulRegistry:
 
     def __init__(self, settings: ConsulSettings, timeout: float = 5.0) -> None:
         self._settings = settings
-        self._timeout = timeout
-        self._local = threading.local()
-
-    def _client(self) -> consul.Consul:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = make_client(self._settings, self._timeout)
-            self._local.client = client
-        return client
+        self._clients = ClientPerThread(settings, timeout)
 
     def _call(self, what: str, fn: Callable[[consul.Consul], T]) -> T:
         try:
-            return fn(self._client())
+            return fn(self._clients.get())
         except (requests.ConnectionError, requests.Timeout, consul.Timeout) as err:
             raise ConsulUnavailable(f"consul {self._settings.url} unreachable during {what}: {err}") from err
         except consul.ConsulException as err:

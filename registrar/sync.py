@@ -117,7 +117,6 @@ class Syncer:
         self._generation = 0
         self._last_heartbeat = 0.0
         self._prober = Prober(self._on_ready, window=settings.probe_window)
-        self.stats = {"registered": 0, "deregistered": 0, "errors": 0}
 
     # -- inputs, from any thread
 
@@ -182,7 +181,6 @@ class Syncer:
         name = container_name(inspect)
         result = services_for(inspect, self._settings.spec)
         for error in result.errors:
-            self.stats["errors"] += 1
             log.error("skipped %s", error)
         for note in result.skipped:
             log.info("ignored %s", note)
@@ -313,10 +311,8 @@ class Syncer:
         try:
             self._registry.register(service, self._statuses(service, tracked))
         except ConsulRejected as err:
-            self.stats["errors"] += 1
             log.error("rejected %s: %s", kv(container=tracked.name, id=service.id), err)
             return
-        self.stats["registered"] += 1
         facts: dict[str, object] = {"service": service.name, "id": service.id, "port": service.port}
         if event_ns:
             facts["latency_ms"] = round((time.time_ns() - int(event_ns)) / 1e6, 1)
@@ -340,7 +336,6 @@ class Syncer:
         except ConsulRejected as err:
             log.error("deregister refused %s: %s", kv(id=service_id), err)
             return
-        self.stats["deregistered"] += 1
         log.info("deregistered %s", kv(id=service_id))
 
     def _maintenance(self, service_id: str, enable: bool) -> None:
@@ -439,10 +434,6 @@ class Syncer:
             log.info("consul available again")
         self._consul_up = True
         self._backoff.reset()
-
-    @property
-    def consul_up(self) -> bool | None:
-        return self._consul_up
 
 
 def signal_name(number: int) -> str:

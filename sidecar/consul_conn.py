@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import urllib.parse
 from dataclasses import dataclass
 
@@ -64,3 +65,23 @@ def make_client(settings: ConsulSettings, timeout: float = 10.0) -> consul.Consu
     client.token = settings.token
     client.http.connections_timeout = timeout
     return client
+
+
+class ClientPerThread:
+    """One py-consul client (one keep-alive connection) per calling thread.
+
+    A requests session is not safe to share between threads, and both daemons call Consul
+    from several threads (sync loop and probes; watch loops and the node pool).
+    """
+
+    def __init__(self, settings: ConsulSettings, timeout: float) -> None:
+        self.settings = settings
+        self._timeout = timeout
+        self._local = threading.local()
+
+    def get(self) -> consul.Consul:
+        client: consul.Consul | None = getattr(self._local, "client", None)
+        if client is None:
+            client = make_client(self.settings, self._timeout)
+            self._local.client = client
+        return client

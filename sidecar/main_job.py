@@ -7,7 +7,6 @@ answers), then the registrar; Ctrl-C stops everything this process started, by P
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import signal
@@ -16,8 +15,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import docker
+
+from sidecar.demo_image import ensure_image
 
 STATE_DIR = Path(os.environ.get("SIDECAR_STATE_DIR", "/tmp/consul-sidecar"))
 
@@ -30,10 +34,10 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _wait(what: str, check: object, timeout: float) -> None:
+def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return
         time.sleep(0.2)
     raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 STATE_DIR / "consul.log",
             )
             _wait("consul", lambda: _answers(consul_url + "/v1/status/leader"), 60)
-        registrar = started.spawn("registrar", [python, "-m", "registrar", "--consul", consul_url])
+        started.spawn("registrar", [python, "-m", "registrar", "--consul", consul_url])
         extra = _start_routing(started, consul_url, python)
         print(f"[sidecar] Consul UI: {consul_url}/ui/dc1/services", flush=True)
         for line in extra:
@@ -109,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[sidecar] {name} exited with {proc.returncode}; stopping", flush=True)
                     return 1
             time.sleep(0.5)
-        del registrar
         return 0
     finally:
         _cleanup_routing()
@@ -117,20 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 DEMO_LABEL = "consul-sidecar.demo"
-DEMO_IMAGE = "consul-sidecar-demo:busybox"
 HTTP_PORT = int(os.environ.get("SIDECAR_HTTP_PORT", "8080"))
-
-
-def _demo_image() -> None:
-    """A busybox image imported from a tarball (no registry needed); shared with the tests."""
-    import docker
-
-    from tests.support import IMAGE, docker_client, ensure_image
-
-    client = docker_client()
-    ensure_image(client)
-    with contextlib.suppress(docker.errors.APIError):
-        client.images.get(IMAGE).tag(DEMO_IMAGE.split(":")[0], DEMO_IMAGE.split(":")[1])
 
 
 def _start_routing(started: Started, consul_url: str, python: str) -> list[str]:
@@ -158,7 +148,9 @@ def _start_routing(started: Started, consul_url: str, python: str) -> list[str]:
             "bind_address=127.0.0.1",
         ],
     )
-    _demo_image()
+    client = docker.from_env()
+    image = ensure_image(client)
+    client.close()
     for n in (1, 2, 3):
         subprocess.run(["docker", "rm", "-f", f"sidecar-demo-{n}"], capture_output=True)
         subprocess.run(
@@ -178,7 +170,7 @@ def _start_routing(started: Started, consul_url: str, python: str) -> list[str]:
                 "SERVICE_HTTP_HOST=demo.localhost",
                 "--label",
                 "SERVICE_CHECK_HTTP=/index.html",
-                DEMO_IMAGE,
+                image,
                 "sh",
                 "-c",
                 "httpd -f -p 8080 -h /www",

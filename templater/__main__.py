@@ -9,6 +9,7 @@ import threading
 from types import FrameType
 
 from sidecar import logs
+from templater.haproxy_runtime import RuntimeHook
 from templater.runner import Runner
 from templater.settings import SettingsError, settings_from
 from templater.status import Metrics, StatusServer
@@ -28,8 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     metrics = Metrics()
     hook = None
     if settings.proxy == "haproxy" and not settings.dry:
-        from templater.haproxy_runtime import RuntimeHook
-
         hook = RuntimeHook(settings.templates[0].dest, settings.drain_timeout, metrics)
     runner = Runner(settings, metrics, hook)
     stop = threading.Event()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
@@ -37,19 +38,16 @@ class Instance:
     node: str
     node_address: str
     tags: tuple[str, ...] = ()
-    meta: tuple[tuple[str, str], ...] = ()
+    # read-only, so templates get it as it is (no copy per render) and cannot change the store's data
+    meta: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     status: str = PASSING
-
-    @property
-    def meta_dict(self) -> dict[str, str]:
-        return dict(self.meta)
 
 
 @dataclass(frozen=True)
 class Node:
     name: str
     address: str
-    meta: tuple[tuple[str, str], ...] = ()
+    meta: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
 
 @dataclass
@@ -83,14 +81,14 @@ def clean_tags(tags: Iterable[Any], where: str, warn: Any) -> tuple[str, ...]:
     return tuple(kept)
 
 
-def clean_meta(meta: dict[str, Any] | None, where: str, warn: Any) -> tuple[tuple[str, str], ...]:
-    kept = []
+def clean_meta(meta: dict[str, Any] | None, where: str, warn: Any) -> Mapping[str, str]:
+    kept = {}
     for key, value in sorted((meta or {}).items()):
         if isinstance(value, str) and _META_KEY.match(str(key)) and _META_VALUE.match(value):
-            kept.append((str(key), value))
+            kept[str(key)] = value
         else:
             warn(f"left out meta {where} key={key!r} value={value!r}: not a safe token")
-    return tuple(kept)
+    return MappingProxyType(kept)
 
 
 def aggregate(statuses: Iterable[str]) -> str:

@@ -21,9 +21,10 @@ import consul
 import consul.exceptions
 import requests
 
-from sidecar.consul_conn import ConsulSettings, make_client
+from sidecar.consul_conn import ClientPerThread, ConsulSettings
 from templater.catalog import Snapshot, build_snapshot
 from templater.errors import ConsulRejected, ConsulUnavailable
+from templater.render import catalog_key
 from templater.watch import BlockingLoop, Response, WatchSettings
 
 log = logging.getLogger("templater.consul")
@@ -36,19 +37,11 @@ class ConsulFetcher:
 
     def __init__(self, settings: ConsulSettings, timeout: float = 10.0) -> None:
         self._settings = settings
-        self._timeout = timeout
-        self._local = threading.local()
+        self._clients = ClientPerThread(settings, timeout)
 
-    def _client(self) -> consul.Consul:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = make_client(self._settings, self._timeout)
-            self._local.client = client
-        return client
-
-    def get(self, path: str, params: dict[str, str], blocking: bool) -> Response:
-        del blocking  # py-consul sizes the read timeout from the wait parameter
-        client = self._client()
+    def get(self, path: str, params: dict[str, str]) -> Response:
+        """A GET; with `index` in params it blocks, and py-consul sizes the read timeout to `wait`."""
+        client = self._clients.get()
         query = list(params.items())
         if client.token:
             query.append(("token", client.token))
@@ -88,18 +81,17 @@ class CatalogSource:
         settings: WatchSettings,
         warn: Callable[[str], None],
     ) -> None:
-        self.key = f"catalog({dc or 'local'})"
-        self._dc = dc
+        self.key = catalog_key(dc)
+        self._params = {"dc": dc} if dc else {}
         self._fetcher = fetcher
         self._publish = publish
-        self._on_state = on_state
         self._warn = warn
         self._lock = threading.Lock()
         self._services: dict[str, list[str]] | None = None
         self._checks: list[dict[str, Any]] | None = None
         self._nodes: dict[str, dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(NODE_POOL, thread_name_prefix="catalog-node")
-        params = {"dc": dc} if dc else {}
+        params = self._params
         self.loops = [
             BlockingLoop(
                 f"{self.key}.services",
@@ -125,9 +117,6 @@ class CatalogSource:
             loop.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _params(self) -> dict[str, str]:
-        return {"dc": self._dc} if self._dc else {}
-
     def _services_changed(self, data: Any) -> None:
         nodes = self._fetch_nodes()
         with self._lock:
@@ -136,12 +125,10 @@ class CatalogSource:
         self._rebuild()
 
     def _fetch_nodes(self) -> dict[str, dict[str, Any]]:
-        nodes = self._fetcher.get("/v1/catalog/nodes", self._params(), blocking=False).data or []
+        nodes = self._fetcher.get("/v1/catalog/nodes", self._params).data or []
         names = [str(n.get("Node", "")) for n in nodes]
         quoted = [urllib.parse.quote(n, safe="") for n in names]
-        results = list(
-            self._pool.map(lambda q: self._fetcher.get(f"/v1/catalog/node/{q}", self._params(), blocking=False), quoted)
-        )
+        results = list(self._pool.map(lambda q: self._fetcher.get(f"/v1/catalog/node/{q}", self._params), quoted))
         return {name: r.data for name, r in zip(names, results, strict=True) if r.data}
 
     def _checks_changed(self, data: Any) -> None:
@@ -169,35 +156,23 @@ class CatalogSource:
         self._publish(self.key, snapshot)
 
 
-class KVSource:
-    """One KV key (`key`) or prefix (`ls`, `tree`) with its own blocking query."""
+def kv_watch(
+    key: str,
+    path: str,
+    recurse: bool,
+    dc: str,
+    fetcher: ConsulFetcher,
+    publish: Callable[[str, Any], None],
+    on_state: StateFn,
+    settings: WatchSettings,
+) -> BlockingLoop:
+    """One KV key (`key`) or prefix (`ls`, `tree`): a blocking query of its own."""
+    params = {"dc": dc} if dc else {}
+    if recurse:
+        params["recurse"] = ""
 
-    def __init__(
-        self,
-        key: str,
-        path: str,
-        recurse: bool,
-        dc: str,
-        fetcher: ConsulFetcher,
-        publish: Callable[[str, Any], None],
-        on_state: StateFn,
-        settings: WatchSettings,
-    ) -> None:
-        self.key = key
-        params = {"dc": dc} if dc else {}
-        if recurse:
-            params["recurse"] = ""
-        quoted = urllib.parse.quote(path.lstrip("/"))
-        self.loops = [
-            BlockingLoop(
-                key, f"/v1/kv/{quoted}", params, fetcher, lambda data: publish(key, data or []), on_state, settings
-            )
-        ]
+    def changed(data: Any) -> None:
+        publish(key, data or [])
 
-    def start(self) -> None:
-        for loop in self.loops:
-            loop.start()
-
-    def stop(self) -> None:
-        for loop in self.loops:
-            loop.stop()
+    quoted = urllib.parse.quote(path.lstrip("/"))
+    return BlockingLoop(key, f"/v1/kv/{quoted}", params, fetcher, changed, on_state, settings)

@@ -18,11 +18,12 @@ from templater.errors import CheckFailed, CommandFailed
 CHECK_TIMEOUT = 60.0
 
 
-def unchanged(dest: Path, content: bytes) -> bool:
+def read_current(dest: Path) -> bytes | None:
+    """What dest holds now; None when it does not exist."""
     try:
-        return dest.read_bytes() == content
+        return dest.read_bytes()
     except FileNotFoundError:
-        return False
+        return None
 
 
 def check_argv(command: str, staged: Path) -> list[str]:
@@ -40,13 +41,16 @@ def run_check(command: str, staged: Path, template: str) -> None:
         raise CheckFailed(f"check refused template {template} (exit {proc.returncode}): {command}\n{output[-2000:]}")
 
 
-def swap(dest: Path, content: bytes, template: str, check: str | None = None, backup: bool = False) -> bool:
-    """Write content to dest atomically if it differs; True when dest changed.
+def swap(
+    dest: Path, content: bytes, current: bytes | None, template: str, check: str | None = None, backup: bool = False
+) -> bool:
+    """Write content to dest atomically if it differs from current (read_current); True when
+    dest changed. The caller reads current once and may use it too (the proxy hook does).
 
     The staged file lives beside dest (same filesystem, so rename is atomic), gets dest's mode
     and owner, is fsynced, checked, and only then renamed over dest.
     """
-    if unchanged(dest, content):
+    if current == content:
         return False
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -65,7 +69,7 @@ def swap(dest: Path, content: bytes, template: str, check: str | None = None, ba
             os.chmod(staged, 0o644)
         if check:
             run_check(check, staged, template)
-        if backup and dest.exists():
+        if backup and current is not None:
             shutil.copy2(dest, dest.with_name(dest.name + ".bak"))
         os.replace(staged, dest)
     except BaseException:

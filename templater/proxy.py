@@ -83,7 +83,6 @@ class Proxy:
         # nginx's `pid` directive in the file wins over ours, so we look in both places
         self.pid_file = pid_file or config.with_name(config.name + ".pid")
         self.child: subprocess.Popen[bytes] | None = None
-        self.reloads = 0
 
     @property
     def key(self) -> str:
@@ -120,7 +119,6 @@ class Proxy:
             os.kill(pid, self.kind.reload_signal)
         except ProcessLookupError as err:
             raise ProxyError(f"{self.key} master pid={pid} is gone") from err
-        self.reloads += 1
         log.info("proxy reloaded %s pid=%d signal=%s", self.key, pid, signal.Signals(self.kind.reload_signal).name)
 
     def stop(self, timeout: float = 10.0) -> None:

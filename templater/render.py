@@ -10,14 +10,14 @@ import base64
 import re
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from templater.catalog import PASSING, Snapshot
+from templater.catalog import PASSING, Instance, Snapshot
 from templater.errors import TemplateError
 
 
@@ -58,21 +58,6 @@ class RenderResult:
         return not self.missing
 
 
-@dataclass(frozen=True)
-class TemplateInstance:
-    """An instance as templates see it: attribute access, meta as a dict."""
-
-    id: str
-    name: str
-    address: str
-    port: int
-    node: str
-    node_address: str
-    tags: tuple[str, ...]
-    meta: dict[str, str]
-    status: str
-
-
 class _Recorder:
     def __init__(self, view: View, env_vars: dict[str, str]) -> None:
         self.view = view
@@ -93,38 +78,21 @@ class _Recorder:
         snapshot = self._catalog(dc)
         return [{"name": name, "tags": list(tags)} for name, tags in sorted(snapshot.services.items())]
 
-    def service(
-        self, name: str, tag: str | None = None, state: str = PASSING, dc: str | None = None
-    ) -> list[TemplateInstance]:
+    def service(self, name: str, tag: str | None = None, state: str = PASSING, dc: str | None = None) -> list[Instance]:
         if state not in (PASSING, "any"):
             raise ValueError(f"service({name!r}): state must be 'passing' or 'any', not {state!r}")
         self.result.queries.add(f"health.service({name}|{tag or ''}|{state}|{dc or ''})")
         snapshot = self._catalog(dc)
-        out = []
-        for inst in snapshot.instances.get(name, ()):
-            if tag is not None and tag not in inst.tags:
-                continue
-            if state == PASSING and inst.status != PASSING:
-                continue
-            out.append(
-                TemplateInstance(
-                    inst.id,
-                    inst.name,
-                    inst.address,
-                    inst.port,
-                    inst.node,
-                    inst.node_address,
-                    inst.tags,
-                    dict(inst.meta),
-                    inst.status,
-                )
-            )
-        return out
+        return [
+            inst
+            for inst in snapshot.instances.get(name, ())
+            if (tag is None or tag in inst.tags) and (state != PASSING or inst.status == PASSING)
+        ]
 
     def nodes(self, dc: str | None = None) -> list[dict[str, Any]]:
         self.result.queries.add(f"catalog.nodes({dc or ''})")
         snapshot = self._catalog(dc)
-        return [{"name": n.name, "address": n.address, "meta": dict(n.meta)} for n in snapshot.nodes]
+        return [{"name": n.name, "address": n.address, "meta": n.meta} for n in snapshot.nodes]
 
     def _kv(self, path: str, recurse: bool, dc: str | None) -> list[dict[str, Any]]:
         key = kv_key(path, recurse, dc)
@@ -207,7 +175,7 @@ def split_list(text: Any) -> list[str]:
 
 
 def _get(obj: Any, name: str) -> Any:
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return obj.get(name)
     return getattr(obj, name, None)
 

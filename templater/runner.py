@@ -16,9 +16,9 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from templater.child import Child
-from templater.consul_source import CatalogSource, ConsulFetcher, KVSource
+from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
 from templater.errors import CheckFailed, CommandFailed, ProxyError, TemplateError
-from templater.output import run_command, swap
+from templater.output import read_current, run_command, swap
 from templater.proxy import KINDS, Proxy
 from templater.render import RenderResult, compile_template, make_environment, render
 from templater.settings import Settings, TemplateSpec
@@ -44,6 +44,7 @@ class ProxyHook(Protocol):
 
     def apply(self, old: str | None, new: str) -> bool: ...
     def after_reload(self, new: str) -> None: ...
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -137,7 +138,7 @@ class Runner:
                 )
             else:
                 req = result.kv[key]
-                source = KVSource(
+                source = kv_watch(
                     key,
                     req.path,
                     req.recurse,
@@ -191,7 +192,7 @@ class Runner:
         self.metrics.add(renders=1)
         return result
 
-    def _check_for(self, index: int, spec: TemplateSpec) -> str | None:
+    def _check_for(self, index: int) -> str | None:
         if self.settings.check:
             return self.settings.check
         if self.proxy is not None and index == 0:
@@ -235,8 +236,10 @@ class Runner:
                 state.done = True
                 continue
             try:
-                old_text = _read(spec.dest)
-                changed_file = swap(spec.dest, content, spec.name, self._check_for(index, spec), self.settings.backup)
+                current = read_current(spec.dest)
+                changed_file = swap(
+                    spec.dest, content, current, spec.name, self._check_for(index), self.settings.backup
+                )
             except CheckFailed as err:
                 state.failed = True
                 any_failed = True
@@ -261,7 +264,8 @@ class Runner:
             elif self.proxy is not None:
                 reload_proxy = True
                 if index == 0:
-                    old_proxy_text, new_proxy_text = old_text, result.text
+                    old_proxy_text = current.decode(errors="replace") if current is not None else None
+                    new_proxy_text = result.text
         for command in commands:
             try:
                 run_command(command)
@@ -358,7 +362,8 @@ class Runner:
                         self.child.start()
                         started_child = True
                     elif self.wrote and any(t.spec.command is None for t in self.templates):
-                        self.child.reload() if self.child else None
+                        assert self.child is not None
+                        self.child.reload()
                 changed = set()
                 while not stop.is_set() and not changed:
                     changed = self.store.wait(0.5)
@@ -388,10 +393,5 @@ class Runner:
             self.child.stop()
         if self.proxy is not None:
             self.proxy.stop()
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except (FileNotFoundError, UnicodeDecodeError):
-        return None
+        if self.proxy_hook is not None:
+            self.proxy_hook.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -94,7 +93,3 @@ class StatusServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def now() -> float:
-    return time.time()

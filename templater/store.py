@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from templater.catalog import Grace, Snapshot
+from templater.render import catalog_key
 
 
 class Store:
@@ -81,16 +82,6 @@ class Store:
         with self._cond:
             return FrozenView(dict(self._shown), dict(self._kv))
 
-    # -- the View templates read
-
-    def catalog(self, dc: str) -> Snapshot | None:
-        with self._cond:
-            return self._shown.get(f"catalog({dc or 'local'})")
-
-    def kv(self, key: str) -> list[dict[str, Any]] | None:
-        with self._cond:
-            return self._kv.get(key)
-
     def forget(self, key: str) -> None:
         with self._cond:
             self._kv.pop(key, None)
@@ -106,7 +97,7 @@ class FrozenView:
         self._kv = kv
 
     def catalog(self, dc: str) -> Snapshot | None:
-        return self._catalogs.get(f"catalog({dc or 'local'})")
+        return self._catalogs.get(catalog_key(dc))
 
     def kv(self, key: str) -> list[dict[str, Any]] | None:
         return self._kv.get(key)

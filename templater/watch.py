@@ -30,7 +30,7 @@ class Response:
 
 
 class Fetcher(Protocol):
-    def get(self, path: str, params: dict[str, str], blocking: bool) -> Response: ...
+    def get(self, path: str, params: dict[str, str]) -> Response: ...
 
 
 def next_index(previous: int, received: int) -> int:
@@ -76,19 +76,12 @@ class BlockingLoop:
         self._on_state = on_state
         self._settings = settings
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.requests = 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name=f"watch {self.key}", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self.run, name=f"watch {self.key}", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread:
-            self._thread.join(timeout)
 
     def _fetch(self, index: int) -> Response:
         params = dict(self._params)
@@ -96,8 +89,7 @@ class BlockingLoop:
             params.update(index=str(index), wait=self._settings.wait)
         if self._settings.stale:
             params["stale"] = ""
-        response = self._fetcher.get(self._path, params, blocking=bool(index))
-        self.requests += 1
+        response = self._fetcher.get(self._path, params)
         if (
             self._settings.stale
             and self._settings.max_stale_ms
@@ -107,8 +99,7 @@ class BlockingLoop:
             params.pop("stale", None)
             params.pop("index", None)
             params.pop("wait", None)
-            response = self._fetcher.get(self._path, params, blocking=False)
-            self.requests += 1
+            response = self._fetcher.get(self._path, params)
         return response
 
     def run(self) -> None:

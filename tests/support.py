@@ -7,15 +7,12 @@ containers with that label are removed.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -26,10 +23,11 @@ from typing import Any, TypeVar
 
 import docker
 
+from sidecar.demo_image import IMAGE, ensure_image  # noqa: F401 - re-exported for tests and bench
+
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 TEST_LABEL = "consul-sidecar.test"
-IMAGE = "consul-sidecar-test:busybox2"
 
 
 def free_port() -> int:
@@ -147,49 +145,6 @@ class ConsulAgent:
 
 def docker_client() -> docker.DockerClient:
     return docker.from_env(timeout=60)
-
-
-def ensure_image(client: docker.DockerClient) -> str:
-    """A tiny image with busybox-static, imported from a tarball (no registry is reachable)."""
-    try:
-        client.images.get(IMAGE)
-        return IMAGE
-    except docker.errors.ImageNotFound:
-        pass
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        raise RuntimeError("busybox-static is not installed (scripts/install-deps.sh installs it)")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in ("bin", "tmp", "www", "www/cgi-bin"):
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o1777 if name == "tmp" else 0o755
-            tar.addfile(info)
-        tar.add(busybox, arcname="bin/busybox")
-        for applet in ("sh", "httpd", "nc", "sleep", "echo", "cat", "kill", "true", "wget", "date", "head"):
-            link = tarfile.TarInfo(f"bin/{applet}")
-            link.type = tarfile.SYMTYPE
-            link.linkname = "busybox"
-            tar.addfile(link)
-        # a 30 ms response, as the zero-drop tests ask for; GET and POST
-        slow = (
-            b'#!/bin/sh\n[ "$REQUEST_METHOD" = POST ] && head -c "$CONTENT_LENGTH" >/dev/null\nsleep 0.03\n'
-            b'printf "Content-Type: text/plain\\r\\n\\r\\nok %s\\n" "$HOSTNAME"\n'
-        )
-        info = tarfile.TarInfo("www/cgi-bin/slow")
-        info.size = len(slow)
-        info.mode = 0o755
-        tar.addfile(info, io.BytesIO(slow))
-        index = b"ok\n"
-        info = tarfile.TarInfo("www/index.html")
-        info.size = len(index)
-        info.mode = 0o644
-        tar.addfile(info, io.BytesIO(index))
-    client.api.import_image_from_data(
-        buf.getvalue(), repository=IMAGE.split(":")[0], tag=IMAGE.split(":")[1], changes=['CMD ["/bin/sh"]']
-    )
-    return IMAGE
 
 
 def remove_test_containers(client: docker.DockerClient, session: str | None = None) -> None:

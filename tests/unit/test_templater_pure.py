@@ -61,7 +61,7 @@ def test_build_snapshot_joins_health_and_sanitizes():
     by_id = {i.id: i for i in snap.instances["web"]}
     assert set(by_id) == {"w1", "w3"}
     assert by_id["w1"].address == "10.0.0.1" and by_id["w1"].status == "maintenance"
-    assert by_id["w3"].status == "critical" and by_id["w3"].meta == ()
+    assert by_id["w3"].status == "critical" and by_id["w3"].meta == {}
     assert any("w2" in w for w in warnings) and any("evil" in w for w in warnings)
     assert aggregate(["passing", "warning"]) == "warning"
 
