@@ -1,8 +1,8 @@
 """The Consul catalog as templates see it: pure values, sanitizing, empty-set grace.
 
-Everything here is pure: it turns the JSON of `/v1/catalog/services`, `/v1/catalog/node/<n>`
-and `/v1/health/state/any` into Instances, leaving out (with a warning) any value that could
-inject configuration into a proxy file.
+Everything here is pure: it turns the JSON of `/v1/catalog/services`, `/v1/catalog/nodes`,
+`/v1/catalog/node/<n>`, `/v1/catalog/service/<name>` and `/v1/health/state/any` into Instances,
+leaving out (with a warning) any value that could inject configuration into a proxy file.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -71,7 +71,7 @@ def valid_name(text: str) -> bool:
     return bool(_NAME.match(text))
 
 
-def clean_tags(tags: Iterable[Any], where: str, warn: Any) -> tuple[str, ...]:
+def clean_tags(tags: Iterable[Any] | None, where: str, warn: Any) -> tuple[str, ...]:
     kept = []
     for tag in tags or ():
         if isinstance(tag, str) and _TAG.match(tag):
@@ -99,16 +99,156 @@ def aggregate(statuses: Iterable[str]) -> str:
     return worst
 
 
-def build_snapshot(
-    services: dict[str, list[str]],
-    node_catalogs: dict[str, dict[str, Any]],
-    checks: list[dict[str, Any]],
-    warn: Any,
-) -> Snapshot:
-    """Join the catalog's node entries with the checks into instances, sanitizing as it goes.
+Row = dict[str, Any]  # one instance as `/v1/catalog/service/<name>` lists it, ROW_KEYS only
+ROW_KEYS = (
+    "Node",
+    "Address",
+    "ServiceID",
+    "ServiceName",
+    "ServiceAddress",
+    "ServicePort",
+    "ServiceTags",
+    "ServiceMeta",
+)
 
-    node_catalogs maps node name to `/v1/catalog/node/<name>` output ({"Node": .., "Services": ..}).
+
+def service_row(entry: dict[str, Any]) -> Row:
+    """A `/v1/catalog/service/<name>` entry cut down to what instances are built from.
+
+    Both reads give the same row for the same instance (empty meta is {}, not None), so a full
+    read can be compared with targeted ones."""
+    row = {k: entry.get(k) for k in ROW_KEYS}
+    row["ServiceTags"] = row["ServiceTags"] or []
+    row["ServiceMeta"] = row["ServiceMeta"] or {}
+    return row
+
+
+def sorted_rows(rows: Iterable[Row]) -> list[Row]:
+    return sorted(rows, key=lambda r: (str(r.get("Node")), str(r.get("ServiceID"))))
+
+
+def rows_from_node(node_name: str, catalog: dict[str, Any] | None) -> list[Row]:
+    """`/v1/catalog/node/<name>` output as rows in the `/v1/catalog/service/<name>` shape."""
+    node_info: dict[str, Any] = (catalog or {}).get("Node") or {}
+    rows = []
+    for sid, svc in ((catalog or {}).get("Services") or {}).items():
+        rows.append(
+            service_row(
+                {
+                    "Node": node_name,
+                    "Address": node_info.get("Address"),
+                    "ServiceID": sid,
+                    "ServiceName": svc.get("Service"),
+                    "ServiceAddress": svc.get("Address"),
+                    "ServicePort": svc.get("Port"),
+                    "ServiceTags": svc.get("Tags"),
+                    "ServiceMeta": svc.get("Meta"),
+                }
+            )
+        )
+    return rows
+
+
+def group_rows(rows: Iterable[Row]) -> dict[str, list[Row]]:
+    grouped: dict[str, list[Row]] = {}
+    for row in rows:
+        grouped.setdefault(str(row.get("ServiceName", "")), []).append(row)
+    return {name: sorted_rows(group) for name, group in grouped.items()}
+
+
+def clean_services(services: Mapping[str, Any], warn: Any) -> dict[str, tuple[str, ...]]:
+    """`/v1/catalog/services` (name -> tags) without unsafe names and tags."""
+    kept = {}
+    for name, tags in sorted(services.items()):
+        if not valid_name(name):
+            warn(f"left out service name={name!r}: not a safe name")
+            continue
+        kept[name] = clean_tags(tags, f"service={name}", warn)
+    return kept
+
+
+def clean_nodes(nodes: Iterable[dict[str, Any]], warn: Any) -> tuple[Node, ...]:
+    """`/v1/catalog/nodes` as Nodes, leaving out unsafe names and addresses."""
+    kept = []
+    for node in sorted(nodes, key=lambda n: str(n.get("Node", ""))):
+        name, address = str(node.get("Node", "")), str(node.get("Address", ""))
+        if not valid_name(name) or not valid_address(address):
+            warn(f"left out node node={name!r} address={address!r}: not a safe name or address")
+            continue
+        kept.append(Node(name, address, clean_meta(node.get("Meta"), f"node={name}", warn)))
+    return tuple(kept)
+
+
+def build_instances(name: str, rows: Iterable[Row], warn: Any) -> tuple[Instance, ...]:
+    """One service's rows as Instances (status passing until health is applied), sanitized."""
+    instances = []
+    for row in rows:
+        sid = row.get("ServiceID")
+        node_name, node_address = str(row.get("Node", "")), str(row.get("Address", ""))
+        where = f"service={name} id={sid!r}"
+        if not valid_name(node_name) or not valid_address(node_address):
+            warn(f"left out instance {where} node={node_name!r} address={node_address!r}: unsafe node")
+            continue
+        if not isinstance(sid, str) or not _TAG.match(sid):
+            warn(f"left out instance service={name} id={sid!r}: unsafe id")
+            continue
+        address = str(row.get("ServiceAddress") or node_address)
+        port = row.get("ServicePort")
+        if not valid_address(address):
+            warn(f"left out instance {where} address={address!r}: not an IP or host name")
+            continue
+        if not isinstance(port, int) or not 0 < port < 65536:
+            warn(f"left out instance {where} port={port!r}: not a port")
+            continue
+        instances.append(
+            Instance(
+                id=sid,
+                name=name,
+                address=address,
+                port=port,
+                node=node_name,
+                node_address=node_address,
+                tags=clean_tags(row.get("ServiceTags"), where, warn),
+                meta=clean_meta(row.get("ServiceMeta"), where, warn),
+            )
+        )
+    return tuple(sorted(instances, key=lambda i: (i.node, i.id)))
+
+
+def summarize(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`/v1/internal/ui/services` by service name: instance and check counts, nodes, tags."""
+    return {str(e.get("Name", "")): e for e in entries or () if isinstance(e, dict)}
+
+
+def changed_services(
+    old_summary: Mapping[str, Any],
+    new_summary: Mapping[str, Any],
+    old_services: Mapping[str, Any],
+    new_services: Mapping[str, Any],
+) -> set[str]:
+    """Services whose instances must be read again: their summary or their tags moved.
+
+    A summary cannot see an instance changed in place (same count, same checks); the periodic
+    full read catches those.
     """
+    names = set(new_services) | set(old_services)
+    return {n for n in names if old_summary.get(n) != new_summary.get(n) or old_services.get(n) != new_services.get(n)}
+
+
+@dataclass(frozen=True)
+class Health:
+    """The checks of `/v1/health/state/any`, aggregated per node and per (node, service id)."""
+
+    nodes: Mapping[str, str] = field(default_factory=dict)
+    services: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+    def status(self, node: str, sid: str) -> str:
+        node_status = self.nodes.get(node, PASSING)
+        service_status = self.services.get((node, sid), PASSING)
+        return node_status if _SEVERITY[node_status] >= _SEVERITY[service_status] else service_status
+
+
+def health_index(checks: Iterable[dict[str, Any]]) -> Health:
     node_checks: dict[str, list[str]] = {}
     service_checks: dict[tuple[str, str], list[str]] = {}
     for check in checks or []:
@@ -122,56 +262,36 @@ def build_snapshot(
             service_checks.setdefault((node, sid), []).append(status)
         else:
             node_checks.setdefault(node, []).append(status)
+    return Health(
+        {k: aggregate(v) for k, v in node_checks.items()},
+        {k: aggregate(v) for k, v in service_checks.items()},
+    )
 
-    snapshot = Snapshot()
-    for name, tags in sorted((services or {}).items()):
-        if not valid_name(name):
-            warn(f"left out service name={name!r}: not a safe name")
-            continue
-        snapshot.services[name] = clean_tags(tags, f"service={name}", warn)
 
-    instances: dict[str, list[Instance]] = {}
-    nodes = []
-    for node_name, catalog in sorted(node_catalogs.items()):
-        node_info: dict[str, Any] = (catalog or {}).get("Node") or {}
-        node_address = str(node_info.get("Address", ""))
-        if not valid_name(node_name) or not valid_address(node_address):
-            warn(f"left out node node={node_name!r} address={node_address!r}: not a safe name or address")
-            continue
-        nodes.append(Node(node_name, node_address, clean_meta(node_info.get("Meta"), f"node={node_name}", warn)))
-        for sid, svc in sorted(((catalog or {}).get("Services") or {}).items()):
-            name = str(svc.get("Service", ""))
-            if name not in snapshot.services:
-                continue
-            where = f"service={name} id={sid}"
-            address = str(svc.get("Address") or node_address)
-            port = svc.get("Port")
-            if not valid_address(address):
-                warn(f"left out instance {where} address={address!r}: not an IP or host name")
-                continue
-            if not isinstance(port, int) or not 0 < port < 65536:
-                warn(f"left out instance {where} port={port!r}: not a port")
-                continue
-            if not _TAG.match(sid):
-                warn(f"left out instance service={name} id={sid!r}: unsafe id")
-                continue
-            status = aggregate([*node_checks.get(node_name, []), *service_checks.get((node_name, sid), [])])
-            instances.setdefault(name, []).append(
-                Instance(
-                    id=sid,
-                    name=name,
-                    address=address,
-                    port=port,
-                    node=node_name,
-                    node_address=node_address,
-                    tags=clean_tags(svc.get("Tags"), where, warn),
-                    meta=clean_meta(svc.get("Meta"), where, warn),
-                    status=status,
-                )
-            )
-    snapshot.instances = {k: tuple(sorted(v, key=lambda i: (i.node, i.id))) for k, v in instances.items()}
-    snapshot.nodes = tuple(nodes)
-    return snapshot
+def with_health(instances: tuple[Instance, ...], health: Health) -> tuple[Instance, ...]:
+    """The instances with their status; the same tuple when every one is passing."""
+    statuses = [health.status(i.node, i.id) for i in instances]
+    if all(s == PASSING for s in statuses):
+        return instances
+    return tuple(i if s == i.status else replace(i, status=s) for i, s in zip(instances, statuses, strict=True))
+
+
+def build_snapshot(
+    services: Mapping[str, Any],
+    rows: Mapping[str, list[Row]],
+    nodes: Iterable[dict[str, Any]],
+    checks: list[dict[str, Any]],
+    warn: Any,
+) -> Snapshot:
+    """The whole snapshot at once: services, their rows (grouped by service) and health joined."""
+    kept = clean_services(services, warn)
+    health = health_index(checks)
+    instances = {}
+    for name in kept:
+        built = build_instances(name, rows.get(name, ()), warn)
+        if built:
+            instances[name] = with_health(built, health)
+    return Snapshot(kept, instances, clean_nodes(nodes, warn))
 
 
 @dataclass

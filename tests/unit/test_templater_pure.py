@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from templater.catalog import Grace, Instance, Snapshot, aggregate, build_snapshot
+from templater.catalog import (
+    Grace,
+    Instance,
+    Snapshot,
+    aggregate,
+    build_snapshot,
+    changed_services,
+    group_rows,
+    rows_from_node,
+    summarize,
+)
 from templater.errors import TemplateError
 from templater.render import by_meta, by_tag, compile_template, group_by, make_environment, render
 from templater.settings import SettingsError, parse_template, parse_wait
@@ -41,7 +51,7 @@ def test_grace_holds_an_emptied_set_then_believes_it():
 def test_build_snapshot_joins_health_and_sanitizes():
     warnings: list[str] = []
     services = {"web": ["v1", "bad tag"], "evil\nname": []}
-    nodes = {
+    node = {
         "n1": {
             "Node": {"Address": "10.0.0.1"},
             "Services": {
@@ -56,14 +66,28 @@ def test_build_snapshot_joins_health_and_sanitizes():
         {"Node": "n1", "CheckID": "service:w3", "ServiceID": "w3", "Status": "critical"},
         {"Node": "n1", "CheckID": "_service_maintenance:w1", "ServiceID": "w1", "Status": "critical"},
     ]
-    snap = build_snapshot(services, nodes, checks, warnings.append)
+    rows = group_rows(rows_from_node("n1", node["n1"]))
+    nodes = [{"Node": "n1", "Address": "10.0.0.1"}, {"Node": "bad node", "Address": "10.0.0.9"}]
+    snap = build_snapshot(services, rows, nodes, checks, warnings.append)
     assert list(snap.services) == ["web"] and snap.services["web"] == ("v1",)
+    assert [n.name for n in snap.nodes] == ["n1"] and any("bad node" in w for w in warnings)
     by_id = {i.id: i for i in snap.instances["web"]}
     assert set(by_id) == {"w1", "w3"}
     assert by_id["w1"].address == "10.0.0.1" and by_id["w1"].status == "maintenance"
     assert by_id["w3"].status == "critical" and by_id["w3"].meta == {}
     assert any("w2" in w for w in warnings) and any("evil" in w for w in warnings)
     assert aggregate(["passing", "warning"]) == "warning"
+
+
+def test_changed_services_from_the_summary_and_the_tags():
+    old = summarize([{"Name": "web", "InstanceCount": 2}, {"Name": "api", "InstanceCount": 1}])
+    new = summarize([{"Name": "web", "InstanceCount": 3}, {"Name": "api", "InstanceCount": 1}])
+    assert changed_services(old, new, {"web": [], "api": []}, {"web": [], "api": []}) == {"web"}
+    # tags moved with the same counts; a service gone; a new one
+    assert changed_services(old, old, {"web": [], "api": []}, {"web": ["v2"], "api": []}) == {"web"}
+    assert changed_services(old, summarize([new["web"]]), {"web": [], "api": []}, {"web": []}) == {"web", "api"}
+    assert changed_services({}, {}, {}, {"db": []}) == {"db"}
+    assert changed_services(old, old, {"web": []}, {"web": []}) == set()
 
 
 class View:
