@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import http.server
 import random
+import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.support import ROOT, ConsulAgent, free_port, wait_until
+from tests.support import ROOT, ConsulAgent, free_port, tempdir, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -252,3 +255,93 @@ def test_nginx_replace_every_backend_under_load_drops_nothing(consul, containers
         time.sleep(1)
     assert load.ok > 100
     assert load.failures == [], load.failures[:10]
+
+
+def make_cert(directory, host: str) -> None:
+    """A self-signed certificate for host, with its key, as <directory>/<host>.pem."""
+    key, crt = directory / f"{host}.key.tmp", directory / f"{host}.crt.tmp"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", str(key),
+         "-out", str(crt), "-subj", f"/CN={host}", "-addext", f"subjectAltName=DNS:{host}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (directory / f"{host}.pem").write_text(crt.read_text() + key.read_text())
+    key.unlink()
+    crt.unlink()
+
+
+def tls_get(port: int, host: str, ca_files: list[str]) -> tuple[int, str, str]:
+    """GET / over TLS to 127.0.0.1 with SNI `host`, the certificate verified for `host` against
+    ca_files (none: not verified). (status, the certificate's CN, response headers and body)"""
+    context = ssl.create_default_context()
+    if not ca_files:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    for ca in ca_files:
+        context.load_verify_locations(ca)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while data := tls.recv(65536):
+            chunks.append(data)
+        cert = tls.getpeercert(binary_form=not ca_files)
+    if not ca_files:
+        return int(b"".join(chunks).split(b" ", 2)[1]), "", b"".join(chunks).decode(errors="replace")
+    text = b"".join(chunks).decode(errors="replace")
+    subject = dict(item[0] for item in cert["subject"])
+    return int(text.split(" ", 2)[1]), subject["commonName"], text
+
+
+class _EchoProto(http.server.BaseHTTPRequestHandler):
+    """A backend that answers with the X-Forwarded-Proto it was sent."""
+
+    def do_GET(self) -> None:
+        body = f"proto={self.headers.get('X-Forwarded-Proto')}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "nginx"])
+def test_https_picks_each_host_certificate_by_sni(consul, proxy_stack, kind):
+    with tempdir() as certs:
+        _https_by_sni(consul, proxy_stack, kind, certs)
+
+
+def _https_by_sni(consul, proxy_stack, kind, certs) -> None:
+    # NGINX reads a certificate named by a variable in its worker (user nobody) at handshake time
+    certs.chmod(0o755)
+    for host in ("a.test", "b.test", "default"):
+        make_cert(certs, host)
+        (certs / f"{host}.pem").chmod(0o644)
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoProto)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    try:
+        register(consul, "tls1", "tls", backend.server_address[1], http_host="a.test,b.test")
+        https_port = free_port()
+        port, proc = proxy_stack(kind, "--var", f"https_port={https_port}", "--var", f"tls_cert_dir={certs}")
+        cas = [str(certs / f"{h}.pem") for h in ("a.test", "b.test", "default")]
+        wait_until(lambda: tls_get(https_port, "a.test", cas)[0] == 200, timeout=15, what=f"{kind} https routed")
+        for host in ("a.test", "b.test"):
+            status, common_name, text = tls_get(https_port, host, cas)
+            assert (status, common_name) == (200, host)
+            assert "proto=https" in text
+        if kind == "haproxy":  # a name with no certificate gets the first one; the Host has no route
+            assert tls_get(https_port, "unknown.test", [])[0] == 404
+        # plain http still routes, and says so to the backend
+        assert get(port, "a.test", "/")[1].startswith("proto=http\n")
+        if kind == "nginx":
+            with pytest.raises(ssl.SSLError):  # no certificate file for this name: its handshake fails ...
+                tls_get(https_port, "unknown.test", cas)
+            assert tls_get(https_port, "b.test", cas)[:2] == (200, "b.test")  # ... and nothing else
+        assert proc.alive()
+    finally:
+        backend.shutdown()
+        backend.server_close()
