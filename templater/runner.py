@@ -235,11 +235,17 @@ class Runner:
                 state.last_text = result.text
                 state.done = True
                 continue
+            runtime = False
             try:
                 current = read_current(spec.dest)
-                changed_file = swap(
-                    spec.dest, content, current, spec.name, self._check_for(index), self.settings.backup
-                )
+                check = self._check_for(index)
+                if index == 0 and check is not None and not self.settings.check:
+                    runtime = self._runtime_first(current, content)
+                    if runtime:
+                        # HAProxy parsed and took every changed server line; the rest of the
+                        # file is the structure it checked before: the check would only cost time
+                        check = None
+                changed_file = swap(spec.dest, content, current, spec.name, check, self.settings.backup)
             except CheckFailed as err:
                 state.failed = True
                 any_failed = True
@@ -262,6 +268,9 @@ class Runner:
                 if spec.command not in commands:
                     commands.append(spec.command)
             elif self.proxy is not None:
+                if runtime:
+                    self.metrics.add(runtime_updates=1)
+                    continue
                 reload_proxy = True
                 if index == 0:
                     old_proxy_text = current.decode(errors="replace") if current is not None else None
@@ -285,7 +294,19 @@ class Runner:
         self.metrics.held = self.store.held()
         return all_done, any_failed
 
+    def _runtime_first(self, current: bytes | None, content: bytes) -> bool:
+        """Apply a server-only change to the running proxy before writing it. True when applied."""
+        if self.proxy is None or self.proxy_hook is None or current is None or current == content:
+            return False
+        try:
+            if self.proxy.master() is None:
+                return False
+        except ProxyError:
+            return False
+        return self.proxy_hook.apply(current.decode(errors="replace"), content.decode(errors="replace"))
+
     def _apply_proxy(self, old: str | None, new: str | None) -> bool:
+        """Start the proxy, or reload it (the runtime API was tried before the write)."""
         assert self.proxy is not None
         try:
             if self.proxy.master() is None:
@@ -293,7 +314,8 @@ class Runner:
                 if self.proxy_hook and new is not None:
                     self.proxy_hook.after_reload(new)
                 return True
-            if self.proxy_hook and new is not None and self.proxy_hook.apply(old, new):
+            if self.proxy_hook and new is not None and self.settings.check and self.proxy_hook.apply(old, new):
+                # with the user's own --check the write came first; the runtime API comes after it
                 self.metrics.add(runtime_updates=1)
                 return True
             self.proxy.reload()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import random
 import socket
 import ssl
 import statistics
@@ -12,16 +11,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
 import pytest
 
 from tests.support import ROOT, ConsulAgent, free_port, tempdir, wait_until
+from tests.traffic import Load, get, served_by, started_at, web
 
 pytestmark = pytest.mark.integration
 
 TEMPLATES = ROOT / "templates"
-SERVE = "trap 'sleep 1; kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait"
 
 
 def register(consul: ConsulAgent, sid: str, name: str, port: int, **meta: str) -> None:
@@ -74,67 +72,6 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
         consul.put(f"/v1/agent/service/deregister/v{n}")
 
 
-@dataclass
-class Load:
-    """Steady load through the proxy: a new connection per request, a quarter of them POST."""
-
-    port: int
-    host: str
-    workers: int = 4
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    get_failures: int = 0
-    latencies: list[float] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def _one(self) -> None:
-        post = random.random() < 0.25
-        started = time.monotonic()
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-            body = b"x" * 200 if post else None
-            conn.request("POST" if post else "GET", "/cgi-bin/slow", body=body, headers={"Host": self.host})
-            response = conn.getresponse()
-            data = response.read()
-            conn.close()
-            if response.status != 200 or not data.startswith(b"ok"):
-                raise RuntimeError(f"{response.status} {data[:80]!r}")
-        except Exception as err:  # every kind of failure counts
-            with self.lock:
-                self.failures.append(f"{'POST' if post else 'GET'}: {err}")
-                self.get_failures += 0 if post else 1
-            return
-        with self.lock:
-            self.ok += 1
-            self.latencies.append(time.monotonic() - started)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            self._one()
-
-    def __enter__(self) -> Load:
-        self.threads = [threading.Thread(target=self._run) for _ in range(self.workers)]
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-
-def get(port: int, host: str, path: str = "/cgi-bin/slow") -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request("GET", path, headers={"Host": host})
-    response = conn.getresponse()
-    body = response.read().decode()
-    served = response.getheader("X-Served-By") or ""
-    conn.close()
-    return response.status, body + served
-
-
 @pytest.fixture
 def proxy_stack(consul, registrar, templater, tmp_path):
     """A factory: registrar + templater --proxy KIND on the bundled template; (port, templater)."""
@@ -159,17 +96,6 @@ def haproxy_stack(proxy_stack):
     return proxy_stack("haproxy", "--drain-timeout", "10s")
 
 
-def web(containers, name: str | None = None, **labels: str):
-    all_labels = {
-        "SERVICE_NAME": "web",
-        "SERVICE_HTTP_HOST": "app.test",
-        "SERVICE_CHECK_HTTP": "/index.html",
-        "SERVICE_CHECK_INTERVAL": "5s",
-        **labels,
-    }
-    return containers.run(labels=all_labels, command=SERVE, name=name, stop_signal="SIGTERM")
-
-
 def test_haproxy_routes_new_container_fast_via_runtime_api(consul, containers, haproxy_stack):
     port, proc = haproxy_stack
     web(containers)
@@ -177,35 +103,26 @@ def test_haproxy_routes_new_container_fast_via_runtime_api(consul, containers, h
     assert get(port, "unknown.test")[0] == 404
     reloads_before = proc.output().count("proxy reloaded")
     delays = []
-    for _ in range(3):
-        t0 = time.monotonic()
+    for _ in range(5):
         c = web(containers)
-        wait_until(
-            lambda c=c: _served_by(port, c.name),
-            timeout=10,
-            interval=0.005,
-            what="new backend answers",
-        )
-        delays.append(time.monotonic() - t0)
+        wait_until(lambda c=c: served_by(port, c.name), timeout=10, interval=0.002, what="new backend answers")
+        # from the moment Docker started its process: the engine's own create and start (about
+        # 0.4 s on the CI machine) is not ours to speed up; bench/proxy_bench.py prints both
+        delays.append(time.time() - started_at(c))
     assert proc.output().count("proxy reloaded") == reloads_before  # added through the runtime API
     assert "haproxy runtime added" in proc.output()
-    assert statistics.median(delays) < 1.0, delays
-
-
-def _served_by(port: int, container_name: str) -> bool:
-    # the server name is the registrator ID host:container:port; X-Served-By carries it
-    return any(container_name in get(port, "app.test", "/index.html")[1] for _ in range(8))
+    assert statistics.median(delays) < 0.25, delays
 
 
 def test_haproxy_replace_every_backend_under_load_drops_nothing(consul, containers, haproxy_stack):
     port, _ = haproxy_stack
     old = [web(containers) for _ in range(3)]
-    wait_until(lambda: all(_served_by(port, c.name) for c in old), timeout=20, what="3 backends serving")
+    wait_until(lambda: all(served_by(port, c.name) for c in old), timeout=20, what="3 backends serving")
     with Load(port, "app.test") as load:
         time.sleep(1)
         for c in list(old):
             new = web(containers)
-            wait_until(lambda new=new: _served_by(port, new.name), timeout=10, what="replacement serving")
+            wait_until(lambda new=new: served_by(port, new.name), timeout=10, what="replacement serving")
             c.stop(timeout=5)
         time.sleep(1)
     assert load.ok > 100
@@ -215,7 +132,7 @@ def test_haproxy_replace_every_backend_under_load_drops_nothing(consul, containe
 def test_haproxy_backends_killed_abruptly_no_failed_get(consul, containers, haproxy_stack):
     port, _ = haproxy_stack
     backends = [web(containers) for _ in range(3)]
-    wait_until(lambda: all(_served_by(port, c.name) for c in backends), timeout=20, what="3 backends serving")
+    wait_until(lambda: all(served_by(port, c.name) for c in backends), timeout=20, what="3 backends serving")
     with Load(port, "app.test") as load:
         time.sleep(1)
         backends[0].kill()
@@ -229,7 +146,7 @@ def test_haproxy_backends_killed_abruptly_no_failed_get(consul, containers, hapr
 def test_haproxy_consul_state_loss_under_load(consul, containers, haproxy_stack):
     port, _ = haproxy_stack
     backends = [web(containers) for _ in range(2)]
-    wait_until(lambda: all(_served_by(port, c.name) for c in backends), timeout=20, what="backends serving")
+    wait_until(lambda: all(served_by(port, c.name) for c in backends), timeout=20, what="backends serving")
     with Load(port, "app.test") as load:
         time.sleep(1)
         consul.restart()

@@ -1,0 +1,191 @@
+"""Proxy figures: the real registrar, templater, HAProxy or NGINX and containers, under load.
+
+For each proxy, prints:
+- docker run of a new backend (a fourth instance of a routed service) -> its first answer
+  through the proxy (median, p90, max over --runs);
+- steady load (new connection per request, a quarter POST, 30 ms responses, 4 workers) while
+  every backend is replaced one by one (start, wait until it serves, docker stop the old one),
+  while backends are killed abruptly, and while the Consul agent restarts and loses its state:
+  requests, failed GET / POST, latency p50 / p99, proxy reloads and runtime-API updates.
+Run: .venv/bin/python bench/proxy_bench.py [--proxy haproxy|nginx|both] [--runs 20]
+Needs the Docker engine (scripts/engine.sh starts one) and the test image (built on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support import (
+    ConsulAgent,
+    Containers,
+    Process,
+    docker_client,
+    ensure_image,
+    free_port,
+    remove_test_containers,
+    tempdir,
+    wait_until,
+)
+from tests.traffic import Load, get, served_by, started_at, web
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+class Stack:
+    """Consul dev agent, registrar, templater --proxy KIND; stopped by PID in close()."""
+
+    def __init__(self, kind: str, work: Path, client: Any, *templater_args: str) -> None:
+        self.kind = kind
+        self.agent = ConsulAgent(work)
+        self.agent.start()
+        self.port = free_port()
+        self.status_port = free_port()
+        self.containers = Containers(client, f"bench{uuid.uuid4().hex[:6]}")
+        hostname = f"bench{uuid.uuid4().hex[:4]}"
+        self.registrar = Process("registrar", ["--consul", self.agent.url, "--hostname", hostname], work)
+        wait_until(lambda: "docker events connected" in self.registrar.output(), what="registrar up")
+        template = {"haproxy": "haproxy.cfg.j2", "nginx": "nginx.conf.j2"}[kind]
+        extra = ["--drain-timeout", "10s"] if kind == "haproxy" else ["--wait", "50ms:500ms"]
+        self.templater = Process(
+            "templater",
+            ["--consul", self.agent.url, "--template", f"{TEMPLATES / template}:{work / (kind + '.cfg')}",
+             "--proxy", kind, "--var", f"runtime_dir={work}", "--var", f"http_port={self.port}",
+             "--var", "bind_address=127.0.0.1", "--status-addr", f"127.0.0.1:{self.status_port}",
+             *extra, *templater_args],
+            work,
+        )  # fmt: skip
+        wait_until(lambda: get(self.port, "nothing.test")[0] == 404, timeout=20, what=f"{kind} serving")
+
+    def marker(self, container: Any) -> str:
+        if self.kind == "haproxy":
+            return str(container.name)
+        return f"127.0.0.1:{self.containers.host_port(container)}"
+
+    def serving(self, container: Any) -> bool:
+        return served_by(self.port, self.marker(container))
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(templater_\w+) ([0-9.e+-]+)$", text, re.M)}
+
+    def close(self) -> None:
+        self.templater.stop()
+        self.registrar.stop()
+        remove_test_containers(self.containers.client, self.containers.session)
+        self.agent.stop()
+
+
+def first_answer(stack: Stack, runs: int) -> tuple[list[float], list[float]]:
+    """docker run -> first answer from that container, with 3 instances already serving; also
+    from the moment its process started (Docker's StartedAt): the part the sidecar controls."""
+    base = [web(stack.containers) for _ in range(3)]
+    wait_until(lambda: all(stack.serving(c) for c in base), timeout=30, what="3 backends serving")
+    from_run, from_start = [], []
+    for _ in range(runs):
+        t0 = time.monotonic()
+        c = web(stack.containers)
+        marker = stack.marker(c)
+        wait_until(lambda m=marker: served_by(stack.port, m), timeout=20, interval=0.002, what="new backend answers")
+        answered = time.time()
+        from_run.append((time.monotonic() - t0) * 1000)
+        from_start.append((answered - started_at(c)) * 1000)
+        c.stop(timeout=5)
+        c.remove()
+        time.sleep(0.5)
+    for c in base:
+        c.stop(timeout=5)
+        c.remove()
+    return from_run, from_start
+
+
+def under_load(stack: Stack, scenario: str) -> dict[str, Any]:
+    backends = [web(stack.containers) for _ in range(3)]
+    wait_until(lambda: all(stack.serving(c) for c in backends), timeout=30, what="3 backends serving")
+    before = stack.metrics()
+    with Load(stack.port, "app.test") as load:
+        time.sleep(1)
+        if scenario == "replace":
+            for c in list(backends):
+                new = web(stack.containers)
+                wait_until(lambda n=new: stack.serving(n), timeout=20, what="replacement serving")
+                backends.append(new)
+                c.stop(timeout=5)
+                backends.remove(c)
+        elif scenario == "kill":
+            for c in backends[:2]:
+                c.kill()
+                time.sleep(1.5)
+        elif scenario == "consul-restart":
+            stack.agent.restart()
+            wait_until(lambda: len(stack.agent.health("web", passing=True)) == 3, timeout=20, what="registered again")
+        time.sleep(1)
+    after = stack.metrics()
+    for c in backends:
+        c.remove(force=True)
+    time.sleep(1)
+    latencies = [x * 1000 for x in load.latencies]
+    return {
+        "requests": load.ok + len(load.failures),
+        "failed_get": load.get_failures,
+        "failed_post": len(load.failures) - load.get_failures,
+        "p50": statistics.median(latencies),
+        "p99": percentile(latencies, 99),
+        "reloads": after.get("templater_reloads_total", 0) - before.get("templater_reloads_total", 0),
+        "runtime": after.get("templater_runtime_api_updates_total", 0)
+        - before.get("templater_runtime_api_updates_total", 0),
+        "sample": load.failures[:3],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--proxy", choices=["haproxy", "nginx", "both"], default="both")
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    client = docker_client()
+    ensure_image(client)
+    kinds = ["haproxy", "nginx"] if args.proxy == "both" else [args.proxy]
+    for kind in kinds:
+        with tempdir() as work:
+            stack = Stack(kind, work, client)
+            try:
+                from_run, from_start = first_answer(stack, args.runs)
+                print(f"== {kind}")
+                for label, delays in (("docker run call", from_run), ("container started", from_start)):
+                    print(
+                        f"{label:17} -> first answer  median {statistics.median(delays):.0f} ms, "
+                        f"p90 {percentile(delays, 90):.0f} ms, max {max(delays):.0f} ms (n={len(delays)})"
+                    )
+                print(f"{'scenario':16} {'requests':>8} {'fail GET':>8} {'fail POST':>9} {'p50 ms':>7} "
+                      f"{'p99 ms':>7} {'reloads':>7} {'runtime':>7}")  # fmt: skip
+                for scenario in ("replace", "kill", "consul-restart"):
+                    r = under_load(stack, scenario)
+                    print(
+                        f"{scenario:16} {r['requests']:>8} {r['failed_get']:>8} {r['failed_post']:>9} "
+                        f"{r['p50']:>7.1f} {r['p99']:>7.1f} {r['reloads']:>7.0f} {r['runtime']:>7.0f}"
+                    )
+                    for failure in r["sample"]:
+                        print(f"    failure: {failure}")
+            finally:
+                stack.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Traffic through a proxy and the web backends it goes to, for the proxy tests and bench/."""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+# a backend that finishes in-flight requests on SIGTERM (docker stop), as the issue asks
+SERVE = "trap 'sleep 1; kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait"
+
+
+@dataclass
+class Load:
+    """Steady load through the proxy: a new connection per request, a quarter of them POST."""
+
+    port: int
+    host: str
+    workers: int = 4
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    get_failures: int = 0
+    latencies: list[float] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _one(self) -> None:
+        post = random.random() < 0.25
+        started = time.monotonic()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            body = b"x" * 200 if post else None
+            conn.request("POST" if post else "GET", "/cgi-bin/slow", body=body, headers={"Host": self.host})
+            response = conn.getresponse()
+            data = response.read()
+            conn.close()
+            if response.status != 200 or not data.startswith(b"ok"):
+                raise RuntimeError(f"{response.status} {data[:80]!r}")
+        except Exception as err:  # every kind of failure counts
+            with self.lock:
+                self.failures.append(f"{'POST' if post else 'GET'}: {err}")
+                self.get_failures += 0 if post else 1
+            return
+        with self.lock:
+            self.ok += 1
+            self.latencies.append(time.monotonic() - started)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self._one()
+
+    def __enter__(self) -> Load:
+        self.threads = [threading.Thread(target=self._run) for _ in range(self.workers)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def get(port: int, host: str, path: str = "/cgi-bin/slow") -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", path, headers={"Host": host})
+    response = conn.getresponse()
+    body = response.read().decode()
+    served = response.getheader("X-Served-By") or ""
+    conn.close()
+    return response.status, body + served
+
+
+def web(containers: Any, name: str | None = None, **labels: str) -> Any:
+    all_labels = {
+        "SERVICE_NAME": "web",
+        "SERVICE_HTTP_HOST": "app.test",
+        "SERVICE_CHECK_HTTP": "/index.html",
+        "SERVICE_CHECK_INTERVAL": "5s",
+        **labels,
+    }
+    return containers.run(labels=all_labels, command=SERVE, name=name, stop_signal="SIGTERM")
+
+
+def served_by(port: int, marker: str) -> bool:
+    """Whether the instance marked so answers within 8 requests. X-Served-By carries HAProxy's
+    server name (the registrator ID host:container:port: the container name is a marker) or
+    NGINX's upstream address (127.0.0.1:<published port>)."""
+    return any(marker in get(port, "app.test", "/index.html")[1] for _ in range(8))
+
+
+def started_at(container: Any) -> float:
+    """The container's State.StartedAt as a Unix time (Docker gives nanoseconds; keep micro)."""
+    container.reload()
+    stamp = container.attrs["State"]["StartedAt"]  # 2026-11-22T20:35:01.812345678Z
+    whole, _, frac = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp() + float("0." + (frac or "0"))
