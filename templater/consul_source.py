@@ -87,6 +87,7 @@ StateFn = Callable[[str, bool, str], None]
 
 RECONCILE_QUIET = 0.5  # a full read this long after the last change ...
 RECONCILE_MAX = 3.0  # ... or at the latest this long after the first one not yet read in full
+TARGETED_MAX = 32  # more changed services than this (an agent that lost its state): one full read
 
 
 class CatalogSource:
@@ -209,6 +210,9 @@ class CatalogSource:
                 return
             with self._lock:
                 names = changed_services(self._summary or {}, summary, self._services or {}, services)
+            if len(names) > TARGETED_MAX:
+                self._load_everything(services, summary)
+                return
             rows = self._read_services(names & set(services))
             with self._lock:
                 self._summary = summary
