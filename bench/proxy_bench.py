@@ -25,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.figures import percentile
 from tests.support import (
     ConsulAgent,
     Containers,
@@ -36,14 +37,9 @@ from tests.support import (
     tempdir,
     wait_until,
 )
-from tests.traffic import Load, get, served_by, started_at, web
+from tests.traffic import Load, get, served_by, serving_web, started_at, web
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 class Stack:
@@ -94,8 +90,7 @@ class Stack:
 def first_answer(stack: Stack, runs: int) -> tuple[list[float], list[float]]:
     """docker run -> first answer from that container, with 3 instances already serving; also
     from the moment its process started (Docker's StartedAt): the part the sidecar controls."""
-    base = [web(stack.containers) for _ in range(3)]
-    wait_until(lambda: all(stack.serving(c) for c in base), timeout=30, what="3 backends serving")
+    base = serving_web(stack.containers, 3, stack.serving)
     from_run, from_start = [], []
     for _ in range(runs):
         t0 = time.monotonic()
@@ -115,8 +110,7 @@ def first_answer(stack: Stack, runs: int) -> tuple[list[float], list[float]]:
 
 
 def under_load(stack: Stack, scenario: str) -> dict[str, Any]:
-    backends = [web(stack.containers) for _ in range(3)]
-    wait_until(lambda: all(stack.serving(c) for c in backends), timeout=30, what="3 backends serving")
+    backends = serving_web(stack.containers, 3, stack.serving)
     before = stack.metrics()
     with Load(stack.port, "app.test") as load:
         time.sleep(1)

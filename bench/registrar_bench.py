@@ -23,6 +23,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.figures import percentile
 from tests.support import (
     ConsulAgent,
     Containers,
@@ -32,11 +33,6 @@ from tests.support import (
     remove_test_containers,
     tempdir,
 )
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 class CatalogWatcher(threading.Thread):

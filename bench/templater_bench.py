@@ -22,6 +22,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.figures import percentile
 from tests.support import ConsulAgent, Process, tempdir
 
 TEMPLATE = """{% for s in services() if s.name != "consul" %}
@@ -50,11 +51,6 @@ def wait_for(dest: Path, token: str, present: bool = True) -> None:
             if (token in dest.read_text()) == present:
                 return
         time.sleep(0.001)
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def register_all(url: str, services: int, instances: int) -> None:

@@ -276,22 +276,11 @@ def with_health(instances: tuple[Instance, ...], health: Health) -> tuple[Instan
     return tuple(i if s == i.status else replace(i, status=s) for i, s in zip(instances, statuses, strict=True))
 
 
-def build_snapshot(
-    services: Mapping[str, Any],
-    rows: Mapping[str, list[Row]],
-    nodes: Iterable[dict[str, Any]],
-    checks: list[dict[str, Any]],
-    warn: Any,
-) -> Snapshot:
-    """The whole snapshot at once: services, their rows (grouped by service) and health joined."""
-    kept = clean_services(services, warn)
-    health = health_index(checks)
-    instances = {}
-    for name in kept:
-        built = build_instances(name, rows.get(name, ()), warn)
-        if built:
-            instances[name] = with_health(built, health)
-    return Snapshot(kept, instances, clean_nodes(nodes, warn))
+def instances_with_health(
+    services: Mapping[str, Any], built: Mapping[str, tuple[Instance, ...]], health: Health
+) -> dict[str, tuple[Instance, ...]]:
+    """The instances of the (cleaned) services, with their status; services with none left out."""
+    return {name: with_health(built[name], health) for name in services if built.get(name)}
 
 
 @dataclass

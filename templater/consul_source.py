@@ -34,11 +34,11 @@ from templater.catalog import (
     clean_services,
     group_rows,
     health_index,
+    instances_with_health,
     rows_from_node,
     service_row,
     sorted_rows,
     summarize,
-    with_health,
 )
 from templater.errors import ConsulRejected, ConsulUnavailable
 from templater.render import catalog_key
@@ -339,12 +339,9 @@ class CatalogSource:
             else:
                 self._bare.pop(name, None)
         self._dirty.clear()
-        instances = {}
-        for name in self._kept:
-            bare = self._bare.get(name)
-            if bare:
-                instances[name] = with_health(bare, self._health)
-        self._publish(self.key, Snapshot(dict(self._kept), instances, self._nodes))
+        instances = instances_with_health(self._kept, self._bare, self._health)
+        # _kept and _nodes are replaced, never changed in place: the snapshot can share them
+        self._publish(self.key, Snapshot(self._kept, instances, self._nodes))
         log.debug("catalog rebuilt %s in %.1f ms", self.key, (time.perf_counter() - started) * 1000)
 
 

@@ -83,15 +83,20 @@ class Proxy:
         # nginx's `pid` directive in the file wins over ours, so we look in both places
         self.pid_file = pid_file or config.with_name(config.name + ".pid")
         self.child: subprocess.Popen[bytes] | None = None
+        self._found: int | None = None  # a master started by someone else, found earlier
 
     @property
     def key(self) -> str:
         return f"{self.kind.name}({self.config})"
 
     def master(self) -> int | None:
+        """Our child, or the master found before while it still is one, or a new search."""
         if self.child is not None and self.child.poll() is None:
             return self.child.pid
-        return find_master(self.kind, self.config, self.pid_file)
+        if self._found is not None and _is_master(self.kind, self._found, self.config):
+            return self._found
+        self._found = find_master(self.kind, self.config, self.pid_file)
+        return self._found
 
     def ensure_running(self) -> int:
         pid = self.master()

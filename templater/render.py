@@ -50,6 +50,7 @@ class RenderResult:
     text: str
     used: set[str] = field(default_factory=set)  # dependency keys, e.g. catalog(local)
     kv: dict[str, KVRequest] = field(default_factory=dict)
+    catalogs: dict[str, str] = field(default_factory=dict)  # catalog key -> dc ("" is the agent's)
     missing: set[str] = field(default_factory=set)
     queries: set[str] = field(default_factory=set)  # consul-template style names, for /metrics
 
@@ -67,6 +68,7 @@ class _Recorder:
     def _catalog(self, dc: str | None) -> Snapshot:
         key = catalog_key(dc)
         self.result.used.add(key)
+        self.result.catalogs[key] = "" if key == catalog_key(None) else str(dc)
         snapshot = self.view.catalog(dc or "")
         if snapshot is None:
             self.result.missing.add(key)

@@ -126,10 +126,9 @@ class Runner:
             if key in self.sources:
                 continue
             source: Source
-            if key.startswith("catalog("):
-                dc = key[len("catalog(") : -1]
+            if key in result.catalogs:
                 source = CatalogSource(
-                    "" if dc == "local" else dc,
+                    result.catalogs[key],
                     self.fetcher,
                     self.store.publish_catalog,
                     self._on_state,

@@ -6,9 +6,12 @@ import http.client
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from tests.support import wait_until
 
 # a backend that finishes in-flight requests on SIGTERM (docker stop), as the issue asks
 SERVE = "trap 'sleep 1; kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait"
@@ -84,6 +87,13 @@ def web(containers: Any, name: str | None = None, **labels: str) -> Any:
         **labels,
     }
     return containers.run(labels=all_labels, command=SERVE, name=name, stop_signal="SIGTERM")
+
+
+def serving_web(containers: Any, count: int, serving: Callable[[Any], bool], timeout: float = 30.0) -> list[Any]:
+    """`count` web backends, returned once every one answers through the proxy (`serving`)."""
+    backends = [web(containers) for _ in range(count)]
+    wait_until(lambda: all(serving(c) for c in backends), timeout=timeout, what=f"{count} backends serving")
+    return backends
 
 
 def served_by(port: int, marker: str) -> bool:

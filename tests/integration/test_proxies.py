@@ -12,10 +12,11 @@ import sys
 import threading
 import time
 
+import jinja2
 import pytest
 
 from tests.support import ROOT, ConsulAgent, free_port, tempdir, wait_until
-from tests.traffic import Load, get, served_by, started_at, web
+from tests.traffic import Load, get, served_by, serving_web, started_at, web
 
 pytestmark = pytest.mark.integration
 
@@ -116,8 +117,7 @@ def test_haproxy_routes_new_container_fast_via_runtime_api(consul, containers, h
 
 def test_haproxy_replace_every_backend_under_load_drops_nothing(consul, containers, haproxy_stack):
     port, _ = haproxy_stack
-    old = [web(containers) for _ in range(3)]
-    wait_until(lambda: all(served_by(port, c.name) for c in old), timeout=20, what="3 backends serving")
+    old = serving_web(containers, 3, lambda c: served_by(port, c.name), timeout=20)
     with Load(port, "app.test") as load:
         time.sleep(1)
         for c in list(old):
@@ -131,8 +131,7 @@ def test_haproxy_replace_every_backend_under_load_drops_nothing(consul, containe
 
 def test_haproxy_backends_killed_abruptly_no_failed_get(consul, containers, haproxy_stack):
     port, _ = haproxy_stack
-    backends = [web(containers) for _ in range(3)]
-    wait_until(lambda: all(served_by(port, c.name) for c in backends), timeout=20, what="3 backends serving")
+    backends = serving_web(containers, 3, lambda c: served_by(port, c.name), timeout=20)
     with Load(port, "app.test") as load:
         time.sleep(1)
         backends[0].kill()
@@ -145,8 +144,7 @@ def test_haproxy_backends_killed_abruptly_no_failed_get(consul, containers, hapr
 
 def test_haproxy_consul_state_loss_under_load(consul, containers, haproxy_stack):
     port, _ = haproxy_stack
-    backends = [web(containers) for _ in range(2)]
-    wait_until(lambda: all(served_by(port, c.name) for c in backends), timeout=20, what="backends serving")
+    serving_web(containers, 2, lambda c: served_by(port, c.name), timeout=20)
     with Load(port, "app.test") as load:
         time.sleep(1)
         consul.restart()
@@ -189,7 +187,7 @@ def make_cert(directory, host: str) -> None:
 
 def tls_get(port: int, host: str, ca_files: list[str]) -> tuple[int, str, str]:
     """GET / over TLS to 127.0.0.1 with SNI `host`, the certificate verified for `host` against
-    ca_files (none: not verified). (status, the certificate's CN, response headers and body)"""
+    ca_files (none: not verified). (status, the certificate's CN or "", headers and body)"""
     context = ssl.create_default_context()
     if not ca_files:
         context.check_hostname = False
@@ -204,12 +202,10 @@ def tls_get(port: int, host: str, ca_files: list[str]) -> tuple[int, str, str]:
         chunks = []
         while data := tls.recv(65536):
             chunks.append(data)
-        cert = tls.getpeercert(binary_form=not ca_files)
-    if not ca_files:
-        return int(b"".join(chunks).split(b" ", 2)[1]), "", b"".join(chunks).decode(errors="replace")
+        cert = tls.getpeercert()  # {} when not verified
     text = b"".join(chunks).decode(errors="replace")
-    subject = dict(item[0] for item in cert["subject"])
-    return int(text.split(" ", 2)[1]), subject["commonName"], text
+    subject = dict(item[0] for item in cert.get("subject", ()))
+    return int(text.split(" ", 2)[1]), subject.get("commonName", ""), text
 
 
 class _EchoProto(http.server.BaseHTTPRequestHandler):
@@ -262,3 +258,51 @@ def _https_by_sni(consul, proxy_stack, kind, certs) -> None:
     finally:
         backend.shutdown()
         backend.server_close()
+
+
+EXTERNAL = """global
+    master-worker
+    stats socket {{ vars.dir }}/admin.sock mode 600 level admin
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+frontend f
+    bind 127.0.0.1:{{ vars.port }}
+    http-request return status 200 content-type text/plain string "{{ vars.version }}\\n"
+"""
+
+
+@pytest.mark.parametrize("find_by", ["pid-file", "command-line"])
+def test_templater_reloads_a_proxy_it_did_not_start(templater, tmp_path, find_by):
+    """An HAProxy started by someone else is found (pid file, or psutil by command line),
+    reloaded in place, and left running when the templater stops."""
+    port = free_port()
+    src = tmp_path / "ext.j2"
+    src.write_text(EXTERNAL)
+    dest = tmp_path / "ext.cfg"
+    pid_file = tmp_path / "ext.pid"
+    dest.write_text(
+        jinja2.Template(EXTERNAL, keep_trailing_newline=True).render(
+            vars={"dir": tmp_path, "port": port, "version": "v1"}
+        )
+    )
+    argv = ["haproxy", "-W", "-db", "-f", str(dest)] + (["-p", str(pid_file)] if find_by == "pid-file" else [])
+    ours = subprocess.Popen(argv, start_new_session=True)
+    try:
+        wait_until(lambda: get(port, "any", "/")[1] == "v1\n", timeout=10, what="our haproxy serving v1")
+        extra = ["--proxy-pid-file", str(pid_file)] if find_by == "pid-file" else []
+        proc = templater(
+            "--template", f"{src}:{dest}", "--proxy", "haproxy", *extra,
+            "--var", f"dir={tmp_path}", "--var", f"port={port}", "--var", "version=v2",
+        )  # fmt: skip
+        wait_until(lambda: get(port, "any", "/")[1] == "v2\n", timeout=15, what="v2 through the same master")
+        assert f"proxy reloaded haproxy({dest}) pid={ours.pid}" in proc.output()
+        assert "proxy started" not in proc.output()
+        proc.stop()
+        assert ours.poll() is None  # not ours to stop
+        assert get(port, "any", "/")[1] == "v2\n"
+    finally:
+        ours.terminate()
+        ours.wait(10)

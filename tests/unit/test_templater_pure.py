@@ -9,9 +9,13 @@ from templater.catalog import (
     Instance,
     Snapshot,
     aggregate,
-    build_snapshot,
+    build_instances,
     changed_services,
+    clean_nodes,
+    clean_services,
     group_rows,
+    health_index,
+    instances_with_health,
     rows_from_node,
     summarize,
 )
@@ -48,7 +52,7 @@ def test_grace_holds_an_emptied_set_then_believes_it():
     assert grace.apply(before, partial, now=1.0)[0].instances["web"] == (inst("b"),)
 
 
-def test_build_snapshot_joins_health_and_sanitizes():
+def test_catalog_joins_health_and_sanitizes():
     warnings: list[str] = []
     services = {"web": ["v1", "bad tag"], "evil\nname": []}
     node = {
@@ -68,10 +72,12 @@ def test_build_snapshot_joins_health_and_sanitizes():
     ]
     rows = group_rows(rows_from_node("n1", node["n1"]))
     nodes = [{"Node": "n1", "Address": "10.0.0.1"}, {"Node": "bad node", "Address": "10.0.0.9"}]
-    snap = build_snapshot(services, rows, nodes, checks, warnings.append)
-    assert list(snap.services) == ["web"] and snap.services["web"] == ("v1",)
-    assert [n.name for n in snap.nodes] == ["n1"] and any("bad node" in w for w in warnings)
-    by_id = {i.id: i for i in snap.instances["web"]}
+    kept = clean_services(services, warnings.append)
+    built = {name: build_instances(name, rows.get(name, []), warnings.append) for name in kept}
+    instances = instances_with_health(kept, built, health_index(checks))
+    assert list(kept) == ["web"] and kept["web"] == ("v1",)
+    assert [n.name for n in clean_nodes(nodes, warnings.append)] == ["n1"] and any("bad node" in w for w in warnings)
+    by_id = {i.id: i for i in instances["web"]}
     assert set(by_id) == {"w1", "w3"}
     assert by_id["w1"].address == "10.0.0.1" and by_id["w1"].status == "maintenance"
     assert by_id["w3"].status == "critical" and by_id["w3"].meta == {}
