@@ -11,10 +11,11 @@ from collections.abc import Callable
 from registrar import settings as settings_mod
 from registrar.consul_registry import ConsulRegistry
 from registrar.docker_events import DockerSource, DockerWatcher
-from registrar.errors import BackendUnavailable
+from registrar.errors import Unavailable
 from registrar.sync import Syncer
 from sidecar import logs
 from sidecar.backoff import sleep
+from sidecar.threads import Supervisor
 
 log = logging.getLogger("registrar")
 
@@ -26,7 +27,7 @@ def wait_for(name: str, ping: Callable[[], None], attempts: int, interval: float
         try:
             ping()
             return True
-        except BackendUnavailable as err:
+        except Unavailable as err:
             tried += 1
             if attempts >= 0 and tried > attempts:
                 log.error("giving up on %s after %d attempts: %s", name, tried, err)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = ConsulRegistry(settings.consul)
     source = DockerSource(settings.docker_url)
     syncer = Syncer(registry, settings.sync)
-    watcher = DockerWatcher(source, syncer.submit, settings.sync.retry_interval)
+    watcher = DockerWatcher(source, syncer.submit, syncer.mark, settings.sync.retry_interval)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("stopping on %s", signal.Signals(signum).name)
@@ -65,20 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         "starting %s",
         logs.kv(consul=settings.consul.url, docker=source.describe(), hostname=settings.sync.spec.hostname),
     )
+    supervisor = Supervisor()
     threads = [
-        threading.Thread(target=syncer.run, args=(stop,), name="sync", daemon=True),
-        threading.Thread(target=watcher.run, args=(stop,), name="docker-events", daemon=True),
+        supervisor.start("sync", lambda: syncer.run(stop), stop),
+        supervisor.start("docker-events", lambda: watcher.run(stop), stop),
     ]
     if settings.resync > 0:
-        threads.append(
-            threading.Thread(target=resync_loop, args=(watcher, settings.resync, stop), name="resync", daemon=True)
-        )
-    for thread in threads:
-        thread.start()
+        threads.append(supervisor.start("resync", lambda: resync_loop(watcher, settings.resync, stop), stop))
     while not stop.wait(0.5):
-        if not all(t.is_alive() for t in threads):
-            log.error("a worker thread ended unexpectedly; exiting")
-            return 1
+        pass
     for thread in threads:
         thread.join(timeout=5)
     return 0
@@ -90,7 +86,7 @@ def resync_loop(watcher: DockerWatcher, every: float, stop: threading.Event) -> 
             continue
         try:
             watcher.list_all()
-        except BackendUnavailable as err:
+        except Unavailable as err:
             log.warning("resync skipped: %s", err)
 
 

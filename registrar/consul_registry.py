@@ -40,15 +40,16 @@ class ConsulRegistry:
         self._clients = ClientPerThread(settings, timeout)
 
     def _call(self, what: str, fn: Callable[[consul.Consul], T]) -> T:
+        scrub = self._settings.scrub
         try:
             return fn(self._clients.get())
-        except (requests.ConnectionError, requests.Timeout, consul.Timeout) as err:
-            raise ConsulUnavailable(f"consul {self._settings.url} unreachable during {what}: {err}") from err
+        except (requests.RequestException, consul.Timeout, OSError) as err:
+            raise ConsulUnavailable(scrub(f"consul {self._settings.url} unreachable during {what}: {err}")) from None
         except consul.ConsulException as err:
-            text = str(err)
+            text = scrub(str(err))
             if text.startswith("500") and ("connection refused" in text or "No cluster leader" in text):
-                raise ConsulUnavailable(f"consul not ready during {what}: {text}") from err
-            raise ConsulRejected(f"consul refused {what}: {text}") from err
+                raise ConsulUnavailable(f"consul not ready during {what}: {text}") from None
+            raise ConsulRejected(f"consul refused {what}: {text}") from None
 
     def _put(self, what: str, path: str, body: Any = None, params: list[Any] | None = None) -> None:
         def run(client: consul.Consul) -> None:

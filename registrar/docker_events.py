@@ -22,31 +22,36 @@ EVENTS = {"start", "die", "kill", "pause", "unpause", "destroy", "rename", "heal
 
 class DockerSource:
     """docker-py behind our error types. The stream is opened before any listing, so that
-    nothing that happens between the two is missed (registrator's rule)."""
+    nothing that happens between the two is missed (registrator's rule).
+
+    One docker-py client per thread: the event thread and the resync thread both list and
+    inspect, and a requests session is not safe to share."""
 
     def __init__(self, url: str | None, timeout: float = 10.0) -> None:
         self._url = url
         self._timeout = timeout
-        self._client: docker.APIClient | None = None
+        self._local = threading.local()
         self._stream: Any = None
         self._lock = threading.Lock()
 
     def _api(self) -> docker.APIClient:
-        if self._client is None:
+        client: docker.APIClient | None = getattr(self._local, "client", None)
+        if client is None:
             try:
                 if self._url:
-                    self._client = docker.APIClient(base_url=self._url, version="auto", timeout=self._timeout)
+                    client = docker.APIClient(base_url=self._url, version="auto", timeout=self._timeout)
                 else:
-                    self._client = docker.from_env(timeout=self._timeout).api
+                    client = docker.from_env(timeout=self._timeout).api
             except docker.errors.DockerException as err:
                 raise DockerUnavailable(f"docker {self.describe()}: {err}") from err
-        return self._client
+            self._local.client = client
+        return client
 
     def describe(self) -> str:
         return self._url or "default socket"
 
     def _wrap(self, what: str, err: Exception) -> DockerUnavailable:
-        self._client = None
+        self._local.client = None
         return DockerUnavailable(f"docker {self.describe()} unreachable during {what}: {err}")
 
     def ping(self) -> None:
@@ -111,10 +116,12 @@ class DockerWatcher:
         self,
         source: DockerSource,
         submit: Callable[[Intent], None],
+        mark: Callable[[], int],
         retry_interval: float = 2.0,
     ) -> None:
         self._source = source
         self._submit = submit
+        self._mark = mark
         self._backoff = Backoff(base=0.1, cap=retry_interval)
         self._up: bool | None = None
         self.connected = threading.Event()
@@ -142,12 +149,13 @@ class DockerWatcher:
         self._source.close_events()
 
     def list_all(self) -> None:
+        since = self._mark()
         inspects = []
         for container_id in self._source.running():
             data = self._source.inspect(container_id)
             if data is not None and (data.get("State") or {}).get("Running"):
                 inspects.append(data)
-        self._submit(Listing(inspects))
+        self._submit(Listing(inspects, since=since))
 
     def _event(self, event: dict[str, Any]) -> None:
         action = str(event.get("Action") or event.get("status") or "")

@@ -1,23 +1,22 @@
-"""The registrar's error types. Third-party errors are mapped to these at the adapters.
+"""The registrar's error types, on top of the shared tree in sidecar.errors.
 
-RegistrarError
+SidecarError
  +-- LabelError          a container's SERVICE_* value is invalid; that container/port is skipped
- +-- BackendUnavailable  Consul or Docker did not answer; retried with backoff
-      +-- ConsulUnavailable
-      +-- DockerUnavailable
+ +-- Unavailable         Consul or Docker did not answer; retried with backoff
+ |    +-- ConsulUnavailable
+ |    +-- DockerUnavailable
  +-- ConsulRejected      Consul answered but refused a request (bad definition, ACL)
 """
 
 from __future__ import annotations
 
+from sidecar.errors import ConsulRejected, ConsulUnavailable, SidecarError, Unavailable
 from sidecar.logs import kv
 
-
-class RegistrarError(Exception):
-    pass
+__all__ = ["ConsulRejected", "ConsulUnavailable", "DockerUnavailable", "LabelError", "Unavailable"]
 
 
-class LabelError(RegistrarError):
+class LabelError(SidecarError):
     def __init__(self, container: str, label: str, value: str, reason: str) -> None:
         self.container = container
         self.label = label
@@ -26,17 +25,5 @@ class LabelError(RegistrarError):
         super().__init__(f"bad label {kv(container=container, label=label, value=value)}: {reason}")
 
 
-class BackendUnavailable(RegistrarError):
-    pass
-
-
-class ConsulUnavailable(BackendUnavailable):
-    pass
-
-
-class DockerUnavailable(BackendUnavailable):
-    pass
-
-
-class ConsulRejected(RegistrarError):
+class DockerUnavailable(Unavailable):
     pass

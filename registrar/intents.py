@@ -6,6 +6,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.signals import parse_signal
+
 # Signals after which a container is expected to go away: its services drain at once.
 TERMINATING = {signal.SIGINT, signal.SIGQUIT, signal.SIGABRT, signal.SIGKILL, signal.SIGTERM}
 
@@ -52,6 +54,7 @@ class Listing:
     """Every running container, after the event stream was (re)opened or on --resync."""
 
     inspects: list[dict[str, Any]] = field(hash=False)
+    since: int = 0  # the Syncer.mark() taken before listing; later events win over it
 
 
 @dataclass(frozen=True)
@@ -62,18 +65,6 @@ class Ready:
 
 
 Intent = Up | Stopping | Paused | Died | Destroyed | Health | Listing | Ready
-
-
-def parse_signal(text: str | None) -> int | None:
-    """A signal from Docker's text ("15", "SIGTERM", "TERM"); None if unknown."""
-    if not text:
-        return None
-    text = text.strip().upper()
-    if text.isdigit():
-        return int(text)
-    name = text if text.startswith("SIG") else f"SIG{text}"
-    value = getattr(signal.Signals, name, None)
-    return int(value) if value is not None else None
 
 
 def needs_inspect(action: str) -> bool:

@@ -42,7 +42,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tags", default="", help="comma list of tags added to every service")
     p.add_argument("--use-ip-from-label", default="", help="label holding the IP to register")
     p.add_argument("--resync", type=float, default=0, help="seconds between full resyncs (0: never)")
-    p.add_argument("--cleanup", action="store_true", help="remove this host's dangling services")
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="registrator compatibility: this host's dangling services are always removed",
+    )
+    p.add_argument(
+        "--allow-script-checks",
+        action="store_true",
+        help="accept SERVICE_CHECK_SCRIPT (the agent runs label text as a shell command)",
+    )
     p.add_argument("--deregister", choices=("always", "on-success"), default="always")
     p.add_argument(
         "--retry-attempts",
@@ -71,6 +80,7 @@ def parse(argv: list[str] | None = None) -> Settings:
         explicit=args.explicit,
         force_tags=tags,
         use_ip_from_label=args.use_ip_from_label,
+        allow_script_checks=args.allow_script_checks,
     )
     interval = max(0.05, args.retry_interval / 1000)
     sync = SyncSettings(

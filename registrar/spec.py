@@ -25,7 +25,10 @@ _URL = re.compile(r"^https?://[\x21-\x7e]+$")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.:\[\]-]+:\d{1,5}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _RESERVED = {"name", "tags", "id", "ignore"}
+OWNER_META = "registrar_host"  # which registrar made a registration: its --hostname
 _CHECK_KINDS = ("http", "https", "tcp", "grpc", "script", "ttl")
+_CHECK_OPTIONS = ("interval", "timeout", "initial_status", "deregister_after", "tls_skip_verify")
+_CHECK_KEYS = {f"check_{k}" for k in (*_CHECK_KINDS, *_CHECK_OPTIONS)}
 META_VALUE_MAX = 512
 META_KEYS_MAX = 64
 
@@ -38,6 +41,7 @@ class SpecSettings:
     explicit: bool = False
     force_tags: tuple[str, ...] = ()
     use_ip_from_label: str = ""
+    allow_script_checks: bool = False  # SERVICE_CHECK_SCRIPT runs label text on the host, via the agent
 
 
 @dataclass
@@ -267,6 +271,8 @@ def _service(
             continue
         if not _META_KEY.match(key) or key.startswith("consul-"):
             raise bad(key, "meta key must be letters, digits, '_' or '-' (and not consul-*)")
+        if key == OWNER_META:
+            raise bad(key, f"meta key {OWNER_META} is set by the registrar itself")
         if _CONTROL.search(value.value):
             raise bad(key, "meta value contains a control character or newline")
         if len(value.value) > META_VALUE_MAX:
@@ -274,8 +280,9 @@ def _service(
         meta[key] = value.value
     if len(meta) > META_KEYS_MAX:
         raise LabelError(container, "SERVICE_*", str(len(meta)), f"more than {META_KEYS_MAX} meta keys")
+    meta[OWNER_META] = settings.hostname
 
-    check = _check(values, address or "127.0.0.1", number, bad)
+    check = _check(values, address or "127.0.0.1", number, bad, settings.allow_script_checks)
     if check is not None and check.kind in ("http", "https") and "check_http" in values:
         # proxies that check actively (the HAProxy template) use the same path
         meta["check_http"] = values["check_http"].value.strip()
@@ -308,11 +315,23 @@ def _tags(values: dict[str, _Value], settings: SpecSettings, container: str) -> 
     return tags
 
 
-def _check(values: dict[str, _Value], host: str, port: int, bad: Any) -> Check | None:
-    kind = next((k for k in _CHECK_KINDS if f"check_{k}" in values), None)
-    if kind is None:
+def _check(values: dict[str, _Value], host: str, port: int, bad: Any, allow_script: bool) -> Check | None:
+    for key in sorted(values):
+        if key == "check_cmd":
+            raise bad(key, "registrator's docker-exec check is not supported: use SERVICE_CHECK_HTTP, _TCP, "
+                      "_GRPC, _TTL or a Docker HEALTHCHECK")  # fmt: skip
+        if key.startswith("check_") and key not in _CHECK_KEYS:
+            known = ", ".join(f"SERVICE_{k.upper()}" for k in sorted(_CHECK_KEYS))
+            raise bad(key, f"unknown check setting (known: {known})")
+    kinds = [k for k in _CHECK_KINDS if f"check_{k}" in values]
+    if len(kinds) > 1:
+        raise bad(f"check_{kinds[1]}", f"one check per service: SERVICE_CHECK_{kinds[0].upper()} is set too")
+    if not kinds:
         return None
+    kind = kinds[0]
     key = f"check_{kind}"
+    if kind == "script" and not allow_script:
+        raise bad(key, "script checks run label text on the host: the registrar needs --allow-script-checks")
     raw = values[key].value.strip()
     host_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     target = raw

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -30,17 +29,18 @@ from registrar.intents import (
     Ready,
     Stopping,
     Up,
-    parse_signal,
 )
 from registrar.model import CRITICAL, PASSING, Service
 from registrar.probe import Prober
-from registrar.spec import SpecSettings, container_name, docker_health_status, services_for
+from registrar.spec import OWNER_META, SpecSettings, container_name, docker_health_status, services_for
 from sidecar.backoff import Backoff
 from sidecar.logs import kv
+from sidecar.signals import parse_signal, signal_name
 
 log = logging.getLogger("registrar.sync")
 
 TICK = 1.0
+SEEN_MAX = 10_000  # containers remembered for listings in flight
 TTL_HEARTBEAT = 60.0
 
 
@@ -48,7 +48,7 @@ TTL_HEARTBEAT = 60.0
 class SyncSettings:
     spec: SpecSettings
     deregister: str = "always"  # or on-success
-    cleanup: bool = False
+    cleanup: bool = False  # registrator compatibility: dangling services are always removed
     retry_interval: float = 2.0
     probe_window: float = 60.0
 
@@ -69,21 +69,21 @@ def plan(
     want_maintenance: set[str],
     agent: dict[str, dict[str, Any]],
     agent_maintenance: set[str],
-    owned: Callable[[str], bool],
-    cleanup: bool,
+    owned: Callable[[str, dict[str, Any]], bool],
 ) -> Plan:
     """What to do so that the agent holds the desired services. Pure.
 
-    agent_maintenance holds the services in maintenance that we put there; maintenance set
-    by an operator is never lifted.
+    Every service of ours (owned(id, agent view)) without a container is removed, whether
+    its deregistration failed before or it was left by an earlier run. agent_maintenance holds
+    the services in maintenance that we put there; maintenance set by an operator is never
+    lifted.
     """
     result = Plan()
     for service_id, service in sorted(desired.items()):
         view = agent.get(service_id)
         if view is None or not service.same_registration(view):
             result.register.append(service)
-    if cleanup:
-        result.deregister = sorted(sid for sid in agent if owned(sid) and sid not in desired)
+    result.deregister = sorted(sid for sid, view in agent.items() if sid not in desired and owned(sid, view))
     missing = {s.id for s in result.register if s.id not in agent}
     result.maintenance_on = sorted(
         sid for sid in want_maintenance if sid in desired and (sid not in agent_maintenance or sid in missing)
@@ -106,7 +106,13 @@ class Syncer:
     def __init__(self, registry: Registry, settings: SyncSettings) -> None:
         self._registry = registry
         self._settings = settings
-        self._queue: queue.Queue[Intent | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[int, Intent | None]] = queue.Queue()
+        self._submit_lock = threading.Lock()
+        self._submitted = 0  # sequence of the last intent queued; the queue keeps this order
+        self._died_at: dict[str, int] = {}  # container -> sequence of its Died, for listings in flight
+        self._up_at: dict[str, int] = {}  # container -> sequence of its last fresh Up
+        self._pending_deregister: set[str] = set()  # retried until the agent has them gone
+        self._refused: set[str] = set()  # refusals already logged, said once each
         self._containers: dict[str, Tracked] = {}
         self._lingering: dict[str, list[str]] = {}  # died, kept by --deregister on-success
         self._want_maintenance: set[str] = set()
@@ -120,14 +126,22 @@ class Syncer:
 
     # -- inputs, from any thread
 
-    def submit(self, intent: Intent) -> None:
-        self._queue.put(intent)
+    def submit(self, intent: Intent | None) -> None:
+        with self._submit_lock:
+            self._submitted += 1
+            self._queue.put((self._submitted, intent))
+
+    def mark(self) -> int:
+        """The sequence a listing started at: call it before listing containers, then submit
+        Listing(..., since=mark). Events queued after the mark win over the listing."""
+        with self._submit_lock:
+            return self._submitted
 
     def _on_ready(self, service_id: str, index: int, generation: int) -> None:
-        self._queue.put(Ready(service_id, index, generation))
+        self.submit(Ready(service_id, index, generation))
 
     def stop(self) -> None:
-        self._queue.put(None)
+        self.submit(None)
 
     # -- the loop
 
@@ -136,9 +150,8 @@ class Syncer:
         while not stop.is_set():
             timeout = max(0.0, next_tick - time.monotonic())
             try:
-                intent = self._queue.get(timeout=timeout)
+                seq, intent = self._queue.get(timeout=timeout)
             except queue.Empty:
-                intent = None
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick()
                 continue
@@ -146,10 +159,14 @@ class Syncer:
                 if stop.is_set():
                     break
                 continue
-            self._handle(intent)
+            self._handle(intent, seq)
         self._prober.cancel_all()
 
-    def _handle(self, intent: Intent) -> None:
+    def _handle(self, intent: Intent, seq: int = 0) -> None:
+        if isinstance(intent, Died):
+            self._died_at[intent.container_id] = seq
+        elif isinstance(intent, Up) and intent.fresh:
+            self._up_at[str(intent.inspect.get("Id", ""))] = seq
         try:
             if isinstance(intent, Up):
                 self._up(intent)
@@ -250,12 +267,16 @@ class Syncer:
             self._lingering[container_id] = sorted(tracked.services)
             log.info("kept %s", kv(container=tracked.name, exit_code=exit_code, deregister="on-success"))
             return
+        # pending first: if Consul fails half-way, the tick retries every one of them
+        self._pending_deregister.update(tracked.services)
         for service_id in sorted(tracked.services):
             self._deregister(service_id)
 
     def _destroyed(self, container_id: str) -> None:
         self._died(container_id, None)
-        for service_id in self._lingering.pop(container_id, []):
+        lingering = self._lingering.pop(container_id, [])
+        self._pending_deregister.update(lingering)
+        for service_id in lingering:
             self._deregister(service_id)
 
     def _health(self, intent: Health) -> None:
@@ -272,12 +293,24 @@ class Syncer:
                     log.info("health %s", kv(id=service.id, status=intent.status))
 
     def _listing(self, intent: Listing) -> None:
+        """Every running container, as listed from `since` on. What the event stream said after
+        that (a container that died, one that started) is newer than the listing and wins."""
         running = {str(i.get("Id", "")) for i in intent.inspects}
         for container_id in sorted(set(self._containers) - running):
+            if self._up_at.get(container_id, -1) > intent.since:
+                continue  # started after the listing began
             self._died(container_id, None)
         for inspect in intent.inspects:
+            container_id = str(inspect.get("Id", ""))
+            if self._died_at.get(container_id, -1) > intent.since:
+                log.info("listing skipped %s: it died after the listing began", kv(container=container_name(inspect)))
+                continue
             self._up(Up(inspect, fresh=False))
-        self._reconcile(cleanup=self._settings.cleanup)
+        for seen in (self._died_at, self._up_at):
+            if len(seen) > SEEN_MAX:
+                for container_id in sorted(seen, key=seen.__getitem__)[: SEEN_MAX // 2]:
+                    del seen[container_id]
+        self._reconcile()
 
     def _ready(self, intent: Ready) -> None:
         service = self._service(intent.service_id)
@@ -313,6 +346,7 @@ class Syncer:
         except ConsulRejected as err:
             log.error("rejected %s: %s", kv(container=tracked.name, id=service.id), err)
             return
+        self._pending_deregister.discard(service.id)
         facts: dict[str, object] = {"service": service.name, "id": service.id, "port": service.port}
         if event_ns:
             facts["latency_ms"] = round((time.time_ns() - int(event_ns)) / 1e6, 1)
@@ -324,6 +358,8 @@ class Syncer:
                 self._prober.start(service.id, index, check, generation)
 
     def _deregister(self, service_id: str) -> None:
+        """Deregister, or leave it pending: the tick retries until the agent has it gone."""
+        self._pending_deregister.add(service_id)
         self._prober.cancel(service_id)
         self._want_maintenance.discard(service_id)
         self._agent_maintenance.discard(service_id)
@@ -334,8 +370,12 @@ class Syncer:
         try:
             self._registry.deregister(service_id)
         except ConsulRejected as err:
-            log.error("deregister refused %s: %s", kv(id=service_id), err)
+            if service_id not in self._refused:
+                self._refused.add(service_id)
+                log.error("deregister refused, will retry %s: %s", kv(id=service_id), err)
             return
+        self._pending_deregister.discard(service_id)
+        self._refused.discard(service_id)
         log.info("deregistered %s", kv(id=service_id))
 
     def _maintenance(self, service_id: str, enable: bool) -> None:
@@ -365,7 +405,7 @@ class Syncer:
 
     def _tick(self) -> float:
         try:
-            self._reconcile(cleanup=False)
+            self._reconcile()
             if time.monotonic() - self._last_heartbeat > TTL_HEARTBEAT:
                 self._heartbeat()
         except ConsulUnavailable as err:
@@ -373,7 +413,7 @@ class Syncer:
             return self._backoff.next_delay()
         return TICK
 
-    def _reconcile(self, cleanup: bool) -> None:
+    def _reconcile(self) -> None:
         agent = self._registry.services()
         checks = self._registry.checks()
         self._consul_back()
@@ -389,14 +429,16 @@ class Syncer:
         desired = {sid: s for t in self._containers.values() for sid, s in t.services.items()}
         lingering = {sid for ids in self._lingering.values() for sid in ids}
         hostname = self._settings.spec.hostname
-        todo = plan(
-            desired,
-            self._want_maintenance,
-            agent,
-            self._agent_maintenance,
-            lambda sid: sid.startswith(f"{hostname}:") and sid not in lingering,
-            cleanup,
-        )
+        # gone from the agent by other means (a restart that lost its state): nothing to retry
+        self._pending_deregister &= set(agent)
+
+        def owned(sid: str, view: dict[str, Any]) -> bool:
+            if sid in lingering:
+                return False
+            ours = sid.startswith(f"{hostname}:") or (view.get("Meta") or {}).get(OWNER_META) == hostname
+            return ours or sid in self._pending_deregister
+
+        todo = plan(desired, self._want_maintenance, agent, self._agent_maintenance, owned)
         if todo.empty():
             return
         log.info(
@@ -434,10 +476,3 @@ class Syncer:
             log.info("consul available again")
         self._consul_up = True
         self._backoff.reset()
-
-
-def signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return str(number)

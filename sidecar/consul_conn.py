@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -21,6 +22,25 @@ class ConsulSettings:
 
     def describe(self) -> str:
         return self.url
+
+    def scrub(self, text: str) -> str:
+        """text without the ACL token, for error messages, logs and /health."""
+        return scrub(text, self.token)
+
+
+_TOKEN_PARAM = re.compile(r"(?i)([?&](?:token|X-Consul-Token)=)[^&\s'\")]*")
+REDACTED = "<redacted>"
+
+
+def scrub(text: str, token: str | None = None) -> str:
+    """text with every `token=` query value and every occurrence of the token redacted.
+
+    Third-party errors (requests, urllib3) quote the URL they failed on; none of that may carry
+    a secret into a log line or a status page."""
+    text = _TOKEN_PARAM.sub(r"\1" + REDACTED, text)
+    if token:
+        text = text.replace(token, REDACTED)
+    return text
 
 
 def add_consul_arguments(parser: argparse.ArgumentParser) -> None:

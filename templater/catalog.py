@@ -215,24 +215,27 @@ def build_instances(name: str, rows: Iterable[Row], warn: Any) -> tuple[Instance
     return tuple(sorted(instances, key=lambda i: (i.node, i.id)))
 
 
-def summarize(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """`/v1/internal/ui/services` by service name: instance and check counts, nodes, tags."""
-    return {str(e.get("Name", "")): e for e in entries or () if isinstance(e, dict)}
+def check_signatures(checks: Iterable[dict[str, Any]]) -> dict[str, frozenset[tuple[str, ...]]]:
+    """Per service, which instances have which checks, from `/v1/health/state/any`. Pure.
 
-
-def changed_services(
-    old_summary: Mapping[str, Any],
-    new_summary: Mapping[str, Any],
-    old_services: Mapping[str, Any],
-    new_services: Mapping[str, Any],
-) -> set[str]:
-    """Services whose instances must be read again: their summary or their tags moved.
-
-    A summary cannot see an instance changed in place (same count, same checks); the periodic
-    full read catches those.
-    """
-    names = set(new_services) | set(old_services)
-    return {n for n in names if old_summary.get(n) != new_summary.get(n) or old_services.get(n) != new_services.get(n)}
+    A service whose signature moved gained or lost an instance with checks (or its tags
+    changed): it is read again. Status and output are left out, so a check that flaps costs no
+    read; health is applied from the same data without one."""
+    found: dict[str, set[tuple[str, ...]]] = {}
+    for check in checks:
+        name = check.get("ServiceName")
+        if not name or str(check.get("CheckID", "")).startswith("_service_maintenance:"):
+            continue
+        found.setdefault(str(name), set()).add(
+            (
+                str(check.get("Node", "")),
+                str(check.get("ServiceID", "")),
+                str(check.get("CheckID", "")),
+                str(check.get("CreateIndex", "")),
+                ",".join(str(t) for t in check.get("ServiceTags") or ()),
+            )
+        )
+    return {name: frozenset(sig) for name, sig in found.items()}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import urllib.parse
@@ -22,6 +23,7 @@ import consul.exceptions
 import requests
 
 from sidecar.consul_conn import ClientPerThread, ConsulSettings
+from sidecar.threads import Supervisor
 from templater.catalog import (
     Health,
     Instance,
@@ -29,7 +31,7 @@ from templater.catalog import (
     Row,
     Snapshot,
     build_instances,
-    changed_services,
+    check_signatures,
     clean_nodes,
     clean_services,
     group_rows,
@@ -38,7 +40,6 @@ from templater.catalog import (
     rows_from_node,
     service_row,
     sorted_rows,
-    summarize,
 )
 from templater.errors import ConsulRejected, ConsulUnavailable
 from templater.render import catalog_key
@@ -55,50 +56,56 @@ class ConsulFetcher:
     def __init__(self, settings: ConsulSettings, timeout: float = 10.0) -> None:
         self._settings = settings
         self._clients = ClientPerThread(settings, timeout)
+        self.requests = 0  # for /metrics and the bench: requests per change, per idle minute
 
     def get(self, path: str, params: dict[str, str]) -> Response:
-        """A GET; with `index` in params it blocks, and py-consul sizes the read timeout to `wait`."""
+        """A GET; with `index` in params it blocks, and py-consul sizes the read timeout to `wait`.
+
+        The token goes in the X-Consul-Token header, never in the URL, and every error text is
+        scrubbed: requests quotes the URL it failed on."""
         client = self._clients.get()
-        query = list(params.items())
-        if client.token:
-            query.append(("token", client.token))
+        scrub = self._settings.scrub
+        self.requests += 1
         try:
-            raw = client.http.get(lambda r: r, path, params=query)
+            raw = client.http.get(lambda r: r, path, params=list(params.items()), headers=client.prepare_headers())
         except (requests.RequestException, consul.exceptions.Timeout, OSError) as err:
-            raise ConsulUnavailable(f"consul {self._settings.url}{path}: {err}") from err
+            raise ConsulUnavailable(scrub(f"consul {self._settings.url}{path}: {err}")) from None
         if raw.code >= 500:
-            raise ConsulUnavailable(f"consul {path}: {raw.code} {raw.body[:200]}")
+            raise ConsulUnavailable(scrub(f"consul {path}: {raw.code} {raw.body[:200]}"))
         if raw.code == 404:
             return Response(int(raw.headers.get("X-Consul-Index", "1")), None)
         if raw.code >= 400:
-            raise ConsulRejected(f"consul {path}: {raw.code} {raw.body[:200]}")
+            raise ConsulRejected(scrub(f"consul {path}: {raw.code} {raw.body[:200]}"))
         try:
             data = json.loads(raw.body) if raw.body else None
         except ValueError as err:
-            raise ConsulUnavailable(f"consul {path}: bad JSON: {err}") from err
+            raise ConsulUnavailable(f"consul {path}: bad JSON: {err}") from None
         return Response(
             index=int(raw.headers.get("X-Consul-Index", "0") or 0),
             data=data,
             last_contact_ms=int(raw.headers.get("X-Consul-LastContact", "0") or 0),
+            known_leader=raw.headers.get("X-Consul-KnownLeader", "true") != "false",
         )
 
 
 StateFn = Callable[[str, bool, str], None]
 
-RECONCILE_QUIET = 0.5  # a full read this long after the last change ...
-RECONCILE_MAX = 3.0  # ... or at the latest this long after the first one not yet read in full
+FULL_READ_QUIET = 0.5  # a full read this long after the last unexplained change ...
+FULL_READ_MAX = 3.0  # ... or at the latest this long after the first one
+SAFETY_READ = 300.0  # and one at least this often (jittered), for what no watch announced
 TARGETED_MAX = 32  # more changed services than this (an agent that lost its state): one full read
 
 
 class CatalogSource:
     """A dc's catalog: services, instances with health, nodes; published as one Snapshot.
 
-    When `/v1/catalog/services` moves, one read of the per-service summary
-    (`/v1/internal/ui/services`: instance and check counts) names the services that changed and
-    only those are read again (`/v1/catalog/service/<name>`), so a single change costs a few
-    small reads instead of the whole catalog. The summary cannot see an instance changed in
-    place, so a full read (every node's catalog) follows once changes quiet down. Without the
-    summary endpoint (an older or newer agent, ACLs) every change is a full read.
+    Two blocking queries on documented endpoints watch everything: `/v1/catalog/services`
+    (names and tags) and `/v1/health/state/any` (every check, with its service and node). A
+    service whose tags changed, or whose set of checks changed (an instance with checks came
+    or went), is read again on its own (`/v1/catalog/service/<name>`). A catalog change that
+    neither explains (an instance without checks, or one changed in place) costs one full read
+    (`/v1/catalog/node/<n>` for every node), debounced; one more runs every few minutes as a
+    safety net. With --max-stale every read may be answered by any server, not the leader.
     """
 
     def __init__(
@@ -109,30 +116,38 @@ class CatalogSource:
         on_state: StateFn,
         settings: WatchSettings,
         warn: Callable[[str], None],
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.key = catalog_key(dc)
         self._params = {"dc": dc} if dc else {}
+        self._read_params = dict(self._params, **({"stale": ""} if settings.stale else {}))
         self._fetcher = fetcher
         self._publish = publish
         self._warn = warn
+        self._supervisor = supervisor or Supervisor()
         self._lock = threading.Condition()  # the state below; publishing happens under it, in order
-        self._fetch_lock = threading.Lock()  # one targeted read-and-apply at a time
+        self._fetch_lock = threading.Lock()  # one read-and-apply at a time
         self._stopped = threading.Event()
         self._services: dict[str, Any] | None = None
         self._kept: dict[str, tuple[str, ...]] = {}
         self._checks: list[dict[str, Any]] | None = None
+        self._signatures: dict[str, frozenset[tuple[str, ...]]] = {}
+        self._check_nodes: frozenset[str] | None = None
+        self._explained: dict[str, int] = {}  # service -> index of the checks that explained it
         self._health = Health()
         self._rows: dict[str, list[Row]] = {}
         self._bare: dict[str, tuple[Instance, ...]] = {}
         self._dirty: set[str] = set()
         self._nodes: tuple[Node, ...] = ()
-        self._summary: dict[str, Any] | None = None
-        self._summary_ok = True
         self._loaded = False
         self._seq = 0
-        self._read_at: dict[str, int] = {}  # service -> _seq of its last targeted read
+        self._read_at: dict[str, int] = {}  # service -> _seq of its last targeted read, until a full read
         self._pending_since: float | None = None
+        self._pending_index = 0
         self._last_change = 0.0
+        self._next_safety = time.monotonic() + _jittered(SAFETY_READ)
+        self.full_reads = 0
+        self.targeted_reads = 0
         self._pool = ThreadPoolExecutor(NODE_POOL, thread_name_prefix="catalog-read")
         params = self._params
         self.loops = [
@@ -145,16 +160,24 @@ class CatalogSource:
                 on_state,
                 settings,
                 skip_equal=False,
+                supervisor=self._supervisor,
             ),
             BlockingLoop(
-                f"{self.key}.checks", "/v1/health/state/any", params, fetcher, self._checks_changed, on_state, settings
+                f"{self.key}.checks",
+                "/v1/health/state/any",
+                params,
+                fetcher,
+                self._checks_changed,
+                on_state,
+                settings,
+                supervisor=self._supervisor,
             ),
         ]
 
     def start(self) -> None:
         for loop in self.loops:
             loop.start()
-        threading.Thread(target=self._reconcile_loop, name=f"reconcile {self.key}", daemon=True).start()
+        self._supervisor.start(f"full-read {self.key}", self._full_read_loop, self._stopped)
 
     def stop(self) -> None:
         for loop in self.loops:
@@ -166,130 +189,135 @@ class CatalogSource:
 
     # -- reads
 
-    def _read_summary(self) -> dict[str, Any] | None:
-        """The per-service summary, or None when this agent does not give it to us."""
-        if not self._summary_ok:
-            return None
-        try:
-            data = self._fetcher.get("/v1/internal/ui/services", self._params).data
-        except ConsulRejected as err:
-            data, reason = None, str(err)
-        else:
-            reason = "not found"
-        if not isinstance(data, list):
-            self._summary_ok = False
-            log.info("%s: no service summary (%s); every catalog change is a full read", self.key, reason)
-            return None
-        return summarize(data)
-
     def _read_services(self, names: set[str]) -> dict[str, list[Row]]:
         ordered = sorted(names)
         paths = [f"/v1/catalog/service/{urllib.parse.quote(n, safe='')}" for n in ordered]
-        results = list(self._pool.map(lambda path: self._fetcher.get(path, self._params), paths))
+        results = list(self._pool.map(lambda path: self._fetcher.get(path, self._read_params), paths))
+        self.targeted_reads += len(ordered)
         return {
             n: sorted_rows(service_row(r) for r in (res.data or []) if isinstance(r, dict))
             for n, res in zip(ordered, results, strict=True)
         }
 
+    def _read_nodes(self) -> list[dict[str, Any]]:
+        data = self._fetcher.get("/v1/catalog/nodes", self._read_params).data or []
+        return [n for n in data if isinstance(n, dict)]
+
     def _read_everything(self) -> tuple[dict[str, list[Row]], list[dict[str, Any]]]:
-        nodes = [n for n in self._fetcher.get("/v1/catalog/nodes", self._params).data or [] if isinstance(n, dict)]
+        nodes = self._read_nodes()
         names = [str(n.get("Node", "")) for n in nodes]
         quoted = [urllib.parse.quote(n, safe="") for n in names]
-        results = list(self._pool.map(lambda q: self._fetcher.get(f"/v1/catalog/node/{q}", self._params), quoted))
+        results = list(self._pool.map(lambda q: self._fetcher.get(f"/v1/catalog/node/{q}", self._read_params), quoted))
+        self.full_reads += 1
         rows = group_rows(row for name, r in zip(names, results, strict=True) for row in rows_from_node(name, r.data))
         return rows, nodes
 
     # -- the watch callbacks
 
-    def _services_changed(self, data: Any) -> None:
+    def _services_changed(self, data: Any, index: int) -> None:
         services = dict(data or {})
         with self._fetch_lock:
-            summary = self._read_summary()
-            if summary is None or not self._loaded:
-                self._load_everything(services, summary)
+            if not self._loaded:
+                self._load_everything(services)
                 return
             with self._lock:
-                names = changed_services(self._summary or {}, summary, self._services or {}, services)
+                old = self._services or {}
+                names = {n for n in set(old) | set(services) if old.get(n) != services.get(n)}
+                explained = {n for n, i in self._explained.items() if i >= index}
+                self._explained.clear()
             if len(names) > TARGETED_MAX:
-                self._load_everything(services, summary)
+                self._load_everything(services)
                 return
-            rows = self._read_services(names & set(services))
+            rows = self._read_services(names & set(services)) if names else {}
             with self._lock:
-                self._summary = summary
                 self._set_services(services)
                 self._apply_targeted(names, rows)
                 self._rebuild()
-        self._schedule_reconcile()
+        if not names and not explained:
+            # neither the names, the tags nor the checks say what moved: an instance without
+            # checks came or went, or one changed in place. The checks of the same change may
+            # still be on their way; they cancel this read if they explain it.
+            self._schedule_full(index)
 
-    def _checks_changed(self, data: Any) -> None:
+    def _checks_changed(self, data: Any, index: int) -> None:
         checks = [c for c in data or [] if isinstance(c, dict)]
-        owners = {(c.get("Node"), c.get("ServiceID"), c.get("ServiceName")) for c in checks if c.get("ServiceID")}
+        signatures = check_signatures(checks)
+        node_names = frozenset(str(c.get("Node", "")) for c in checks if not c.get("ServiceID"))
         with self._lock:
-            before = {
-                (c.get("Node"), c.get("ServiceID"), c.get("ServiceName"))
-                for c in self._checks or []
-                if c.get("ServiceID")
-            }
-        vanished = {str(name) for _, _, name in before - owners}
-        if vanished and self._loaded:
-            # a service's checks vanished: it was most likely deregistered. Without reading it
-            # again it would look like an instance with no checks, which counts as passing.
+            old = self._signatures
+            # a node joined or left (its serfHealth check came or went): read the node list
+            nodes_moved = self._loaded and self._check_nodes is not None and node_names != self._check_nodes
+            self._check_nodes = node_names
+        changed = {n for n in set(signatures) | set(old) if signatures.get(n) != old.get(n)}
+        if self._loaded and (changed or nodes_moved):
             with self._fetch_lock:
-                rows = self._read_services(vanished)
-                with self._lock:
-                    self._apply_targeted(vanished, rows)
-            self._schedule_reconcile()
+                if len(changed) > TARGETED_MAX:
+                    self._load_everything(self._services or {})
+                else:
+                    rows = self._read_services(changed)
+                    nodes = self._read_nodes() if nodes_moved else None
+                    with self._lock:
+                        self._apply_targeted(changed, rows)
+                        if nodes is not None:
+                            self._set_nodes(nodes)
         with self._lock:
             self._checks = checks
+            self._signatures = signatures
             self._health = health_index(checks)
+            for name in changed:
+                self._explained[name] = index
+            if changed and self._pending_since is not None and index >= self._pending_index:
+                self._pending_since = None  # these checks explain the catalog change
             self._rebuild()
 
-    def _load_everything(self, services: dict[str, Any], summary: dict[str, Any] | None) -> None:
+    def _load_everything(self, services: dict[str, Any]) -> None:
         rows, nodes = self._read_everything()
         with self._lock:
-            self._summary = summary
             self._set_services(services)
             self._apply_everything(rows, nodes, since=None)
             self._loaded = True
             self._rebuild()
 
-    # -- the full read that catches what the summary cannot see
+    # -- the full read that catches what no watch explained
 
-    def _schedule_reconcile(self) -> None:
+    def _schedule_full(self, index: int) -> None:
         with self._lock:
             now = time.monotonic()
             self._last_change = now
+            self._pending_index = max(self._pending_index, index)
             if self._pending_since is None:
                 self._pending_since = now
             self._lock.notify_all()
 
-    def _reconcile_loop(self) -> None:
+    def _full_read_loop(self) -> None:
         while True:
             with self._lock:
                 while not self._stopped.is_set():
+                    now = time.monotonic()
+                    due = self._next_safety
                     if self._pending_since is not None:
-                        now = time.monotonic()
-                        due = min(self._last_change + RECONCILE_QUIET, self._pending_since + RECONCILE_MAX)
-                        if due <= now:
-                            break
-                        self._lock.wait(due - now)
-                    else:
-                        self._lock.wait()
+                        due = min(due, self._last_change + FULL_READ_QUIET, self._pending_since + FULL_READ_MAX)
+                    if due <= now:
+                        break
+                    self._lock.wait(due - now)
                 if self._stopped.is_set():
                     return
                 self._pending_since = None
+                self._next_safety = time.monotonic() + _jittered(SAFETY_READ)
                 since = self._seq
+            if not self._loaded:
+                continue
             try:
-                rows, nodes = self._read_everything()
+                with self._fetch_lock:
+                    rows, nodes = self._read_everything()
+                    with self._lock:
+                        missed = self._apply_everything(rows, nodes, since=since)
+                        if missed:
+                            log.info("%s: full read found changes: %s", self.key, ", ".join(sorted(missed)))
+                            self._rebuild()
             except (ConsulUnavailable, ConsulRejected) as err:
                 # the watch loops report the outage; their next change schedules another read
                 log.debug("full catalog read %s failed: %s", self.key, err)
-                continue
-            with self._lock:
-                missed = self._apply_everything(rows, nodes, since=since)
-                if missed:
-                    log.info("%s: full read found changes the summary missed: %s", self.key, ", ".join(sorted(missed)))
-                    self._rebuild()
 
     # -- state (called with self._lock held)
 
@@ -297,6 +325,14 @@ class CatalogSource:
         if services != self._services:
             self._services = services
             self._kept = clean_services(services, self._warn)
+
+    def _set_nodes(self, nodes: list[dict[str, Any]]) -> bool:
+        kept = clean_nodes(nodes, self._warn)
+        if kept == self._nodes:
+            return False
+        self._nodes = kept
+        self._dirty.add("(nodes)")
+        return True
 
     def _apply_targeted(self, names: set[str], rows: dict[str, list[Row]]) -> None:
         self._seq += 1
@@ -312,9 +348,9 @@ class CatalogSource:
                 continue
             if self._set_rows(name, rows.get(name, [])):
                 changed.add(name)
-        kept_nodes = clean_nodes(nodes, self._warn)
-        if kept_nodes != self._nodes:
-            self._nodes = kept_nodes
+        # what was read on its own before this full read began is now covered by it
+        self._read_at = {n: s for n, s in self._read_at.items() if since is not None and s > since}
+        if self._set_nodes(nodes):
             changed.add("(nodes)")
         return changed
 
@@ -332,7 +368,7 @@ class CatalogSource:
         if self._services is None or self._checks is None or not self._loaded:
             return
         started = time.perf_counter()
-        for name in self._dirty:
+        for name in self._dirty - {"(nodes)"}:
             built = build_instances(name, self._rows.get(name, ()), self._warn)
             if built:
                 self._bare[name] = built
@@ -345,6 +381,10 @@ class CatalogSource:
         log.debug("catalog rebuilt %s in %.1f ms", self.key, (time.perf_counter() - started) * 1000)
 
 
+def _jittered(seconds: float) -> float:
+    return seconds * random.uniform(0.9, 1.1)
+
+
 def kv_watch(
     key: str,
     path: str,
@@ -354,14 +394,15 @@ def kv_watch(
     publish: Callable[[str, Any], None],
     on_state: StateFn,
     settings: WatchSettings,
+    supervisor: Supervisor | None = None,
 ) -> BlockingLoop:
     """One KV key (`key`) or prefix (`ls`, `tree`): a blocking query of its own."""
     params = {"dc": dc} if dc else {}
     if recurse:
         params["recurse"] = ""
 
-    def changed(data: Any) -> None:
+    def changed(data: Any, _index: int) -> None:
         publish(key, data or [])
 
     quoted = urllib.parse.quote(path.lstrip("/"))
-    return BlockingLoop(key, f"/v1/kv/{quoted}", params, fetcher, changed, on_state, settings)
+    return BlockingLoop(key, f"/v1/kv/{quoted}", params, fetcher, changed, on_state, settings, supervisor=supervisor)

@@ -1,22 +1,23 @@
-"""The templater's error types. Third-party errors are mapped to these at the adapters.
+"""The templater's error types, on top of the shared tree in sidecar.errors.
 
-TemplaterError
+SidecarError
  +-- TemplateError       a template failed to parse or render; names the template and line
  +-- CheckFailed         the check command refused a staged file; the old file stays
  +-- CommandFailed       a command or reload after a swap failed
- +-- ConsulUnavailable   Consul did not answer; retried with backoff, last good output kept
+ +-- ProxyError          a proxy could not be found, started or reloaded, or refused a runtime change
+ +-- Unavailable
+ |    +-- ConsulUnavailable   Consul did not answer; retried with backoff, last good output kept
  +-- ConsulRejected      Consul answered with an error (bad query, ACL)
- +-- ProxyError          a proxy could not be found, started or reloaded
 """
 
 from __future__ import annotations
 
+from sidecar.errors import ConsulRejected, ConsulUnavailable, SidecarError
 
-class TemplaterError(Exception):
-    pass
+__all__ = ["CheckFailed", "CommandFailed", "ConsulRejected", "ConsulUnavailable", "ProxyError", "TemplateError"]
 
 
-class TemplateError(TemplaterError):
+class TemplateError(SidecarError):
     def __init__(self, template: str, line: int | None, message: str) -> None:
         self.template = template
         self.line = line
@@ -24,21 +25,13 @@ class TemplateError(TemplaterError):
         super().__init__(f"template {where}: {message}")
 
 
-class CheckFailed(TemplaterError):
+class CheckFailed(SidecarError):
     pass
 
 
-class CommandFailed(TemplaterError):
+class CommandFailed(SidecarError):
     pass
 
 
-class ConsulUnavailable(TemplaterError):
-    pass
-
-
-class ConsulRejected(TemplaterError):
-    pass
-
-
-class ProxyError(TemplaterError):
+class ProxyError(SidecarError):
     pass

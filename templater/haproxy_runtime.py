@@ -10,6 +10,7 @@ command HAProxy refuses, falls back to a graceful reload with the server state s
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import re
 import socket
@@ -36,21 +37,37 @@ class Parsed:
     servers: dict[str, dict[str, str]]  # backend -> server name -> the rest of its line
     socket_path: str | None
     state_file: str | None
+    # backend -> the `default-server` settings in force there (defaults section, then backend);
+    # HAProxy 2.6 does not apply them to servers added at runtime, so `add server` repeats them
+    default_server: dict[str, str] = field(default_factory=dict)
 
 
 def parse(config: str) -> Parsed:
     """Split a configuration into everything but backend server lines, and those lines. Pure."""
     structure: list[str] = []
     servers: dict[str, dict[str, str]] = {}
+    default_server: dict[str, str] = {}
+    in_defaults = False
+    defaults_params = ""
     backend: str | None = None
     socket_path = state_file = None
     for line in config.splitlines():
         section = _SECTION.match(line)
         if section:
+            in_defaults = section.group(1) == "defaults"
+            if in_defaults:
+                defaults_params = ""  # a new defaults section resets what the previous one set
             backend = section.group(2) if section.group(1) == "backend" else None
             if backend is not None:
                 servers.setdefault(backend, {})
+                default_server[backend] = defaults_params
         stripped = line.strip()
+        if stripped.startswith("default-server "):
+            params = stripped.split(None, 1)[1].split("#", 1)[0].strip()
+            if in_defaults:
+                defaults_params = f"{defaults_params} {params}".strip()
+            elif backend is not None:
+                default_server[backend] = f"{default_server[backend]} {params}".strip()
         if backend is not None and stripped.startswith("server "):
             parts = stripped.split(None, 2)
             if len(parts) == 3:
@@ -61,7 +78,7 @@ def parse(config: str) -> Parsed:
         if match := _STATE_FILE.match(line):
             state_file = match.group(1)
         structure.append(line)
-    return Parsed(tuple(structure), servers, socket_path, state_file)
+    return Parsed(tuple(structure), servers, socket_path, state_file, default_server)
 
 
 @dataclass
@@ -126,8 +143,39 @@ class AdminSocket:
         return b"".join(chunks).decode(errors="replace")
 
 
-RELOAD_SETTLE = 5.0
-_OK = ("", "New server registered.", "Server deleted.")
+RELOAD_SETTLE = 10.0
+_ADDED = "New server registered."
+_DELETED = "Server deleted."
+
+
+def add_command(backend: str, name: str, rest: str, defaults: str) -> str:
+    """`add server` with the backend's default-server settings first: the server's own win. Pure."""
+    address, _, params = rest.partition(" ")
+    args = " ".join(part for part in (address, defaults, params.strip()) if part)
+    return f"add server {backend}/{name} {args}"
+
+
+def session_counts(table: str) -> dict[tuple[str, str], int]:
+    """Current sessions per (backend, server) from `show stat` CSV. Pure."""
+    lines = [line for line in table.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("# "):
+        return {}
+    reader = csv.DictReader([lines[0][2:], *lines[1:]])
+    counts = {}
+    for row in reader:
+        scur = row.get("scur") or ""
+        if scur.isdigit():
+            counts[(row.get("pxname") or "", row.get("svname") or "")] = int(scur)
+    return counts
+
+
+class Outcome:
+    """What apply() did: APPLIED (every line accepted), SKIPPED (needs a reload), REFUSED (HAProxy
+    refused a line: the running state may differ from any file until the next reload)."""
+
+    APPLIED = "applied"
+    SKIPPED = "skipped"
+    REFUSED = "refused"
 
 
 class RuntimeHook:
@@ -139,10 +187,15 @@ class RuntimeHook:
         self.metrics = metrics
         self._lock = threading.Lock()
         self._draining: dict[tuple[str, str], float] = {}
+        self._refused_deletes: set[tuple[str, str]] = set()
         self._socket: AdminSocket | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain_loop, name="haproxy-drain", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _cli(self, command: str) -> str:
         if self._socket is None:
@@ -151,44 +204,49 @@ class RuntimeHook:
         log.debug("haproxy cli %s -> %s", command, answer)
         return answer
 
-    def apply(self, old: str | None, new: str) -> bool:
+    def _expect(self, command: str, ok: str = "") -> None:
+        """Run a command and raise ProxyError unless HAProxy answered exactly `ok`."""
+        answer = self._cli(command)
+        if answer != ok:
+            raise ProxyError(f"haproxy refused {command!r}: {answer or 'no answer'}")
+
+    def apply(self, old: str | None, new: str) -> str:
+        """Apply a server-only change on the admin socket. An Outcome."""
         parsed_new = parse(new)
         if parsed_new.socket_path:
             self._socket = AdminSocket(parsed_new.socket_path)
         if old is None or self._socket is None:
             self.save_state(parsed_new)
-            return False
+            return Outcome.SKIPPED
         with self._lock:
             ops = diff(parse(old), parsed_new, set(self._draining))
         if ops is None:
             self.save_state(parsed_new)
-            return False
+            return Outcome.SKIPPED
         try:
-            self._run(ops)
+            self._run(ops, parsed_new.default_server)
         except ProxyError as err:
-            log.warning("runtime update refused, reloading instead: %s", err)
+            log.warning("runtime update refused, writing the checked file and reloading instead: %s", err)
             self.save_state(parsed_new)
-            return False
-        return True
+            return Outcome.REFUSED
+        return Outcome.APPLIED
 
-    def _run(self, ops: Ops) -> None:
+    def _run(self, ops: Ops, defaults: dict[str, str]) -> None:
         for backend, name, rest in ops.add:
-            answer = self._cli(f"add server {backend}/{name} {rest}")
-            if answer not in _OK:
-                raise ProxyError(f"add server {backend}/{name}: {answer}")
+            self._expect(add_command(backend, name, rest, defaults.get(backend, "")), _ADDED)
             if re.search(r"\bcheck\b", rest):
-                self._cli(f"enable health {backend}/{name}")
-            self._cli(f"enable server {backend}/{name}")
+                self._expect(f"enable health {backend}/{name}")
+            self._expect(f"enable server {backend}/{name}")
             log.info("haproxy runtime added %s/%s %s", backend, name, rest)
         for backend, name, weight in ops.weight:
-            self._cli(f"set weight {backend}/{name} {weight}")
+            self._expect(f"set weight {backend}/{name} {weight}")
             log.info("haproxy runtime weight %s/%s %s", backend, name, weight)
         for backend, name in ops.revive:
-            self._cli(f"set server {backend}/{name} state ready")
+            self._expect(f"set server {backend}/{name} state ready")
             with self._lock:
                 self._draining.pop((backend, name), None)
         for backend, name in ops.drain:
-            self._cli(f"set server {backend}/{name} state drain")
+            self._expect(f"set server {backend}/{name} state drain")
             with self._lock:
                 self._draining[(backend, name)] = time.monotonic() + self.drain_timeout
             log.info("haproxy draining %s/%s timeout=%.0fs", backend, name, self.drain_timeout)
@@ -204,62 +262,79 @@ class RuntimeHook:
         with contextlib.suppress(OSError):
             Path(parsed.state_file).write_text(state + "\n")
 
-    def after_reload(self, new: str) -> None:
-        """Wait until the new worker answers on the socket with the new backends.
+    def worker_pid(self) -> int | None:
+        """The pid of the worker that answers on the admin socket now."""
+        try:
+            match = re.search(r"^Pid: (\d+)$", self._cli("show info"), re.MULTILINE)
+        except ProxyError:
+            return None
+        return int(match.group(1)) if match else None
+
+    def after_reload(self, new: str, workers: set[int]) -> None:
+        """Wait until a new worker (one of `workers`) answers on the socket with the new backends.
 
         The reload is asynchronous: until the new worker has bound the admin socket, the old
-        one answers, and it knows nothing of new backends.
+        one answers, and it knows nothing of new backends. Raises ProxyError when it does not.
         """
         parsed = parse(new)
         if parsed.socket_path:
             self._socket = AdminSocket(parsed.socket_path)
+        if self._socket is None:
+            return
         with self._lock:
             self._draining.clear()  # the new worker never had them; the old one finishes them
+            self._refused_deletes.clear()
         wanted = set(parsed.servers)
         deadline = time.monotonic() + RELOAD_SETTLE
         while time.monotonic() < deadline:
             try:
-                answer = self._cli("show backend")
-                if wanted <= set(answer.split()):
+                if self.worker_pid() in workers and wanted <= set(self._cli("show backend").split()):
                     return
             except ProxyError:
                 pass
             time.sleep(0.02)
-        log.warning("haproxy did not show the new backends within %.0f s of the reload", RELOAD_SETTLE)
-
-    def _sessions(self) -> dict[tuple[str, str], int]:
-        table = self._cli("show stat -1 4 -1")
-        counts = {}
-        for row in table.splitlines():
-            if row.startswith("#") or not row:
-                continue
-            cols = row.split(",")
-            if len(cols) > 4 and cols[4].isdigit():
-                counts[(cols[0], cols[1])] = int(cols[4])
-        return counts
+        raise ProxyError(f"haproxy: no new worker with the new backends answered within {RELOAD_SETTLE:.0f} s")
 
     def _drain_loop(self) -> None:
         while not self._stop.wait(0.1):
-            with self._lock:
-                draining = dict(self._draining)
-            if not draining:
+            try:
+                self._drain_step()
+            except Exception:  # the drain thread never dies: a bug here must not leave servers behind
+                log.exception("haproxy drain step failed; retrying")
+                self._stop.wait(1.0)
+
+    def _drain_step(self) -> None:
+        with self._lock:
+            draining = dict(self._draining)
+        if not draining:
+            return
+        try:
+            sessions = session_counts(self._cli("show stat -1 4 -1"))
+        except ProxyError as err:
+            log.warning("drain check failed: %s", err)
+            return
+        now = time.monotonic()
+        for (backend, name), deadline in draining.items():
+            busy = sessions.get((backend, name), 0)
+            if busy > 0 and now < deadline:
                 continue
             try:
-                sessions = self._sessions()
-                now = time.monotonic()
-                for (backend, name), deadline in draining.items():
-                    if sessions.get((backend, name), 0) > 0 and now < deadline:
-                        continue
-                    if sessions.get((backend, name), 0) > 0:
-                        self._cli(f"shutdown sessions server {backend}/{name}")
-                    self._cli(f"set server {backend}/{name} state maint")
-                    answer = self._cli(f"del server {backend}/{name}")
-                    with self._lock:
-                        self._draining.pop((backend, name), None)
-                    self.metrics.add(runtime_updates=1)
-                    log.info("haproxy removed %s/%s after drain: %s", backend, name, answer or "ok")
+                if busy > 0:
+                    self._cli(f"shutdown sessions server {backend}/{name}")
+                self._expect(f"set server {backend}/{name} state maint")
+                self._expect(f"del server {backend}/{name}", _DELETED)
             except ProxyError as err:
-                log.warning("drain check failed: %s", err)
+                # kept in the drain list and tried again; said once per server
+                if (backend, name) not in self._refused_deletes:
+                    self._refused_deletes.add((backend, name))
+                    log.warning("haproxy could not remove %s/%s yet, will retry: %s", backend, name, err)
+                continue
+            with self._lock:
+                self._draining.pop((backend, name), None)
+                self._refused_deletes.discard((backend, name))
+            self.metrics.add(runtime_updates=1)
+            log.info("haproxy removed %s/%s after drain", backend, name)
 
     def stop(self) -> None:
         self._stop.set()
+        self._thread.join(2)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import psutil
 
+from sidecar.backoff import Backoff
+from sidecar.signals import signal_name, terminate
 from templater.errors import ProxyError
 
 log = logging.getLogger("templater.proxy")
@@ -74,8 +76,24 @@ def _is_master(kind: ProxyKind, pid: int, config: Path) -> bool:
         return False
 
 
+RELOAD_CONFIRM = 10.0
+
+
+def children(pid: int) -> set[int]:
+    try:
+        return {child.pid for child in psutil.Process(pid).children()}
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return set()
+
+
 class Proxy:
-    """One proxy instance serving one configuration file."""
+    """One proxy instance serving one configuration file.
+
+    The proxy outlives the templater: it runs in its own session, and a templater that starts
+    again finds it (pid file, then command line) and reloads it in place. It is stopped with
+    the templater only when asked (--stop-proxy), as in a container whose PID 1 is the
+    templater.
+    """
 
     def __init__(self, kind: ProxyKind, config: Path, pid_file: Path | None = None) -> None:
         self.kind = kind
@@ -84,6 +102,8 @@ class Proxy:
         self.pid_file = pid_file or config.with_name(config.name + ".pid")
         self.child: subprocess.Popen[bytes] | None = None
         self._found: int | None = None  # a master started by someone else, found earlier
+        self._backoff = Backoff(base=0.5, cap=30.0)
+        self._next_start = 0.0
 
     @property
     def key(self) -> str:
@@ -99,9 +119,14 @@ class Proxy:
         return self._found
 
     def ensure_running(self) -> int:
+        """The master's pid, starting the proxy when none runs (at most once per backoff step)."""
         pid = self.master()
         if pid is not None:
             return pid
+        now = time.monotonic()
+        if now < self._next_start:
+            raise ProxyError(f"{self.key} is not running; next start attempt in {self._next_start - now:.1f} s")
+        self._next_start = now + self._backoff.next_delay()
         if self.child is not None and self.child.poll() is not None:
             log.warning("proxy exited %s code=%s: starting it again", self.key, self.child.returncode)
         argv = self.kind.start_argv(self.config, self.pid_file)
@@ -112,28 +137,54 @@ class Proxy:
         time.sleep(0.2)
         if self.child.poll() is not None:
             raise ProxyError(f"{self.key} exited at start with code {self.child.returncode}: {' '.join(argv)}")
+        self._backoff.reset()
         log.info("proxy started %s pid=%d", self.key, self.child.pid)
         return self.child.pid
 
-    def reload(self) -> None:
+    def reload(self) -> set[int]:
+        """Reload gracefully; the new worker pids once the master has forked them.
+
+        A master that cannot take the new configuration (a port already in use, say) keeps its
+        old workers and forks none: that is reported as a failed reload, never as success."""
         pid = self.master()
         if pid is None:
             self.ensure_running()
-            return
+            return set()
+        before = children(pid)
         try:
             os.kill(pid, self.kind.reload_signal)
         except ProcessLookupError as err:
             raise ProxyError(f"{self.key} master pid={pid} is gone") from err
-        log.info("proxy reloaded %s pid=%d signal=%s", self.key, pid, signal.Signals(self.kind.reload_signal).name)
+        deadline = time.monotonic() + RELOAD_CONFIRM
+        while time.monotonic() < deadline:
+            new = children(pid) - before
+            if new:
+                log.info("proxy reloaded %s pid=%d signal=%s workers=%s", self.key, pid,
+                         signal_name(self.kind.reload_signal), ",".join(map(str, sorted(new))))  # fmt: skip
+                return new
+            if self.child is not None and self.child.pid == pid and self.child.poll() is not None:
+                break
+            time.sleep(0.01)
+        raise ProxyError(
+            f"reload of {self.key} pid={pid} not taken: no new worker within {RELOAD_CONFIRM:.0f} s; "
+            "the proxy keeps serving its previous configuration (see its log)"
+        )
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the proxy only if this templater started it."""
-        if self.child is None or self.child.poll() is not None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the proxy gracefully (in-flight requests finish), then kill after timeout."""
+        if self.child is not None and self.child.poll() is None:
+            terminate(self.child, self.kind.stop_signal, timeout, self.key)
+            log.info("proxy stopped %s pid=%d", self.key, self.child.pid)
             return
-        self.child.send_signal(self.kind.stop_signal)
+        pid = self.master()
+        if pid is None:
+            return
         try:
-            self.child.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.child.kill()
-            self.child.wait()
-        log.info("proxy stopped %s pid=%d", self.key, self.child.pid)
+            proc = psutil.Process(pid)
+            proc.send_signal(self.kind.stop_signal)
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+        log.info("proxy stopped %s pid=%d", self.key, pid)

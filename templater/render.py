@@ -7,6 +7,7 @@ missing data is incomplete and is never written out, as in consul-template.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import sys
 import traceback
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import jinja2
+from jinja2 import pass_context
 from jinja2.sandbox import SandboxedEnvironment
 
 from templater.catalog import PASSING, Instance, Snapshot
@@ -53,6 +55,7 @@ class RenderResult:
     catalogs: dict[str, str] = field(default_factory=dict)  # catalog key -> dc ("" is the agent's)
     missing: set[str] = field(default_factory=set)
     queries: set[str] = field(default_factory=set)  # consul-template style names, for /metrics
+    warnings: list[str] = field(default_factory=list)  # from warn() and the checking filters
 
     @property
     def complete(self) -> bool:
@@ -115,8 +118,13 @@ class _Recorder:
         return base64.b64decode(raw).decode("utf-8", "replace") if raw else ""
 
     def key(self, path: str, dc: str | None = None) -> str:
+        """The key's value; a key that does not exist holds the render back until it does,
+        as consul-template's `key` does (`key_or_default` renders with a default instead)."""
         entries = self._kv(path, False, dc)
-        return self._value(entries[0]) if entries else ""
+        if not entries:
+            self.result.missing.add(kv_key(path, False, dc))
+            return ""
+        return self._value(entries[0])
 
     def key_or_default(self, path: str, default: str, dc: str | None = None) -> str:
         entries = self._kv(path, False, dc)
@@ -138,6 +146,11 @@ class _Recorder:
 
     def env(self, name: str, default: str = "") -> str:
         return self.env_vars.get(name, default)
+
+    def warn(self, message: Any) -> str:
+        """Templates report what they left out (a contested host, a bad value); logged once."""
+        self.result.warnings.append(str(message))
+        return ""
 
 
 def by_tag(instances: Iterable[Any], tag: str) -> list[Any]:
@@ -166,9 +179,98 @@ def group_by(items: Iterable[Any], attribute: str) -> dict[str, list[Any]]:
     return dict(sorted(groups.items()))
 
 
-def ident(text: Any) -> str:
-    """A name safe as a proxy identifier (backend, server, upstream): other characters become _."""
-    return re.sub(r"[^A-Za-z0-9_.:-]", "_", str(text))
+def ident(value: Any) -> str:
+    """A name safe as a proxy identifier (backend, server, upstream).
+
+    Safe text is kept as it is; text with other characters gets them replaced by `_` and a
+    short hash of the original appended, so `x/1` and `x_1` stay two names."""
+    text = str(value)
+    safe = _UNSAFE_IDENT.sub("_", text)
+    if safe == text and text:
+        return text
+    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+_UNSAFE_IDENT = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def server_names(instances: Iterable[Any]) -> list[tuple[str, Any]]:
+    """(name, instance) pairs with names unique within the list, for one backend's servers.
+
+    Names are ident(id); the same id on two nodes (IDs are unique per node only) becomes
+    ident(id@node), and anything still taken gets -2, -3. Input order decides, so sorted input
+    gives the same names every time."""
+    taken: set[str] = set()
+    pairs = []
+    for inst in instances:
+        sid = str(_get(inst, "id"))
+        name = ident(sid)
+        if name in taken:
+            name = ident(f"{sid}@{_get(inst, 'node')}")
+        base, n = name, 2
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+        taken.add(name)
+        pairs.append((name, inst))
+    return pairs
+
+
+@pass_context
+def int_between(context: Any, value: Any, low: int, high: int, default: int, what: str = "value") -> int:
+    """An integer for a proxy setting: bad text gives the default, others are clamped, with a warning."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        _context_warn(context, f"{what}={value!r} is not a whole number: using {default}")
+        return default
+    if not low <= number <= high:
+        clamped = min(max(number, low), high)
+        _context_warn(context, f"{what}={value!r} is outside {low}-{high}: using {clamped}")
+        return clamped
+    return number
+
+
+def _context_warn(context: Any, message: str) -> None:
+    warn = context.get("warn")
+    if callable(warn):
+        warn(message)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def haproxy_quote(value: Any) -> str:
+    """value as one double-quoted HAProxy argument: \\, \", $ and # cannot escape from it.
+    Line breaks and control characters cannot be represented safely: the render fails."""
+    text = str(value)
+    if _CONTROL.search(text):
+        raise ValueError(f"haproxy_quote: {text!r} holds a line break or control character")
+    return '"' + re.sub(r'([\\"$#])', r"\\\1", text) + '"'
+
+
+def nginx_quote(value: Any) -> str:
+    """value as one double-quoted NGINX string. NGINX has no escape for `$` (variables), so a
+    value with `$`, a line break or a control character fails the render rather than inject."""
+    text = str(value)
+    if _CONTROL.search(text) or "$" in text:
+        raise ValueError(f"nginx_quote: {text!r} holds $, a line break or a control character")
+    return '"' + re.sub(r'([\\"])', r"\\\1", text) + '"'
+
+
+_HOST = re.compile(
+    r"^(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_URL_PATH = re.compile(r"^/[A-Za-z0-9._~!*'()@:+,;=/%-]*$")
+
+
+def is_hostname(value: Any) -> bool:
+    """A Jinja test: a DNS host name (or *.wildcard), safe as a token in either proxy."""
+    return isinstance(value, str) and bool(_HOST.match(value))
+
+
+def is_url_path(value: Any) -> bool:
+    """A Jinja test: an absolute URL path of unreserved characters, safe as a token in either proxy."""
+    return isinstance(value, str) and bool(_URL_PATH.match(value))
 
 
 def split_list(text: Any) -> list[str]:
@@ -207,7 +309,18 @@ def make_environment() -> SandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(by_tag=by_tag, by_meta=by_meta, group_by=group_by, ident=ident, split_list=split_list)
+    env.filters.update(
+        by_tag=by_tag,
+        by_meta=by_meta,
+        group_by=group_by,
+        ident=ident,
+        split_list=split_list,
+        server_names=server_names,
+        int_between=int_between,
+        haproxy_quote=haproxy_quote,
+        nginx_quote=nginx_quote,
+    )
+    env.tests.update(hostname=is_hostname, url_path=is_url_path)
     return env
 
 
@@ -236,6 +349,7 @@ def render(
         "ls": recorder.ls,
         "tree": recorder.tree,
         "env": recorder.env,
+        "warn": recorder.warn,
         "vars": dict(variables),
     }
     try:

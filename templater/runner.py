@@ -15,16 +15,18 @@ import jinja2
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from sidecar.threads import Supervisor
 from templater.child import Child
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
 from templater.errors import CheckFailed, CommandFailed, ProxyError, TemplateError
+from templater.haproxy_runtime import Outcome
 from templater.output import read_current, run_command, swap
-from templater.proxy import KINDS, Proxy
+from templater.proxy import KINDS, Proxy, children
 from templater.render import RenderResult, compile_template, make_environment, render
 from templater.settings import Settings, TemplateSpec
 from templater.status import Metrics
 from templater.store import FrozenView, Store
-from templater.watch import WatchSettings
+from templater.watch import BlockingLoop, WatchSettings
 
 log = logging.getLogger("templater")
 
@@ -35,6 +37,9 @@ EDIT_SETTLE = 0.05
 class Source(Protocol):
     key: str
 
+    @property
+    def loops(self) -> list[BlockingLoop]: ...
+
     def start(self) -> None: ...
     def stop(self) -> None: ...
 
@@ -42,9 +47,15 @@ class Source(Protocol):
 class ProxyHook(Protocol):
     """Applies a new proxy configuration without a reload when it can (HAProxy runtime API)."""
 
-    def apply(self, old: str | None, new: str) -> bool: ...
-    def after_reload(self, new: str) -> None: ...
+    @property
+    def alive(self) -> bool: ...
+
+    def apply(self, old: str | None, new: str) -> str: ...  # an Outcome
+    def after_reload(self, new: str, workers: set[int]) -> None: ...
     def stop(self) -> None: ...
+
+
+WARNED_MAX = 10_000  # distinct warnings remembered (said once each); the oldest are forgotten
 
 
 @dataclass
@@ -56,6 +67,7 @@ class TemplateState:
     done: bool = False  # rendered completely and written at least once
     failed: bool = False
     last_text: str | None = None
+    waiting: str = ""
 
 
 class _TemplateEvents(FileSystemEventHandler):
@@ -85,7 +97,8 @@ class Runner:
         self.sources: dict[str, Source] = {}
         self.down: dict[str, str] = {}
         self.state_lock = threading.Lock()
-        self.warned: set[str] = set()
+        self.supervisor = Supervisor()
+        self.warned: dict[str, None] = {}  # insertion-ordered, capped at WARNED_MAX
         self.child: Child | None = None
         self.proxy: Proxy | None = None
         self.proxy_hook = proxy_hook
@@ -112,9 +125,13 @@ class Runner:
             log.info("consul available again")
 
     def _warn(self, message: str) -> None:
-        if message not in self.warned:
-            self.warned.add(message)
-            log.warning("%s", message)
+        with self.state_lock:
+            if message in self.warned:
+                return
+            self.warned[message] = None
+            if len(self.warned) > WARNED_MAX:
+                del self.warned[next(iter(self.warned))]
+        log.warning("%s", message)
 
     # -- sources
 
@@ -134,6 +151,7 @@ class Runner:
                     self._on_state,
                     self.watch_settings,
                     self._warn,
+                    self.supervisor,
                 )
             else:
                 req = result.kv[key]
@@ -146,6 +164,7 @@ class Runner:
                     self.store.publish_kv,
                     self._on_state,
                     self.watch_settings,
+                    self.supervisor,
                 )
             log.info("watching %s", key)
             self.sources[key] = source
@@ -183,8 +202,12 @@ class Runner:
         except TemplateError as err:
             state.failed = True
             self.metrics.add(render_failures=1)
+            self.metrics.problem(f"render:{spec.name}", str(err))
             log.error("%s; keeping the last good %s", err, spec.dest)
             return None
+        self.metrics.problem(f"render:{spec.name}", None)
+        for warning in result.warnings:
+            self._warn(f"template {spec.name}: {warning}")
         state.failed = False
         state.result = result
         state.deps = set(result.used)
@@ -224,8 +247,12 @@ class Runner:
                 continue
             self._ensure_sources(state)
             if not result.complete:
-                log.debug("template %s waiting for %s", spec.name, ", ".join(sorted(result.missing)))
+                waiting = ", ".join(sorted(result.missing))
+                if waiting != state.waiting:
+                    log.info("template %s waiting for %s", spec.name, waiting)
+                state.waiting = waiting
                 continue
+            state.waiting = ""
             content = result.text.encode()
             if self.settings.dry:
                 if result.text != state.last_text:
@@ -235,11 +262,13 @@ class Runner:
                 state.done = True
                 continue
             runtime = False
+            outcome = Outcome.SKIPPED
             try:
                 current = read_current(spec.dest)
                 check = self._check_for(index)
                 if index == 0 and check is not None and not self.settings.check:
-                    runtime = self._runtime_first(current, content)
+                    outcome = self._runtime_first(current, content)
+                    runtime = outcome == Outcome.APPLIED
                     if runtime:
                         # HAProxy parsed and took every changed server line; the rest of the
                         # file is the structure it checked before: the check would only cost time
@@ -249,13 +278,20 @@ class Runner:
                 state.failed = True
                 any_failed = True
                 self.metrics.add(check_failures=1)
+                self.metrics.problem(f"check:{spec.name}", str(err).splitlines()[0])
                 log.error("%s; keeping the last good %s", err, spec.dest)
+                if outcome == Outcome.REFUSED:
+                    # part of the change may have reached the running proxy before the refusal:
+                    # reload it from the file on disk, the last good one
+                    log.warning("reloading %s from the last good file after a refused runtime update", spec.dest)
+                    any_failed |= not self._apply_proxy(None, current.decode(errors="replace") if current else None)
                 continue
             except OSError as err:
                 state.failed = True
                 any_failed = True
                 log.error("cannot write %s for template %s: %s", spec.dest, spec.name, err)
                 continue
+            self.metrics.problem(f"check:{spec.name}", None)
             state.done = True
             state.last_text = result.text
             if not changed_file:
@@ -293,37 +329,43 @@ class Runner:
         self.metrics.held = self.store.held()
         return all_done, any_failed
 
-    def _runtime_first(self, current: bytes | None, content: bytes) -> bool:
-        """Apply a server-only change to the running proxy before writing it. True when applied."""
+    def _runtime_first(self, current: bytes | None, content: bytes) -> str:
+        """Apply a server-only change to the running proxy before writing it. An Outcome."""
         if self.proxy is None or self.proxy_hook is None or current is None or current == content:
-            return False
-        try:
-            if self.proxy.master() is None:
-                return False
-        except ProxyError:
-            return False
+            return Outcome.SKIPPED
+        if self.proxy.master() is None:
+            return Outcome.SKIPPED
         return self.proxy_hook.apply(current.decode(errors="replace"), content.decode(errors="replace"))
 
     def _apply_proxy(self, old: str | None, new: str | None) -> bool:
         """Start the proxy, or reload it (the runtime API was tried before the write)."""
         assert self.proxy is not None
+        key = f"reload:{self.proxy.key}"
         try:
             if self.proxy.master() is None:
-                self.proxy.ensure_running()
+                pid = self.proxy.ensure_running()
                 if self.proxy_hook and new is not None:
-                    self.proxy_hook.after_reload(new)
+                    self.proxy_hook.after_reload(new, children(pid))
+                self.metrics.problem(key, None)
                 return True
-            if self.proxy_hook and new is not None and self.settings.check and self.proxy_hook.apply(old, new):
+            if (
+                self.proxy_hook
+                and new is not None
+                and self.settings.check
+                and self.proxy_hook.apply(old, new) == Outcome.APPLIED
+            ):
                 # with the user's own --check the write came first; the runtime API comes after it
                 self.metrics.add(runtime_updates=1)
                 return True
-            self.proxy.reload()
+            workers = self.proxy.reload()
             self.metrics.add(reloads=1)
             if self.proxy_hook and new is not None:
-                self.proxy_hook.after_reload(new)
+                self.proxy_hook.after_reload(new, workers)
+            self.metrics.problem(key, None)
             return True
         except ProxyError as err:
             self.metrics.add(reload_failures=1)
+            self.metrics.problem(key, str(err))
             log.error("%s", err)
             return False
 
@@ -392,16 +434,41 @@ class Runner:
                         code = self.child.exit_code()
                         log.info("child exited code=%s; stopping", code)
                         return code or 0
-                    if self.proxy is not None and self.proxy.child is not None and self.proxy.child.poll() is not None:
-                        changed.add("proxy-exited")
-                        try:
-                            self.proxy.ensure_running()
-                        except ProxyError as err:
-                            log.error("%s", err)
+                    self._watchdog()
                 changed = self._quiesce(changed, stop)
             return 0
         finally:
             self.close()
+
+    def _watchdog(self) -> None:
+        """Twice a second: health of threads and watches for /health; the proxy still runs."""
+        now = time.monotonic()
+        self.metrics.replace_problems("thread:", self.supervisor.problems())
+        if self.proxy_hook is not None and not self.proxy_hook.alive:
+            self.metrics.problem("thread:haproxy-drain", "not running")
+        stale = {
+            loop.key: f"no answer from Consul for {now - loop.last_ok:.0f} s"
+            for source in list(self.sources.values())
+            for loop in source.loops
+            if loop.stale(now)
+        }
+        self.metrics.replace_problems("watch:", stale)
+        self.metrics.consul_requests = self.fetcher.requests
+        if self.proxy is None or not self.templates[0].done or self.proxy.master() is not None:
+            return
+        key = f"proxy:{self.proxy.key}"
+        try:
+            pid = self.proxy.ensure_running()
+        except ProxyError as err:
+            self.metrics.problem(key, str(err))
+            log.error("%s", err)
+            return
+        self.metrics.problem(key, None)
+        if self.proxy_hook is not None and self.templates[0].last_text is not None:
+            try:
+                self.proxy_hook.after_reload(self.templates[0].last_text, children(pid))
+            except ProxyError as err:
+                log.warning("%s", err)
 
     def close(self) -> None:
         for source in self.sources.values():
@@ -412,7 +479,9 @@ class Runner:
             self._observer.join(2)
         if self.child is not None:
             self.child.stop()
-        if self.proxy is not None:
-            self.proxy.stop()
         if self.proxy_hook is not None:
             self.proxy_hook.stop()
+        if self.proxy is not None and self.settings.stop_proxy:
+            self.proxy.stop()
+        elif self.proxy is not None and self.proxy.master() is not None:
+            log.info("leaving %s running pid=%s (--stop-proxy stops it too)", self.proxy.key, self.proxy.master())

@@ -7,6 +7,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sidecar import signals
 from sidecar.consul_conn import ConsulSettings, add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
 
@@ -43,6 +44,7 @@ class Settings:
     max_stale_ms: int = 0
     empty_grace: float = 15.0
     drain_timeout: float = 30.0
+    stop_proxy: bool = False
     log_level: str = "INFO"
 
 
@@ -74,11 +76,10 @@ def parse_wait(text: str) -> tuple[float, float]:
 def parse_signal(text: str | None, flag: str) -> int | None:
     if not text:
         return None
-    name = text.upper() if text.upper().startswith("SIG") else f"SIG{text.upper()}"
-    try:
-        return int(signal.Signals[name])
-    except KeyError as err:
-        raise SettingsError(f"{flag} {text!r}: not a signal name") from err
+    number = signals.parse_signal(text)
+    if number is None:
+        raise SettingsError(f"{flag} {text!r}: not a signal name")
+    return number
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--status-addr", help="HOST:PORT for /health and /metrics")
     parser.add_argument("--empty-grace", default="15s", help="hold a service whose instances all vanish at once")
     parser.add_argument("--drain-timeout", default="30s", help="HAProxy: remove a draining server after this long")
+    parser.add_argument(
+        "--stop-proxy",
+        action="store_true",
+        help="stop the proxy when the templater stops (by default it keeps serving and a new templater adopts it)",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -150,5 +156,6 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         max_stale_ms=int(max_stale * 1000),
         empty_grace=empty_grace,
         drain_timeout=drain_timeout,
+        stop_proxy=args.stop_proxy,
         log_level=args.log_level,
     )

@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.backoff import Backoff, sleep
+from sidecar.durations import parse_duration
+from sidecar.threads import Supervisor
 from templater.errors import ConsulRejected, ConsulUnavailable
 
 log = logging.getLogger("templater.watch")
@@ -27,6 +30,7 @@ class Response:
     index: int
     data: Any
     last_contact_ms: int = 0
+    known_leader: bool = True
 
 
 class Fetcher(Protocol):
@@ -60,10 +64,11 @@ class BlockingLoop:
         path: str,
         params: dict[str, str],
         fetcher: Fetcher,
-        on_change: Callable[[Any], None],
+        on_change: Callable[[Any, int], None],
         on_state: Callable[[str, bool, str], None],
         settings: WatchSettings,
         skip_equal: bool = True,
+        supervisor: Supervisor | None = None,
     ) -> None:
         """skip_equal: call on_change only when the data differs. `/v1/catalog/services` needs
         every index move: a new instance of a known service changes its index, not its data."""
@@ -76,12 +81,24 @@ class BlockingLoop:
         self._on_state = on_state
         self._settings = settings
         self._stop = threading.Event()
+        self._supervisor = supervisor or Supervisor()
+        self.last_ok = time.monotonic()  # last answer from Consul (or the start)
+        # a blocking query answers within wait + wait/16; beyond this without one, it is stale
+        self.stale_after = parse_duration(settings.wait) * 1.1 + STALE_MARGIN
+
+    @property
+    def loops(self) -> list[BlockingLoop]:
+        """A KV watch is its own single loop (a catalog source has two)."""
+        return [self]
 
     def start(self) -> None:
-        threading.Thread(target=self.run, name=f"watch {self.key}", daemon=True).start()
+        self._supervisor.start(f"watch {self.key}", self.run, self._stop)
 
     def stop(self) -> None:
         self._stop.set()
+
+    def stale(self, now: float) -> bool:
+        return now - self.last_ok > self.stale_after
 
     def _fetch(self, index: int) -> Response:
         params = dict(self._params)
@@ -111,7 +128,7 @@ class BlockingLoop:
                 response = self._fetch(index)
                 moved = response.index != index
                 if moved and (response.data != last or not self._skip_equal):
-                    self._on_change(response.data)  # may fetch more (a node's catalog)
+                    self._on_change(response.data, response.index)  # may fetch more (a service's instances)
                     last = response.data
             except (ConsulUnavailable, ConsulRejected) as err:
                 self._on_state(self.key, False, str(err))
@@ -121,18 +138,15 @@ class BlockingLoop:
                 if sleep(self._stop, backoff.next_delay()):
                     return
                 continue
-            except Exception as err:  # a watch thread never dies: a bug here must not freeze the output
-                log.exception("watch %s failed unexpectedly", self.key)
-                self._on_state(self.key, False, f"{type(err).__name__}: {err}")
-                index = 0
-                if sleep(self._stop, backoff.next_delay()):
-                    return
-                continue
+            self.last_ok = time.monotonic()
             backoff.reset()
             self._on_state(self.key, True, "")
             index = next_index(index, response.index)
             if sleep(self._stop, self._settings.min_delay + random.uniform(0, self._settings.jitter)):
                 return
+
+
+STALE_MARGIN = 15.0
 
 
 class _Unset:

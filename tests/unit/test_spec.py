@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -48,7 +49,7 @@ def test_defaults_follow_registrator():
     assert svc.port == 32768
     assert svc.address == "127.0.0.1"
     assert svc.tags == ()
-    assert svc.meta == {}
+    assert svc.meta == {"registrar_host": "h1"}  # which registrar owns it
 
 
 def test_labels_override_env_and_meta_lowercased():
@@ -62,7 +63,7 @@ def test_labels_override_env_and_meta_lowercased():
     [svc] = result.services
     assert svc.name == "api"
     assert svc.tags == ("a", "b")
-    assert svc.meta == {"http_host": "a.example.com"}
+    assert svc.meta == {"http_host": "a.example.com", "registrar_host": "h1"}
 
 
 def test_several_ports_grouped_names_udp_and_per_port():
@@ -123,7 +124,7 @@ def test_http_check_with_interval_and_initial_status():
     assert definition["CheckID"] == "service:h1:web-1:8080"
     assert definition["HTTP"] == "http://127.0.0.1:32768/health"
     assert definition["DeregisterCriticalServiceAfter"] == "10m"
-    assert svc.meta == {"check_http": "/health"}  # for proxies that check actively
+    assert svc.meta == {"check_http": "/health", "registrar_host": "h1"}  # for proxies that check actively
 
 
 def test_docker_healthcheck_becomes_ttl_check():
@@ -146,6 +147,12 @@ def test_docker_healthcheck_becomes_ttl_check():
         ({"SERVICE_NAME": "-bad"}, "SERVICE_NAME", "-bad"),
         ({"SERVICE_TAGS": "ok,evil\nserver x 1.2.3.4:80"}, "SERVICE_TAGS", "ok,evil\nserver x 1.2.3.4:80"),
         ({"SERVICE_HTTP_HOST": "a.com\r\nx"}, "SERVICE_HTTP_HOST", "a.com\r\nx"),
+        # unknown check settings no longer pass silently (the instance would count passing at once)
+        ({"SERVICE_CHECK_HTPP": "/health"}, "SERVICE_CHECK_HTPP", "/health"),
+        ({"SERVICE_CHECK_CMD": "/bin/check"}, "SERVICE_CHECK_CMD", "/bin/check"),
+        ({"SERVICE_CHECK_HTTP": "/h", "SERVICE_CHECK_TCP": "true"}, "SERVICE_CHECK_TCP", "true"),
+        ({"SERVICE_CHECK_SCRIPT": "curl x"}, "SERVICE_CHECK_SCRIPT", "curl x"),  # without --allow-script-checks
+        ({"SERVICE_REGISTRAR_HOST": "other"}, "SERVICE_REGISTRAR_HOST", "other"),
         (
             {"SERVICE_CHECK_INITIAL_STATUS": "maybe", "SERVICE_CHECK_TCP": "true"},
             "SERVICE_CHECK_INITIAL_STATUS",
@@ -170,3 +177,11 @@ def test_bad_per_port_label_skips_only_that_port():
     result = services_for(inspect(ports=ports, labels={"SERVICE_9090_CHECK_HTTP": "bad url"}), SETTINGS)
     assert [s.id for s in result.services] == ["h1:web-1:8080"]
     assert [e.label for e in result.errors] == ["SERVICE_9090_CHECK_HTTP"]
+
+
+def test_script_check_only_behind_the_flag():
+    labels = {"SERVICE_CHECK_SCRIPT": "test -f /tmp/ok"}
+    assert services_for(inspect(labels=labels), SETTINGS).services == []
+    allowed = replace(SETTINGS, allow_script_checks=True)
+    [svc] = services_for(inspect(labels=labels), allowed).services
+    assert svc.checks[0].kind == "script"

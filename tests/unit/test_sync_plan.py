@@ -17,32 +17,35 @@ def agent_view(s: Service) -> dict:
     return {"ID": s.id, "Service": s.name, "Port": s.port, "Address": s.address, "Tags": [], "Meta": {}}
 
 
-def owned(sid: str) -> bool:
-    return sid.startswith("h1:")
+def owned(sid: str, view: dict) -> bool:
+    return sid.startswith("h1:") or (view.get("Meta") or {}).get("registrar_host") == "h1"
 
 
 def test_registers_missing_and_changed_only():
     a, b, c = svc("h1:a:1"), svc("h1:b:1"), svc("h1:c:1")
     changed = svc("h1:c:1", port=2000)
-    result = plan(
-        {s.id: s for s in (a, b, changed)}, set(), {a.id: agent_view(a), c.id: agent_view(c)}, set(), owned, False
-    )
+    result = plan({s.id: s for s in (a, b, changed)}, set(), {a.id: agent_view(a), c.id: agent_view(c)}, set(), owned)
     assert [s.id for s in result.register] == ["h1:b:1", "h1:c:1"]
     assert result.deregister == []
 
 
-def test_cleanup_touches_only_this_hosts_ids():
+def test_dangling_services_of_this_host_always_removed_others_never():
     a = svc("h1:a:1")
-    agent = {"h1:gone:1": agent_view(svc("h1:gone:1")), "h2:other:1": agent_view(svc("h2:other:1")), "consul": {}}
-    result = plan({a.id: a}, set(), agent, set(), owned, True)
-    assert result.deregister == ["h1:gone:1"]
-    assert plan({a.id: a}, set(), agent, set(), owned, False).deregister == []
+    custom = {**agent_view(svc("custom-id")), "Meta": {"registrar_host": "h1"}}  # SERVICE_ID, ours by meta
+    agent = {
+        "h1:gone:1": agent_view(svc("h1:gone:1")),
+        "h2:other:1": agent_view(svc("h2:other:1")),
+        "custom-id": custom,
+        "consul": {},
+    }
+    result = plan({a.id: a}, set(), agent, set(), owned)
+    assert result.deregister == ["custom-id", "h1:gone:1"]
 
 
 def test_maintenance_restored_after_agent_loss_and_lifted_when_wanted():
     a, b = svc("h1:a:1"), svc("h1:b:1")
     # the agent lost a: it is registered again and put back in maintenance
-    result = plan({a.id: a, b.id: b}, {a.id}, {b.id: agent_view(b)}, {a.id, b.id}, owned, False)
+    result = plan({a.id: a, b.id: b}, {a.id}, {b.id: agent_view(b)}, {a.id, b.id}, owned)
     assert result.maintenance_on == ["h1:a:1"]
     assert result.maintenance_off == ["h1:b:1"]
 

@@ -10,17 +10,27 @@ from templater.catalog import (
     Snapshot,
     aggregate,
     build_instances,
-    changed_services,
+    check_signatures,
     clean_nodes,
     clean_services,
     group_rows,
     health_index,
     instances_with_health,
     rows_from_node,
-    summarize,
 )
 from templater.errors import TemplateError
-from templater.render import by_meta, by_tag, compile_template, group_by, make_environment, render
+from templater.render import (
+    by_meta,
+    by_tag,
+    compile_template,
+    group_by,
+    haproxy_quote,
+    ident,
+    make_environment,
+    nginx_quote,
+    render,
+    server_names,
+)
 from templater.settings import SettingsError, parse_template, parse_wait
 from templater.watch import next_index
 
@@ -85,15 +95,24 @@ def test_catalog_joins_health_and_sanitizes():
     assert aggregate(["passing", "warning"]) == "warning"
 
 
-def test_changed_services_from_the_summary_and_the_tags():
-    old = summarize([{"Name": "web", "InstanceCount": 2}, {"Name": "api", "InstanceCount": 1}])
-    new = summarize([{"Name": "web", "InstanceCount": 3}, {"Name": "api", "InstanceCount": 1}])
-    assert changed_services(old, new, {"web": [], "api": []}, {"web": [], "api": []}) == {"web"}
-    # tags moved with the same counts; a service gone; a new one
-    assert changed_services(old, old, {"web": [], "api": []}, {"web": ["v2"], "api": []}) == {"web"}
-    assert changed_services(old, summarize([new["web"]]), {"web": [], "api": []}, {"web": []}) == {"web", "api"}
-    assert changed_services({}, {}, {}, {"db": []}) == {"db"}
-    assert changed_services(old, old, {"web": []}, {"web": []}) == set()
+def _check(node: str, sid: str, name: str, cid: str, status: str = "passing", create: int = 5) -> dict:
+    return {"Node": node, "ServiceID": sid, "ServiceName": name, "CheckID": cid, "Status": status,
+            "CreateIndex": create, "ModifyIndex": create + 1, "ServiceTags": []}  # fmt: skip
+
+
+def test_check_signatures_move_with_instances_not_with_status():
+    base = [_check("n1", "w1", "web", "service:w1"), _check("n1", "", "", "serfHealth")]
+    sig = check_signatures(base)
+    assert set(sig) == {"web"}  # node checks belong to no service
+    flapped = [_check("n1", "w1", "web", "service:w1", status="critical")]
+    assert check_signatures(flapped) == sig  # a status change costs no read
+    maint = [*base, _check("n1", "w1", "web", "_service_maintenance:w1", status="critical")]
+    assert check_signatures(maint) == sig  # nor does maintenance
+    added = [*base, _check("n2", "w2", "web", "service:w2")]
+    assert check_signatures(added)["web"] != sig["web"]
+    recreated = [_check("n1", "w1", "web", "service:w1", create=9)]  # re-registered after a loss
+    assert check_signatures(recreated)["web"] != sig["web"]
+    assert check_signatures([]) == {}
 
 
 class View:
@@ -105,6 +124,21 @@ class View:
 
     def kv(self, key: str):
         return [{"Key": "cfg/a", "Value": "aGk="}] if key == "kv.key(cfg/a)" else None
+
+
+def test_missing_key_holds_the_render_back_and_key_or_default_does_not():
+    env = make_environment()
+
+    class KV(View):
+        def kv(self, key: str):
+            return [] if "gone" in key else None if "later" in key else [{"Key": "a", "Value": "aGk="}]
+
+    held = render(compile_template(env, "t.j2", "[{{ key('gone') }}]"), "t.j2", KV(Snapshot()), {}, {})
+    assert not held.complete and held.missing == {"kv.key(gone)"}
+    default = render(compile_template(env, "t.j2", "[{{ key_or_default('gone', 'd') }}]"), "t.j2", KV(None), {}, {})
+    assert default.complete and default.text == "[d]"
+    later = render(compile_template(env, "t.j2", "[{{ key('later') }}]"), "t.j2", KV(None), {}, {})
+    assert not later.complete
 
 
 def test_render_records_deps_missing_and_filters():
@@ -149,3 +183,59 @@ def test_flag_parsing():
         parse_template("only-source")
     with pytest.raises(SettingsError):
         parse_wait("5s:1s")
+
+
+def test_ident_keeps_safe_names_and_never_merges_two():
+    assert ident("h1:web-1:8080") == "h1:web-1:8080"
+    assert ident("x_1") == "x_1"
+    assert ident("x/1") != ident("x_1") and ident("x/1").startswith("x_1-")
+    assert ident("x/1") == ident("x/1")  # stable across renders
+
+
+def test_server_names_unique_for_same_id_on_two_nodes():
+    insts = [
+        {"id": "x/1", "node": "a"},
+        {"id": "x_1", "node": "a"},
+        {"id": "x_1", "node": "b"},
+        {"id": "x_1", "node": "b"},
+    ]
+    names = [name for name, _ in server_names(insts)]
+    assert len(set(names)) == 4, names
+    assert names[1] == "x_1"
+
+
+def test_int_between_clamps_and_defaults_with_warnings():
+    env = make_environment()
+    source = "{% for w in vars.ws.split() %}{{ w | int_between(0, 256, 1, 'w') }}{{ ' ' if not loop.last }}{% endfor %}"
+    out = render(compile_template(env, "t.j2", source), "t.j2", View(Snapshot()), {"ws": "1000 abc -3 7"}, {})
+    assert out.text == "256 1 0 7"
+    assert len(out.warnings) == 3 and "w='1000' is outside 0-256" in out.warnings[0]
+
+
+def test_quote_filters_escape_or_refuse():
+    assert haproxy_quote('a"b$c#d\\e') == '"a\\"b\\$c\\#d\\\\e"'
+    assert nginx_quote('say "hi"') == '"say \\"hi\\""'
+    for bad in ("a\nb", "a\rb", "a\x00"):
+        with pytest.raises(ValueError):
+            haproxy_quote(bad)
+        with pytest.raises(ValueError):
+            nginx_quote(bad)
+    with pytest.raises(ValueError):
+        nginx_quote("${secret}")
+    env = make_environment()
+    with pytest.raises(TemplateError, match=r"t\.j2:2.*line break"):
+        render(
+            compile_template(env, "t.j2", "x\n{{ vars.v | haproxy_quote }}\n"),
+            "t.j2",
+            View(Snapshot()),
+            {"v": "a\nb"},
+            {},
+        )
+
+
+def test_hostname_and_url_path_tests():
+    env = make_environment()
+    t = compile_template(env, "t.j2", "{{ h is hostname }} {{ p is url_path }}")
+    for h, p, want in [("a.example.com", "/api", "True True"), ("bad host", "api", "False False"),
+                       ("*.example.com", "/a/b-c_d.e~f", "True True"), ("a;b", "/a{b}", "False False")]:  # fmt: skip
+        assert t.render(h=h, p=p) == want, (h, p)
