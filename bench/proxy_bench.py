@@ -60,7 +60,7 @@ class Stack:
         self.templater = Process(
             "templater",
             ["--consul", self.agent.url, "--template", f"{TEMPLATES / template}:{work / (kind + '.cfg')}",
-             "--proxy", kind, "--var", f"runtime_dir={work}", "--var", f"http_port={self.port}",
+             "--proxy", kind, "--stop-proxy", "--var", f"runtime_dir={work}", "--var", f"http_port={self.port}",
              "--var", "bind_address=127.0.0.1", "--status-addr", f"127.0.0.1:{self.status_port}",
              *extra, *templater_args],
             work,

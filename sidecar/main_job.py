@@ -138,6 +138,7 @@ def _start_routing(started: Started, consul_url: str, python: str) -> list[str]:
             consul_url,
             "--proxy",
             "haproxy",
+            "--stop-proxy",  # Ctrl-C stops everything the main job started
             "--template",
             f"{root / 'templates' / 'haproxy.cfg.j2'}:{runtime / 'haproxy.cfg'}",
             "--var",

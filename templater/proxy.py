@@ -95,9 +95,14 @@ class Proxy:
     templater.
     """
 
-    def __init__(self, kind: ProxyKind, config: Path, pid_file: Path | None = None) -> None:
+    def __init__(
+        self, kind: ProxyKind, config: Path, pid_file: Path | None = None, log_file: Path | None = None
+    ) -> None:
+        """log_file: where a proxy that outlives the templater writes its output; None shares
+        the templater's (with --stop-proxy, whose lifetime it shares)."""
         self.kind = kind
         self.config = config
+        self.log_file = log_file
         # nginx's `pid` directive in the file wins over ours, so we look in both places
         self.pid_file = pid_file or config.with_name(config.name + ".pid")
         self.child: subprocess.Popen[bytes] | None = None
@@ -131,7 +136,15 @@ class Proxy:
             log.warning("proxy exited %s code=%s: starting it again", self.key, self.child.returncode)
         argv = self.kind.start_argv(self.config, self.pid_file)
         try:
-            self.child = subprocess.Popen(argv, start_new_session=True)
+            if self.log_file is None:
+                self.child = subprocess.Popen(argv, start_new_session=True)
+            else:
+                # never the templater's stdout: a caller reading it until EOF (a pipe, --once in
+                # a script) would wait as long as the proxy lives
+                with open(self.log_file, "ab") as log_out:
+                    self.child = subprocess.Popen(
+                        argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out
+                    )
         except OSError as err:
             raise ProxyError(f"cannot start {self.key}: {err}") from err
         time.sleep(0.2)

@@ -103,7 +103,9 @@ class Runner:
         self.proxy: Proxy | None = None
         self.proxy_hook = proxy_hook
         if settings.proxy and not settings.dry:
-            self.proxy = Proxy(KINDS[settings.proxy], settings.templates[0].dest, settings.proxy_pid_file)
+            dest = settings.templates[0].dest
+            log_file = None if settings.stop_proxy else dest.with_name(dest.name + ".log")
+            self.proxy = Proxy(KINDS[settings.proxy], dest, settings.proxy_pid_file, log_file)
         self._observer: Any = None
         self.wrote = False
 

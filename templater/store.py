@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
 
 from templater.catalog import Grace, Snapshot
 from templater.render import catalog_key
+
+log = logging.getLogger("templater.store")
 
 
 class Store:
@@ -43,7 +46,13 @@ class Store:
 
     def _apply_grace(self, key: str, now: float) -> None:
         grace = self._graces.setdefault(key, Grace(self._grace_seconds))
+        before = set(grace.held_since)
         shown, deadline = grace.apply(self._shown.get(key), self._raw[key], now)
+        for name in sorted(set(grace.held_since) - before):
+            log.warning(
+                "holding %s service=%s: every instance vanished at once; believed after %.0f s",
+                key, name, self._grace_seconds,
+            )  # fmt: skip
         self._shown[key] = shown
         if deadline is None:
             self._deadlines.pop(key, None)

@@ -84,6 +84,7 @@ def proxy_stack(consul, registrar, templater, tmp_path):
         proc = templater(
             "--template", f"{TEMPLATES / template}:{tmp_path / (kind + '.cfg')}", "--proxy", kind,
             "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}", "--var", "bind_address=127.0.0.1",
+            "--stop-proxy",
             *extra,
         )  # fmt: skip
         wait_until(lambda: get(port, "nothing.test")[0] == 404, timeout=15, what=f"{kind} serving")

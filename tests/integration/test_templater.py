@@ -205,7 +205,7 @@ def test_consul_state_loss_never_empties_a_backend(consul, templater, tmp_path):
         register(consul, f"i{n}", "india", 2000 + n)
     src = write(tmp_path / "t.j2", LIST)
     dest = tmp_path / "i.conf"
-    templater("--template", f"{src}:{dest}", "--empty-grace", "5s")
+    proc = templater("--template", f"{src}:{dest}", "--empty-grace", "5s")
     wait_until(lambda: dest.exists() and dest.read_text() == "india 127.0.0.1:2001 127.0.0.1:2002\n", what="render")
     seen: list[str] = []
     stop = threading.Event()
@@ -227,6 +227,8 @@ def test_consul_state_loss_never_empties_a_backend(consul, templater, tmp_path):
         stop.set()
         sampler.join()
     assert all("2001" in text and "2002" in text for text in seen), set(seen)
+    # the templater did see the emptied catalog, and the grace is what kept the backends
+    assert "holding catalog(local) service=india" in proc.output()
     # a real removal is believed after the grace period
     deregister(consul, "i1")
     deregister(consul, "i2")

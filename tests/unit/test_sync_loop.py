@@ -1,0 +1,153 @@
+"""The registrar's sync loop with an in-memory registry: ordering of listings against events,
+deregistrations that fail are retried, the loop never stops on a refusal."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from registrar.errors import ConsulUnavailable
+from registrar.intents import Died, Listing, Up
+from registrar.model import Service
+from registrar.spec import SpecSettings
+from registrar.sync import Syncer, SyncSettings
+
+
+class Registry:
+    """The agent's service table in memory, the Registry interface; `down` makes calls fail."""
+
+    def __init__(self) -> None:
+        self.services_: dict[str, dict[str, Any]] = {}
+        self.down = False
+
+    def _guard(self) -> None:
+        if self.down:
+            raise ConsulUnavailable("consul down")
+
+    def register(self, service: Service, statuses: dict[str, str]) -> None:
+        self._guard()
+        body = service.registration(statuses)
+        view = {"ID": service.id, "Service": service.name, "Port": service.port, "Address": service.address}
+        self.services_[service.id] = {**view, "Tags": body["Tags"], "Meta": body["Meta"]}
+
+    def deregister(self, service_id: str) -> None:
+        self._guard()
+        self.services_.pop(service_id, None)
+
+    def set_check_status(self, service: Service, index: int, status: str) -> None:
+        self._guard()
+
+    def ttl_update(self, check_id: str, status: str, note: str) -> None:
+        self._guard()
+
+    def maintenance(self, service_id: str, enable: bool) -> None:
+        self._guard()
+
+    def services(self) -> dict[str, dict[str, Any]]:
+        self._guard()
+        return dict(self.services_)
+
+    def checks(self) -> dict[str, dict[str, Any]]:
+        self._guard()
+        return {}
+
+    def ping(self) -> None:
+        self._guard()
+
+
+def inspect(cid: str, name: str) -> dict[str, Any]:
+    return {
+        "Id": cid,
+        "Name": f"/{name}",
+        "Config": {"Image": "web", "Labels": {"SERVICE_NAME": "web"}, "ExposedPorts": {"80/tcp": {}}},
+        "NetworkSettings": {"Ports": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "4000"}]}},
+        "State": {"Running": True},
+    }
+
+
+SETTINGS = SyncSettings(spec=SpecSettings(hostname="h1"), retry_interval=0.05)
+
+
+def run(syncer: Syncer) -> tuple[threading.Event, threading.Thread]:
+    stop = threading.Event()
+    thread = threading.Thread(target=syncer.run, args=(stop,), name="sync-under-test")
+    thread.start()
+    return stop, thread
+
+
+def settle(syncer: Syncer, cond: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return bool(cond())
+
+
+def stop_loop(syncer: Syncer, stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    syncer.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_a_death_after_the_listing_began_is_not_undone_by_the_listing():
+    """resync lists X as running, X dies, Died is handled, then the stale listing arrives."""
+    registry = Registry()
+    syncer = Syncer(registry, SETTINGS)
+    stop, thread = run(syncer)
+    try:
+        syncer.submit(Up(inspect("c1", "web-1")))
+        assert settle(syncer, lambda: "h1:web-1:80" in registry.services_)
+        since = syncer.mark()  # the resync thread starts listing: web-1 still runs
+        listed = [inspect("c1", "web-1")]
+        syncer.submit(Died("c1", 137))  # meanwhile the event thread sees it die
+        syncer.submit(Listing(listed, since=since))
+        time.sleep(0.3)
+        assert "h1:web-1:80" not in registry.services_
+    finally:
+        stop_loop(syncer, stop, thread)
+
+
+def test_a_start_after_the_listing_began_is_not_undone_by_the_listing():
+    registry = Registry()
+    syncer = Syncer(registry, SETTINGS)
+    stop, thread = run(syncer)
+    try:
+        since = syncer.mark()  # listing begins: web-2 does not run yet
+        syncer.submit(Up(inspect("c2", "web-2")))
+        syncer.submit(Listing([], since=since))
+        time.sleep(0.3)
+        assert "h1:web-2:80" in registry.services_
+    finally:
+        stop_loop(syncer, stop, thread)
+
+
+def test_a_deregistration_that_failed_is_retried_until_done():
+    registry = Registry()
+    syncer = Syncer(registry, SETTINGS)
+    stop, thread = run(syncer)
+    try:
+        syncer.submit(Up(inspect("c1", "web-1")))
+        assert settle(syncer, lambda: "h1:web-1:80" in registry.services_)
+        registry.down = True
+        syncer.submit(Died("c1", 0))
+        time.sleep(0.3)
+        registry.down = False
+        assert settle(syncer, lambda: "h1:web-1:80" not in registry.services_, timeout=5)
+    finally:
+        stop_loop(syncer, stop, thread)
+
+
+def test_dangling_services_of_this_host_removed_without_cleanup_flag():
+    registry = Registry()
+    registry.services_["h1:old:80"] = {"ID": "h1:old:80", "Service": "web", "Port": 1, "Meta": {}}
+    registry.services_["h2:other:80"] = {"ID": "h2:other:80", "Service": "web", "Port": 1, "Meta": {}}
+    registry.services_["custom"] = {"ID": "custom", "Service": "web", "Port": 1, "Meta": {"registrar_host": "h1"}}
+    syncer = Syncer(registry, SETTINGS)
+    stop, thread = run(syncer)
+    try:
+        assert settle(syncer, lambda: set(registry.services_) == {"h2:other:80"}, timeout=5)
+    finally:
+        stop_loop(syncer, stop, thread)

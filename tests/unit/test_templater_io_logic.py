@@ -1,0 +1,218 @@
+"""Templater pieces with their I/O behind small interfaces: HAProxy runtime parse/diff, the
+output swap on a real filesystem, BlockingLoop and the catalog source with an in-memory
+fetcher, the Store's grace and wake-ups."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from templater.catalog import Instance, Snapshot
+from templater.consul_source import CatalogSource
+from templater.errors import CheckFailed, ConsulUnavailable
+from templater.haproxy_runtime import add_command, diff, parse, session_counts
+from templater.output import swap
+from templater.store import Store
+from templater.watch import BlockingLoop, Response, WatchSettings
+
+CONFIG = """global
+    stats socket /run/x/admin.sock mode 600 level admin
+    server-state-file /run/x/state
+defaults
+    mode http
+    default-server inter 1s fall 2 rise 1
+backend be_web
+    default-server maxconn 50
+    server a 10.0.0.1:80 weight 1 check
+    server b 10.0.0.2:80 weight 1 check
+backend be_api
+    server c 10.0.0.3:80 weight 1
+"""
+
+
+def test_parse_finds_servers_socket_state_and_default_server():
+    parsed = parse(CONFIG)
+    assert parsed.servers == {
+        "be_web": {"a": "10.0.0.1:80 weight 1 check", "b": "10.0.0.2:80 weight 1 check"},
+        "be_api": {"c": "10.0.0.3:80 weight 1"},
+    }
+    assert parsed.socket_path == "/run/x/admin.sock" and parsed.state_file == "/run/x/state"
+    assert parsed.default_server == {"be_web": "inter 1s fall 2 rise 1 maxconn 50", "be_api": "inter 1s fall 2 rise 1"}
+    assert not any(line.strip().startswith("server ") for line in parsed.structure)
+
+
+def test_add_command_repeats_default_server_before_the_servers_own_settings():
+    command = add_command("be_web", "n", "10.0.0.9:80 weight 3 check", "inter 1s fall 2 rise 1")
+    assert command == "add server be_web/n 10.0.0.9:80 inter 1s fall 2 rise 1 weight 3 check"
+
+
+def test_diff_add_drain_weight_and_what_needs_a_reload():
+    old = parse(CONFIG)
+    new = parse(
+        CONFIG.replace("    server b 10.0.0.2:80 weight 1 check\n", "    server d 10.0.0.4:80 weight 1 check\n")
+    )
+    ops = diff(old, new, set())
+    assert ops is not None
+    assert ops.add == [("be_web", "d", "10.0.0.4:80 weight 1 check")] and ops.drain == [("be_web", "b")]
+    reweighted = diff(old, parse(CONFIG.replace("10.0.0.3:80 weight 1", "10.0.0.3:80 weight 7")), set())
+    assert reweighted is not None and reweighted.weight == [("be_api", "c", "7")]
+    assert diff(old, parse(CONFIG.replace("mode http", "mode tcp")), set()) is None  # structure
+    assert diff(old, parse(CONFIG.replace("10.0.0.3:80 weight 1", "10.0.0.5:80 weight 1")), set()) is None  # moved
+    assert diff(old, parse(CONFIG + "backend be_new\n    server z 1.1.1.1:1\n"), set()) is None  # new backend
+    sticky = CONFIG.replace("    server a 10.0.0.1", "    server n 9.9.9.9:1 cookie n\n    server a 10.0.0.1")
+    assert diff(old, parse(sticky), set()) is None  # cookie cannot be set on a dynamic server
+    # a server still draining that is wanted again is revived, not added twice
+    revive = diff(parse(CONFIG), parse(CONFIG), {("be_web", "a")})
+    assert revive is not None and revive.revive == [("be_web", "a")]
+
+
+def test_session_counts_reads_show_stat_csv():
+    table = "# pxname,svname,qcur,qmax,scur,smax\nbe_web,a,0,0,3,9\nbe_web,BACKEND,0,0,3,9\nbe_api,c,0,0,,0\n"
+    assert session_counts(table) == {("be_web", "a"): 3, ("be_web", "BACKEND"): 3}
+    assert session_counts("Unknown command\n") == {}
+
+
+def test_swap_writes_atomically_keeps_mode_and_refuses_on_failed_check(tmp_path: Path):
+    dest = tmp_path / "out.cfg"
+    assert swap(dest, b"one\n", None, "t") is True
+    dest.chmod(0o640)
+    assert swap(dest, b"one\n", b"one\n", "t") is False  # same bytes: nothing written
+    assert swap(dest, b"two\n", b"one\n", "t", check="grep -q two {}", backup=True) is True
+    assert dest.read_bytes() == b"two\n" and oct(dest.stat().st_mode & 0o777) == "0o640"
+    assert (tmp_path / "out.cfg.bak").read_bytes() == b"one\n"
+    with pytest.raises(CheckFailed, match="exit 1"):
+        swap(dest, b"three\n", b"two\n", "t", check="grep -q nothing {}")
+    assert dest.read_bytes() == b"two\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # staged file removed
+
+
+class Fake:
+    """An in-memory Consul for the fetcher interface: answers per path, can fail or block."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, Response] = {}
+        self.errors: dict[str, Exception] = {}
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        self.lock = threading.Condition()
+
+    def set(self, path: str, index: int, data: Any) -> None:
+        with self.lock:
+            self.answers[path] = Response(index, data)
+            self.lock.notify_all()
+
+    def get(self, path: str, params: dict[str, str]) -> Response:
+        with self.lock:
+            self.calls.append((path, dict(params)))
+            if path in self.errors:
+                raise self.errors[path]
+            answer = self.answers.get(path, Response(1, None))
+            if "index" in params and int(params["index"]) >= answer.index:
+                self.lock.wait(0.2)  # a blocking query: nothing new yet
+                answer = self.answers.get(path, Response(1, None))
+            return answer
+
+
+def test_blocking_loop_index_rules_and_backoff_on_errors():
+    fake = Fake()
+    fake.set("/v1/x", 5, {"a": 1})
+    seen: list[Any] = []
+    states: list[tuple[bool, str]] = []
+    settings = WatchSettings(wait="1s", backoff_base=0.01, backoff_cap=0.05)
+    loop = BlockingLoop(
+        "x", "/v1/x", {}, fake, lambda d, i: seen.append((d, i)), lambda k, u, e: states.append((u, e)), settings
+    )
+    loop.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fake.set("/v1/x", 7, {"a": 1})  # the index moved, the data did not: skipped
+        fake.set("/v1/x", 9, {"a": 2})
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [({"a": 1}, 5), ({"a": 2}, 9)]
+        fake.set("/v1/x", 3, {"a": 3})  # backwards: the agent lost its state; reset and take it
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen[-1] == ({"a": 3}, 3)
+        fake.errors["/v1/x"] = ConsulUnavailable("consul down")
+        while not any(not up for up, _ in states) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (False, "consul down") in states
+        del fake.errors["/v1/x"]
+        fake.set("/v1/x", 4, {"a": 4})
+        while seen[-1][0] != {"a": 4} and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen[-1] == ({"a": 4}, 4) and states[-1] == (True, "")
+        blocking = [p for _, p in fake.calls if "index" in p]
+        assert blocking and all(int(p["index"]) >= 1 and p["wait"] == "1s" for p in blocking)
+    finally:
+        loop.stop()
+
+
+def test_catalog_source_survives_a_bug_in_its_full_read(monkeypatch: pytest.MonkeyPatch):
+    """The full-read thread used to catch only Consul errors: any other one ended it for good."""
+    import templater.consul_source as cs
+
+    monkeypatch.setattr(cs, "FULL_READ_QUIET", 0.05)
+    fake = Fake()
+    fake.set("/v1/catalog/services", 2, {"web": []})
+    fake.set("/v1/health/state/any", 2, [])
+    fake.set("/v1/catalog/nodes", 2, [{"Node": "n1", "Address": "127.0.0.1"}])
+    node = {"Node": {"Address": "127.0.0.1"}, "Services": {"w1": {"Service": "web", "Port": 80}}}
+    fake.set("/v1/catalog/node/n1", 2, node)
+    published: list[Snapshot] = []
+    from sidecar.threads import Supervisor
+
+    supervisor = Supervisor(backoff_base=0.01, backoff_cap=0.05)
+    source = CatalogSource(
+        "", fake, lambda k, s: published.append(s), lambda *a: None, WatchSettings(), print, supervisor
+    )
+    real = source._read_everything
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first full read after the initial load
+            raise KeyError("a bug")
+        return real()
+
+    monkeypatch.setattr(source, "_read_everything", flaky)
+    source.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not published and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # an instance without checks arrives: nothing explains the move, so a full read follows
+        node["Services"]["w2"] = {"Service": "web", "Port": 81}
+        fake.set("/v1/catalog/services", 3, {"web": []})
+        while calls["n"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "full-read catalog(local)" in supervisor.problems()  # reported for /health
+        fake.set("/v1/catalog/services", 4, {"web": []})  # the next unexplained move
+        while time.monotonic() < deadline and not (published and len(published[-1].instances.get("web", ())) == 2):
+            time.sleep(0.01)
+        assert [i.port for i in published[-1].instances["web"]] == [80, 81]
+    finally:
+        source.stop()
+
+
+def test_store_holds_an_emptied_service_then_believes_it_and_wakes_the_runner():
+    store = Store(grace_seconds=0.3)
+    inst = Instance("w1", "web", "127.0.0.1", 80, "n1", "127.0.0.1")
+    store.publish_catalog("catalog(local)", Snapshot({"web": ()}, {"web": (inst,)}))
+    assert store.wait(0.1) == {"catalog(local)"}
+    store.publish_catalog("catalog(local)", Snapshot({}, {}))  # every instance gone at once
+    assert store.wait(0.1) == {"catalog(local)"}
+    assert store.view().catalog("").instances["web"] == (inst,)  # held
+    assert store.held() == ["web"]
+    t0 = time.monotonic()
+    assert store.wait(2.0) == {"catalog(local)"}  # woken when the grace runs out
+    assert 0.1 < time.monotonic() - t0 < 1.0
+    assert "web" not in store.view().catalog("").instances
+    store.touch("template:x")
+    assert store.wait(0) == {"template:x"}
