@@ -257,11 +257,17 @@ class UnixSocketForwarder:
         threading.Thread(target=self._accept, args=(server,), name="fwd-accept", daemon=True).start()
 
     def _accept(self, server: socket.socket) -> None:
+        server.settimeout(0.1)  # closing a socket does not wake a blocked accept(): poll instead
         while True:
             try:
                 client, _ = server.accept()
+            except TimeoutError:
+                if server.fileno() == -1:
+                    return
+                continue
             except OSError:
                 return
+            client.settimeout(None)
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             upstream.connect(self.target)
             with self._lock:
@@ -318,11 +324,17 @@ class TcpForwarder:
         threading.Thread(target=self._accept, args=(server,), name="tcp-fwd-accept", daemon=True).start()
 
     def _accept(self, server: socket.socket) -> None:
+        server.settimeout(0.1)  # closing a socket does not wake a blocked accept(): poll instead
         while True:
             try:
                 client, _ = server.accept()
+            except TimeoutError:
+                if server.fileno() == -1:
+                    return
+                continue
             except OSError:
                 return
+            client.settimeout(None)
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
             except OSError:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import jinja2
 import pytest
@@ -41,6 +42,22 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
         if n % 5 == 0:
             meta.update(weight="3", sticky="1", check_http="/health")
         register(consul, f"v{n}", f"svc{n}", 20000 + n, **meta)
+    # one hostile or clumsy service of each kind must cost only itself (issue 9, point 2)
+    hostile = [
+        ("bad-w", "svc-weight", {"http_host": "w.example.com", "weight": "1000"}),
+        ("bad-w2", "svc-weight", {"http_host": "w.example.com", "weight": "abc"}),
+        ("x/1", "svc-ids", {"http_host": "ids.example.com"}),
+        ("x_1", "svc-ids", {"http_host": "ids.example.com"}),
+        ("dup-a", "svc-dup-a", {"http_host": "shared.example.com"}),
+        ("dup-b", "svc-dup-b", {"http_host": "shared.example.com,own.example.com"}),
+        ("bad-host", "svc-badhost", {"http_host": "a!b.example.com"}),
+        ("bad-path", "svc-badpath", {"http_path": "/x[y]"}),
+        ("p1", "svc-path-a", {"http_path": "/same"}),
+        ("p2", "svc-path-b", {"http_path": "/same"}),
+        ("bad-check", "svc-badcheck", {"http_host": "c.example.com", "check_http": "/h?q=1", "sticky": "1"}),
+    ]
+    for sid, name, meta in hostile:
+        register(consul, sid, name, 30000 + len(sid), **meta)
     dest = tmp_path / "proxy.cfg"
     proc = subprocess.run(
         [
@@ -69,8 +86,17 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = dest.read_text()
     assert text.count("svc") >= count
+    for name in ("svc-weight", "svc-ids", "svc-dup-a", "svc-dup-b", "svc-path-a", "svc-badcheck"):
+        assert name in text, name
+    for name in ("svc-badhost", "svc-badpath", "svc-path-b"):
+        assert f"_{name}" not in text and f"u_{name}" not in text, name
+    for warning in ("weight='1000' is outside 0-256", "is routed to svc-dup-a already", "a!b.example.com is not a host",
+                    "/x[y] is not a URL path", "path /same is routed to svc-path-a already"):  # fmt: skip
+        assert warning in proc.stderr, warning
     for n in range(count):
         consul.put(f"/v1/agent/service/deregister/v{n}")
+    for sid, _, _ in hostile:
+        consul.put(f"/v1/agent/service/deregister/{urllib.parse.quote(sid, safe='')}")
 
 
 @pytest.fixture

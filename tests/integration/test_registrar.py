@@ -36,7 +36,13 @@ def test_registers_published_port_with_registrator_id_and_meta(consul, container
     assert svc["Port"] == containers.host_port(c)
     assert svc["Address"] == "127.0.0.1"
     assert svc["Tags"] == ["blue", "v1"]
-    assert svc["Meta"] == {"http_host": "app.example.com", "http_path": "/api", "weight": "5"}
+    meta = {"http_host": "app.example.com", "http_path": "/api", "weight": "5", "registrar_host": hostname}
+    assert svc["Meta"] == meta
+        "http_host": "app.example.com",
+        "http_path": "/api",
+        "weight": "5",
+        "registrar_host": hostname,
+    }
     # visible in the catalog, which is what templates and the UI read
     wait_until(lambda: consul.get("/v1/catalog/service/web"), what="catalog entry")
 
