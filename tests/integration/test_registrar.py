@@ -38,11 +38,6 @@ def test_registers_published_port_with_registrator_id_and_meta(consul, container
     assert svc["Tags"] == ["blue", "v1"]
     meta = {"http_host": "app.example.com", "http_path": "/api", "weight": "5", "registrar_host": hostname}
     assert svc["Meta"] == meta
-        "http_host": "app.example.com",
-        "http_path": "/api",
-        "weight": "5",
-        "registrar_host": hostname,
-    }
     # visible in the catalog, which is what templates and the UI read
     wait_until(lambda: consul.get("/v1/catalog/service/web"), what="catalog entry")
 
