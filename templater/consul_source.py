@@ -90,8 +90,9 @@ class ConsulFetcher:
 
 StateFn = Callable[[str, bool, str], None]
 
-FULL_READ_QUIET = 0.5  # a full read this long after the last unexplained change ...
-FULL_READ_MAX = 3.0  # ... or at the latest this long after the first one
+FULL_READ_QUIET = 0.5  # full reads for unexplained changes: at most one per this long (then trailing) ...
+FULL_READ_MAX = 3.0  # ... and a trailing one at the latest this long after the first change it waits for
+CHECKS_GRACE = 0.05  # how long a catalog change waits for the checks of the same raft index
 SAFETY_READ = 300.0  # and one at least this often (jittered), for what no watch announced
 TARGETED_MAX = 32  # more changed services than this (an agent that lost its state): one full read
 
@@ -134,6 +135,9 @@ class CatalogSource:
         self._signatures: dict[str, frozenset[tuple[str, ...]]] = {}
         self._check_nodes: frozenset[str] | None = None
         self._explained: dict[str, int] = {}  # service -> index of the checks that explained it
+        self._checks_index = 0  # index of the last checks answer whose explanation is recorded
+        self._checkless: set[str] = set()  # services with an instance that has no check
+        self._last_full = 0.0
         self._health = Health()
         self._rows: dict[str, list[Row]] = {}
         self._bare: dict[str, tuple[Instance, ...]] = {}
@@ -216,6 +220,11 @@ class CatalogSource:
 
     def _services_changed(self, data: Any, index: int) -> None:
         services = dict(data or {})
+        if self._loaded:
+            # a registration with checks moves both watches at the same index: give the checks
+            # answer a moment, so that it explains this change and no full read is needed
+            with self._lock:
+                self._lock.wait_for(lambda: self._checks_index >= index or self._stopped.is_set(), CHECKS_GRACE)
         with self._fetch_lock:
             if not self._loaded:
                 self._load_everything(services)
@@ -224,19 +233,24 @@ class CatalogSource:
                 old = self._services or {}
                 names = {n for n in set(old) | set(services) if old.get(n) != services.get(n)}
                 explained = {n for n, i in self._explained.items() if i >= index}
-                self._explained.clear()
+                self._explained = {n: i for n, i in self._explained.items() if i > index}
+                checkless = set(self._checkless) & set(services)
             if len(names) > TARGETED_MAX:
                 self._load_everything(services)
                 return
+            unexplained = not names and not explained
+            if unexplained and checkless and len(checkless) <= TARGETED_MAX:
+                # most likely an instance without checks came or went: its service is one of these
+                names = checkless
             rows = self._read_services(names & set(services)) if names else {}
             with self._lock:
                 self._set_services(services)
-                self._apply_targeted(names, rows)
+                moved = self._apply_targeted(names, rows)
                 self._rebuild()
-        if not names and not explained:
-            # neither the names, the tags nor the checks say what moved: an instance without
-            # checks came or went, or one changed in place. The checks of the same change may
-            # still be on their way; they cancel this read if they explain it.
+        if unexplained and not moved:
+            # nothing says what moved (a new instance without checks in a service that had
+            # none, an instance re-registered in place): read everything, at most once per
+            # FULL_READ_QUIET, trailing after that
             self._schedule_full(index)
 
     def _checks_changed(self, data: Any, index: int) -> None:
@@ -248,7 +262,11 @@ class CatalogSource:
             # a node joined or left (its serfHealth check came or went): read the node list
             nodes_moved = self._loaded and self._check_nodes is not None and node_names != self._check_nodes
             self._check_nodes = node_names
-        changed = {n for n in set(signatures) | set(old) if signatures.get(n) != old.get(n)}
+            changed = {n for n in set(signatures) | set(old) if signatures.get(n) != old.get(n)}
+            for name in changed:
+                self._explained[name] = index
+            self._checks_index = max(self._checks_index, index)
+            self._lock.notify_all()
         if self._loaded and (changed or nodes_moved):
             with self._fetch_lock:
                 if len(changed) > TARGETED_MAX:
@@ -264,8 +282,6 @@ class CatalogSource:
             self._checks = checks
             self._signatures = signatures
             self._health = health_index(checks)
-            for name in changed:
-                self._explained[name] = index
             if changed and self._pending_since is not None and index >= self._pending_index:
                 self._pending_since = None  # these checks explain the catalog change
             self._rebuild()
@@ -283,10 +299,13 @@ class CatalogSource:
     def _schedule_full(self, index: int) -> None:
         with self._lock:
             now = time.monotonic()
-            self._last_change = now
             self._pending_index = max(self._pending_index, index)
             if self._pending_since is None:
                 self._pending_since = now
+                # leading edge: at once when none ran lately, else after a quiet period
+                self._last_change = now - FULL_READ_QUIET if now - self._last_full > FULL_READ_QUIET else now
+            else:
+                self._last_change = now
             self._lock.notify_all()
 
     def _full_read_loop(self) -> None:
@@ -303,7 +322,8 @@ class CatalogSource:
                 if self._stopped.is_set():
                     return
                 self._pending_since = None
-                self._next_safety = time.monotonic() + _jittered(SAFETY_READ)
+                self._last_full = time.monotonic()
+                self._next_safety = self._last_full + _jittered(SAFETY_READ)
                 since = self._seq
             if not self._loaded:
                 continue
@@ -334,11 +354,14 @@ class CatalogSource:
         self._dirty.add("(nodes)")
         return True
 
-    def _apply_targeted(self, names: set[str], rows: dict[str, list[Row]]) -> None:
+    def _apply_targeted(self, names: set[str], rows: dict[str, list[Row]]) -> bool:
+        """Take targeted reads; whether anything changed."""
         self._seq += 1
+        moved = False
         for name in names:
             self._read_at[name] = self._seq
-            self._set_rows(name, rows.get(name, []))
+            moved |= self._set_rows(name, rows.get(name, []))
+        return moved
 
     def _apply_everything(self, rows: dict[str, list[Row]], nodes: list[dict[str, Any]], since: int | None) -> set[str]:
         """Take a full read, except for services read on their own after it started. The changed names."""
@@ -375,6 +398,12 @@ class CatalogSource:
             else:
                 self._bare.pop(name, None)
         self._dirty.clear()
+        checked = self._health.services
+        self._checkless = {
+            name
+            for name, rows in self._rows.items()
+            if any((r.get("Node"), r.get("ServiceID")) not in checked for r in rows)
+        }
         instances = instances_with_health(self._kept, self._bare, self._health)
         # _kept and _nodes are replaced, never changed in place: the snapshot can share them
         self._publish(self.key, Snapshot(self._kept, instances, self._nodes))
