@@ -194,7 +194,9 @@ class Containers:
 class Process:
     """A Python entry point run as a child, its output in a log file, stopped by PID."""
 
-    def __init__(self, module: str, args: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, module: str, args: list[str], workdir: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
         self.log_path = workdir / f"{module}-{int(time.time() * 1000)}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -202,7 +204,7 @@ class Process:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            cwd=ROOT,
+            cwd=cwd,
         )
 
     def output(self) -> str:
@@ -342,10 +344,11 @@ class TcpForwarder:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(
-                    target=UnixSocketForwarder._pump, args=(a, b), name="tcp-fwd-pump", daemon=True
-                ).start()
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self.pump, args=(a, b, up), name="tcp-fwd-pump", daemon=True).start()
+
+    def pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        UnixSocketForwarder._pump(src, dst)
 
     def stop(self) -> None:
         if self._server is not None:
