@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+from consul.std import parse_duration as consul_duration
+
 _PART = r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)"
 _FULL = re.compile(rf"^(?:{_PART})+$")
 
@@ -20,4 +21,4 @@ def parse_duration(text: str) -> float:
         return float(text)
     if not _FULL.match(text):
         raise ValueError(f"not a duration: {text!r} (expected e.g. 10s, 500ms, 1m30s)")
-    return sum(float(n) * _UNITS[u] for n, u in re.findall(_PART, text))
+    return float(consul_duration(text))  # validated above; py-consul's parser does the arithmetic

@@ -8,6 +8,8 @@ import shlex
 import signal
 import subprocess
 
+from sidecar.signals import terminate
+
 log = logging.getLogger("templater.child")
 
 
@@ -52,18 +54,6 @@ class Child:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(self.kill_signal)
-            try:
-                self.proc.wait(self.kill_timeout)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "child pid=%d ignored %s for %.0f s: killing",
-                    self.proc.pid,
-                    signal.Signals(self.kill_signal).name,
-                    self.kill_timeout,
-                )
-                self.proc.kill()
-                self.proc.wait()
-        log.info("child stopped pid=%d exit=%s", self.proc.pid, self.proc.returncode)
-        return self.proc.returncode
+        code = terminate(self.proc, self.kill_signal, self.kill_timeout, "child")
+        log.info("child stopped pid=%d exit=%s", self.proc.pid, code)
+        return code

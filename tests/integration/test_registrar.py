@@ -73,6 +73,9 @@ def test_several_ports_udp_and_per_port_overrides(consul, containers, registrar,
         ("SERVICE_NAME", "not_a.dns label", "DNS label"),
         ("SERVICE_TAGS", "a,b\nbackend evil", "control character"),
         ("SERVICE_HTTP_HOST", "a.com\n  server evil 1.2.3.4:80", "control character"),
+        # a typo used to be dropped silently: the instance passed at once, with no check at all
+        ("SERVICE_CHECK_HTPP", "/health", "unknown check setting"),
+        ("SERVICE_CHECK_CMD", "/bin/healthcheck", "not supported"),
     ],
 )
 def test_bad_label_skips_that_container_only(consul, containers, registrar, hostname, label, value, reason):
