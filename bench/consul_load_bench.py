@@ -14,6 +14,7 @@ Run: .venv/bin/python bench/consul_load_bench.py [--services 1000] [--changes 20
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import re
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.templater_bench import TEMPLATE, put, wait_for
 from tests.support import ROOT, ConsulAgent, Process, TcpForwarder, free_port, tempdir, wait_until
 
-REQUEST_LINE = re.compile(rb"(?:^|\r\n)(?:GET|PUT|POST|DELETE) /v1/")
+REQUEST_LINE = re.compile(rb"(?:^|\r\n)(?:GET|PUT|POST|DELETE) (/v1/[^? ]*)")
 
 
 class ClientAgent:
@@ -74,6 +75,7 @@ class CountingForwarder(TcpForwarder):
         super().__init__(target_port)
         self.requests = 0
         self.bytes = 0
+        self.paths: collections.Counter[str] = collections.Counter()
         self._count_lock = threading.Lock()
 
     def pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
@@ -81,7 +83,9 @@ class CountingForwarder(TcpForwarder):
             while data := src.recv(65536):
                 with self._count_lock:
                     if upstream:
-                        self.requests += len(REQUEST_LINE.findall(data))
+                        paths = REQUEST_LINE.findall(data)
+                        self.requests += len(paths)
+                        self.paths.update(re.sub(r"/(node|service)/.*", r"/\1/<name>", p.decode()) for p in paths)
                     else:
                         self.bytes += len(data)
                 dst.sendall(data)
@@ -140,8 +144,10 @@ def run(agents: list[str], work: Path, args: argparse.Namespace, checks: bool) -
             put(agents[n % len(agents)], f"/v1/agent/service/deregister/x{n}", None)
         time.sleep(5.0)
         before = forwarder.counts()
+        paths_before = collections.Counter(forwarder.paths)
         time.sleep(args.idle)
         after = forwarder.counts()
+        idle_paths = forwarder.paths - paths_before
         idle = (after[0] - before[0]) * 60 / args.idle
         idle_bytes = (after[1] - before[1]) * 60 / args.idle
     finally:
@@ -155,6 +161,7 @@ def run(agents: list[str], work: Path, args: argparse.Namespace, checks: bool) -
     print(f"  KiB answered per change p50     {statistics.median(bytes_per_change) / 1024:.0f}")
     print(f"  requests per idle minute        {idle:.1f} (over {args.idle:.0f} s)")
     print(f"  KiB answered per idle minute    {idle_bytes / 1024:.0f}")
+    print(f"  idle requests by path           {dict(idle_paths.most_common(6))}")
 
 
 def main() -> int:

@@ -12,9 +12,11 @@ from registrar import settings as settings_mod
 from registrar.consul_registry import ConsulRegistry
 from registrar.docker_events import DockerSource, DockerWatcher
 from registrar.errors import Unavailable
+from registrar.status import RegistrarStatus
 from registrar.sync import Syncer
 from sidecar import logs
 from sidecar.backoff import sleep
+from sidecar.status import StatusServer
 from sidecar.threads import Supervisor
 
 log = logging.getLogger("registrar")
@@ -67,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         logs.kv(consul=settings.consul.url, docker=source.describe(), hostname=settings.sync.spec.hostname),
     )
     supervisor = Supervisor()
+    status = None
+    if settings.status_addr:
+        view = RegistrarStatus(watcher, syncer, supervisor)
+        status = StatusServer(settings.status_addr, view.health, view.prometheus)
+        status.start()
+        log.info("status on http://%s:%d/health", *settings.status_addr)
     threads = [
         supervisor.start("sync", lambda: syncer.run(stop), stop),
         supervisor.start("docker-events", lambda: watcher.run(stop), stop),
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     for thread in threads:
         thread.join(timeout=5)
+    if status is not None:
+        status.stop()
     return 0
 
 

@@ -145,6 +145,11 @@ class DockerWatcher:
                 if sleep(stop, self._backoff.next_delay()):
                     return
 
+    @property
+    def up(self) -> bool | None:
+        """Whether the event stream is connected (None before the first attempt)."""
+        return self._up
+
     def stop(self) -> None:
         self._source.close_events()
 

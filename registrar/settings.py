@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from registrar.spec import SpecSettings
 from registrar.sync import SyncSettings
 from sidecar.consul_conn import ConsulSettings, add_consul_arguments, consul_settings_from
+from sidecar.status import parse_addr
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Settings:
     resync: float
     retry_attempts: int
     log_level: str
+    status_addr: tuple[str, int] | None = None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,6 +63,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--retry-interval", type=int, default=2000, help="milliseconds between attempts")
     p.add_argument("--probe-window", type=float, default=60.0, help="seconds of fast readiness probing")
+    p.add_argument(
+        "--status-addr",
+        default=os.environ.get("REGISTRAR_STATUS_ADDR"),
+        help="HOST:PORT for /health and /metrics (REGISTRAR_STATUS_ADDR); loopback unless a host is given",
+    )
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     return p
 
@@ -97,4 +104,13 @@ def parse(argv: list[str] | None = None) -> Settings:
         resync=args.resync,
         retry_attempts=args.retry_attempts,
         log_level=args.log_level,
+        status_addr=_status_addr(args.status_addr) if args.status_addr else None,
     )
+
+
+def _status_addr(text: str) -> tuple[str, int]:
+    try:
+        return parse_addr(text)
+    except ValueError as err:
+        parser().error(str(err))
+        raise

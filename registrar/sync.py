@@ -124,6 +124,20 @@ class Syncer:
         self._last_heartbeat = 0.0
         self._prober = Prober(self._on_ready, window=settings.probe_window)
 
+    # -- state for /health and /metrics (read from another thread: plain reads of small values)
+
+    @property
+    def consul_up(self) -> bool | None:
+        return self._consul_up
+
+    @property
+    def tracked(self) -> int:
+        return len(self._containers)
+
+    @property
+    def pending_deregistrations(self) -> int:
+        return len(self._pending_deregister)
+
     # -- inputs, from any thread
 
     def submit(self, intent: Intent | None) -> None:

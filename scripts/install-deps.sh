@@ -16,6 +16,8 @@ command -v consul >/dev/null 2>&1 || need_apt+=(consul)
 command -v busybox >/dev/null 2>&1 || need_apt+=(busybox-static)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v ss >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v mmdebstrap >/dev/null 2>&1 || need_apt+=(mmdebstrap)
+command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 
 if ((${#need_apt[@]})); then
     # Consul is packaged only in bullseye: add that suite with a low pin so that

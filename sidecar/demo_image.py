@@ -12,7 +12,7 @@ import tarfile
 
 import docker
 
-IMAGE = "consul-sidecar-test:busybox2"
+IMAGE = "consul-sidecar-test:busybox3"
 
 
 def ensure_image(client: docker.DockerClient) -> str:
@@ -47,6 +47,15 @@ def ensure_image(client: docker.DockerClient) -> str:
         info.size = len(slow)
         info.mode = 0o755
         tar.addfile(info, io.BytesIO(slow))
+        # /cgi-bin/sleep?N answers after N seconds: a request in flight while something stops
+        sleep = (
+            b'#!/bin/sh\ncase "$QUERY_STRING" in ""|*[!0-9]*) n=1;; *) n="$QUERY_STRING";; esac\nsleep "$n"\n'
+            b'printf "Content-Type: text/plain\\r\\n\\r\\nslept %s\\n" "$n"\n'
+        )
+        info = tarfile.TarInfo("www/cgi-bin/sleep")
+        info.size = len(sleep)
+        info.mode = 0o755
+        tar.addfile(info, io.BytesIO(sleep))
         index = b"ok\n"
         info = tarfile.TarInfo("www/index.html")
         info.size = len(index)

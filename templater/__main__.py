@@ -9,10 +9,11 @@ import threading
 from types import FrameType
 
 from sidecar import logs
+from sidecar.status import StatusServer
 from templater.haproxy_runtime import RuntimeHook
 from templater.runner import Runner
 from templater.settings import SettingsError, settings_from
-from templater.status import Metrics, StatusServer
+from templater.status import Metrics
 
 log = logging.getLogger("templater")
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, on_forward)
     status = None
     if settings.status_addr:
-        status = StatusServer(settings.status_addr, metrics)
+        status = StatusServer(settings.status_addr, metrics.health, metrics.prometheus)
         status.start()
         log.info("status on http://%s:%d/health", *settings.status_addr)
     log.info("templater starting consul=%s templates=%d", settings.consul.url, len(settings.templates))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar import signals
+from sidecar import signals, status
 from sidecar.consul_conn import ConsulSettings, add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
 
@@ -83,10 +84,10 @@ def parse_signal(text: str | None, flag: str) -> int | None:
 
 
 def parse_addr(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not port.isdigit():
-        raise SettingsError(f"--status-addr {text!r}: expected HOST:PORT")
-    return host or "127.0.0.1", int(port)
+    try:
+        return status.parse_addr(text)
+    except ValueError as err:
+        raise SettingsError(f"--status-addr: {err}") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,12 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kill-timeout", default="30s", help="wait this long before SIGKILL")
     parser.add_argument("--proxy", choices=("haproxy", "nginx"), help="preset for the real proxies")
     parser.add_argument("--proxy-pid-file", help="where to find (or put) the proxy's master pid")
-    parser.add_argument("--status-addr", help="HOST:PORT for /health and /metrics")
+    parser.add_argument(
+        "--status-addr",
+        default=os.environ.get("TEMPLATER_STATUS_ADDR"),
+        help="HOST:PORT for /health and /metrics (TEMPLATER_STATUS_ADDR); loopback unless a host is given",
+    )
     parser.add_argument("--empty-grace", default="15s", help="hold a service whose instances all vanish at once")
     parser.add_argument("--drain-timeout", default="30s", help="HAProxy: remove a draining server after this long")
     parser.add_argument(
         "--stop-proxy",
         action="store_true",
+        default=os.environ.get("TEMPLATER_STOP_PROXY", "").lower() in ("1", "true", "yes"),
         help="stop the proxy when the templater stops (by default it keeps serving and a new templater adopts it)",
     )
     parser.add_argument("--log-level", default="INFO")

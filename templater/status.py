@@ -1,11 +1,9 @@
-"""/health and Prometheus /metrics on --status-addr."""
+"""The templater's state for /health and Prometheus /metrics (served by sidecar.status)."""
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
@@ -83,37 +81,3 @@ class Metrics:
         for name, kind, value in rows:
             lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
-
-
-class StatusServer:
-    def __init__(self, addr: tuple[str, int], metrics: Metrics) -> None:
-        metrics_ref = metrics
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.startswith("/health"):
-                    code, body = metrics_ref.health()
-                    payload, ctype = json.dumps(body).encode(), "application/json"
-                elif self.path.startswith("/metrics"):
-                    code, payload, ctype = 200, metrics_ref.prometheus().encode(), "text/plain; version=0.0.4"
-                else:
-                    code, payload, ctype = 404, b"not found\n", "text/plain"
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(addr, Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, name="status", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()

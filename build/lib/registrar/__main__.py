@@ -1,0 +1,104 @@
+"""registrar: wire settings, Docker, Consul and the sync loop; run until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from registrar import settings as settings_mod
+from registrar.consul_registry import ConsulRegistry
+from registrar.docker_events import DockerSource, DockerWatcher
+from registrar.errors import Unavailable
+from registrar.status import RegistrarStatus
+from registrar.sync import Syncer
+from sidecar import logs
+from sidecar.backoff import sleep
+from sidecar.status import StatusServer
+from sidecar.threads import Supervisor
+
+log = logging.getLogger("registrar")
+
+
+def wait_for(name: str, ping: Callable[[], None], attempts: int, interval: float, stop: threading.Event) -> bool:
+    """registrator's --retry-attempts: give up after that many failures (-1: never)."""
+    tried = 0
+    while not stop.is_set():
+        try:
+            ping()
+            return True
+        except Unavailable as err:
+            tried += 1
+            if attempts >= 0 and tried > attempts:
+                log.error("giving up on %s after %d attempts: %s", name, tried, err)
+                return False
+            if tried == 1:
+                log.warning("waiting for %s: %s", name, err)
+        sleep(stop, interval)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_mod.parse(argv)
+    logs.setup(settings.log_level)
+    stop = threading.Event()
+    registry = ConsulRegistry(settings.consul)
+    source = DockerSource(settings.docker_url)
+    syncer = Syncer(registry, settings.sync)
+    watcher = DockerWatcher(source, syncer.submit, syncer.mark, settings.sync.retry_interval)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+        watcher.stop()
+        syncer.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    interval = settings.sync.retry_interval
+    if settings.retry_attempts >= 0 and not (
+        wait_for(f"consul {settings.consul.url}", registry.ping, settings.retry_attempts, interval, stop)
+        and wait_for(f"docker {source.describe()}", source.ping, settings.retry_attempts, interval, stop)
+    ):
+        return 1
+    log.info(
+        "starting %s",
+        logs.kv(consul=settings.consul.url, docker=source.describe(), hostname=settings.sync.spec.hostname),
+    )
+    supervisor = Supervisor()
+    status = None
+    if settings.status_addr:
+        view = RegistrarStatus(watcher, syncer, supervisor)
+        status = StatusServer(settings.status_addr, view.health, view.prometheus)
+        status.start()
+        log.info("status on http://%s:%d/health", *settings.status_addr)
+    threads = [
+        supervisor.start("sync", lambda: syncer.run(stop), stop),
+        supervisor.start("docker-events", lambda: watcher.run(stop), stop),
+    ]
+    if settings.resync > 0:
+        threads.append(supervisor.start("resync", lambda: resync_loop(watcher, settings.resync, stop), stop))
+    while not stop.wait(0.5):
+        pass
+    for thread in threads:
+        thread.join(timeout=5)
+    if status is not None:
+        status.stop()
+    return 0
+
+
+def resync_loop(watcher: DockerWatcher, every: float, stop: threading.Event) -> None:
+    while not sleep(stop, every):
+        if not watcher.connected.is_set():
+            continue
+        try:
+            watcher.list_all()
+        except Unavailable as err:
+            log.warning("resync skipped: %s", err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Neutral values between Docker and Consul: a service instance and its health checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PASSING = "passing"
+WARNING = "warning"
+CRITICAL = "critical"
+STATUSES = (PASSING, WARNING, CRITICAL)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One Consul check on a service.
+
+    kind is http, https, tcp, grpc, script, ttl or docker (a TTL check that follows the
+    container's Docker HEALTHCHECK). target is the URL, host:port or script it runs.
+    """
+
+    kind: str
+    target: str = ""
+    interval: str = "10s"
+    timeout: str | None = None
+    ttl: str | None = None
+    initial_status: str | None = None
+    deregister_after: str | None = None
+    tls_skip_verify: bool = False
+
+    @property
+    def probeable(self) -> bool:
+        """Whether the registrar can probe it itself for fast readiness."""
+        return self.kind in ("http", "https", "tcp")
+
+    def definition(self, check_id: str, service_id: str | None, status: str | None) -> dict[str, Any]:
+        """The check as Consul's agent API takes it.
+
+        Inside a service registration (service_id None) the agent wants ``CheckID``; the
+        stand-alone check register endpoint wants ``ID`` and ``ServiceID``. Consul 1.8 rejects
+        unknown fields, so each gets exactly its own.
+        """
+        body: dict[str, Any] = {"Name": f"{self.kind} check"}
+        if service_id is None:
+            body["CheckID"] = check_id
+        else:
+            body.update(ID=check_id, ServiceID=service_id)
+        if self.kind in ("http", "https"):
+            body.update(HTTP=self.target, Interval=self.interval)
+            if self.tls_skip_verify:
+                body["TLSSkipVerify"] = True
+        elif self.kind == "tcp":
+            body.update(TCP=self.target, Interval=self.interval)
+        elif self.kind == "grpc":
+            body.update(GRPC=self.target, Interval=self.interval)
+        elif self.kind == "script":
+            body.update(Args=["sh", "-c", self.target], Interval=self.interval)
+        elif self.kind in ("ttl", "docker"):
+            body["TTL"] = self.ttl or "10m"
+            if self.kind == "docker":
+                body["Name"] = "docker healthcheck"
+        if self.timeout:
+            body["Timeout"] = self.timeout
+        if self.deregister_after:
+            body["DeregisterCriticalServiceAfter"] = self.deregister_after
+        if status:
+            body["Status"] = status
+        return body
+
+
+@dataclass(frozen=True)
+class Service:
+    """One service instance: a container's port as Consul should know it."""
+
+    id: str
+    name: str
+    port: int
+    address: str
+    container_id: str
+    container_name: str
+    tags: tuple[str, ...] = ()
+    meta: dict[str, str] = field(default_factory=dict, hash=False)
+    checks: tuple[Check, ...] = ()
+
+    def check_id(self, index: int) -> str:
+        check = self.checks[index]
+        return f"service:{self.id}:docker" if check.kind == "docker" else f"service:{self.id}"
+
+    def registration(self, statuses: dict[str, str] | None = None) -> dict[str, Any]:
+        """The agent API payload; statuses maps check IDs to their initial status."""
+        statuses = statuses or {}
+        body: dict[str, Any] = {
+            "ID": self.id,
+            "Name": self.name,
+            "Port": self.port,
+            "Tags": list(self.tags),
+            "Meta": dict(self.meta),
+        }
+        if self.address:
+            body["Address"] = self.address
+        checks = []
+        for index, check in enumerate(self.checks):
+            check_id = self.check_id(index)
+            status = statuses.get(check_id, check.initial_status)
+            checks.append(check.definition(check_id, None, status))
+        if checks:
+            body["Checks"] = checks
+        return body
+
+    def same_registration(self, agent_view: dict[str, Any]) -> bool:
+        """Whether the agent's view of this service matches what we would register."""
+        return (
+            agent_view.get("Service") == self.name
+            and int(agent_view.get("Port") or 0) == self.port
+            and (agent_view.get("Address") or "") == self.address
+            and list(agent_view.get("Tags") or []) == list(self.tags)
+            and dict(agent_view.get("Meta") or {}) == dict(self.meta)
+        )

@@ -1,0 +1,407 @@
+"""Container inspect data -> the services it should register. Pure: no I/O.
+
+Follows registrator's conventions: SERVICE_<KEY> and SERVICE_<port>_<KEY> from the container's
+environment and labels (labels win over environment, per-port keys over generic ones), service
+IDs <hostname>:<container>:<port>[:udp], one service per published port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from registrar.errors import LabelError
+from registrar.model import STATUSES, Check, Service
+from sidecar.durations import is_duration
+
+_DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_SERVICE_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}$")
+_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_URL_PATH = re.compile(r"^/[\x21-\x7e]*$")
+_URL = re.compile(r"^https?://[\x21-\x7e]+$")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.:\[\]-]+:\d{1,5}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_RESERVED = {"name", "tags", "id", "ignore"}
+OWNER_META = "registrar_host"  # which registrar made a registration: its --hostname
+_CHECK_KINDS = ("http", "https", "tcp", "grpc", "script", "ttl")
+_CHECK_OPTIONS = ("interval", "timeout", "initial_status", "deregister_after", "tls_skip_verify")
+_CHECK_KEYS = {f"check_{k}" for k in (*_CHECK_KINDS, *_CHECK_OPTIONS)}
+META_VALUE_MAX = 512
+META_KEYS_MAX = 64
+
+
+@dataclass(frozen=True)
+class SpecSettings:
+    hostname: str
+    ip: str = ""
+    internal: bool = False
+    explicit: bool = False
+    force_tags: tuple[str, ...] = ()
+    use_ip_from_label: str = ""
+    allow_script_checks: bool = False  # SERVICE_CHECK_SCRIPT runs label text on the host, via the agent
+
+
+@dataclass
+class SpecResult:
+    services: list[Service] = field(default_factory=list)
+    errors: list[LabelError] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Port:
+    exposed: str  # container port number as text
+    proto: str  # tcp or udp
+    host_ip: str
+    host_port: str  # "" when not published
+
+
+@dataclass(frozen=True)
+class _Value:
+    label: str  # the key as the user wrote it, for error messages
+    value: str
+
+
+def container_name(inspect: dict[str, Any]) -> str:
+    return str(inspect.get("Name") or inspect.get("Id", "")[:12]).lstrip("/")
+
+
+def services_for(inspect: dict[str, Any], settings: SpecSettings) -> SpecResult:
+    """Every service a running container should have, and every label error found."""
+    result = SpecResult()
+    name = container_name(inspect)
+    config = inspect.get("Config") or {}
+    raw = _service_values(config)
+    ports = _ports(inspect)
+    exposed_numbers = {p.exposed for p in ports}
+
+    try:
+        generic = _split(raw, exposed_numbers, name)
+    except LabelError as err:
+        result.errors.append(err)
+        return result
+    generic_values, per_port = generic
+
+    if generic_values.get("ignore", _Value("", "")).value:
+        result.skipped.append(f"container={name} SERVICE_IGNORE set")
+        return result
+
+    try:
+        ip_override = _ip_from_label(config, settings, name)
+    except LabelError as err:
+        result.errors.append(err)
+        return result
+
+    group = len(ports) > 1
+    for port in sorted(ports, key=lambda p: (int(p.exposed), p.proto)):
+        if not settings.internal and not port.host_port:
+            continue
+        values = dict(generic_values)
+        values.update(per_port.get(port.exposed, {}))
+        if values.get("ignore", _Value("", "")).value:
+            result.skipped.append(f"container={name} port={port.exposed} SERVICE_IGNORE set")
+            continue
+        if settings.explicit and "name" not in values:
+            continue
+        try:
+            service = _service(inspect, port, values, settings, ip_override, group)
+        except LabelError as err:
+            result.errors.append(err)
+            continue
+        result.services.append(service)
+    docker_check = _docker_health_check(config)
+    if docker_check:
+        result.services = [_with_check(s, docker_check) for s in result.services]
+    return result
+
+
+def _with_check(service: Service, check: Check) -> Service:
+    return Service(
+        id=service.id,
+        name=service.name,
+        port=service.port,
+        address=service.address,
+        container_id=service.container_id,
+        container_name=service.container_name,
+        tags=service.tags,
+        meta=service.meta,
+        checks=(*service.checks, check),
+    )
+
+
+def _service_values(config: dict[str, Any]) -> dict[str, _Value]:
+    """SERVICE_* from environment then labels; keys lower-cased without the prefix."""
+    values: dict[str, _Value] = {}
+    for entry in config.get("Env") or []:
+        key, sep, value = entry.partition("=")
+        if sep and key.startswith("SERVICE_"):
+            values[key[len("SERVICE_") :].lower()] = _Value(key, value)
+    for key, value in (config.get("Labels") or {}).items():
+        if key.startswith("SERVICE_"):
+            values[key[len("SERVICE_") :].lower()] = _Value(key, str(value))
+    return values
+
+
+def _split(
+    values: dict[str, _Value], exposed: set[str], container: str
+) -> tuple[dict[str, _Value], dict[str, dict[str, _Value]]]:
+    generic: dict[str, _Value] = {}
+    per_port: dict[str, dict[str, _Value]] = {}
+    for key, value in values.items():
+        head, sep, rest = key.partition("_")
+        if head.isdigit() and sep and rest:
+            if head not in exposed:
+                raise LabelError(container, value.label, value.value, f"port {head} is not exposed")
+            per_port.setdefault(head, {})[rest] = value
+        else:
+            generic[key] = value
+    return generic, per_port
+
+
+def _ports(inspect: dict[str, Any]) -> list[_Port]:
+    """Exposed ports with their host binding; host networking publishes each exposed port."""
+    config = inspect.get("Config") or {}
+    network = inspect.get("NetworkSettings") or {}
+    host_mode = (inspect.get("HostConfig") or {}).get("NetworkMode") == "host"
+    found: dict[str, _Port] = {}
+    for spec in config.get("ExposedPorts") or {}:
+        number, _, proto = spec.partition("/")
+        found[spec] = _Port(number, proto or "tcp", "0.0.0.0", number if host_mode else "")
+    for spec, bindings in (network.get("Ports") or {}).items():
+        number, _, proto = spec.partition("/")
+        binding = _first_binding(bindings or [])
+        found[spec] = _Port(
+            number,
+            proto or "tcp",
+            (binding or {}).get("HostIp", "") or "0.0.0.0",
+            str((binding or {}).get("HostPort", "") or ""),
+        )
+    return list(found.values())
+
+
+def _first_binding(bindings: list[dict[str, str]]) -> dict[str, str] | None:
+    """Prefer an IPv4 binding; Docker lists 0.0.0.0 and :: for the same published port."""
+    for binding in bindings:
+        if ":" not in (binding.get("HostIp") or ""):
+            return binding
+    return bindings[0] if bindings else None
+
+
+def _container_ip(inspect: dict[str, Any]) -> str:
+    network = inspect.get("NetworkSettings") or {}
+    if network.get("IPAddress"):
+        return str(network["IPAddress"])
+    for net in (network.get("Networks") or {}).values():
+        if net and net.get("IPAddress"):
+            return str(net["IPAddress"])
+    return ""
+
+
+def _ip_from_label(config: dict[str, Any], settings: SpecSettings, container: str) -> str:
+    if not settings.use_ip_from_label:
+        return ""
+    value = str((config.get("Labels") or {}).get(settings.use_ip_from_label, "")).strip()
+    if not value:
+        return ""
+    address = value.split("/", 1)[0]
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise LabelError(container, settings.use_ip_from_label, value, "not an IP address") from None
+    return address
+
+
+def _default_name(image: str, port: _Port, group: bool) -> str:
+    base = posixpath.basename(image.split("@", 1)[0]).split(":", 1)[0]
+    base = re.sub(r"[^A-Za-z0-9-]+", "-", base).strip("-")[:50] or "service"
+    return f"{base}-{port.exposed}" if group else base
+
+
+def _service(
+    inspect: dict[str, Any],
+    port: _Port,
+    values: dict[str, _Value],
+    settings: SpecSettings,
+    ip_override: str,
+    group: bool,
+) -> Service:
+    container = container_name(inspect)
+    config = inspect.get("Config") or {}
+
+    def bad(key: str, reason: str) -> LabelError:
+        value = values[key]
+        return LabelError(container, value.label, value.value, reason)
+
+    if "name" in values:
+        name = values["name"].value.strip()
+        if not _DNS_LABEL.match(name):
+            raise bad("name", "service name must be a DNS label (letters, digits, '-', max 63)")
+    else:
+        name = _default_name(str(config.get("Image") or ""), port, group)
+
+    if settings.internal:
+        address = _container_ip(inspect) or settings.ip
+        number = int(port.exposed)
+    else:
+        address = port.host_ip if port.host_ip not in ("", "0.0.0.0", "::") else ""
+        if settings.ip:
+            address = settings.ip
+        number = int(port.host_port)
+    if ip_override:
+        address = ip_override
+
+    service_id = f"{settings.hostname}:{container}:{port.exposed}"
+    if port.proto == "udp":
+        service_id += ":udp"
+    if "id" in values:
+        service_id = values["id"].value.strip()
+        if not _SERVICE_ID.match(service_id):
+            raise bad("id", "service ID may hold only letters, digits and _.:@-")
+
+    tags = _tags(values, settings, container)
+    if port.proto == "udp" and "udp" not in tags:
+        tags.append("udp")
+
+    meta: dict[str, str] = {}
+    for key, value in sorted(values.items()):
+        if key in _RESERVED or key.startswith("check_"):
+            continue
+        if not _META_KEY.match(key) or key.startswith("consul-"):
+            raise bad(key, "meta key must be letters, digits, '_' or '-' (and not consul-*)")
+        if key == OWNER_META:
+            raise bad(key, f"meta key {OWNER_META} is set by the registrar itself")
+        if _CONTROL.search(value.value):
+            raise bad(key, "meta value contains a control character or newline")
+        if len(value.value) > META_VALUE_MAX:
+            raise bad(key, f"meta value longer than {META_VALUE_MAX} characters")
+        meta[key] = value.value
+    if len(meta) > META_KEYS_MAX:
+        raise LabelError(container, "SERVICE_*", str(len(meta)), f"more than {META_KEYS_MAX} meta keys")
+    meta[OWNER_META] = settings.hostname
+
+    check = _check(values, address or "127.0.0.1", number, bad, settings.allow_script_checks)
+    if check is not None and check.kind in ("http", "https") and "check_http" in values:
+        # proxies that check actively (the HAProxy template) use the same path
+        meta["check_http"] = values["check_http"].value.strip()
+    return Service(
+        id=service_id,
+        name=name,
+        port=number,
+        address=address,
+        container_id=str(inspect.get("Id", "")),
+        container_name=container,
+        tags=tuple(tags),
+        meta=meta,
+        checks=(check,) if check else (),
+    )
+
+
+def _tags(values: dict[str, _Value], settings: SpecSettings, container: str) -> list[str]:
+    tags: list[str] = []
+    raw = values.get("tags")
+    if raw:
+        for tag in raw.value.split(","):
+            tag = tag.strip()
+            if _CONTROL.search(tag):
+                raise LabelError(container, raw.label, raw.value, "tag contains a control character or newline")
+            if tag and tag not in tags:
+                tags.append(tag)
+    for tag in settings.force_tags:
+        if tag not in tags:
+            tags.append(tag)
+    return tags
+
+
+def _check(values: dict[str, _Value], host: str, port: int, bad: Any, allow_script: bool) -> Check | None:
+    for key in sorted(values):
+        if key == "check_cmd":
+            raise bad(key, "registrator's docker-exec check is not supported: use SERVICE_CHECK_HTTP, _TCP, "
+                      "_GRPC, _TTL or a Docker HEALTHCHECK")  # fmt: skip
+        if key.startswith("check_") and key not in _CHECK_KEYS:
+            known = ", ".join(f"SERVICE_{k.upper()}" for k in sorted(_CHECK_KEYS))
+            raise bad(key, f"unknown check setting (known: {known})")
+    kinds = [k for k in _CHECK_KINDS if f"check_{k}" in values]
+    if len(kinds) > 1:
+        raise bad(f"check_{kinds[1]}", f"one check per service: SERVICE_CHECK_{kinds[0].upper()} is set too")
+    if not kinds:
+        return None
+    kind = kinds[0]
+    key = f"check_{kind}"
+    if kind == "script" and not allow_script:
+        raise bad(key, "script checks run label text on the host: the registrar needs --allow-script-checks")
+    raw = values[key].value.strip()
+    host_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    target = raw
+    if kind in ("http", "https"):
+        if _URL.match(raw):
+            target = raw
+        elif _URL_PATH.match(raw):
+            target = f"{kind}://{host_port}{raw}"
+        else:
+            raise bad(key, "expected a path such as /health or a URL, without spaces")
+    elif kind == "tcp":
+        if raw.lower() in ("", "true", "1", "yes"):
+            target = host_port
+        elif not _HOST_PORT.match(raw):
+            raise bad(key, "expected true or host:port")
+    elif kind == "grpc":
+        if raw.lower() in ("", "true", "1", "yes"):
+            target = host_port
+        elif re.fullmatch(r"[A-Za-z0-9_.-]+", raw):
+            target = f"{host_port}/{raw}"
+        else:
+            raise bad(key, "expected true or a gRPC service name")
+    elif kind == "script":
+        if not raw or _CONTROL.search(raw):
+            raise bad(key, "script must be one non-empty line")
+        target = raw.replace("$SERVICE_IP", host).replace("$SERVICE_PORT", str(port))
+    elif kind == "ttl" and not is_duration(raw):
+        raise bad(key, "TTL must be a duration such as 30s")
+
+    durations = {}
+    for name in ("interval", "timeout", "deregister_after"):
+        label = f"check_{name}"
+        if label in values:
+            text = values[label].value.strip()
+            if not is_duration(text):
+                raise bad(label, "expected a duration such as 10s, 500ms or 1m")
+            durations[name] = text
+    status = None
+    if "check_initial_status" in values:
+        status = values["check_initial_status"].value.strip().lower()
+        if status not in STATUSES:
+            raise bad("check_initial_status", "expected passing, warning or critical")
+    skip_verify = values.get("check_tls_skip_verify", _Value("", "")).value.lower() in ("1", "true", "yes")
+    return Check(
+        kind=kind,
+        target=target if kind != "ttl" else "",
+        interval=durations.get("interval", "10s"),
+        timeout=durations.get("timeout"),
+        ttl=raw if kind == "ttl" else None,
+        initial_status=status,
+        deregister_after=durations.get("deregister_after"),
+        tls_skip_verify=skip_verify,
+    )
+
+
+def _docker_health_check(config: dict[str, Any]) -> Check | None:
+    test = (config.get("Healthcheck") or {}).get("Test") or []
+    if not test or test[0] == "NONE":
+        return None
+    return Check(kind="docker", ttl=DOCKER_HEALTH_TTL)
+
+
+DOCKER_HEALTH_TTL = "10m"
+"""TTL of the check that mirrors Docker's health status. The registrar refreshes it far more
+often; the long TTL keeps services routable through a registrar restart."""
+
+
+def docker_health_status(inspect: dict[str, Any]) -> str | None:
+    """Consul status for the container's Docker health, or None without a HEALTHCHECK."""
+    health = (inspect.get("State") or {}).get("Health")
+    if not health:
+        return None
+    return {"healthy": "passing", "unhealthy": "critical"}.get(health.get("Status", ""), "critical")

@@ -1,0 +1,492 @@
+"""Keep the agent's services equal to the running containers.
+
+One thread owns all state and makes every Consul call, fed by a queue of intents from the
+Docker side and the readiness probes, so no lock and no ordering puzzles. A tick (every
+second, or with backoff while Consul is away) compares what is desired with what the agent
+holds and restores anything it lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from registrar.consul_registry import MAINTENANCE_REASON, Registry
+from registrar.errors import ConsulRejected, ConsulUnavailable
+from registrar.intents import (
+    TERMINATING,
+    Destroyed,
+    Died,
+    Health,
+    Intent,
+    Listing,
+    Paused,
+    Ready,
+    Stopping,
+    Up,
+)
+from registrar.model import CRITICAL, PASSING, Service
+from registrar.probe import Prober
+from registrar.spec import OWNER_META, SpecSettings, container_name, docker_health_status, services_for
+from sidecar.backoff import Backoff
+from sidecar.logs import kv
+from sidecar.signals import parse_signal, signal_name
+
+log = logging.getLogger("registrar.sync")
+
+TICK = 1.0
+SEEN_MAX = 10_000  # containers remembered for listings in flight
+TTL_HEARTBEAT = 60.0
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    spec: SpecSettings
+    deregister: str = "always"  # or on-success
+    cleanup: bool = False  # registrator compatibility: dangling services are always removed
+    retry_interval: float = 2.0
+    probe_window: float = 60.0
+
+
+@dataclass
+class Plan:
+    register: list[Service] = field(default_factory=list)
+    deregister: list[str] = field(default_factory=list)
+    maintenance_on: list[str] = field(default_factory=list)
+    maintenance_off: list[str] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.register or self.deregister or self.maintenance_on or self.maintenance_off)
+
+
+def plan(
+    desired: dict[str, Service],
+    want_maintenance: set[str],
+    agent: dict[str, dict[str, Any]],
+    agent_maintenance: set[str],
+    owned: Callable[[str, dict[str, Any]], bool],
+) -> Plan:
+    """What to do so that the agent holds the desired services. Pure.
+
+    Every service of ours (owned(id, agent view)) without a container is removed, whether
+    its deregistration failed before or it was left by an earlier run. agent_maintenance holds
+    the services in maintenance that we put there; maintenance set by an operator is never
+    lifted.
+    """
+    result = Plan()
+    for service_id, service in sorted(desired.items()):
+        view = agent.get(service_id)
+        if view is None or not service.same_registration(view):
+            result.register.append(service)
+    result.deregister = sorted(sid for sid, view in agent.items() if sid not in desired and owned(sid, view))
+    missing = {s.id for s in result.register if s.id not in agent}
+    result.maintenance_on = sorted(
+        sid for sid in want_maintenance if sid in desired and (sid not in agent_maintenance or sid in missing)
+    )
+    result.maintenance_off = sorted(sid for sid in agent_maintenance if sid in desired and sid not in want_maintenance)
+    return result
+
+
+@dataclass
+class Tracked:
+    container_id: str
+    name: str
+    services: dict[str, Service]
+    generation: int
+    stop_signal: int | None = None
+    docker_status: str | None = None
+
+
+class Syncer:
+    def __init__(self, registry: Registry, settings: SyncSettings) -> None:
+        self._registry = registry
+        self._settings = settings
+        self._queue: queue.Queue[tuple[int, Intent | None]] = queue.Queue()
+        self._submit_lock = threading.Lock()
+        self._submitted = 0  # sequence of the last intent queued; the queue keeps this order
+        self._died_at: dict[str, int] = {}  # container -> sequence of its Died, for listings in flight
+        self._up_at: dict[str, int] = {}  # container -> sequence of its last fresh Up
+        self._pending_deregister: set[str] = set()  # retried until the agent has them gone
+        self._refused: set[str] = set()  # refusals already logged, said once each
+        self._containers: dict[str, Tracked] = {}
+        self._lingering: dict[str, list[str]] = {}  # died, kept by --deregister on-success
+        self._want_maintenance: set[str] = set()
+        self._agent_maintenance: set[str] = set()
+        self._known_status: dict[str, str] = {}
+        self._consul_up: bool | None = None
+        self._backoff = Backoff(base=0.1, cap=settings.retry_interval)
+        self._generation = 0
+        self._last_heartbeat = 0.0
+        self._prober = Prober(self._on_ready, window=settings.probe_window)
+
+    # -- state for /health and /metrics (read from another thread: plain reads of small values)
+
+    @property
+    def consul_up(self) -> bool | None:
+        return self._consul_up
+
+    @property
+    def tracked(self) -> int:
+        return len(self._containers)
+
+    @property
+    def pending_deregistrations(self) -> int:
+        return len(self._pending_deregister)
+
+    # -- inputs, from any thread
+
+    def submit(self, intent: Intent | None) -> None:
+        with self._submit_lock:
+            self._submitted += 1
+            self._queue.put((self._submitted, intent))
+
+    def mark(self) -> int:
+        """The sequence a listing started at: call it before listing containers, then submit
+        Listing(..., since=mark). Events queued after the mark win over the listing."""
+        with self._submit_lock:
+            return self._submitted
+
+    def _on_ready(self, service_id: str, index: int, generation: int) -> None:
+        self.submit(Ready(service_id, index, generation))
+
+    def stop(self) -> None:
+        self.submit(None)
+
+    # -- the loop
+
+    def run(self, stop: threading.Event) -> None:
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            timeout = max(0.0, next_tick - time.monotonic())
+            try:
+                seq, intent = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self._tick()
+                continue
+            if intent is None:
+                if stop.is_set():
+                    break
+                continue
+            self._handle(intent, seq)
+        self._prober.cancel_all()
+
+    def _handle(self, intent: Intent, seq: int = 0) -> None:
+        if isinstance(intent, Died):
+            self._died_at[intent.container_id] = seq
+        elif isinstance(intent, Up) and intent.fresh:
+            self._up_at[str(intent.inspect.get("Id", ""))] = seq
+        try:
+            if isinstance(intent, Up):
+                self._up(intent)
+            elif isinstance(intent, Stopping):
+                self._stopping(intent)
+            elif isinstance(intent, Paused):
+                self._set_maintenance(intent.container_id, True, "paused")
+            elif isinstance(intent, Died):
+                self._died(intent.container_id, intent.exit_code)
+            elif isinstance(intent, Destroyed):
+                self._destroyed(intent.container_id)
+            elif isinstance(intent, Health):
+                self._health(intent)
+            elif isinstance(intent, Listing):
+                self._listing(intent)
+            elif isinstance(intent, Ready):
+                self._ready(intent)
+        except ConsulUnavailable as err:
+            self._consul_down(err)
+        except ConsulRejected as err:
+            # one refused call (bad data for this agent version) never stops the loop
+            log.error("refused %s: %s", kv(intent=type(intent).__name__), err)
+
+    # -- container lifecycle
+
+    def _up(self, intent: Up) -> None:
+        inspect = intent.inspect
+        container_id = str(inspect.get("Id", ""))
+        name = container_name(inspect)
+        result = services_for(inspect, self._settings.spec)
+        for error in result.errors:
+            log.error("skipped %s", error)
+        for note in result.skipped:
+            log.info("ignored %s", note)
+        old = self._containers.get(container_id)
+        if intent.fresh:
+            # A restarted container is not ready because its previous run was.
+            for service in result.services:
+                for index, check in enumerate(service.checks):
+                    if check.kind != "docker":
+                        self._known_status.pop(service.check_id(index), None)
+        if intent.fresh or old is None:
+            self._generation += 1
+        generation = self._generation if intent.fresh or old is None else old.generation
+        tracked = Tracked(
+            container_id=container_id,
+            name=name,
+            services={s.id: s for s in result.services},
+            generation=generation,
+            stop_signal=parse_signal((inspect.get("Config") or {}).get("StopSignal")),
+            docker_status=docker_health_status(inspect),
+        )
+        self._containers[container_id] = tracked
+        self._lingering.pop(container_id, None)
+        stale = set(old.services) - set(tracked.services) if old else set()
+        for service_id in sorted(stale):
+            self._deregister(service_id)
+        paused = bool((inspect.get("State") or {}).get("Paused"))
+        for service in tracked.services.values():
+            if intent.fresh or old is None or old.services.get(service.id) != service:
+                self._register(service, tracked, intent.event_ns)
+                if intent.fresh or old is None:  # also containers found running at start
+                    self._start_probes(service, generation)
+            if intent.fresh and not paused and service.id in self._want_maintenance | self._agent_maintenance:
+                self._want_maintenance.discard(service.id)
+                self._maintenance(service.id, False)
+            elif paused and service.id not in self._want_maintenance:
+                self._want_maintenance.add(service.id)
+                self._maintenance(service.id, True)
+
+    def _stopping(self, intent: Stopping) -> None:
+        tracked = self._containers.get(intent.container_id)
+        if tracked is None:
+            return
+        terminating = intent.signal in {int(s) for s in TERMINATING} or intent.signal == tracked.stop_signal
+        if terminating:
+            self._set_maintenance(intent.container_id, True, f"signal {signal_name(intent.signal)}")
+
+    def _set_maintenance(self, container_id: str, enable: bool, why: str) -> None:
+        tracked = self._containers.get(container_id)
+        if tracked is None:
+            return
+        for service_id in sorted(tracked.services):
+            if enable:
+                self._want_maintenance.add(service_id)
+            else:
+                self._want_maintenance.discard(service_id)
+            self._maintenance(service_id, enable)
+            log.info("%s %s", "draining" if enable else "undraining", kv(id=service_id, reason=why))
+
+    def _died(self, container_id: str, exit_code: int | None) -> None:
+        tracked = self._containers.pop(container_id, None)
+        if tracked is None:
+            return
+        for service_id in tracked.services:
+            self._prober.cancel(service_id)
+        if self._settings.deregister == "on-success" and exit_code != 0:
+            self._lingering[container_id] = sorted(tracked.services)
+            log.info("kept %s", kv(container=tracked.name, exit_code=exit_code, deregister="on-success"))
+            return
+        # pending first: if Consul fails half-way, the tick retries every one of them
+        self._pending_deregister.update(tracked.services)
+        for service_id in sorted(tracked.services):
+            self._deregister(service_id)
+
+    def _destroyed(self, container_id: str) -> None:
+        self._died(container_id, None)
+        lingering = self._lingering.pop(container_id, [])
+        self._pending_deregister.update(lingering)
+        for service_id in lingering:
+            self._deregister(service_id)
+
+    def _health(self, intent: Health) -> None:
+        tracked = self._containers.get(intent.container_id)
+        if tracked is None:
+            return
+        tracked.docker_status = intent.status
+        for service in tracked.services.values():
+            for index, check in enumerate(service.checks):
+                if check.kind == "docker":
+                    check_id = service.check_id(index)
+                    self._known_status[check_id] = intent.status
+                    self._ttl(check_id, intent.status)
+                    log.info("health %s", kv(id=service.id, status=intent.status))
+
+    def _listing(self, intent: Listing) -> None:
+        """Every running container, as listed from `since` on. What the event stream said after
+        that (a container that died, one that started) is newer than the listing and wins."""
+        running = {str(i.get("Id", "")) for i in intent.inspects}
+        for container_id in sorted(set(self._containers) - running):
+            if self._up_at.get(container_id, -1) > intent.since:
+                continue  # started after the listing began
+            self._died(container_id, None)
+        for inspect in intent.inspects:
+            container_id = str(inspect.get("Id", ""))
+            if self._died_at.get(container_id, -1) > intent.since:
+                log.info("listing skipped %s: it died after the listing began", kv(container=container_name(inspect)))
+                continue
+            self._up(Up(inspect, fresh=False))
+        for seen in (self._died_at, self._up_at):
+            if len(seen) > SEEN_MAX:
+                for container_id in sorted(seen, key=seen.__getitem__)[: SEEN_MAX // 2]:
+                    del seen[container_id]
+        self._reconcile()
+
+    def _ready(self, intent: Ready) -> None:
+        service = self._service(intent.service_id)
+        if service is None:
+            return
+        tracked = self._containers[service.container_id]
+        if tracked.generation != intent.generation:
+            return
+        check_id = service.check_id(intent.check_index)
+        if self._known_status.get(check_id) == PASSING:
+            return
+        self._registry.set_check_status(service, intent.check_index, PASSING)
+        self._known_status[check_id] = PASSING
+        log.info("ready %s", kv(id=service.id, check=check_id))
+
+    # -- Consul calls, each logging what it did
+
+    def _statuses(self, service: Service, tracked: Tracked) -> dict[str, str]:
+        statuses = {}
+        for index, check in enumerate(service.checks):
+            check_id = service.check_id(index)
+            if check.kind == "docker":
+                statuses[check_id] = tracked.docker_status or CRITICAL
+            elif check_id in self._known_status:
+                statuses[check_id] = self._known_status[check_id]
+            elif check.initial_status is None:
+                statuses[check_id] = CRITICAL
+        return statuses
+
+    def _register(self, service: Service, tracked: Tracked, event_ns: int | None = None) -> None:
+        try:
+            self._registry.register(service, self._statuses(service, tracked))
+        except ConsulRejected as err:
+            log.error("rejected %s: %s", kv(container=tracked.name, id=service.id), err)
+            return
+        self._pending_deregister.discard(service.id)
+        facts: dict[str, object] = {"service": service.name, "id": service.id, "port": service.port}
+        if event_ns:
+            facts["latency_ms"] = round((time.time_ns() - int(event_ns)) / 1e6, 1)
+        log.info("registered %s", kv(**facts))
+
+    def _start_probes(self, service: Service, generation: int) -> None:
+        for index, check in enumerate(service.checks):
+            if check.probeable and self._known_status.get(service.check_id(index)) != PASSING:
+                self._prober.start(service.id, index, check, generation)
+
+    def _deregister(self, service_id: str) -> None:
+        """Deregister, or leave it pending: the tick retries until the agent has it gone."""
+        self._pending_deregister.add(service_id)
+        self._prober.cancel(service_id)
+        self._want_maintenance.discard(service_id)
+        self._agent_maintenance.discard(service_id)
+        for check_id in [
+            c for c in self._known_status if c == f"service:{service_id}" or c.startswith(f"service:{service_id}:")
+        ]:
+            del self._known_status[check_id]
+        try:
+            self._registry.deregister(service_id)
+        except ConsulRejected as err:
+            if service_id not in self._refused:
+                self._refused.add(service_id)
+                log.error("deregister refused, will retry %s: %s", kv(id=service_id), err)
+            return
+        self._pending_deregister.discard(service_id)
+        self._refused.discard(service_id)
+        log.info("deregistered %s", kv(id=service_id))
+
+    def _maintenance(self, service_id: str, enable: bool) -> None:
+        try:
+            self._registry.maintenance(service_id, enable)
+        except ConsulRejected as err:
+            log.error("maintenance refused %s: %s", kv(id=service_id, enable=enable), err)
+            return
+        if enable:
+            self._agent_maintenance.add(service_id)
+        else:
+            self._agent_maintenance.discard(service_id)
+
+    def _ttl(self, check_id: str, status: str) -> None:
+        try:
+            self._registry.ttl_update(check_id, status, f"docker health: {status}")
+        except ConsulRejected as err:
+            log.error("ttl update refused %s: %s", kv(check=check_id), err)
+
+    def _service(self, service_id: str) -> Service | None:
+        for tracked in self._containers.values():
+            if service_id in tracked.services:
+                return tracked.services[service_id]
+        return None
+
+    # -- the tick: notice a lost or restarted agent and restore
+
+    def _tick(self) -> float:
+        try:
+            self._reconcile()
+            if time.monotonic() - self._last_heartbeat > TTL_HEARTBEAT:
+                self._heartbeat()
+        except ConsulUnavailable as err:
+            self._consul_down(err)
+            return self._backoff.next_delay()
+        return TICK
+
+    def _reconcile(self) -> None:
+        agent = self._registry.services()
+        checks = self._registry.checks()
+        self._consul_back()
+        prefix = "_service_maintenance:"
+        self._agent_maintenance = {
+            cid[len(prefix) :]
+            for cid, c in checks.items()
+            if cid.startswith(prefix) and (c.get("Notes") or "") == MAINTENANCE_REASON
+        }
+        for check_id, check in checks.items():
+            if check_id.startswith("service:") and check.get("Status"):
+                self._known_status[check_id] = str(check["Status"])
+        desired = {sid: s for t in self._containers.values() for sid, s in t.services.items()}
+        lingering = {sid for ids in self._lingering.values() for sid in ids}
+        hostname = self._settings.spec.hostname
+        # gone from the agent by other means (a restart that lost its state): nothing to retry
+        self._pending_deregister &= set(agent)
+
+        def owned(sid: str, view: dict[str, Any]) -> bool:
+            if sid in lingering:
+                return False
+            ours = sid.startswith(f"{hostname}:") or (view.get("Meta") or {}).get(OWNER_META) == hostname
+            return ours or sid in self._pending_deregister
+
+        todo = plan(desired, self._want_maintenance, agent, self._agent_maintenance, owned)
+        if todo.empty():
+            return
+        log.info(
+            "reconcile %s",
+            kv(register=len(todo.register), deregister=len(todo.deregister), maintenance=len(todo.maintenance_on)),
+        )
+        for service in todo.register:
+            self._register(service, self._containers[service.container_id])
+            if service.id not in agent:
+                self._start_probes(service, self._containers[service.container_id].generation)
+        for service_id in todo.deregister:
+            self._deregister(service_id)
+        for service_id in todo.maintenance_on:
+            self._maintenance(service_id, True)
+        for service_id in todo.maintenance_off:
+            self._maintenance(service_id, False)
+
+    def _heartbeat(self) -> None:
+        for tracked in self._containers.values():
+            if tracked.docker_status is None:
+                continue
+            for service in tracked.services.values():
+                for index, check in enumerate(service.checks):
+                    if check.kind == "docker":
+                        self._ttl(service.check_id(index), tracked.docker_status)
+        self._last_heartbeat = time.monotonic()
+
+    def _consul_down(self, err: Exception) -> None:
+        if self._consul_up is not False:
+            log.warning("consul unavailable, will retry: %s", err)
+        self._consul_up = False
+
+    def _consul_back(self) -> None:
+        if self._consul_up is False:
+            log.info("consul available again")
+        self._consul_up = True
+        self._backoff.reset()

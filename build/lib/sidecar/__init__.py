@@ -1,0 +1,1 @@
+"""Pieces shared by the registrar and the templater: Consul connection, backoff, logging."""

@@ -1,0 +1,55 @@
+"""The status address both programs serve: /health (JSON, 200 or 503) and Prometheus /metrics.
+
+Bound to loopback unless told otherwise: it tells anyone who can reach it how the host is doing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+HealthFn = Callable[[], tuple[int, dict[str, Any]]]
+MetricsFn = Callable[[], str]
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """HOST:PORT (HOST defaults to 127.0.0.1). Raises ValueError."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"status address {text!r}: expected HOST:PORT")
+    return host or "127.0.0.1", int(port)
+
+
+class StatusServer:
+    def __init__(self, addr: tuple[str, int], health: HealthFn, metrics: MetricsFn) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/health"):
+                    code, body = health()
+                    payload, ctype = json.dumps(body).encode(), "application/json"
+                elif self.path.startswith("/metrics"):
+                    code, payload, ctype = 200, metrics().encode(), "text/plain; version=0.0.4"
+                else:
+                    code, payload, ctype = 404, b"not found\n", "text/plain"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(addr, Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="status", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

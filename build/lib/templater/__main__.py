@@ -1,0 +1,67 @@
+"""templater: watch Consul, render Jinja2 templates, validate, swap atomically, reload."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from sidecar import logs
+from sidecar.status import StatusServer
+from templater.haproxy_runtime import RuntimeHook
+from templater.runner import Runner
+from templater.settings import SettingsError, settings_from
+from templater.status import Metrics
+
+log = logging.getLogger("templater")
+
+FORWARDED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = settings_from(argv)
+    except SettingsError as err:
+        print(f"templater: {err}", file=sys.stderr)
+        return 2
+    logs.setup(settings.log_level)
+    metrics = Metrics()
+    hook = None
+    if settings.proxy == "haproxy" and not settings.dry:
+        hook = RuntimeHook(settings.templates[0].dest, settings.drain_timeout, metrics)
+    runner = Runner(settings, metrics, hook)
+    stop = threading.Event()
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+        runner.store.touch("stop")
+
+    def on_forward(signum: int, _frame: FrameType | None) -> None:
+        if runner.child is not None and runner.child.running():
+            runner.child.signal(signum)
+        else:
+            runner.store.touch(f"signal:{signum}")
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    for signum in FORWARDED:
+        signal.signal(signum, on_forward)
+    status = None
+    if settings.status_addr:
+        status = StatusServer(settings.status_addr, metrics.health, metrics.prometheus)
+        status.start()
+        log.info("status on http://%s:%d/health", *settings.status_addr)
+    log.info("templater starting consul=%s templates=%d", settings.consul.url, len(settings.templates))
+    try:
+        return runner.run(stop)
+    finally:
+        if status is not None:
+            status.stop()
+        log.info("templater stopped")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

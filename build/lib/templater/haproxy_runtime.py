@@ -1,0 +1,340 @@
+"""HAProxy without reloads where possible: apply server changes through the runtime API.
+
+When a new configuration differs from the running one only in `server` lines of existing
+backends, the difference is applied on the admin socket: new servers are added, removed ones
+are set to drain (no new connections, in-flight ones finish) and deleted once they have no
+sessions left or after the drain timeout; weight changes are set. Anything else, or any
+command HAProxy refuses, falls back to a graceful reload with the server state saved first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from templater.errors import ProxyError
+from templater.status import Metrics
+
+log = logging.getLogger("templater.haproxy")
+
+_SECTION = re.compile(r"^(global|defaults|frontend|backend|listen|peers|resolvers|userlist|program|cache)\b\s*(\S*)")
+_SOCKET = re.compile(r"^\s*stats socket\s+(\S+)")
+_STATE_FILE = re.compile(r"^\s*server-state-file\s+(\S+)")
+# dynamic servers in HAProxy 2.6 refuse these keywords; their servers change through a reload
+_NOT_DYNAMIC = ("cookie", "track")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    structure: tuple[str, ...]
+    servers: dict[str, dict[str, str]]  # backend -> server name -> the rest of its line
+    socket_path: str | None
+    state_file: str | None
+    # backend -> the `default-server` settings in force there (defaults section, then backend);
+    # HAProxy 2.6 does not apply them to servers added at runtime, so `add server` repeats them
+    default_server: dict[str, str] = field(default_factory=dict)
+
+
+def parse(config: str) -> Parsed:
+    """Split a configuration into everything but backend server lines, and those lines. Pure."""
+    structure: list[str] = []
+    servers: dict[str, dict[str, str]] = {}
+    default_server: dict[str, str] = {}
+    in_defaults = False
+    defaults_params = ""
+    backend: str | None = None
+    socket_path = state_file = None
+    for line in config.splitlines():
+        section = _SECTION.match(line)
+        if section:
+            in_defaults = section.group(1) == "defaults"
+            if in_defaults:
+                defaults_params = ""  # a new defaults section resets what the previous one set
+            backend = section.group(2) if section.group(1) == "backend" else None
+            if backend is not None:
+                servers.setdefault(backend, {})
+                default_server[backend] = defaults_params
+        stripped = line.strip()
+        if stripped.startswith("default-server "):
+            params = stripped.split(None, 1)[1].split("#", 1)[0].strip()
+            if in_defaults:
+                defaults_params = f"{defaults_params} {params}".strip()
+            elif backend is not None:
+                default_server[backend] = f"{default_server[backend]} {params}".strip()
+        if backend is not None and stripped.startswith("server "):
+            parts = stripped.split(None, 2)
+            if len(parts) == 3:
+                servers[backend][parts[1]] = parts[2]
+                continue
+        if match := _SOCKET.match(line):
+            socket_path = match.group(1)
+        if match := _STATE_FILE.match(line):
+            state_file = match.group(1)
+        structure.append(line)
+    return Parsed(tuple(structure), servers, socket_path, state_file, default_server)
+
+
+@dataclass
+class Ops:
+    add: list[tuple[str, str, str]] = field(default_factory=list)  # backend, server, rest
+    drain: list[tuple[str, str]] = field(default_factory=list)
+    weight: list[tuple[str, str, str]] = field(default_factory=list)
+    revive: list[tuple[str, str]] = field(default_factory=list)  # draining servers wanted again
+
+
+def _weight(rest: str) -> str | None:
+    match = re.search(r"\bweight\s+(\d+)", rest)
+    return match.group(1) if match else None
+
+
+def _without_weight(rest: str) -> list[str]:
+    return re.sub(r"\bweight\s+\d+", "", rest).split()
+
+
+def diff(old: Parsed, new: Parsed, draining: set[tuple[str, str]]) -> Ops | None:
+    """The runtime operations that turn old into new, or None when a reload is needed. Pure."""
+    if old.structure != new.structure or set(old.servers) != set(new.servers):
+        return None
+    ops = Ops()
+    for backend, wanted in new.servers.items():
+        current = old.servers[backend]
+        for name, rest in wanted.items():
+            if name not in current:
+                if (backend, name) in draining:
+                    return None  # the old definition may differ; let a reload sort it out
+                if any(re.search(rf"\b{k}\b", rest) for k in _NOT_DYNAMIC):
+                    return None
+                ops.add.append((backend, name, rest))
+            elif current[name] != rest:
+                if _without_weight(current[name]) != _without_weight(rest) or _weight(rest) is None:
+                    return None
+                ops.weight.append((backend, name, _weight(rest) or "1"))
+            elif (backend, name) in draining:
+                ops.revive.append((backend, name))
+        for name in current:
+            if name not in wanted:
+                ops.drain.append((backend, name))
+    return ops
+
+
+class AdminSocket:
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def send(self, command: str) -> str:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+                sock.sendall(command.encode() + b"\n")
+                chunks = []
+                while data := sock.recv(65536):
+                    chunks.append(data)
+        except OSError as err:
+            raise ProxyError(f"haproxy admin socket {self.path}: {command!r}: {err}") from err
+        return b"".join(chunks).decode(errors="replace")
+
+
+RELOAD_SETTLE = 10.0
+_ADDED = "New server registered."
+_DELETED = "Server deleted."
+
+
+def add_command(backend: str, name: str, rest: str, defaults: str) -> str:
+    """`add server` with the backend's default-server settings first: the server's own win. Pure."""
+    address, _, params = rest.partition(" ")
+    args = " ".join(part for part in (address, defaults, params.strip()) if part)
+    return f"add server {backend}/{name} {args}"
+
+
+def session_counts(table: str) -> dict[tuple[str, str], int]:
+    """Current sessions per (backend, server) from `show stat` CSV. Pure."""
+    lines = [line for line in table.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("# "):
+        return {}
+    reader = csv.DictReader([lines[0][2:], *lines[1:]])
+    counts = {}
+    for row in reader:
+        scur = row.get("scur") or ""
+        if scur.isdigit():
+            counts[(row.get("pxname") or "", row.get("svname") or "")] = int(scur)
+    return counts
+
+
+class Outcome:
+    """What apply() did: APPLIED (every line accepted), SKIPPED (needs a reload), REFUSED (HAProxy
+    refused a line: the running state may differ from any file until the next reload)."""
+
+    APPLIED = "applied"
+    SKIPPED = "skipped"
+    REFUSED = "refused"
+
+
+class RuntimeHook:
+    """Runner hook for --proxy haproxy: runtime updates and drains, state kept across reloads."""
+
+    def __init__(self, config: Path, drain_timeout: float, metrics: Metrics) -> None:
+        self.config = config
+        self.drain_timeout = drain_timeout
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._draining: dict[tuple[str, str], float] = {}
+        self._refused_deletes: set[tuple[str, str]] = set()
+        self._socket: AdminSocket | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain_loop, name="haproxy-drain", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _cli(self, command: str) -> str:
+        if self._socket is None:
+            raise ProxyError("haproxy admin socket unknown: the configuration has no `stats socket` line")
+        answer = self._socket.send(command).strip()
+        log.debug("haproxy cli %s -> %s", command, answer)
+        return answer
+
+    def _expect(self, command: str, ok: str = "") -> None:
+        """Run a command and raise ProxyError unless HAProxy answered exactly `ok`."""
+        answer = self._cli(command)
+        if answer != ok:
+            raise ProxyError(f"haproxy refused {command!r}: {answer or 'no answer'}")
+
+    def apply(self, old: str | None, new: str) -> str:
+        """Apply a server-only change on the admin socket. An Outcome."""
+        parsed_new = parse(new)
+        if parsed_new.socket_path:
+            self._socket = AdminSocket(parsed_new.socket_path)
+        if old is None or self._socket is None:
+            self.save_state(parsed_new)
+            return Outcome.SKIPPED
+        with self._lock:
+            ops = diff(parse(old), parsed_new, set(self._draining))
+        if ops is None:
+            self.save_state(parsed_new)
+            return Outcome.SKIPPED
+        try:
+            self._run(ops, parsed_new.default_server)
+        except ProxyError as err:
+            log.warning("runtime update refused, writing the checked file and reloading instead: %s", err)
+            self.save_state(parsed_new)
+            return Outcome.REFUSED
+        return Outcome.APPLIED
+
+    def _run(self, ops: Ops, defaults: dict[str, str]) -> None:
+        for backend, name, rest in ops.add:
+            self._expect(add_command(backend, name, rest, defaults.get(backend, "")), _ADDED)
+            if re.search(r"\bcheck\b", rest):
+                self._expect(f"enable health {backend}/{name}")
+            self._expect(f"enable server {backend}/{name}")
+            log.info("haproxy runtime added %s/%s %s", backend, name, rest)
+        for backend, name, weight in ops.weight:
+            self._expect(f"set weight {backend}/{name} {weight}")
+            log.info("haproxy runtime weight %s/%s %s", backend, name, weight)
+        for backend, name in ops.revive:
+            self._expect(f"set server {backend}/{name} state ready")
+            with self._lock:
+                self._draining.pop((backend, name), None)
+        for backend, name in ops.drain:
+            self._expect(f"set server {backend}/{name} state drain")
+            with self._lock:
+                self._draining[(backend, name)] = time.monotonic() + self.drain_timeout
+            log.info("haproxy draining %s/%s timeout=%.0fs", backend, name, self.drain_timeout)
+
+    def save_state(self, parsed: Parsed) -> None:
+        """Dump server state where the new configuration loads it from, just before a reload."""
+        if not parsed.state_file or self._socket is None:
+            return
+        try:
+            state = self._cli("show servers state")
+        except ProxyError:
+            return
+        with contextlib.suppress(OSError):
+            Path(parsed.state_file).write_text(state + "\n")
+
+    def worker_pid(self) -> int | None:
+        """The pid of the worker that answers on the admin socket now."""
+        try:
+            match = re.search(r"^Pid: (\d+)$", self._cli("show info"), re.MULTILINE)
+        except ProxyError:
+            return None
+        return int(match.group(1)) if match else None
+
+    def after_reload(self, new: str, workers: set[int]) -> None:
+        """Wait until a new worker (one of `workers`) answers on the socket with the new backends.
+
+        The reload is asynchronous: until the new worker has bound the admin socket, the old
+        one answers, and it knows nothing of new backends. Raises ProxyError when it does not.
+        """
+        parsed = parse(new)
+        if parsed.socket_path:
+            self._socket = AdminSocket(parsed.socket_path)
+        if self._socket is None:
+            return
+        with self._lock:
+            self._draining.clear()  # the new worker never had them; the old one finishes them
+            self._refused_deletes.clear()
+        wanted = set(parsed.servers)
+        deadline = time.monotonic() + RELOAD_SETTLE
+        while time.monotonic() < deadline:
+            try:
+                if self.worker_pid() in workers and wanted <= set(self._cli("show backend").split()):
+                    return
+            except ProxyError:
+                pass
+            time.sleep(0.02)
+        raise ProxyError(f"haproxy: no new worker with the new backends answered within {RELOAD_SETTLE:.0f} s")
+
+    def _drain_loop(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self._drain_step()
+            except Exception:  # the drain thread never dies: a bug here must not leave servers behind
+                log.exception("haproxy drain step failed; retrying")
+                self._stop.wait(1.0)
+
+    def _drain_step(self) -> None:
+        with self._lock:
+            draining = dict(self._draining)
+        if not draining:
+            return
+        try:
+            sessions = session_counts(self._cli("show stat -1 4 -1"))
+        except ProxyError as err:
+            log.warning("drain check failed: %s", err)
+            return
+        now = time.monotonic()
+        for (backend, name), deadline in draining.items():
+            busy = sessions.get((backend, name), 0)
+            if busy > 0 and now < deadline:
+                continue
+            try:
+                if busy > 0:
+                    self._cli(f"shutdown sessions server {backend}/{name}")
+                self._expect(f"set server {backend}/{name} state maint")
+                self._expect(f"del server {backend}/{name}", _DELETED)
+            except ProxyError as err:
+                # kept in the drain list and tried again; said once per server
+                if (backend, name) not in self._refused_deletes:
+                    self._refused_deletes.add((backend, name))
+                    log.warning("haproxy could not remove %s/%s yet, will retry: %s", backend, name, err)
+                continue
+            with self._lock:
+                self._draining.pop((backend, name), None)
+                self._refused_deletes.discard((backend, name))
+            self.metrics.add(runtime_updates=1)
+            log.info("haproxy removed %s/%s after drain", backend, name)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)

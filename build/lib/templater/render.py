@@ -1,0 +1,371 @@
+"""Jinja2 rendering with consul-template's functions. Pure: data comes through a View.
+
+A render records what it used (its dependencies) and what was not there yet; a render with
+missing data is incomplete and is never written out, as in consul-template.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import sys
+import traceback
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+import jinja2
+from jinja2 import pass_context
+from jinja2.sandbox import SandboxedEnvironment
+
+from templater.catalog import PASSING, Instance, Snapshot
+from templater.errors import TemplateError
+
+
+class View(Protocol):
+    """What a render reads; None means "not fetched yet"."""
+
+    def catalog(self, dc: str) -> Snapshot | None: ...
+    def kv(self, key: str) -> list[dict[str, Any]] | None: ...
+
+
+def catalog_key(dc: str | None) -> str:
+    return f"catalog({dc or 'local'})"
+
+
+def kv_key(path: str, recurse: bool, dc: str | None) -> str:
+    kind = "kv.tree" if recurse else "kv.key"
+    return f"{kind}({path.strip('/')}{'@' + dc if dc else ''})"
+
+
+@dataclass(frozen=True)
+class KVRequest:
+    key: str
+    path: str
+    recurse: bool
+    dc: str
+
+
+@dataclass
+class RenderResult:
+    text: str
+    used: set[str] = field(default_factory=set)  # dependency keys, e.g. catalog(local)
+    kv: dict[str, KVRequest] = field(default_factory=dict)
+    catalogs: dict[str, str] = field(default_factory=dict)  # catalog key -> dc ("" is the agent's)
+    missing: set[str] = field(default_factory=set)
+    queries: set[str] = field(default_factory=set)  # consul-template style names, for /metrics
+    warnings: list[str] = field(default_factory=list)  # from warn() and the checking filters
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+class _Recorder:
+    def __init__(self, view: View, env_vars: dict[str, str]) -> None:
+        self.view = view
+        self.env_vars = env_vars
+        self.result = RenderResult("")
+
+    def _catalog(self, dc: str | None) -> Snapshot:
+        key = catalog_key(dc)
+        self.result.used.add(key)
+        self.result.catalogs[key] = "" if key == catalog_key(None) else str(dc)
+        snapshot = self.view.catalog(dc or "")
+        if snapshot is None:
+            self.result.missing.add(key)
+            return Snapshot()
+        return snapshot
+
+    def services(self, dc: str | None = None) -> list[dict[str, Any]]:
+        self.result.queries.add(f"catalog.services({dc or ''})")
+        snapshot = self._catalog(dc)
+        return [{"name": name, "tags": list(tags)} for name, tags in sorted(snapshot.services.items())]
+
+    def service(self, name: str, tag: str | None = None, state: str = PASSING, dc: str | None = None) -> list[Instance]:
+        if state not in (PASSING, "any"):
+            raise ValueError(f"service({name!r}): state must be 'passing' or 'any', not {state!r}")
+        self.result.queries.add(f"health.service({name}|{tag or ''}|{state}|{dc or ''})")
+        snapshot = self._catalog(dc)
+        return [
+            inst
+            for inst in snapshot.instances.get(name, ())
+            if (tag is None or tag in inst.tags) and (state != PASSING or inst.status == PASSING)
+        ]
+
+    def nodes(self, dc: str | None = None) -> list[dict[str, Any]]:
+        self.result.queries.add(f"catalog.nodes({dc or ''})")
+        snapshot = self._catalog(dc)
+        return [{"name": n.name, "address": n.address, "meta": n.meta} for n in snapshot.nodes]
+
+    def _kv(self, path: str, recurse: bool, dc: str | None) -> list[dict[str, Any]]:
+        key = kv_key(path, recurse, dc)
+        self.result.used.add(key)
+        self.result.queries.add(key)
+        self.result.kv[key] = KVRequest(
+            key, path.strip("/") + ("/" if recurse and path.strip("/") else ""), recurse, dc or ""
+        )
+        entries = self.view.kv(key)
+        if entries is None:
+            self.result.missing.add(key)
+            return []
+        return entries
+
+    @staticmethod
+    def _value(entry: dict[str, Any]) -> str:
+        raw = entry.get("Value")
+        return base64.b64decode(raw).decode("utf-8", "replace") if raw else ""
+
+    def key(self, path: str, dc: str | None = None) -> str:
+        """The key's value; a key that does not exist holds the render back until it does,
+        as consul-template's `key` does (`key_or_default` renders with a default instead)."""
+        entries = self._kv(path, False, dc)
+        if not entries:
+            self.result.missing.add(kv_key(path, False, dc))
+            return ""
+        return self._value(entries[0])
+
+    def key_or_default(self, path: str, default: str, dc: str | None = None) -> str:
+        entries = self._kv(path, False, dc)
+        return self._value(entries[0]) if entries else default
+
+    def tree(self, prefix: str, dc: str | None = None) -> list[dict[str, str]]:
+        base = prefix.strip("/")
+        entries = self._kv(prefix, True, dc)
+        out = []
+        for entry in entries:
+            full = str(entry.get("Key", ""))
+            if full.endswith("/"):
+                continue
+            out.append({"key": full[len(base) :].lstrip("/"), "path": full, "value": self._value(entry)})
+        return out
+
+    def ls(self, prefix: str, dc: str | None = None) -> list[dict[str, str]]:
+        return [item for item in self.tree(prefix, dc) if "/" not in item["key"]]
+
+    def env(self, name: str, default: str = "") -> str:
+        return self.env_vars.get(name, default)
+
+    def warn(self, message: Any) -> str:
+        """Templates report what they left out (a contested host, a bad value); logged once."""
+        self.result.warnings.append(str(message))
+        return ""
+
+
+def by_tag(instances: Iterable[Any], tag: str) -> list[Any]:
+    return [i for i in instances if tag in _get(i, "tags")]
+
+
+def by_meta(instances: Iterable[Any], key: str, value: str | None = None) -> list[Any]:
+    out = []
+    for inst in instances:
+        meta = _get(inst, "meta") or {}
+        if key in meta and (value is None or meta[key] == value):
+            out.append(inst)
+    return out
+
+
+def group_by(items: Iterable[Any], attribute: str) -> dict[str, list[Any]]:
+    """Group by an attribute or a dotted path (`meta.http_host`); lists keep input order."""
+    groups: dict[str, list[Any]] = {}
+    for item in items:
+        value: Any = item
+        for part in attribute.split("."):
+            value = _get(value, part)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None:
+                groups.setdefault(str(v), []).append(item)
+    return dict(sorted(groups.items()))
+
+
+def ident(value: Any) -> str:
+    """A name safe as a proxy identifier (backend, server, upstream).
+
+    Safe text is kept as it is; text with other characters gets them replaced by `_` and a
+    short hash of the original appended, so `x/1` and `x_1` stay two names."""
+    text = str(value)
+    safe = _UNSAFE_IDENT.sub("_", text)
+    if safe == text and text:
+        return text
+    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+_UNSAFE_IDENT = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def server_names(instances: Iterable[Any]) -> list[tuple[str, Any]]:
+    """(name, instance) pairs with names unique within the list, for one backend's servers.
+
+    Names are ident(id); the same id on two nodes (IDs are unique per node only) becomes
+    ident(id@node), and anything still taken gets -2, -3. Input order decides, so sorted input
+    gives the same names every time."""
+    taken: set[str] = set()
+    pairs = []
+    for inst in instances:
+        sid = str(_get(inst, "id"))
+        name = ident(sid)
+        if name in taken:
+            name = ident(f"{sid}@{_get(inst, 'node')}")
+        base, n = name, 2
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+        taken.add(name)
+        pairs.append((name, inst))
+    return pairs
+
+
+@pass_context
+def int_between(context: Any, value: Any, low: int, high: int, default: int, what: str = "value") -> int:
+    """An integer for a proxy setting: bad text gives the default, others are clamped, with a warning."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        _context_warn(context, f"{what}={value!r} is not a whole number: using {default}")
+        return default
+    if not low <= number <= high:
+        clamped = min(max(number, low), high)
+        _context_warn(context, f"{what}={value!r} is outside {low}-{high}: using {clamped}")
+        return clamped
+    return number
+
+
+def _context_warn(context: Any, message: str) -> None:
+    warn = context.get("warn")
+    if callable(warn):
+        warn(message)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def haproxy_quote(value: Any) -> str:
+    """value as one double-quoted HAProxy argument: \\, \", $ and # cannot escape from it.
+    Line breaks and control characters cannot be represented safely: the render fails."""
+    text = str(value)
+    if _CONTROL.search(text):
+        raise ValueError(f"haproxy_quote: {text!r} holds a line break or control character")
+    return '"' + re.sub(r'([\\"$#])', r"\\\1", text) + '"'
+
+
+def nginx_quote(value: Any) -> str:
+    """value as one double-quoted NGINX string. NGINX has no escape for `$` (variables), so a
+    value with `$`, a line break or a control character fails the render rather than inject."""
+    text = str(value)
+    if _CONTROL.search(text) or "$" in text:
+        raise ValueError(f"nginx_quote: {text!r} holds $, a line break or a control character")
+    return '"' + re.sub(r'([\\"])', r"\\\1", text) + '"'
+
+
+_HOST = re.compile(
+    r"^(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_URL_PATH = re.compile(r"^/[A-Za-z0-9._~!*'()@:+,;=/%-]*$")
+
+
+def is_hostname(value: Any) -> bool:
+    """A Jinja test: a DNS host name (or *.wildcard), safe as a token in either proxy."""
+    return isinstance(value, str) and bool(_HOST.match(value))
+
+
+def is_url_path(value: Any) -> bool:
+    """A Jinja test: an absolute URL path of unreserved characters, safe as a token in either proxy."""
+    return isinstance(value, str) and bool(_URL_PATH.match(value))
+
+
+def split_list(text: Any) -> list[str]:
+    """A comma list from meta ("a.com, b.com") as its non-empty items."""
+    return [part.strip() for part in str(text or "").split(",") if part.strip()]
+
+
+def _get(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+_INSTANCE_FIELDS = frozenset(f.name for f in fields(Instance))
+
+
+class _Environment(SandboxedEnvironment):
+    """The sandbox, with a fast path for the fields of an Instance.
+
+    An Instance is a frozen value of strings, numbers, tuples and a read-only mapping, so its
+    fields need none of the sandbox's checks; over 3,000 instances those checks were most of
+    the render time.
+    """
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is Instance and attribute in _INSTANCE_FIELDS:
+            return getattr(obj, attribute)
+        return super().getattr(obj, attribute)
+
+
+def make_environment() -> SandboxedEnvironment:
+    env = _Environment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        by_tag=by_tag,
+        by_meta=by_meta,
+        group_by=group_by,
+        ident=ident,
+        split_list=split_list,
+        server_names=server_names,
+        int_between=int_between,
+        haproxy_quote=haproxy_quote,
+        nginx_quote=nginx_quote,
+    )
+    env.tests.update(hostname=is_hostname, url_path=is_url_path)
+    return env
+
+
+def compile_template(env: SandboxedEnvironment, name: str, source: str) -> jinja2.Template:
+    try:
+        return env.from_string(source, template_class=None)
+    except jinja2.TemplateSyntaxError as err:
+        raise TemplateError(name, err.lineno, f"syntax error: {err.message}") from err
+
+
+def render(
+    template: jinja2.Template,
+    name: str,
+    view: View,
+    variables: dict[str, str],
+    env_vars: dict[str, str],
+) -> RenderResult:
+    """Render one template; raises TemplateError naming the template and the line."""
+    recorder = _Recorder(view, env_vars)
+    context = {
+        "services": recorder.services,
+        "service": recorder.service,
+        "nodes": recorder.nodes,
+        "key": recorder.key,
+        "key_or_default": recorder.key_or_default,
+        "ls": recorder.ls,
+        "tree": recorder.tree,
+        "env": recorder.env,
+        "warn": recorder.warn,
+        "vars": dict(variables),
+    }
+    try:
+        text = template.render(context)
+    except jinja2.TemplateSyntaxError as err:
+        raise TemplateError(name, err.lineno, f"syntax error: {err.message}") from err
+    except Exception as err:  # any runtime error in user code is reported, never raised raw
+        raise TemplateError(name, _template_line(err), f"{type(err).__name__}: {err}") from err
+    recorder.result.text = text
+    return recorder.result
+
+
+def _template_line(err: BaseException) -> int | None:
+    """The template line in a runtime error's traceback (Jinja2 rewrites frames to <template>)."""
+    line = None
+    for frame in traceback.extract_tb(err.__traceback__ or sys.exc_info()[2]):
+        if frame.filename == "<template>":
+            line = frame.lineno
+    return line

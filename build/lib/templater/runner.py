@@ -1,0 +1,489 @@
+"""The one loop: wait for data or template edits, quiesce, render, swap, reload once per batch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import jinja2
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from sidecar.threads import Supervisor
+from templater.child import Child
+from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
+from templater.errors import CheckFailed, CommandFailed, ProxyError, TemplateError
+from templater.haproxy_runtime import Outcome
+from templater.output import read_current, run_command, swap
+from templater.proxy import KINDS, Proxy, children
+from templater.render import RenderResult, compile_template, make_environment, render
+from templater.settings import Settings, TemplateSpec
+from templater.status import Metrics
+from templater.store import FrozenView, Store
+from templater.watch import BlockingLoop, WatchSettings
+
+log = logging.getLogger("templater")
+
+TEMPLATE_KEY = "template:"
+EDIT_SETTLE = 0.05
+
+
+class Source(Protocol):
+    key: str
+
+    @property
+    def loops(self) -> list[BlockingLoop]: ...
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class ProxyHook(Protocol):
+    """Applies a new proxy configuration without a reload when it can (HAProxy runtime API)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    def apply(self, old: str | None, new: str) -> str: ...  # an Outcome
+    def after_reload(self, new: str, workers: set[int]) -> None: ...
+    def stop(self) -> None: ...
+
+
+WARNED_MAX = 10_000  # distinct warnings remembered (said once each); the oldest are forgotten
+
+
+@dataclass
+class TemplateState:
+    spec: TemplateSpec
+    compiled: jinja2.Template | None = None
+    result: RenderResult | None = None
+    deps: set[str] = field(default_factory=set)
+    done: bool = False  # rendered completely and written at least once
+    failed: bool = False
+    last_text: str | None = None
+    waiting: str = ""
+
+
+class _TemplateEvents(FileSystemEventHandler):
+    def __init__(self, paths: set[str], store: Store) -> None:
+        self._paths = paths
+        self._store = store
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        # reading a template (ours included) raises opened/closed events: only writes count
+        if event.event_type not in ("modified", "created", "moved", "deleted", "closed"):
+            return
+        for path in (event.src_path, getattr(event, "dest_path", "")):
+            path = os.fsdecode(path) if path else ""
+            if path in self._paths:
+                self._store.touch(TEMPLATE_KEY + path)
+
+
+class Runner:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, proxy_hook: ProxyHook | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.store = Store(settings.empty_grace)
+        self.fetcher = ConsulFetcher(settings.consul)
+        self.watch_settings = WatchSettings(stale=settings.max_stale_ms > 0, max_stale_ms=settings.max_stale_ms)
+        self.env = make_environment()
+        self.templates = [TemplateState(spec) for spec in settings.templates]
+        self.sources: dict[str, Source] = {}
+        self.down: dict[str, str] = {}
+        self.state_lock = threading.Lock()
+        self.supervisor = Supervisor()
+        self.warned: dict[str, None] = {}  # insertion-ordered, capped at WARNED_MAX
+        self.child: Child | None = None
+        self.proxy: Proxy | None = None
+        self.proxy_hook = proxy_hook
+        if settings.proxy and not settings.dry:
+            dest = settings.templates[0].dest
+            log_file = None if settings.stop_proxy else dest.with_name(dest.name + ".log")
+            self.proxy = Proxy(KINDS[settings.proxy], dest, settings.proxy_pid_file, log_file)
+        self._observer: Any = None
+        self.wrote = False
+
+    # -- callbacks from watch threads
+
+    def _on_state(self, key: str, up: bool, error: str) -> None:
+        with self.state_lock:
+            was_up = not self.down
+            if up:
+                self.down.pop(key, None)
+            else:
+                self.down[key] = error
+            now_up = not self.down
+            self.metrics.consul_up = now_up
+            self.metrics.consul_error = "" if now_up else next(iter(self.down.values()))
+        if was_up and not now_up:
+            log.warning("consul unavailable, keeping the last good output, will retry: %s", error)
+        elif now_up and not was_up:
+            log.info("consul available again")
+
+    def _warn(self, message: str) -> None:
+        with self.state_lock:
+            if message in self.warned:
+                return
+            self.warned[message] = None
+            if len(self.warned) > WARNED_MAX:
+                del self.warned[next(iter(self.warned))]
+        log.warning("%s", message)
+
+    # -- sources
+
+    def _ensure_sources(self, state: TemplateState) -> None:
+        result = state.result
+        if result is None:
+            return
+        for key in sorted(result.used):
+            if key in self.sources:
+                continue
+            source: Source
+            if key in result.catalogs:
+                source = CatalogSource(
+                    result.catalogs[key],
+                    self.fetcher,
+                    self.store.publish_catalog,
+                    self._on_state,
+                    self.watch_settings,
+                    self._warn,
+                    self.supervisor,
+                )
+            else:
+                req = result.kv[key]
+                source = kv_watch(
+                    key,
+                    req.path,
+                    req.recurse,
+                    req.dc,
+                    self.fetcher,
+                    self.store.publish_kv,
+                    self._on_state,
+                    self.watch_settings,
+                    self.supervisor,
+                )
+            log.info("watching %s", key)
+            self.sources[key] = source
+            source.start()
+
+    def _drop_unused_sources(self) -> None:
+        if any(t.failed or t.result is None for t in self.templates):
+            return  # a broken template may need its old dependencies again
+        used = set().union(*(t.deps for t in self.templates))
+        for key in sorted(set(self.sources) - used):
+            log.info("no longer watching %s", key)
+            self.sources.pop(key).stop()
+            self.store.forget(key)
+
+    # -- rendering
+
+    def _load(self, state: TemplateState) -> None:
+        spec = state.spec
+        try:
+            source = spec.source.read_text()
+        except OSError as err:
+            raise TemplateError(spec.name, None, f"cannot read: {err}") from err
+        if not source.strip():
+            # an empty source is a file caught mid-write, never a config anyone wants
+            raise TemplateError(spec.name, None, "template file is empty")
+        state.compiled = compile_template(self.env, spec.name, source)
+
+    def _render(self, state: TemplateState, view: FrozenView) -> RenderResult | None:
+        spec = state.spec
+        try:
+            if state.compiled is None:
+                self._load(state)
+            assert state.compiled is not None
+            result = render(state.compiled, spec.name, view, self.settings.variables, dict(os.environ))
+        except TemplateError as err:
+            state.failed = True
+            self.metrics.add(render_failures=1)
+            self.metrics.problem(f"render:{spec.name}", str(err))
+            log.error("%s; keeping the last good %s", err, spec.dest)
+            return None
+        self.metrics.problem(f"render:{spec.name}", None)
+        for warning in result.warnings:
+            self._warn(f"template {spec.name}: {warning}")
+        state.failed = False
+        state.result = result
+        state.deps = set(result.used)
+        self.metrics.add(renders=1)
+        return result
+
+    def _check_for(self, index: int) -> str | None:
+        if self.settings.check:
+            return self.settings.check
+        if self.proxy is not None and index == 0:
+            return self.proxy.kind.check
+        return None
+
+    def cycle(self, changed: set[str]) -> tuple[bool, bool]:
+        """Render what changed, write, then one command/reload per batch. (all_done, any_failed)
+
+        self.wrote tells whether any destination changed in this cycle."""
+        self.wrote = False
+        commands: list[str] = []
+        reload_proxy = False
+        any_failed = False
+        new_proxy_text: str | None = None
+        old_proxy_text: str | None = None
+        view = self.store.view()
+        for index, state in enumerate(self.templates):
+            spec = state.spec
+            edited = TEMPLATE_KEY + str(spec.source) in changed
+            if edited:
+                state.compiled = None
+            if state.done and not edited and not (state.deps & changed) and not state.failed:
+                continue
+            started = time.perf_counter()
+            result = self._render(state, view)
+            render_ms = (time.perf_counter() - started) * 1000
+            if result is None:
+                any_failed = True
+                continue
+            self._ensure_sources(state)
+            if not result.complete:
+                waiting = ", ".join(sorted(result.missing))
+                if waiting != state.waiting:
+                    log.info("template %s waiting for %s", spec.name, waiting)
+                state.waiting = waiting
+                continue
+            state.waiting = ""
+            content = result.text.encode()
+            if self.settings.dry:
+                if result.text != state.last_text:
+                    sys.stdout.write(f"> {spec.dest}\n{result.text}")
+                    sys.stdout.flush()
+                state.last_text = result.text
+                state.done = True
+                continue
+            runtime = False
+            outcome = Outcome.SKIPPED
+            try:
+                current = read_current(spec.dest)
+                check = self._check_for(index)
+                if index == 0 and check is not None and not self.settings.check:
+                    outcome = self._runtime_first(current, content)
+                    runtime = outcome == Outcome.APPLIED
+                    if runtime:
+                        # HAProxy parsed and took every changed server line; the rest of the
+                        # file is the structure it checked before: the check would only cost time
+                        check = None
+                changed_file = swap(spec.dest, content, current, spec.name, check, self.settings.backup)
+            except CheckFailed as err:
+                state.failed = True
+                any_failed = True
+                self.metrics.add(check_failures=1)
+                self.metrics.problem(f"check:{spec.name}", str(err).splitlines()[0])
+                log.error("%s; keeping the last good %s", err, spec.dest)
+                if outcome == Outcome.REFUSED:
+                    # part of the change may have reached the running proxy before the refusal:
+                    # reload it from the file on disk, the last good one
+                    log.warning("reloading %s from the last good file after a refused runtime update", spec.dest)
+                    any_failed |= not self._apply_proxy(None, current.decode(errors="replace") if current else None)
+                continue
+            except OSError as err:
+                state.failed = True
+                any_failed = True
+                log.error("cannot write %s for template %s: %s", spec.dest, spec.name, err)
+                continue
+            self.metrics.problem(f"check:{spec.name}", None)
+            state.done = True
+            state.last_text = result.text
+            if not changed_file:
+                continue
+            self.metrics.add(writes=1)
+            self.wrote = True
+            log.info("rendered %s -> %s render_ms=%.1f", spec.name, spec.dest, render_ms)
+            if spec.command:
+                if spec.command not in commands:
+                    commands.append(spec.command)
+            elif self.proxy is not None:
+                if runtime:
+                    self.metrics.add(runtime_updates=1)
+                    continue
+                reload_proxy = True
+                if index == 0:
+                    old_proxy_text = current.decode(errors="replace") if current is not None else None
+                    new_proxy_text = result.text
+        for command in commands:
+            try:
+                run_command(command)
+                self.metrics.add(reloads=1)
+                log.info("command ran: %s", command)
+            except CommandFailed as err:
+                any_failed = True
+                self.metrics.add(reload_failures=1)
+                log.error("%s", err)
+        if reload_proxy:
+            any_failed |= not self._apply_proxy(old_proxy_text, new_proxy_text)
+        all_done = all(t.done for t in self.templates)
+        if all_done and not any_failed:
+            self.metrics.last_success = time.time()
+        self._drop_unused_sources()
+        self.metrics.watched = len(set().union(*((t.result.queries if t.result else set()) for t in self.templates)))
+        self.metrics.held = self.store.held()
+        return all_done, any_failed
+
+    def _runtime_first(self, current: bytes | None, content: bytes) -> str:
+        """Apply a server-only change to the running proxy before writing it. An Outcome."""
+        if self.proxy is None or self.proxy_hook is None or current is None or current == content:
+            return Outcome.SKIPPED
+        if self.proxy.master() is None:
+            return Outcome.SKIPPED
+        return self.proxy_hook.apply(current.decode(errors="replace"), content.decode(errors="replace"))
+
+    def _apply_proxy(self, old: str | None, new: str | None) -> bool:
+        """Start the proxy, or reload it (the runtime API was tried before the write)."""
+        assert self.proxy is not None
+        key = f"reload:{self.proxy.key}"
+        try:
+            if self.proxy.master() is None:
+                pid = self.proxy.ensure_running()
+                if self.proxy_hook and new is not None:
+                    self.proxy_hook.after_reload(new, children(pid))
+                self.metrics.problem(key, None)
+                return True
+            if (
+                self.proxy_hook
+                and new is not None
+                and self.settings.check
+                and self.proxy_hook.apply(old, new) == Outcome.APPLIED
+            ):
+                # with the user's own --check the write came first; the runtime API comes after it
+                self.metrics.add(runtime_updates=1)
+                return True
+            workers = self.proxy.reload()
+            self.metrics.add(reloads=1)
+            if self.proxy_hook and new is not None:
+                self.proxy_hook.after_reload(new, workers)
+            self.metrics.problem(key, None)
+            return True
+        except ProxyError as err:
+            self.metrics.add(reload_failures=1)
+            self.metrics.problem(key, str(err))
+            log.error("%s", err)
+            return False
+
+    # -- the loop
+
+    def _watch_templates(self) -> None:
+        paths = {str(t.spec.source) for t in self.templates}
+        observer = Observer()
+        handler = _TemplateEvents(paths, self.store)
+        for directory in sorted({str(Path(p).parent) for p in paths}):
+            observer.schedule(handler, directory, recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def _quiesce(self, changed: set[str], stop: threading.Event) -> set[str]:
+        while any(k.startswith(TEMPLATE_KEY) for k in changed) and not stop.is_set():
+            more = self.store.wait(EDIT_SETTLE)  # a file being written arrives in several events
+            if not more:
+                break
+            changed |= more
+        if self.settings.wait_min <= 0:
+            return changed
+        first = last = time.monotonic()
+        while not stop.is_set():
+            now = time.monotonic()
+            remaining = min(last + self.settings.wait_min, first + self.settings.wait_max) - now
+            if remaining <= 0:
+                break
+            more = self.store.wait(remaining)
+            if more:
+                changed |= more
+                last = time.monotonic()
+        return changed
+
+    def run(self, stop: threading.Event) -> int:
+        """Until stopped (or, with --once, until every template is written). The exit code."""
+        if not self.settings.once:
+            self._watch_templates()
+        changed: set[str] = set()
+        started_child = False
+        try:
+            while not stop.is_set():
+                all_done, failed = self.cycle(changed)
+                if self.settings.once and all_done:
+                    return 1 if failed else 0
+                if self.settings.once and failed and all(t.done or t.failed for t in self.templates):
+                    return 1
+                if all_done and self.settings.exec_command and not self.settings.dry:
+                    if not started_child:
+                        self.child = Child(
+                            self.settings.exec_command,
+                            self.settings.reload_signal,
+                            self.settings.kill_signal,
+                            self.settings.kill_timeout,
+                        )
+                        self.child.start()
+                        started_child = True
+                    elif self.wrote and any(t.spec.command is None for t in self.templates):
+                        assert self.child is not None
+                        self.child.reload()
+                changed = set()
+                while not stop.is_set() and not changed:
+                    changed = self.store.wait(0.5)
+                    if self.child is not None and not self.child.running():
+                        code = self.child.exit_code()
+                        log.info("child exited code=%s; stopping", code)
+                        return code or 0
+                    self._watchdog()
+                changed = self._quiesce(changed, stop)
+            return 0
+        finally:
+            self.close()
+
+    def _watchdog(self) -> None:
+        """Twice a second: health of threads and watches for /health; the proxy still runs."""
+        now = time.monotonic()
+        self.metrics.replace_problems("thread:", self.supervisor.problems())
+        if self.proxy_hook is not None and not self.proxy_hook.alive:
+            self.metrics.problem("thread:haproxy-drain", "not running")
+        stale = {
+            loop.key: f"no answer from Consul for {now - loop.last_ok:.0f} s"
+            for source in list(self.sources.values())
+            for loop in source.loops
+            if loop.stale(now)
+        }
+        self.metrics.replace_problems("watch:", stale)
+        self.metrics.consul_requests = self.fetcher.requests
+        if self.proxy is None or not self.templates[0].done or self.proxy.master() is not None:
+            return
+        key = f"proxy:{self.proxy.key}"
+        try:
+            pid = self.proxy.ensure_running()
+        except ProxyError as err:
+            self.metrics.problem(key, str(err))
+            log.error("%s", err)
+            return
+        self.metrics.problem(key, None)
+        if self.proxy_hook is not None and self.templates[0].last_text is not None:
+            try:
+                self.proxy_hook.after_reload(self.templates[0].last_text, children(pid))
+            except ProxyError as err:
+                log.warning("%s", err)
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.stop()
+        self.sources.clear()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(2)
+        if self.child is not None:
+            self.child.stop()
+        if self.proxy_hook is not None:
+            self.proxy_hook.stop()
+        if self.proxy is not None and self.settings.stop_proxy:
+            self.proxy.stop()
+        elif self.proxy is not None and self.proxy.master() is not None:
+            log.info("leaving %s running pid=%s (--stop-proxy stops it too)", self.proxy.key, self.proxy.master())

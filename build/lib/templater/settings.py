@@ -1,0 +1,167 @@
+"""Command line and environment -> Settings (consul-template's flag habits)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar import signals, status
+from sidecar.consul_conn import ConsulSettings, add_consul_arguments, consul_settings_from
+from sidecar.durations import parse_duration
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    source: Path
+    dest: Path
+    command: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.source)
+
+
+@dataclass(frozen=True)
+class Settings:
+    consul: ConsulSettings
+    templates: tuple[TemplateSpec, ...]
+    variables: dict[str, str] = field(default_factory=dict)
+    wait_min: float = 0.0
+    wait_max: float = 0.0
+    once: bool = False
+    dry: bool = False
+    check: str | None = None
+    backup: bool = False
+    exec_command: str | None = None
+    reload_signal: int | None = None
+    kill_signal: int = signal.SIGTERM
+    kill_timeout: float = 30.0
+    proxy: str | None = None
+    proxy_pid_file: Path | None = None
+    status_addr: tuple[str, int] | None = None
+    max_stale_ms: int = 0
+    empty_grace: float = 15.0
+    drain_timeout: float = 30.0
+    stop_proxy: bool = False
+    log_level: str = "INFO"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def parse_template(text: str) -> TemplateSpec:
+    parts = text.split(":", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise SettingsError(f"--template {text!r}: expected SRC:DEST[:COMMAND]")
+    return TemplateSpec(
+        Path(parts[0]).absolute(), Path(parts[1]).absolute(), parts[2] if len(parts) > 2 and parts[2] else None
+    )
+
+
+def parse_wait(text: str) -> tuple[float, float]:
+    lo, _, hi = text.partition(":")
+    try:
+        low = parse_duration(lo)
+        high = parse_duration(hi) if hi else low * 4
+    except ValueError as err:
+        raise SettingsError(f"--wait {text!r}: {err}") from err
+    if high < low:
+        raise SettingsError(f"--wait {text!r}: MAX is below MIN")
+    return low, high
+
+
+def parse_signal(text: str | None, flag: str) -> int | None:
+    if not text:
+        return None
+    number = signals.parse_signal(text)
+    if number is None:
+        raise SettingsError(f"{flag} {text!r}: not a signal name")
+    return number
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    try:
+        return status.parse_addr(text)
+    except ValueError as err:
+        raise SettingsError(f"--status-addr: {err}") from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="templater", description="Render Consul data into proxy configuration.")
+    add_consul_arguments(parser)
+    parser.add_argument("--max-stale", default="0s", help="allow stale reads up to this old (e.g. 2s)")
+    parser.add_argument("--template", action="append", default=[], metavar="SRC:DEST[:COMMAND]")
+    parser.add_argument("--var", action="append", default=[], metavar="KEY=VALUE", help="templates see vars.KEY")
+    parser.add_argument("--wait", default="0s", metavar="MIN[:MAX]", help="quiescence before rendering")
+    parser.add_argument("--once", action="store_true", help="render once and exit")
+    parser.add_argument("--dry", action="store_true", help="print renders to stdout, touch nothing")
+    parser.add_argument("--check", help="validate the staged file; {} is its path")
+    parser.add_argument("--backup", action="store_true", help="keep DEST.bak of the previous file")
+    parser.add_argument("--exec", dest="exec_command", help="supervise this child process")
+    parser.add_argument("--reload-signal", help="signal the child gets when a template changed")
+    parser.add_argument("--kill-signal", default="SIGTERM", help="signal that stops the child")
+    parser.add_argument("--kill-timeout", default="30s", help="wait this long before SIGKILL")
+    parser.add_argument("--proxy", choices=("haproxy", "nginx"), help="preset for the real proxies")
+    parser.add_argument("--proxy-pid-file", help="where to find (or put) the proxy's master pid")
+    parser.add_argument(
+        "--status-addr",
+        default=os.environ.get("TEMPLATER_STATUS_ADDR"),
+        help="HOST:PORT for /health and /metrics (TEMPLATER_STATUS_ADDR); loopback unless a host is given",
+    )
+    parser.add_argument("--empty-grace", default="15s", help="hold a service whose instances all vanish at once")
+    parser.add_argument("--drain-timeout", default="30s", help="HAProxy: remove a draining server after this long")
+    parser.add_argument(
+        "--stop-proxy",
+        action="store_true",
+        default=os.environ.get("TEMPLATER_STOP_PROXY", "").lower() in ("1", "true", "yes"),
+        help="stop the proxy when the templater stops (by default it keeps serving and a new templater adopts it)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def settings_from(argv: list[str] | None = None) -> Settings:
+    args = build_parser().parse_args(argv)
+    if not args.template:
+        raise SettingsError("at least one --template SRC:DEST[:COMMAND] is needed")
+    variables = {}
+    for item in args.var:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SettingsError(f"--var {item!r}: expected KEY=VALUE with KEY an identifier")
+        variables[key] = value
+    wait_min, wait_max = parse_wait(args.wait)
+    try:
+        max_stale = parse_duration(args.max_stale)
+        kill_timeout = parse_duration(args.kill_timeout)
+        empty_grace = parse_duration(args.empty_grace)
+        drain_timeout = parse_duration(args.drain_timeout)
+    except ValueError as err:
+        raise SettingsError(str(err)) from err
+    return Settings(
+        consul=consul_settings_from(args),
+        templates=tuple(parse_template(t) for t in args.template),
+        variables=variables,
+        wait_min=wait_min,
+        wait_max=wait_max,
+        once=args.once,
+        dry=args.dry,
+        check=args.check,
+        backup=args.backup,
+        exec_command=args.exec_command,
+        reload_signal=parse_signal(args.reload_signal, "--reload-signal"),
+        kill_signal=parse_signal(args.kill_signal, "--kill-signal") or signal.SIGTERM,
+        kill_timeout=kill_timeout,
+        proxy=args.proxy,
+        proxy_pid_file=Path(args.proxy_pid_file) if args.proxy_pid_file else None,
+        status_addr=parse_addr(args.status_addr) if args.status_addr else None,
+        max_stale_ms=int(max_stale * 1000),
+        empty_grace=empty_grace,
+        drain_timeout=drain_timeout,
+        stop_proxy=args.stop_proxy,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,83 @@
+"""The templater's state for /health and Prometheus /metrics (served by sidecar.status)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Metrics:
+    renders: int = 0
+    render_failures: int = 0
+    writes: int = 0
+    reloads: int = 0
+    reload_failures: int = 0
+    check_failures: int = 0
+    runtime_updates: int = 0
+    last_success: float = 0.0
+    watched: int = 0
+    consul_up: bool = False
+    consul_error: str = ""
+    held: list[str] = field(default_factory=list)
+    consul_requests: int = 0
+    # what is wrong now, by key: render:<template>, check:<template>, reload:<proxy>,
+    # thread:<name>, watch:<query>. Each is cleared by the next success of the same thing.
+    problems: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def problem(self, key: str, text: str | None) -> None:
+        """Set (text) or clear (None) one problem."""
+        with self.lock:
+            if text is None:
+                self.problems.pop(key, None)
+            else:
+                self.problems[key] = text
+
+    def replace_problems(self, prefix: str, found: dict[str, str]) -> None:
+        """Make the problems under prefix exactly `found` (keys without the prefix)."""
+        with self.lock:
+            for key in [k for k in self.problems if k.startswith(prefix)]:
+                del self.problems[key]
+            for key, text in found.items():
+                self.problems[prefix + key] = text
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            healthy = self.consul_up and not self.problems
+            body = {
+                "status": "ok" if healthy else "degraded",
+                "consul": "up" if self.consul_up else "down",
+                "consul_error": self.consul_error,
+                "problems": dict(sorted(self.problems.items())),
+                "last_success": self.last_success,
+                "held_services": list(self.held),
+            }
+        return (200 if healthy else 503), body
+
+    def prometheus(self) -> str:
+        with self.lock:
+            rows = [
+                ("templater_renders_total", "counter", self.renders),
+                ("templater_render_failures_total", "counter", self.render_failures),
+                ("templater_writes_total", "counter", self.writes),
+                ("templater_reloads_total", "counter", self.reloads),
+                ("templater_reload_failures_total", "counter", self.reload_failures),
+                ("templater_check_failures_total", "counter", self.check_failures),
+                ("templater_runtime_api_updates_total", "counter", self.runtime_updates),
+                ("templater_last_success_timestamp_seconds", "gauge", self.last_success),
+                ("templater_watched_queries", "gauge", self.watched),
+                ("templater_consul_up", "gauge", int(self.consul_up)),
+                ("templater_consul_requests_total", "counter", self.consul_requests),
+                ("templater_problems", "gauge", len(self.problems)),
+            ]
+        lines = []
+        for name, kind, value in rows:
+            lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
