@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -12,6 +13,7 @@ from registrar import settings as settings_mod
 from registrar.consul_registry import ConsulRegistry
 from registrar.docker_events import DockerSource, DockerWatcher
 from registrar.errors import Unavailable
+from registrar.model import Check, Service
 from registrar.status import RegistrarStatus
 from registrar.sync import Syncer
 from sidecar import logs
@@ -46,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     registry = ConsulRegistry(settings.consul)
     source = DockerSource(settings.docker_url)
-    syncer = Syncer(registry, settings.sync)
-    watcher = DockerWatcher(source, syncer.submit, syncer.mark, settings.sync.retry_interval)
+    watcher = DockerWatcher(
+        source, lambda intent: syncer.submit(intent), lambda: syncer.mark(), settings.sync.retry_interval
+    )
+    syncer = Syncer(registry, settings.sync, own_service(settings, source.describe()), watcher.state)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("stopping on %s", signal.Signals(signum).name)
@@ -88,6 +92,33 @@ def main(argv: list[str] | None = None) -> int:
     if status is not None:
         status.stop()
     return 0
+
+
+def own_service(settings: settings_mod.Settings, docker: str) -> Service | None:
+    """The registrar's own registration, shown in the Consul UI beside the containers'."""
+    if not settings.register_self:
+        return None
+    hostname = settings.sync.spec.hostname
+    notes = f"The registrar on {hostname}: passing while it follows the Docker engine's events"
+    check = Check(kind="ttl", ttl="30s", name="Follows the Docker engine (event stream connected)", notes=notes)
+    return Service(
+        id=f"{settings.register_self}:{hostname}",
+        name=settings.register_self,
+        port=settings.status_addr[1] if settings.status_addr else 0,
+        address=settings.sync.spec.ip,
+        container_id="",
+        container_name="",
+        tags=("sidecar",),
+        meta={"registrar_host": hostname, "docker": docker[:200], "version": _version()},
+        checks=(check,),
+    )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("consul-sidecar")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def resync_loop(watcher: DockerWatcher, every: float, stop: threading.Event) -> None:

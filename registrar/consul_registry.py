@@ -15,7 +15,13 @@ from sidecar.consul_conn import ClientPerThread, ConsulSettings
 
 T = TypeVar("T")
 
-MAINTENANCE_REASON = "registrar: container stopping or paused"
+MAINTENANCE_MARK = "[registrar]"  # ends the reason of every maintenance the registrar sets
+_OLD_REASON = "registrar: container stopping or paused"  # what earlier versions set
+
+
+def is_ours(notes: str) -> bool:
+    """Whether a maintenance reason is one the registrar set (an operator's is never lifted)."""
+    return notes.endswith(MAINTENANCE_MARK) or notes == _OLD_REASON
 
 
 class Registry(Protocol):
@@ -23,7 +29,7 @@ class Registry(Protocol):
     def deregister(self, service_id: str) -> None: ...
     def set_check_status(self, service: Service, index: int, status: str) -> None: ...
     def ttl_update(self, check_id: str, status: str, note: str) -> None: ...
-    def maintenance(self, service_id: str, enable: bool) -> None: ...
+    def maintenance(self, service_id: str, enable: bool, reason: str | None = None) -> None: ...
     def services(self) -> dict[str, dict[str, Any]]: ...
     def checks(self) -> dict[str, dict[str, Any]]: ...
     def ping(self) -> None: ...
@@ -72,7 +78,7 @@ class ConsulRegistry:
     def set_check_status(self, service: Service, index: int, status: str) -> None:
         """Give a running check a new status. The agent keeps a check's status across service
         re-registration, so the check itself is replaced."""
-        check: Check = service.checks[index]
+        check: Check = service.check(index)
         check_id = service.check_id(index)
         self._put(f"check deregister {check_id}", f"/v1/agent/check/deregister/{check_id}")
         self._put(
@@ -85,10 +91,10 @@ class ConsulRegistry:
         body = {"Status": status, "Output": note}
         self._put(f"check update {check_id}", f"/v1/agent/check/update/{check_id}", body)
 
-    def maintenance(self, service_id: str, enable: bool) -> None:
+    def maintenance(self, service_id: str, enable: bool, reason: str | None = None) -> None:
         params: list[Any] = [("enable", "true" if enable else "false")]
         if enable:
-            params.append(("reason", MAINTENANCE_REASON))
+            params.append(("reason", reason or f"Draining {MAINTENANCE_MARK}"))
         self._put(f"maintenance {service_id}", f"/v1/agent/service/maintenance/{service_id}", params=params)
 
     def services(self) -> dict[str, dict[str, Any]]:

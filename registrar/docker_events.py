@@ -124,6 +124,7 @@ class DockerWatcher:
         self._mark = mark
         self._backoff = Backoff(base=0.1, cap=retry_interval)
         self._up: bool | None = None
+        self.last_error = ""
         self.connected = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
@@ -170,7 +171,15 @@ class DockerWatcher:
         if intent is not None:
             self._submit(intent)
 
+    def state(self) -> tuple[bool, str]:
+        """(following the engine's events, what a person should read about it)."""
+        if self._up:
+            return True, f"Docker engine events followed ({self._source.describe()})"
+        return False, f"Docker engine unreachable ({self._source.describe()}): {self.last_error or 'not connected yet'}"
+
     def _state(self, up: bool, err: Exception | None) -> None:
+        if not up:
+            self.last_error = str(err)
         if up:
             self.connected.set()
         else:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import urllib.parse
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 PASSING = "passing"
@@ -27,11 +28,30 @@ class Check:
     initial_status: str | None = None
     deregister_after: str | None = None
     tls_skip_verify: bool = False
+    name: str = ""  # shown in the Consul UI; a description of what runs when empty
+    notes: str = ""
 
     @property
     def probeable(self) -> bool:
         """Whether the registrar can probe it itself for fast readiness."""
         return self.kind in ("http", "https", "tcp")
+
+    def describe(self) -> str:
+        """What a person reads in the Consul UI: what runs, against what, how often."""
+        if self.kind in ("http", "https"):
+            url = urllib.parse.urlsplit(self.target)
+            local = url.hostname in ("127.0.0.1", "::1", "localhost") or not url.hostname
+            where = (url.path or "/") + (f"?{url.query}" if url.query else "") if local else self.target
+            return f"{self.kind.upper()} GET {where} every {self.interval}"
+        if self.kind == "tcp":
+            return f"TCP connect {self.target} every {self.interval}"
+        if self.kind == "grpc":
+            return f"gRPC health {self.target} every {self.interval}"
+        if self.kind == "script":
+            return f"Script (SERVICE_CHECK_SCRIPT) every {self.interval}"
+        if self.kind == "docker":
+            return "Docker HEALTHCHECK (follows health_status)"
+        return f"TTL {self.ttl} (the application reports its own status)"
 
     def definition(self, check_id: str, service_id: str | None, status: str | None) -> dict[str, Any]:
         """The check as Consul's agent API takes it.
@@ -40,7 +60,9 @@ class Check:
         stand-alone check register endpoint wants ``ID`` and ``ServiceID``. Consul 1.8 rejects
         unknown fields, so each gets exactly its own.
         """
-        body: dict[str, Any] = {"Name": f"{self.kind} check"}
+        body: dict[str, Any] = {"Name": self.name or self.describe()}
+        if self.notes:
+            body["Notes"] = self.notes
         if service_id is None:
             body["CheckID"] = check_id
         else:
@@ -57,8 +79,6 @@ class Check:
             body.update(Args=["sh", "-c", self.target], Interval=self.interval)
         elif self.kind in ("ttl", "docker"):
             body["TTL"] = self.ttl or "10m"
-            if self.kind == "docker":
-                body["Name"] = "docker healthcheck"
         if self.timeout:
             body["Timeout"] = self.timeout
         if self.deregister_after:
@@ -102,10 +122,21 @@ class Service:
         for index, check in enumerate(self.checks):
             check_id = self.check_id(index)
             status = statuses.get(check_id, check.initial_status)
-            checks.append(check.definition(check_id, None, status))
+            checks.append(self.check(index).definition(check_id, None, status))
         if checks:
             body["Checks"] = checks
         return body
+
+    def check(self, index: int) -> Check:
+        """The check as registered: with notes that say which container it watches."""
+        check = self.checks[index]
+        if not check.notes and self.container_name:
+            check = replace(check, notes=self.notes())
+        return check
+
+    def notes(self) -> str:
+        host = self.meta.get("registrar_host", "")
+        return f"Registered by the registrar on {host} for container {self.container_name}"
 
     def same_registration(self, agent_view: dict[str, Any]) -> bool:
         """Whether the agent's view of this service matches what we would register."""

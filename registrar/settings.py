@@ -23,6 +23,7 @@ class Settings:
     retry_attempts: int
     log_level: str
     status_addr: tuple[str, int] | None = None
+    register_self: str = "registrar"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +64,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--retry-interval", type=int, default=2000, help="milliseconds between attempts")
     p.add_argument("--probe-window", type=float, default=60.0, help="seconds of fast readiness probing")
+    p.add_argument(
+        "--register-self",
+        default="registrar",
+        metavar="NAME",
+        help="register the registrar itself under this service name, with a check that follows the "
+        "Docker engine ('' to skip)",
+    )
     p.add_argument(
         "--status-addr",
         default=os.environ.get("REGISTRAR_STATUS_ADDR"),
@@ -105,6 +113,7 @@ def parse(argv: list[str] | None = None) -> Settings:
         retry_attempts=args.retry_attempts,
         log_level=args.log_level,
         status_addr=_status_addr(args.status_addr) if args.status_addr else None,
+        register_self=args.register_self,
     )
 
 

@@ -26,6 +26,8 @@ _HOST_PORT = re.compile(r"^[A-Za-z0-9.:\[\]-]+:\d{1,5}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _RESERVED = {"name", "tags", "id", "ignore"}
 OWNER_META = "registrar_host"  # which registrar made a registration: its --hostname
+# where an instance comes from, for whoever reads the Consul UI; set by the registrar only
+ORIGIN_META = ("container_name", "container_id", "image", OWNER_META)
 _CHECK_KINDS = ("http", "https", "tcp", "grpc", "script", "ttl")
 _CHECK_OPTIONS = ("interval", "timeout", "initial_status", "deregister_after", "tls_skip_verify")
 _CHECK_KEYS = {f"check_{k}" for k in (*_CHECK_KINDS, *_CHECK_OPTIONS)}
@@ -271,8 +273,8 @@ def _service(
             continue
         if not _META_KEY.match(key) or key.startswith("consul-"):
             raise bad(key, "meta key must be letters, digits, '_' or '-' (and not consul-*)")
-        if key == OWNER_META:
-            raise bad(key, f"meta key {OWNER_META} is set by the registrar itself")
+        if key in ORIGIN_META:
+            raise bad(key, f"meta key {key} is set by the registrar itself")
         if _CONTROL.search(value.value):
             raise bad(key, "meta value contains a control character or newline")
         if len(value.value) > META_VALUE_MAX:
@@ -280,7 +282,7 @@ def _service(
         meta[key] = value.value
     if len(meta) > META_KEYS_MAX:
         raise LabelError(container, "SERVICE_*", str(len(meta)), f"more than {META_KEYS_MAX} meta keys")
-    meta[OWNER_META] = settings.hostname
+    meta.update(_origin(inspect, container, settings.hostname))
 
     check = _check(values, address or "127.0.0.1", number, bad, settings.allow_script_checks)
     if check is not None and check.kind in ("http", "https") and "check_http" in values:
@@ -297,6 +299,18 @@ def _service(
         meta=meta,
         checks=(check,) if check else (),
     )
+
+
+def _origin(inspect: dict[str, Any], container: str, hostname: str) -> dict[str, str]:
+    """container_name, container_id (short), image, registrar_host: printable, bounded."""
+    image = str((inspect.get("Config") or {}).get("Image") or "")
+    values = {
+        "container_name": container,
+        "container_id": str(inspect.get("Id", ""))[:12],
+        "image": image,
+        OWNER_META: hostname,
+    }
+    return {k: _CONTROL.sub("?", v)[:META_VALUE_MAX] for k, v in values.items()}
 
 
 def _tags(values: dict[str, _Value], settings: SpecSettings, container: str) -> list[str]:

@@ -14,9 +14,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
-from registrar.consul_registry import MAINTENANCE_REASON, Registry
+from registrar.consul_registry import MAINTENANCE_MARK, Registry, is_ours
 from registrar.errors import ConsulRejected, ConsulUnavailable
 from registrar.intents import (
     TERMINATING,
@@ -40,6 +41,7 @@ from sidecar.signals import parse_signal, signal_name
 log = logging.getLogger("registrar.sync")
 
 TICK = 1.0
+OWN_HEARTBEAT = 10.0  # the own check's TTL is 30 s
 SEEN_MAX = 10_000  # containers remembered for listings in flight
 TTL_HEARTBEAT = 60.0
 
@@ -103,9 +105,21 @@ class Tracked:
 
 
 class Syncer:
-    def __init__(self, registry: Registry, settings: SyncSettings) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        settings: SyncSettings,
+        own: Service | None = None,
+        docker_state: Callable[[], tuple[bool, str]] = lambda: (True, ""),
+    ) -> None:
+        """own: the registrar's own registration (its TTL check follows docker_state(), which
+        says whether the Docker engine's events are followed and why not)."""
         self._registry = registry
         self._settings = settings
+        self._own = own
+        self._docker_state = docker_state
+        self._own_status: tuple[str, str] | None = None
+        self._own_updated = 0.0
         self._queue: queue.Queue[tuple[int, Intent | None]] = queue.Queue()
         self._submit_lock = threading.Lock()
         self._submitted = 0  # sequence of the last intent queued; the queue keeps this order
@@ -116,6 +130,7 @@ class Syncer:
         self._containers: dict[str, Tracked] = {}
         self._lingering: dict[str, list[str]] = {}  # died, kept by --deregister on-success
         self._want_maintenance: set[str] = set()
+        self._maintenance_reason: dict[str, str] = {}  # what the Consul UI shows as the reason
         self._agent_maintenance: set[str] = set()
         self._known_status: dict[str, str] = {}
         self._consul_up: bool | None = None
@@ -175,6 +190,7 @@ class Syncer:
                 continue
             self._handle(intent, seq)
         self._prober.cancel_all()
+        self._deregister_own()
 
     def _handle(self, intent: Intent, seq: int = 0) -> None:
         if isinstance(intent, Died):
@@ -187,7 +203,7 @@ class Syncer:
             elif isinstance(intent, Stopping):
                 self._stopping(intent)
             elif isinstance(intent, Paused):
-                self._set_maintenance(intent.container_id, True, "paused")
+                self._set_maintenance(intent.container_id, True, f"Paused: docker pause at {_now()}")
             elif isinstance(intent, Died):
                 self._died(intent.container_id, intent.exit_code)
             elif isinstance(intent, Destroyed):
@@ -249,6 +265,7 @@ class Syncer:
                 self._maintenance(service.id, False)
             elif paused and service.id not in self._want_maintenance:
                 self._want_maintenance.add(service.id)
+                self._maintenance_reason[service.id] = f"Paused: found paused at {_now()}"
                 self._maintenance(service.id, True)
 
     def _stopping(self, intent: Stopping) -> None:
@@ -257,7 +274,8 @@ class Syncer:
             return
         terminating = intent.signal in {int(s) for s in TERMINATING} or intent.signal == tracked.stop_signal
         if terminating:
-            self._set_maintenance(intent.container_id, True, f"signal {signal_name(intent.signal)}")
+            why = f"Draining: docker stop received at {_now()} (signal {signal_name(intent.signal)})"
+            self._set_maintenance(intent.container_id, True, why)
 
     def _set_maintenance(self, container_id: str, enable: bool, why: str) -> None:
         tracked = self._containers.get(container_id)
@@ -266,6 +284,7 @@ class Syncer:
         for service_id in sorted(tracked.services):
             if enable:
                 self._want_maintenance.add(service_id)
+                self._maintenance_reason[service_id] = why
             else:
                 self._want_maintenance.discard(service_id)
             self._maintenance(service_id, enable)
@@ -377,6 +396,7 @@ class Syncer:
         self._prober.cancel(service_id)
         self._want_maintenance.discard(service_id)
         self._agent_maintenance.discard(service_id)
+        self._maintenance_reason.pop(service_id, None)
         for check_id in [
             c for c in self._known_status if c == f"service:{service_id}" or c.startswith(f"service:{service_id}:")
         ]:
@@ -393,8 +413,11 @@ class Syncer:
         log.info("deregistered %s", kv(id=service_id))
 
     def _maintenance(self, service_id: str, enable: bool) -> None:
+        reason = self._maintenance_reason.get(service_id, "Draining") if enable else ""
+        if not enable:
+            self._maintenance_reason.pop(service_id, None)
         try:
-            self._registry.maintenance(service_id, enable)
+            self._registry.maintenance(service_id, enable, f"{reason} {MAINTENANCE_MARK}" if enable else None)
         except ConsulRejected as err:
             log.error("maintenance refused %s: %s", kv(id=service_id, enable=enable), err)
             return
@@ -420,6 +443,7 @@ class Syncer:
     def _tick(self) -> float:
         try:
             self._reconcile()
+            self._update_own()
             if time.monotonic() - self._last_heartbeat > TTL_HEARTBEAT:
                 self._heartbeat()
         except ConsulUnavailable as err:
@@ -435,12 +459,14 @@ class Syncer:
         self._agent_maintenance = {
             cid[len(prefix) :]
             for cid, c in checks.items()
-            if cid.startswith(prefix) and (c.get("Notes") or "") == MAINTENANCE_REASON
+            if cid.startswith(prefix) and is_ours(str(c.get("Notes") or ""))
         }
         for check_id, check in checks.items():
             if check_id.startswith("service:") and check.get("Status"):
                 self._known_status[check_id] = str(check["Status"])
         desired = {sid: s for t in self._containers.values() for sid, s in t.services.items()}
+        if self._own is not None:
+            desired[self._own.id] = self._own
         lingering = {sid for ids in self._lingering.values() for sid in ids}
         hostname = self._settings.spec.hostname
         # gone from the agent by other means (a restart that lost its state): nothing to retry
@@ -460,6 +486,9 @@ class Syncer:
             kv(register=len(todo.register), deregister=len(todo.deregister), maintenance=len(todo.maintenance_on)),
         )
         for service in todo.register:
+            if service is self._own:
+                self._register_own()
+                continue
             self._register(service, self._containers[service.container_id])
             if service.id not in agent:
                 self._start_probes(service, self._containers[service.container_id].generation)
@@ -469,6 +498,47 @@ class Syncer:
             self._maintenance(service_id, True)
         for service_id in todo.maintenance_off:
             self._maintenance(service_id, False)
+
+    # -- the registrar's own registration: a TTL check that follows the Docker engine
+
+    def _own_check(self) -> tuple[str, str]:
+        up, detail = self._docker_state()
+        return (PASSING if up else CRITICAL), detail
+
+    def _register_own(self) -> None:
+        assert self._own is not None
+        status, _ = self._own_check()
+        try:
+            self._registry.register(self._own, {self._own.check_id(0): status})
+        except ConsulRejected as err:
+            log.error("own registration refused %s: %s", kv(id=self._own.id), err)
+            return
+        self._own_status = None  # the output goes with the next update
+        log.info("registered %s", kv(service=self._own.name, id=self._own.id, own=True))
+
+    def _update_own(self) -> None:
+        if self._own is None:
+            return
+        state = self._own_check()
+        if state == self._own_status and time.monotonic() - self._own_updated < OWN_HEARTBEAT:
+            return
+        try:
+            self._registry.ttl_update(self._own.check_id(0), state[0], state[1])
+        except ConsulRejected as err:
+            log.error("own check update refused %s: %s", kv(id=self._own.id), err)
+            return
+        self._own_status = state
+        self._own_updated = time.monotonic()
+
+    def _deregister_own(self) -> None:
+        """A clean stop takes the registrar's own registration with it."""
+        if self._own is None:
+            return
+        try:
+            self._registry.deregister(self._own.id)
+            log.info("deregistered %s", kv(id=self._own.id, own=True))
+        except (ConsulUnavailable, ConsulRejected) as err:
+            log.warning("own registration left in Consul %s: %s", kv(id=self._own.id), err)
 
     def _heartbeat(self) -> None:
         for tracked in self._containers.values():
@@ -490,3 +560,7 @@ class Syncer:
             log.info("consul available again")
         self._consul_up = True
         self._backoff.reset()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -342,6 +342,7 @@ class TcpForwarder:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # a blocking query holds its answer for up to its wait
             with self._lock:
                 self._conns += [client, upstream]
             for a, b, up in ((client, upstream, True), (upstream, client, False)):

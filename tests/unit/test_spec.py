@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from registrar.spec import SpecSettings, docker_health_status, services_for
+from registrar.spec import ORIGIN_META, SpecSettings, docker_health_status, services_for
 
 SETTINGS = SpecSettings(hostname="h1")
 
@@ -40,6 +40,10 @@ def inspect(
     }
 
 
+def user_meta(svc) -> dict:
+    return {k: v for k, v in svc.meta.items() if k not in ORIGIN_META}
+
+
 def test_defaults_follow_registrator():
     result = services_for(inspect(), SETTINGS)
     assert result.errors == []
@@ -49,7 +53,9 @@ def test_defaults_follow_registrator():
     assert svc.port == 32768
     assert svc.address == "127.0.0.1"
     assert svc.tags == ()
-    assert svc.meta == {"registrar_host": "h1"}  # which registrar owns it
+    # where it comes from, for the Consul UI; registrar_host also says which registrar owns it
+    assert svc.meta == {"container_name": "web-1", "container_id": "c0ffeec0ffee",
+                        "image": "registry.example.com/team/app:1.2", "registrar_host": "h1"}  # fmt: skip
 
 
 def test_labels_override_env_and_meta_lowercased():
@@ -63,7 +69,7 @@ def test_labels_override_env_and_meta_lowercased():
     [svc] = result.services
     assert svc.name == "api"
     assert svc.tags == ("a", "b")
-    assert svc.meta == {"http_host": "a.example.com", "registrar_host": "h1"}
+    assert user_meta(svc) == {"http_host": "a.example.com"}
 
 
 def test_several_ports_grouped_names_udp_and_per_port():
@@ -124,7 +130,7 @@ def test_http_check_with_interval_and_initial_status():
     assert definition["CheckID"] == "service:h1:web-1:8080"
     assert definition["HTTP"] == "http://127.0.0.1:32768/health"
     assert definition["DeregisterCriticalServiceAfter"] == "10m"
-    assert svc.meta == {"check_http": "/health", "registrar_host": "h1"}  # for proxies that check actively
+    assert user_meta(svc) == {"check_http": "/health"}  # for proxies that check actively
 
 
 def test_docker_healthcheck_becomes_ttl_check():

@@ -41,7 +41,7 @@ class Registry:
     def ttl_update(self, check_id: str, status: str, note: str) -> None:
         self._guard()
 
-    def maintenance(self, service_id: str, enable: bool) -> None:
+    def maintenance(self, service_id: str, enable: bool, reason: str | None = None) -> None:
         self._guard()
 
     def services(self) -> dict[str, dict[str, Any]]:

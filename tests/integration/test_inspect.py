@@ -1,0 +1,92 @@
+"""Registrations that explain themselves where users look: the HTTP API the Consul UI reads."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.support import UnixSocketForwarder, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def ui_service(consul, name: str) -> dict:
+    """The row the UI's services list shows for one service."""
+    return next(s for s in consul.get("/v1/internal/ui/services") if s["Name"] == name)
+
+
+def instance(consul, name: str, sid: str) -> dict:
+    """One instance as the UI's service page reads it: /v1/health/service/<name>."""
+    return next(e for e in consul.health(name) if e["Service"]["ID"] == sid)
+
+
+def test_instance_meta_and_check_names_say_where_it_comes_from(consul, containers, registrar, hostname):
+    registrar()
+    c = containers.run(labels={"SERVICE_NAME": "explained", "SERVICE_CHECK_HTTP": "/index.html",
+                               "SERVICE_CHECK_INTERVAL": "7s"})  # fmt: skip
+    sid = f"{hostname}:{c.name}:8080"
+    wait_until(lambda: consul.health("explained", passing=True), what="passing")
+    entry = instance(consul, "explained", sid)
+    meta = entry["Service"]["Meta"]
+    assert meta["container_name"] == c.name
+    assert meta["container_id"] == c.id[:12]
+    assert meta["image"] == c.attrs["Config"]["Image"]
+    assert meta["registrar_host"] == hostname
+    [check] = [ch for ch in entry["Checks"] if ch["ServiceID"] == sid]
+    assert check["Name"] == "HTTP GET /index.html every 7s"
+    assert check["Notes"] == f"Registered by the registrar on {hostname} for container {c.name}"
+    assert ui_service(consul, "explained")["InstanceCount"] == 1
+
+
+def test_docker_healthcheck_check_is_named_for_what_it_follows(consul, containers, registrar, hostname):
+    registrar()
+    c = containers.run(
+        labels={"SERVICE_NAME": "dockerhc"}, healthcheck={"test": ["CMD", "true"], "interval": 500_000_000}
+    )
+    sid = f"{hostname}:{c.name}:8080"
+    wait_until(lambda: consul.health("dockerhc", passing=True), timeout=15, what="healthy")
+    names = [ch["Name"] for ch in instance(consul, "dockerhc", sid)["Checks"] if ch["ServiceID"] == sid]
+    assert names == ["Docker HEALTHCHECK (follows health_status)"]
+
+
+def test_draining_instance_shows_the_maintenance_reason(consul, containers, registrar, hostname):
+    registrar()
+    c = containers.run(labels={"SERVICE_NAME": "draining"}, command="httpd -p 8080 -h /www; sleep 3600")
+    sid = f"{hostname}:{c.name}:8080"
+    wait_until(lambda: sid in consul.services(), what="registered")
+    with ThreadPoolExecutor(1) as pool:
+        stopping = pool.submit(c.stop, timeout=3)
+        check = wait_until(lambda: consul.checks().get(f"_service_maintenance:{sid}"), timeout=3, what="maintenance")
+        entry = instance(consul, "draining", sid)
+        shown = [ch for ch in entry["Checks"] if ch["CheckID"] == f"_service_maintenance:{sid}"]
+        stopping.result()
+    assert check["Notes"].startswith("Draining: docker stop received at ")
+    assert "(signal SIGTERM)" in check["Notes"]
+    assert shown and shown[0]["Status"] == "critical" and shown[0]["Notes"] == check["Notes"]
+
+
+def test_registrar_registers_itself_and_follows_the_docker_engine(consul, containers, registrar, hostname, workdir):
+    forwarder = UnixSocketForwarder(workdir / f"docker-own-{hostname}.sock")
+    forwarder.start()
+    try:
+        proc = registrar("--docker", forwarder.url)
+        own = f"registrar:{hostname}"
+        wait_until(lambda: consul.health("registrar", passing=True), timeout=10, what="own registration passing")
+        entry = instance(consul, "registrar", own)
+        [check] = [ch for ch in entry["Checks"] if ch["ServiceID"] == own]
+        assert check["Name"] == "Follows the Docker engine (event stream connected)"
+        assert "Docker engine events followed" in check["Output"]
+        assert entry["Service"]["Meta"]["registrar_host"] == hostname
+        forwarder.stop()  # the engine goes away
+        wait_until(lambda: not consul.health("registrar", passing=True), timeout=10, what="critical")
+        critical = next(ch for ch in instance(consul, "registrar", own)["Checks"] if ch["ServiceID"] == own)
+        assert critical["Status"] == "critical" and "Docker engine unreachable" in critical["Output"]
+        forwarder.start()
+        wait_until(lambda: consul.health("registrar", passing=True), timeout=15, what="passing again")
+        proc.stop()
+        time.sleep(0.2)
+        assert own not in consul.services()  # a clean stop takes it away
+    finally:
+        forwarder.stop()
