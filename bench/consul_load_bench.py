@@ -131,6 +131,7 @@ def run(agents: list[str], work: Path, args: argparse.Namespace, checks: bool) -
         wait_until(lambda: dest.exists() and f"s{args.services - 1}-2" in dest.read_text(), timeout=120, what="render")
         time.sleep(5.0)
         per_change, bytes_per_change = [], []
+        paths_at_start = collections.Counter(forwarder.paths)
         for n in range(args.changes):
             before = forwarder.counts()
             body = registration(f"s{(n * 37) % args.services}", f"x{n}", 40000 + n, checks)
@@ -140,6 +141,7 @@ def run(agents: list[str], work: Path, args: argparse.Namespace, checks: bool) -
             after = forwarder.counts()
             per_change.append(after[0] - before[0])
             bytes_per_change.append(after[1] - before[1])
+        change_paths = forwarder.paths - paths_at_start
         for n in range(args.changes):
             put(agents[n % len(agents)], f"/v1/agent/service/deregister/x{n}", None)
         time.sleep(5.0)
@@ -159,6 +161,8 @@ def run(agents: list[str], work: Path, args: argparse.Namespace, checks: bool) -
     print(f"  requests per change p50 / max   {statistics.median(per_change):.0f} / {max(per_change):.0f} "
           f"(n={len(per_change)}, registrations on the 3 nodes in turn)")  # fmt: skip
     print(f"  KiB answered per change p50     {statistics.median(bytes_per_change) / 1024:.0f}")
+    per = {path: round(count / len(per_change), 1) for path, count in change_paths.most_common(6)}
+    print(f"  requests per change by path     {per}")
     print(f"  requests per idle minute        {idle:.1f} (over {args.idle:.0f} s)")
     print(f"  KiB answered per idle minute    {idle_bytes / 1024:.0f}")
     print(f"  idle requests by path           {dict(idle_paths.most_common(6))}")

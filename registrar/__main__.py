@@ -48,10 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     registry = ConsulRegistry(settings.consul)
     source = DockerSource(settings.docker_url)
-    watcher = DockerWatcher(
-        source, lambda intent: syncer.submit(intent), lambda: syncer.mark(), settings.sync.retry_interval
+    supervisor = Supervisor()
+    # the syncer registers what the watcher sees; the watcher's state is the syncer's own check
+    view = RegistrarStatus(supervisor)
+    syncer = Syncer(
+        registry, settings.sync, own_service(settings, source.describe()), view.docker_state, view.registered
     )
-    syncer = Syncer(registry, settings.sync, own_service(settings, source.describe()), watcher.state)
+    watcher = DockerWatcher(source, syncer.submit, syncer.mark, settings.sync.retry_interval)
+    view.follow(watcher, syncer)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("stopping on %s", signal.Signals(signum).name)
@@ -72,10 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "starting %s",
         logs.kv(consul=settings.consul.url, docker=source.describe(), hostname=settings.sync.spec.hostname),
     )
-    supervisor = Supervisor()
     status = None
     if settings.status_addr:
-        view = RegistrarStatus(watcher, syncer, supervisor)
         status = StatusServer(settings.status_addr, view.health, view.prometheus)
         status.start()
         log.info("status on http://%s:%d/health", *settings.status_addr)

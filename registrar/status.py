@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from sidecar.metrics import Reading, Registry
+
 
 class Watching(Protocol):
     @property
     def up(self) -> bool | None: ...
+
+    def state(self) -> tuple[bool, str]: ...
 
 
 class Syncing(Protocol):
@@ -20,18 +24,37 @@ class Syncing(Protocol):
     @property
     def pending_deregistrations(self) -> int: ...
 
+    @property
+    def counts(self) -> dict[str, int]: ...
+
 
 class Problems(Protocol):
     def problems(self) -> dict[str, str]: ...
 
 
 class RegistrarStatus:
-    def __init__(self, watcher: Watching, syncer: Syncing, supervisor: Problems) -> None:
-        self._watcher = watcher
-        self._syncer = syncer
+    """/health, /metrics and the state of the Docker engine for the registrar's own check."""
+
+    def __init__(self, supervisor: Problems) -> None:
         self._supervisor = supervisor
+        self._watcher: Watching | None = None
+        self._syncer: Syncing | None = None
+        self.registry = Registry(self.readings)
+        self.event_to_registered = self.registry.histogram(
+            "registrar_event_to_registered_seconds", "from a container's Docker start event to its registration"
+        )
+
+    def follow(self, watcher: Watching, syncer: Syncing) -> None:
+        self._watcher, self._syncer = watcher, syncer
+
+    def docker_state(self) -> tuple[bool, str]:
+        return self._watcher.state() if self._watcher else (False, "starting")
+
+    def registered(self, seconds: float) -> None:
+        self.event_to_registered.observe(seconds)
 
     def health(self) -> tuple[int, dict[str, Any]]:
+        assert self._watcher is not None and self._syncer is not None
         problems = {f"thread:{k}": v for k, v in self._supervisor.problems().items()}
         if self._watcher.up is not True:
             problems["docker"] = "the Docker engine's event stream is not connected"
@@ -47,14 +70,18 @@ class RegistrarStatus:
         }
         return (200 if not problems else 503), body
 
-    def prometheus(self) -> str:
-        rows = [
-            ("registrar_docker_up", "gauge", int(bool(self._watcher.up))),
-            ("registrar_consul_up", "gauge", int(self._syncer.consul_up is not False)),
-            ("registrar_containers", "gauge", self._syncer.tracked),
-            ("registrar_pending_deregistrations", "gauge", self._syncer.pending_deregistrations),
+    def readings(self) -> list[Reading]:
+        if self._watcher is None or self._syncer is None:
+            return []
+        syncer, counts = self._syncer, self._syncer.counts
+        return [
+            ("registrar_docker_up", "gauge", "1 while Docker events are followed", int(bool(self._watcher.up))),
+            ("registrar_consul_up", "gauge", "1 while the Consul agent answers", int(syncer.consul_up is not False)),
+            ("registrar_containers", "gauge", "running containers followed", syncer.tracked),
+            ("registrar_pending_deregistrations", "gauge", "deregistrations to retry", syncer.pending_deregistrations),
+            ("registrar_registrations_total", "counter", "services registered", counts["registered"]),
+            ("registrar_deregistrations_total", "counter", "services deregistered", counts["deregistered"]),
         ]
-        lines = []
-        for name, kind, value in rows:
-            lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
+
+    def prometheus(self) -> str:
+        return self.registry.text()

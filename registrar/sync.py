@@ -111,6 +111,7 @@ class Syncer:
         settings: SyncSettings,
         own: Service | None = None,
         docker_state: Callable[[], tuple[bool, str]] = lambda: (True, ""),
+        on_registered: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         """own: the registrar's own registration (its TTL check follows docker_state(), which
         says whether the Docker engine's events are followed and why not)."""
@@ -118,6 +119,8 @@ class Syncer:
         self._settings = settings
         self._own = own
         self._docker_state = docker_state
+        self._on_registered = on_registered  # seconds from the Docker event, for the histogram
+        self._counts = {"registered": 0, "deregistered": 0}
         self._own_status: tuple[str, str] | None = None
         self._own_updated = 0.0
         self._queue: queue.Queue[tuple[int, Intent | None]] = queue.Queue()
@@ -152,6 +155,10 @@ class Syncer:
     @property
     def pending_deregistrations(self) -> int:
         return len(self._pending_deregister)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
 
     # -- inputs, from any thread
 
@@ -380,9 +387,12 @@ class Syncer:
             log.error("rejected %s: %s", kv(container=tracked.name, id=service.id), err)
             return
         self._pending_deregister.discard(service.id)
+        self._counts["registered"] += 1
         facts: dict[str, object] = {"service": service.name, "id": service.id, "port": service.port}
         if event_ns:
-            facts["latency_ms"] = round((time.time_ns() - int(event_ns)) / 1e6, 1)
+            seconds = (time.time_ns() - int(event_ns)) / 1e9
+            facts["latency_ms"] = round(seconds * 1000, 1)
+            self._on_registered(seconds)
         log.info("registered %s", kv(**facts))
 
     def _start_probes(self, service: Service, generation: int) -> None:
@@ -410,6 +420,7 @@ class Syncer:
             return
         self._pending_deregister.discard(service_id)
         self._refused.discard(service_id)
+        self._counts["deregistered"] += 1
         log.info("deregistered %s", kv(id=service_id))
 
     def _maintenance(self, service_id: str, enable: bool) -> None:

@@ -197,6 +197,12 @@ class RuntimeHook:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def draining(self) -> int:
+        """Servers being drained now (a warning in the proxy's own Consul check)."""
+        with self._lock:
+            return len(self._draining)
+
     def _cli(self, command: str) -> str:
         if self._socket is None:
             raise ProxyError("haproxy admin socket unknown: the configuration has no `stats socket` line")
@@ -333,6 +339,7 @@ class RuntimeHook:
                 self._draining.pop((backend, name), None)
                 self._refused_deletes.discard((backend, name))
             self.metrics.add(runtime_updates=1)
+            self.metrics.drain_seconds.observe(now - (deadline - self.drain_timeout))
             log.info("haproxy removed %s/%s after drain", backend, name)
 
     def stop(self) -> None:

@@ -323,6 +323,9 @@ class Runner:
                 log.error("%s", err)
         if reload_proxy:
             any_failed |= not self._apply_proxy(old_proxy_text, new_proxy_text)
+        since = self.store.take_since()
+        if self.wrote and since is not None:
+            self.metrics.change_to_write.observe(time.monotonic() - since)
         all_done = all(t.done for t in self.templates)
         if all_done and not any_failed:
             self.metrics.last_success = time.time()
@@ -337,7 +340,11 @@ class Runner:
             return Outcome.SKIPPED
         if self.proxy.master() is None:
             return Outcome.SKIPPED
-        return self.proxy_hook.apply(current.decode(errors="replace"), content.decode(errors="replace"))
+        started = time.monotonic()
+        outcome = self.proxy_hook.apply(current.decode(errors="replace"), content.decode(errors="replace"))
+        if outcome == Outcome.APPLIED:
+            self.metrics.runtime_seconds.observe(time.monotonic() - started)
+        return outcome
 
     def _apply_proxy(self, old: str | None, new: str | None) -> bool:
         """Start the proxy, or reload it (the runtime API was tried before the write)."""
@@ -359,10 +366,12 @@ class Runner:
                 # with the user's own --check the write came first; the runtime API comes after it
                 self.metrics.add(runtime_updates=1)
                 return True
+            started = time.monotonic()
             workers = self.proxy.reload()
             self.metrics.add(reloads=1)
             if self.proxy_hook and new is not None:
                 self.proxy_hook.after_reload(new, workers)
+            self.metrics.reload_seconds.observe(time.monotonic() - started)
             self.metrics.problem(key, None)
             return True
         except ProxyError as err:

@@ -6,6 +6,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.metrics import Reading, Registry
+
 
 @dataclass
 class Metrics:
@@ -26,6 +28,21 @@ class Metrics:
     # thread:<name>, watch:<query>. Each is cleared by the next success of the same thing.
     problems: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.registry = Registry(self.readings)
+        self.change_to_write = self.registry.histogram(
+            "templater_change_to_write_seconds", "from Consul data (or a template edit) seen to the file written"
+        )
+        self.reload_seconds = self.registry.histogram(
+            "templater_reload_seconds", "a proxy reload, from the signal to the new worker serving"
+        )
+        self.runtime_seconds = self.registry.histogram(
+            "templater_runtime_api_seconds", "a change applied on HAProxy's admin socket"
+        )
+        self.drain_seconds = self.registry.histogram(
+            "templater_drain_seconds", "a removed HAProxy server, from drain to deletion"
+        )
 
     def problem(self, key: str, text: str | None) -> None:
         """Set (text) or clear (None) one problem."""
@@ -61,23 +78,25 @@ class Metrics:
             }
         return (200 if healthy else 503), body
 
-    def prometheus(self) -> str:
+    def readings(self) -> list[Reading]:
         with self.lock:
-            rows = [
-                ("templater_renders_total", "counter", self.renders),
-                ("templater_render_failures_total", "counter", self.render_failures),
-                ("templater_writes_total", "counter", self.writes),
-                ("templater_reloads_total", "counter", self.reloads),
-                ("templater_reload_failures_total", "counter", self.reload_failures),
-                ("templater_check_failures_total", "counter", self.check_failures),
-                ("templater_runtime_api_updates_total", "counter", self.runtime_updates),
-                ("templater_last_success_timestamp_seconds", "gauge", self.last_success),
-                ("templater_watched_queries", "gauge", self.watched),
-                ("templater_consul_up", "gauge", int(self.consul_up)),
-                ("templater_consul_requests_total", "counter", self.consul_requests),
-                ("templater_problems", "gauge", len(self.problems)),
-            ]
-        lines = []
-        for name, kind, value in rows:
-            lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
+            return [
+                ("templater_renders_total", "counter", "templates rendered", self.renders),
+                ("templater_render_failures_total", "counter", "renders that failed", self.render_failures),
+                ("templater_writes_total", "counter", "destination files written", self.writes),
+                ("templater_reloads_total", "counter", "proxy reloads and template commands", self.reloads),
+                ("templater_reload_failures_total", "counter", "reloads or commands that failed", self.reload_failures),
+                ("templater_check_failures_total", "counter", "staged files the check refused", self.check_failures),
+                ("templater_runtime_api_updates_total", "counter", "changes applied on HAProxy's admin socket",
+                 self.runtime_updates),
+                ("templater_consul_requests_total", "counter", "HTTP requests sent to Consul", self.consul_requests),
+                ("templater_last_success_timestamp_seconds", "gauge", "end of the last cycle with no failure",
+                 self.last_success),
+                ("templater_watched_queries", "gauge", "consul-template style queries the templates use", self.watched),
+                ("templater_consul_up", "gauge", "1 while every watch reaches Consul", int(self.consul_up)),
+                ("templater_problems", "gauge", "problems /health reports", len(self.problems)),
+                ("templater_held_services", "gauge", "services held by --empty-grace", len(self.held)),
+            ]  # fmt: skip
+
+    def prometheus(self) -> str:
+        return self.registry.text()

@@ -23,6 +23,8 @@ class Store:
         self._deadlines: dict[str, float] = {}
         self._kv: dict[str, list[dict[str, Any]]] = {}
         self._dirty: set[str] = set()
+        self._dirty_since: float | None = None  # when the oldest change not yet taken came in
+        self._taken_since: float | None = None  # the same, for what wait() returned since take_since()
 
     # -- writers (watch threads)
 
@@ -30,19 +32,32 @@ class Store:
         with self._cond:
             self._raw[key] = snapshot
             self._apply_grace(key, time.monotonic())
+            self._mark()
             self._cond.notify_all()
 
     def publish_kv(self, key: str, data: list[dict[str, Any]]) -> None:
         with self._cond:
             self._kv[key] = data
             self._dirty.add(key)
+            self._mark()
             self._cond.notify_all()
 
     def touch(self, key: str) -> None:
         """Mark something as changed that is not Consul data (a template file edit)."""
         with self._cond:
             self._dirty.add(key)
+            self._mark()
             self._cond.notify_all()
+
+    def _mark(self) -> None:
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+
+    def take_since(self) -> float | None:
+        """When the oldest change the runner has taken since the last call came in (monotonic)."""
+        with self._cond:
+            since, self._taken_since = self._taken_since, None
+            return since
 
     def _apply_grace(self, key: str, now: float) -> None:
         grace = self._graces.setdefault(key, Grace(self._grace_seconds))
@@ -80,6 +95,10 @@ class Store:
                     if deadline <= now:
                         self._apply_grace(key, now)
             dirty, self._dirty = self._dirty, set()
+            if dirty and self._dirty_since is not None:
+                since = self._dirty_since
+                self._taken_since = since if self._taken_since is None else min(self._taken_since, since)
+            self._dirty_since = None
             return dirty
 
     def held(self) -> list[str]:

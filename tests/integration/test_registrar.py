@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ConsulAgent, UnixSocketForwarder, wait_until
+from tests.support import IMAGE, ConsulAgent, UnixSocketForwarder, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +36,8 @@ def test_registers_published_port_with_registrator_id_and_meta(consul, container
     assert svc["Port"] == containers.host_port(c)
     assert svc["Address"] == "127.0.0.1"
     assert svc["Tags"] == ["blue", "v1"]
-    meta = {"http_host": "app.example.com", "http_path": "/api", "weight": "5", "registrar_host": hostname}
-    assert svc["Meta"] == meta
+    origin = {"container_name": c.name, "container_id": c.id[:12], "image": IMAGE, "registrar_host": hostname}
+    assert svc["Meta"] == {"http_host": "app.example.com", "http_path": "/api", "weight": "5", **origin}
     # visible in the catalog, which is what templates and the UI read
     wait_until(lambda: consul.get("/v1/catalog/service/web"), what="catalog entry")
 
