@@ -16,12 +16,14 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from sidecar.threads import Supervisor
+from templater.catalog import CRITICAL, PASSING, WARNING
 from templater.child import Child
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
 from templater.errors import CheckFailed, CommandFailed, ProxyError, TemplateError
 from templater.haproxy_runtime import Outcome
 from templater.output import read_current, run_command, swap
 from templater.proxy import KINDS, Proxy, children
+from templater.registration import SelfRegistration, State
 from templater.render import RenderResult, compile_template, make_environment, render
 from templater.settings import Settings, TemplateSpec
 from templater.status import Metrics
@@ -50,11 +52,15 @@ class ProxyHook(Protocol):
     @property
     def alive(self) -> bool: ...
 
+    @property
+    def draining(self) -> int: ...
+
     def apply(self, old: str | None, new: str) -> str: ...  # an Outcome
     def after_reload(self, new: str, workers: set[int]) -> None: ...
     def stop(self) -> None: ...
 
 
+PROXY_PROBLEMS = ("render", "check", "reload", "proxy")  # what makes the proxy's own check critical
 WARNED_MAX = 10_000  # distinct warnings remembered (said once each); the oldest are forgotten
 
 
@@ -106,6 +112,12 @@ class Runner:
             dest = settings.templates[0].dest
             log_file = None if settings.stop_proxy else dest.with_name(dest.name + ".log")
             self.proxy = Proxy(KINDS[settings.proxy], dest, settings.proxy_pid_file, log_file)
+        self.registration: SelfRegistration | None = None
+        if self.proxy is not None and settings.register_service and not settings.once:
+            self.registration = SelfRegistration(
+                settings.consul, settings.register_service, self.proxy.kind.name, str(self.proxy.config),
+                settings.register_address,
+            )  # fmt: skip
         self._observer: Any = None
         self.wrote = False
 
@@ -465,21 +477,47 @@ class Runner:
         }
         self.metrics.replace_problems("watch:", stale)
         self.metrics.consul_requests = self.fetcher.requests
-        if self.proxy is None or not self.templates[0].done or self.proxy.master() is not None:
+        if self.proxy is None or not self.templates[0].done:
             return
+        pid = self.proxy.master()
+        if pid is None:
+            self._report(None)  # the proxy's own check says so before the restart
+            pid = self._restart_proxy()
+        self._report(pid)
+
+    def _restart_proxy(self) -> int | None:
+        assert self.proxy is not None
         key = f"proxy:{self.proxy.key}"
         try:
             pid = self.proxy.ensure_running()
         except ProxyError as err:
             self.metrics.problem(key, str(err))
             log.error("%s", err)
-            return
+            return None
         self.metrics.problem(key, None)
         if self.proxy_hook is not None and self.templates[0].last_text is not None:
             try:
                 self.proxy_hook.after_reload(self.templates[0].last_text, children(pid))
             except ProxyError as err:
                 log.warning("%s", err)
+        return pid
+
+    def _report(self, master: int | None) -> None:
+        """The proxy's own Consul check: what a person reads in the UI about this host's proxy."""
+        if self.registration is None or self.proxy is None:
+            return
+        kind = self.proxy.kind.name
+        wrong = [(k, v) for k, v in self.metrics.problem_items() if k.split(":", 1)[0] in PROXY_PROBLEMS]
+        draining = self.proxy_hook.draining if self.proxy_hook is not None else 0
+        if master is None:
+            state = State(CRITICAL, f"{kind} is not running; the templater is starting it")
+        elif wrong:
+            state = State(CRITICAL, "; ".join(f"{k}: {v}" for k, v in wrong)[:2000])
+        elif draining:
+            state = State(WARNING, f"{kind} pid {master}: draining {draining} removed server(s)")
+        else:
+            state = State(PASSING, f"{kind} pid {master} serves {self.proxy.config}")
+        self.registration.update(state, master)
 
     def close(self) -> None:
         for source in self.sources.values():
@@ -492,6 +530,8 @@ class Runner:
             self.child.stop()
         if self.proxy_hook is not None:
             self.proxy_hook.stop()
+        if self.registration is not None:
+            self.registration.deregister()
         if self.proxy is not None and self.settings.stop_proxy:
             self.proxy.stop()
         elif self.proxy is not None and self.proxy.master() is not None:

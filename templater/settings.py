@@ -46,6 +46,8 @@ class Settings:
     empty_grace: float = 15.0
     drain_timeout: float = 30.0
     stop_proxy: bool = False
+    register_service: str = ""
+    register_address: str = ""
     log_level: str = "INFO"
 
 
@@ -120,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("TEMPLATER_STOP_PROXY", "").lower() in ("1", "true", "yes"),
         help="stop the proxy when the templater stops (by default it keeps serving and a new templater adopts it)",
     )
+    parser.add_argument(
+        "--register-service",
+        default=os.environ.get("TEMPLATER_REGISTER_SERVICE", "ingress"),
+        metavar="NAME",
+        help="with --proxy: register the proxy in Consul under this name, with a check that follows the "
+        "templater's state ('' to skip)",
+    )
+    parser.add_argument("--register-address", default="", help="its address (default: the agent's)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -163,5 +173,7 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         empty_grace=empty_grace,
         drain_timeout=drain_timeout,
         stop_proxy=args.stop_proxy,
+        register_service=args.register_service,
+        register_address=args.register_address,
         log_level=args.log_level,
     )

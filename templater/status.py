@@ -52,6 +52,10 @@ class Metrics:
             else:
                 self.problems[key] = text
 
+    def problem_items(self) -> list[tuple[str, str]]:
+        with self.lock:
+            return sorted(self.problems.items())
+
     def replace_problems(self, prefix: str, found: dict[str, str]) -> None:
         """Make the problems under prefix exactly `found` (keys without the prefix)."""
         with self.lock:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support import UnixSocketForwarder, wait_until
+from tests.support import ROOT, UnixSocketForwarder, free_port, wait_until
+from tests.traffic import get
+
+TEMPLATES = ROOT / "templates"
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +98,58 @@ def test_registrar_registers_itself_and_follows_the_docker_engine(consul, contai
         assert own not in consul.services()  # a clean stop takes it away
     finally:
         forwarder.stop()
+
+
+class CheckWatcher(threading.Thread):
+    """Every status one service's checks go through, seen with blocking queries."""
+
+    def __init__(self, consul, service: str) -> None:
+        super().__init__(name=f"watch-{service}")
+        self.consul, self.service = consul, service
+        self.seen: list[tuple[str, str]] = []  # (status, output)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        index = 1
+        while not self.stopped.is_set():
+            url = f"{self.consul.url}/v1/health/checks/{self.service}?index={index}&wait=1s"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                index = max(1, int(response.headers.get("X-Consul-Index", "1")))
+                for check in json.loads(response.read()):
+                    state = (check["Status"], check["Output"])
+                    if not self.seen or self.seen[-1] != state:
+                        self.seen.append(state)
+
+
+def test_proxy_registers_itself_and_its_check_follows_the_proxy(consul, containers, registrar, templater, tmp_path):
+    registrar()
+    port = free_port()
+    proc = templater(
+        "--template", f"{TEMPLATES / 'haproxy.cfg.j2'}:{tmp_path / 'haproxy.cfg'}", "--proxy", "haproxy",
+        "--stop-proxy", "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}",
+        "--var", "bind_address=127.0.0.1",
+    )  # fmt: skip
+    wait_until(lambda: consul.health("ingress", passing=True), timeout=15, what="ingress passing")
+    [entry] = consul.health("ingress")
+    service = entry["Service"]
+    assert service["Tags"] == ["sidecar", "haproxy"]
+    assert service["Meta"]["proxy"] == "haproxy" and service["Meta"]["proxy_version"].startswith("2.6")
+    assert str(port) in service["Meta"]["ports"].split(",") and service["Port"] > 0
+    [check] = [c for c in entry["Checks"] if c["ServiceID"] == service["ID"]]
+    assert check["Name"] == "Proxy haproxy serves the rendered configuration"
+    watcher = CheckWatcher(consul, "ingress")
+    watcher.start()
+    try:
+        master = int((tmp_path / "haproxy.cfg.pid").read_text().split()[0])
+        os.killpg(master, signal.SIGKILL)  # the proxy dies with every worker
+        wait_until(lambda: any(s == "critical" for s, _ in watcher.seen), timeout=10, what="critical seen")
+        critical = next(o for s, o in watcher.seen if s == "critical")
+        assert "haproxy is not running" in critical
+        wait_until(lambda: watcher.seen[-1][0] == "passing" and any(s == "critical" for s, _ in watcher.seen),
+                   timeout=15, what="passing again after the restart")  # fmt: skip
+        assert get(port, "nothing.test")[0] == 404  # serving again
+    finally:
+        watcher.stopped.set()
+        watcher.join(5)
+    proc.stop()
+    wait_until(lambda: not consul.health("ingress"), timeout=5, what="own registration gone after a clean stop")

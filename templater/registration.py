@@ -1,0 +1,169 @@
+"""The proxy's own registration: a service per host (default `ingress`) whose TTL check follows
+the templater's state, so the Consul UI shows whether this host's proxy serves a good config.
+
+critical: the proxy is not running, or the last render, check or reload failed;
+warning: servers are draining; passing otherwise. The check's output says which.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import consul
+import psutil
+import requests
+
+from sidecar.consul_conn import ClientPerThread, ConsulSettings
+from templater.errors import ConsulRejected, ConsulUnavailable
+
+log = logging.getLogger("templater.registration")
+
+HEARTBEAT = 10.0  # the TTL is 30 s: three missed heartbeats (a dead templater) turn it critical
+
+
+@dataclass(frozen=True)
+class State:
+    status: str  # passing, warning or critical
+    output: str
+
+
+def proxy_version(binary: str) -> str:
+    """'2.6.12-1+deb12u4' from `haproxy -v`, '1.22.1' from `nginx -v`; '' when unknown."""
+    try:
+        proc = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    match = re.search(r"(?:version |nginx/)(\S+)", proc.stdout + proc.stderr)
+    return match.group(1) if match else ""
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports the proxy (its master and workers) listens on."""
+    ports: set[int] = set()
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+    for proc in procs:
+        try:
+            for conn in proc.net_connections("tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr:
+                    ports.add(int(conn.laddr.port))
+        except psutil.Error:
+            continue
+    return sorted(ports)
+
+
+class SelfRegistration:
+    def __init__(self, consul_settings: ConsulSettings, name: str, kind: str, config: str, address: str) -> None:
+        self._clients = ClientPerThread(consul_settings, 5.0)
+        self._scrub = consul_settings.scrub
+        self.name = name
+        self._kind = kind
+        self._config = config
+        self._address = address
+        self._version = proxy_version(kind)
+        self._node = ""
+        self.service_id = ""
+        self._registered_ports: list[int] | None = None
+        self._sent: State | None = None
+        self._sent_at = 0.0
+        self._failing = False
+
+    @property
+    def check_id(self) -> str:
+        return f"service:{self.service_id}"
+
+    def _call(self, what: str, fn: Callable[[consul.Consul], Any]) -> Any:
+        try:
+            return fn(self._clients.get())
+        except (requests.RequestException, consul.Timeout, OSError) as err:
+            raise ConsulUnavailable(self._scrub(f"consul unreachable during {what}: {err}")) from None
+        except consul.ConsulException as err:
+            raise ConsulRejected(self._scrub(f"consul refused {what}: {err}")) from None
+
+    def _put(self, what: str, path: str, body: Any = None) -> None:
+        def run(client: consul.Consul) -> None:
+            data = json.dumps(body) if body is not None else ""
+            client.http.put(consul.callback.CB.boolean(), path, data=data, headers=client.prepare_headers())
+
+        self._call(what, run)
+
+    def _register(self, state: State, ports: list[int]) -> None:
+        if not self._node:
+            agent = self._call("agent self", lambda c: c.agent.self())
+            self._node = str((agent.get("Config") or {}).get("NodeName") or "")
+            self._address = self._address or str(((agent.get("Member") or {}).get("Addr")) or "")
+            self.service_id = f"{self.name}:{self._node}"
+        body = {
+            "ID": self.service_id,
+            "Name": self.name,
+            "Port": ports[0] if ports else 0,
+            "Address": self._address,
+            "Tags": ["sidecar", self._kind],
+            "Meta": {
+                "proxy": self._kind,
+                "proxy_version": self._version or "unknown",
+                "ports": ",".join(map(str, ports)),
+                "config": self._config[:200],
+                "templater_host": self._node,
+            },
+            "Check": {
+                "CheckID": self.check_id,
+                "Name": f"Proxy {self._kind} serves the rendered configuration",
+                "Notes": "The templater's state: critical when the proxy is not running or the last render, "
+                "check or reload failed; warning while servers drain",
+                "TTL": "30s",
+                "Status": state.status,
+            },
+        }
+        self._put(f"register {self.service_id}", "/v1/agent/service/register", body)
+        self._registered_ports = ports
+        log.info("registered own service=%s id=%s ports=%s", self.name, self.service_id, ports)
+
+    def update(self, state: State, master: int | None) -> None:
+        """Register when needed; send the state when it changed or every HEARTBEAT. Never raises."""
+        now = time.monotonic()
+        if state == self._sent and now - self._sent_at < HEARTBEAT:
+            return
+        ports = listening_ports(master) if master else (self._registered_ports or [])
+        try:
+            if self._registered_ports is None or (ports and ports != self._registered_ports):
+                self._register(state, ports)
+            try:
+                self._send(state)
+            except ConsulRejected:
+                self._register(state, ports)  # the agent lost it (a restart): register again
+                self._send(state)
+        except (ConsulUnavailable, ConsulRejected) as err:
+            if not self._failing:
+                log.warning("own registration %s not updated, will retry: %s", self.name, err)
+            self._failing = True
+            self._registered_ports = None
+            return
+        if self._failing:
+            log.info("own registration %s updated again", self.name)
+        self._failing = False
+        if state != self._sent:
+            log.info("own check %s %s: %s", self.name, state.status, state.output)
+        self._sent, self._sent_at = state, now
+
+    def _send(self, state: State) -> None:
+        body = {"Status": state.status, "Output": state.output}
+        self._put(f"check update {self.check_id}", f"/v1/agent/check/update/{self.check_id}", body)
+
+    def deregister(self) -> None:
+        if not self.service_id:
+            return
+        try:
+            self._put(f"deregister {self.service_id}", f"/v1/agent/service/deregister/{self.service_id}")
+            log.info("deregistered own service=%s id=%s", self.name, self.service_id)
+        except (ConsulUnavailable, ConsulRejected) as err:
+            log.warning("own registration %s left in Consul: %s", self.service_id, err)
