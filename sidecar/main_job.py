@@ -101,9 +101,17 @@ def main(argv: list[str] | None = None) -> int:
                 STATE_DIR / "consul.log",
             )
             _wait("consul", lambda: _answers(consul_url + "/v1/status/leader"), 60)
-        started.spawn("registrar", [python, "-m", "registrar", "--consul", consul_url])
+        started.spawn(
+            "registrar", [python, "-m", "registrar", "--consul", consul_url, "--status-addr", "127.0.0.1:9201"]
+        )
         extra = _start_routing(started, consul_url, python)
-        print(f"[sidecar] Consul UI: {consul_url}/ui/dc1/services", flush=True)
+        ui = f"{consul_url}/ui/dc1/services"
+        print(f"[sidecar] Consul UI: {ui}", flush=True)
+        print(f"[sidecar]   the demo service, its 3 instances and their meta: {ui}/demo/instances", flush=True)
+        print(f"[sidecar]   this host's proxy and its check: {ui}/ingress/instances", flush=True)
+        print(f"[sidecar]   the registrar and the Docker engine it follows: {ui}/registrar/instances", flush=True)
+        print("[sidecar] /health and /metrics: templater http://127.0.0.1:9200, registrar http://127.0.0.1:9201",
+              flush=True)  # fmt: skip
         for line in extra:
             print(f"[sidecar] {line}", flush=True)
         print("[sidecar] Ctrl-C stops everything listed above", flush=True)
@@ -147,6 +155,8 @@ def _start_routing(started: Started, consul_url: str, python: str) -> list[str]:
             f"http_port={HTTP_PORT}",
             "--var",
             "bind_address=127.0.0.1",
+            "--status-addr",
+            "127.0.0.1:9200",
         ],
     )
     client = docker.from_env()

@@ -25,6 +25,7 @@ import requests
 from sidecar.consul_conn import ClientPerThread, ConsulSettings
 from sidecar.threads import Supervisor
 from templater.catalog import (
+    CRITICAL,
     Health,
     Instance,
     Node,
@@ -92,6 +93,7 @@ StateFn = Callable[[str, bool, str], None]
 
 FULL_READ_QUIET = 0.5  # full reads for unexplained changes: at most one per this long (then trailing) ...
 FULL_READ_MAX = 3.0  # ... and a trailing one at the latest this long after the first change it waits for
+VANISHED_GRACE = 5.0  # an instance whose checks vanished is not routed to for this long (or until it goes)
 CHECKS_GRACE = 0.05  # how long a catalog change waits for the checks of the same raft index
 SAFETY_READ = 300.0  # and one at least this often (jittered), for what no watch announced
 TARGETED_MAX = 32  # more changed services than this (an agent that lost its state): one full read
@@ -137,6 +139,7 @@ class CatalogSource:
         self._explained: dict[str, int] = {}  # service -> index of the checks that explained it
         self._checks_index = 0  # index of the last checks answer whose explanation is recorded
         self._checkless: set[str] = set()  # services with an instance that has no check
+        self._vanished: dict[tuple[str, str], float] = {}  # instance -> when its checks all vanished
         self._last_full = 0.0
         self._health = Health()
         self._rows: dict[str, list[Row]] = {}
@@ -281,7 +284,18 @@ class CatalogSource:
         with self._lock:
             self._checks = checks
             self._signatures = signatures
-            self._health = health_index(checks)
+            health = health_index(checks)
+            now = time.monotonic()
+            # an instance whose checks all vanished while it is still listed is being
+            # deregistered (Consul removes its checks before the service): never route to it
+            for instance in set(self._health.services) - set(health.services):
+                self._vanished.setdefault(instance, now)
+            for instance in set(health.services):
+                self._vanished.pop(instance, None)
+            if self._vanished:
+                self._next_safety = min(self._next_safety, now + VANISHED_GRACE)
+                self._lock.notify_all()
+            self._health = health
             if changed and self._pending_since is not None and index >= self._pending_index:
                 self._pending_since = None  # these checks explain the catalog change
             self._rebuild()
@@ -334,6 +348,7 @@ class CatalogSource:
                         missed = self._apply_everything(rows, nodes, since=since)
                         if missed:
                             log.info("%s: full read found changes: %s", self.key, ", ".join(sorted(missed)))
+                        if missed or self._vanished:
                             self._rebuild()
             except (ConsulUnavailable, ConsulRejected) as err:
                 # the watch loops report the outage; their next change schedules another read
@@ -404,10 +419,21 @@ class CatalogSource:
             for name, rows in self._rows.items()
             if any((r.get("Node"), r.get("ServiceID")) not in checked for r in rows)
         }
-        instances = instances_with_health(self._kept, self._bare, self._health)
+        instances = instances_with_health(self._kept, self._bare, self._health_now())
         # _kept and _nodes are replaced, never changed in place: the snapshot can share them
         self._publish(self.key, Snapshot(self._kept, instances, self._nodes))
         log.debug("catalog rebuilt %s in %.1f ms", self.key, (time.perf_counter() - started) * 1000)
+
+    def _health_now(self) -> Health:
+        """The health index, with instances whose checks just vanished counted critical."""
+        now = time.monotonic()
+        listed = {(str(r["Node"]), str(r["ServiceID"])) for rows in self._rows.values() for r in rows}
+        self._vanished = {i: t for i, t in self._vanished.items() if now - t < VANISHED_GRACE and i in listed}
+        if not self._vanished:
+            return self._health
+        services = dict(self._health.services)
+        services.update(dict.fromkeys(self._vanished, CRITICAL))
+        return Health(self._health.nodes, services)
 
 
 def _jittered(seconds: float) -> float:

@@ -11,6 +11,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import ROOT, UnixSocketForwarder, free_port, wait_until
 from tests.traffic import get
@@ -153,3 +154,45 @@ def test_proxy_registers_itself_and_its_check_follows_the_proxy(consul, containe
         watcher.join(5)
     proc.stop()
     wait_until(lambda: not consul.health("ingress"), timeout=5, what="own registration gone after a clean stop")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """/metrics through prometheus_client's own parser: sample name -> value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_parse_and_histograms_count_the_events_caused(consul, containers, registrar, templater, tmp_path):
+    reg_status, tpl_status, port = free_port(), free_port(), free_port()
+    registrar("--status-addr", f"127.0.0.1:{reg_status}")
+    proc = templater(
+        "--template", f"{TEMPLATES / 'haproxy.cfg.j2'}:{tmp_path / 'haproxy.cfg'}", "--proxy", "haproxy",
+        "--stop-proxy", "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}",
+        "--var", "bind_address=127.0.0.1", "--status-addr", f"127.0.0.1:{tpl_status}", "--drain-timeout", "1s",
+    )  # fmt: skip
+    wait_until(lambda: get(port, "nothing.test")[0] == 404, timeout=15, what="haproxy serving")
+    before = scrape(reg_status)
+    assert before["registrar_event_to_registered_seconds_count"] == 0
+    assert before["process_resident_memory_bytes"] > 0 and before["process_open_fds"] > 0
+    labels = {"SERVICE_NAME": "metered", "SERVICE_HTTP_HOST": "metered.test"}
+    first = containers.run(labels=labels)
+    wait_until(lambda: served(port, "metered.test"), timeout=15, what="first routed (a reload: new backend)")
+    second = containers.run(labels=labels)
+    wait_until(lambda: len(consul.health("metered", passing=True)) == 2, what="second registered")
+    wait_until(lambda: "haproxy runtime added" in proc.output(), timeout=10, what="second added at runtime")
+    second.stop(timeout=1)
+    wait_until(lambda: "haproxy removed" in proc.output(), timeout=15, what="drained and removed")
+    reg = scrape(reg_status)
+    assert reg["registrar_event_to_registered_seconds_count"] == 2  # two containers started
+    assert reg["registrar_registrations_total"] >= 2 and reg["registrar_deregistrations_total"] >= 1
+    tpl = scrape(tpl_status)
+    assert tpl["templater_reload_seconds_count"] == tpl["templater_reloads_total"] >= 1
+    assert tpl["templater_runtime_api_seconds_count"] >= 2  # the add, and the drain of the stopped one
+    assert tpl["templater_drain_seconds_count"] == 1
+    assert tpl["templater_change_to_write_seconds_count"] == tpl["templater_writes_total"]
+    assert tpl["process_resident_memory_bytes"] > 0
+    first.stop(timeout=1)
+
+
+def served(port: int, host: str) -> bool:
+    return get(port, host, "/index.html")[0] == 200
