@@ -65,3 +65,35 @@ def ensure_image(client: docker.DockerClient) -> str:
         buf.getvalue(), repository=IMAGE.split(":")[0], tag=IMAGE.split(":")[1], changes=['CMD ["/bin/sh"]']
     )
     return IMAGE
+
+
+KEEPALIVE_IMAGE = "consul-sidecar-test:keepalive"
+
+
+def ensure_keepalive_image(client: docker.DockerClient, base: str) -> str:
+    """A Python keep-alive backend (sidecar/keepalive_backend.py) on the local Debian base.
+
+    The tag carries a hash of the script, so an edit makes a new image."""
+    import hashlib
+    from pathlib import Path
+
+    script = (Path(__file__).parent / "keepalive_backend.py").read_bytes()
+    tag = f"{KEEPALIVE_IMAGE}-{hashlib.sha256(script + base.encode()).hexdigest()[:12]}"
+    try:
+        client.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    dockerfile = (
+        f"FROM {base}\nCOPY keepalive_backend.py /srv/backend.py\n"
+        'ENTRYPOINT ["python3", "/srv/backend.py"]\nCMD ["8080"]\nEXPOSE 8080\n'
+    ).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("Dockerfile", dockerfile), ("keepalive_backend.py", script)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=tag, rm=True)
+    return tag

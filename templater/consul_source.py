@@ -95,6 +95,7 @@ FULL_READ_QUIET = 0.5  # full reads for unexplained changes: at most one per thi
 FULL_READ_MAX = 3.0  # ... and a trailing one at the latest this long after the first change it waits for
 VANISHED_GRACE = 5.0  # an instance whose checks vanished is not routed to for this long (or until it goes)
 CHECKS_GRACE = 0.05  # how long a catalog change waits for the checks of the same raft index
+FULL_READ_FIRST = 0.2  # the first full read for an unexplained change waits this long for checks
 SAFETY_READ = 300.0  # and one at least this often (jittered), for what no watch announced
 TARGETED_MAX = 32  # more changed services than this (an agent that lost its state): one full read
 
@@ -316,8 +317,10 @@ class CatalogSource:
             self._pending_index = max(self._pending_index, index)
             if self._pending_since is None:
                 self._pending_since = now
-                # leading edge: at once when none ran lately, else after a quiet period
-                self._last_change = now - FULL_READ_QUIET if now - self._last_full > FULL_READ_QUIET else now
+                # leading edge: soon when none ran lately (the checks of the same change, written
+                # by the agent a moment later, cancel it), else after a quiet period
+                lately = now - self._last_full <= FULL_READ_QUIET
+                self._last_change = now if lately else now - FULL_READ_QUIET + FULL_READ_FIRST
             else:
                 self._last_change = now
             self._lock.notify_all()

@@ -11,14 +11,17 @@ import docker
 import pytest
 
 from tests.support import (
+    ROOT,
     ConsulAgent,
     Containers,
     Process,
     docker_client,
     ensure_image,
+    free_port,
     remove_test_containers,
     wait_until,
 )
+from tests.traffic import get
 
 SESSION = uuid.uuid4().hex[:6]
 
@@ -126,3 +129,23 @@ def templater(consul: ConsulAgent, workdir: Path) -> Iterator[object]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def proxy_stack(consul, registrar, templater, tmp_path):
+    """A factory: registrar + templater --proxy KIND on the bundled template; (port, templater)."""
+
+    def start(kind: str, *extra: str):
+        port = free_port()
+        template = {"haproxy": "haproxy.cfg.j2", "nginx": "nginx.conf.j2"}[kind]
+        registrar()
+        proc = templater(
+            "--template", f"{ROOT / 'templates' / template}:{tmp_path / (kind + '.cfg')}", "--proxy", kind,
+            "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}", "--var", "bind_address=127.0.0.1",
+            "--stop-proxy",
+            *extra,
+        )  # fmt: skip
+        wait_until(lambda: get(port, "nothing.test")[0] == 404, timeout=15, what=f"{kind} serving")
+        return port, proc
+
+    return start

@@ -168,17 +168,19 @@ class Containers:
     def run(
         self,
         labels: dict[str, str] | None = None,
-        command: str = HTTPD,
+        command: str | None = HTTPD,
         ports: tuple[str, ...] = ("8080/tcp",),
         name: str | None = None,
+        image: str = IMAGE,
         **kwargs: Any,
     ) -> Any:
+        """command runs under sh -c; None runs the image's own entrypoint."""
         self.count += 1
         all_labels = {TEST_LABEL: self.session, **(labels or {})}
         kwargs.setdefault("stop_signal", "SIGTERM")
         return self.client.containers.run(
-            IMAGE,
-            ["sh", "-c", command],
+            image,
+            ["sh", "-c", command] if command is not None else None,
             name=name or f"t{self.session}-{self.count}",
             labels=all_labels,
             ports={p: ("127.0.0.1", None) for p in ports},

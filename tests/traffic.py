@@ -89,9 +89,25 @@ def web(containers: Any, name: str | None = None, **labels: str) -> Any:
     return containers.run(labels=all_labels, command=SERVE, name=name, stop_signal="SIGTERM")
 
 
-def serving_web(containers: Any, count: int, serving: Callable[[Any], bool], timeout: float = 30.0) -> list[Any]:
-    """`count` web backends, returned once every one answers through the proxy (`serving`)."""
-    backends = [web(containers) for _ in range(count)]
+def web_keepalive(containers: Any, image: str, **labels: str) -> Any:
+    """A web backend that keeps connections alive and, on SIGTERM, finishes in-flight requests
+    and exits, closing its idle keep-alive connections (sidecar/keepalive_backend.py)."""
+    all_labels = {
+        "SERVICE_NAME": "web",
+        "SERVICE_HTTP_HOST": "app.test",
+        "SERVICE_CHECK_HTTP": "/index.html",
+        "SERVICE_CHECK_INTERVAL": "5s",
+        **labels,
+    }
+    return containers.run(labels=all_labels, command=None, image=image, stop_signal="SIGTERM")
+
+
+def serving_web(
+    containers: Any, count: int, serving: Callable[[Any], bool], timeout: float = 30.0, image: str | None = None
+) -> list[Any]:
+    """`count` web backends (busybox, or the keep-alive backend in `image`), returned once every
+    one answers through the proxy (`serving`)."""
+    backends = [web(containers) if image is None else web_keepalive(containers, image) for _ in range(count)]
     wait_until(lambda: all(serving(c) for c in backends), timeout=timeout, what=f"{count} backends serving")
     return backends
 

@@ -100,26 +100,6 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
 
 
 @pytest.fixture
-def proxy_stack(consul, registrar, templater, tmp_path):
-    """A factory: registrar + templater --proxy KIND on the bundled template; (port, templater)."""
-
-    def start(kind: str, *extra: str):
-        port = free_port()
-        template = {"haproxy": "haproxy.cfg.j2", "nginx": "nginx.conf.j2"}[kind]
-        registrar()
-        proc = templater(
-            "--template", f"{TEMPLATES / template}:{tmp_path / (kind + '.cfg')}", "--proxy", kind,
-            "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}", "--var", "bind_address=127.0.0.1",
-            "--stop-proxy",
-            *extra,
-        )  # fmt: skip
-        wait_until(lambda: get(port, "nothing.test")[0] == 404, timeout=15, what=f"{kind} serving")
-        return port, proc
-
-    return start
-
-
-@pytest.fixture
 def haproxy_stack(proxy_stack):
     return proxy_stack("haproxy", "--drain-timeout", "10s")
 
