@@ -6,7 +6,12 @@ For each proxy, prints:
 - steady load (new connection per request, a quarter POST, 30 ms responses, 4 workers) while
   every backend is replaced one by one (start, wait until it serves, docker stop the old one),
   while backends are killed abruptly, and while the Consul agent restarts and loses its state:
-  requests, failed GET / POST, latency p50 / p99, proxy reloads and runtime-API updates.
+  requests, failed GET / POST, latency p50 / p99, proxy reloads and runtime-API updates; with
+  busybox backends (no keep-alive) and with keep-alive backends that close idle connections on
+  SIGTERM (sidecar/keepalive_backend.py);
+- a burst of 20 containers started at once: time until all serve, reloads it cost;
+- NGINX only, with 500 routed services: time for a reload to be taken, old workers left after
+  it, memory of the NGINX processes.
 Run: .venv/bin/python bench/proxy_bench.py [--proxy haproxy|nginx|both] [--runs 20]
 Needs the Docker engine (scripts/engine.sh starts one) and the test image (built on first use).
 """
@@ -16,17 +21,23 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.figures import percentile
+from sidecar.demo_image import ensure_keepalive_image
 from tests.support import (
+    ROOT,
     ConsulAgent,
     Containers,
     Process,
@@ -37,7 +48,7 @@ from tests.support import (
     tempdir,
     wait_until,
 )
-from tests.traffic import Load, get, served_by, serving_web, started_at, web
+from tests.traffic import Load, get, served_by, serving_web, started_at, web, web_keepalive
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
@@ -46,6 +57,7 @@ class Stack:
     """Consul dev agent, registrar, templater --proxy KIND; stopped by PID in close()."""
 
     def __init__(self, kind: str, work: Path, client: Any, *templater_args: str) -> None:
+        self.work = work
         self.kind = kind
         self.agent = ConsulAgent(work)
         self.agent.start()
@@ -109,14 +121,18 @@ def first_answer(stack: Stack, runs: int) -> tuple[list[float], list[float]]:
     return from_run, from_start
 
 
-def under_load(stack: Stack, scenario: str) -> dict[str, Any]:
-    backends = serving_web(stack.containers, 3, stack.serving)
+def new_backend(stack: Stack, image: str | None) -> Any:
+    return web(stack.containers) if image is None else web_keepalive(stack.containers, image)
+
+
+def under_load(stack: Stack, scenario: str, image: str | None = None) -> dict[str, Any]:
+    backends = serving_web(stack.containers, 3, stack.serving, image=image)
     before = stack.metrics()
     with Load(stack.port, "app.test") as load:
         time.sleep(1)
         if scenario == "replace":
             for c in list(backends):
-                new = web(stack.containers)
+                new = new_backend(stack, image)
                 wait_until(lambda n=new: stack.serving(n), timeout=20, what="replacement serving")
                 backends.append(new)
                 c.stop(timeout=5)
@@ -147,6 +163,58 @@ def under_load(stack: Stack, scenario: str) -> dict[str, Any]:
     }
 
 
+def burst(stack: Stack, count: int) -> tuple[float, float]:
+    """count containers started at once: seconds until every one serves, reloads it cost."""
+    before = stack.metrics()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(count) as pool:
+        started = list(pool.map(lambda _: web(stack.containers), range(count)))
+    wait_until(lambda: all(stack.serving(c) for c in started), timeout=90, interval=0.05, what="burst serving")
+    elapsed = time.monotonic() - t0
+    reloads = stack.metrics().get("templater_reloads_total", 0) - before.get("templater_reloads_total", 0)
+    for c in started:
+        c.remove(force=True)
+    time.sleep(2)
+    return elapsed, reloads
+
+
+def reload_cost(stack: Stack, services: int) -> None:
+    """NGINX with `services` routed services: how long a reload takes to be taken (from the
+    templater's reload histogram), old workers once it settled, NGINX's memory."""
+    regs = [
+        {"ID": f"cost{n}", "Name": f"cost{n}", "Port": 30000 + n, "Address": "127.0.0.1",
+         "Meta": {"http_host": f"cost{n}.example.com"}}
+        for n in range(services)
+    ]  # fmt: skip
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda r: stack.agent.put("/v1/agent/service/register", r), regs))
+    wait_until(lambda: get(stack.port, f"cost{services - 1}.example.com")[0] in (502, 503, 504), timeout=60,
+               what="all routed")  # fmt: skip
+    time.sleep(2)
+    before = stack.metrics()
+    times = []
+    for n in range(5):  # a service comes and goes: each change is a reload with the full config
+        t0 = time.monotonic()
+        stack.agent.put("/v1/agent/service/register", {"ID": "costx", "Name": "costx", "Port": 1,
+                        "Address": "127.0.0.1", "Meta": {"http_host": f"costx{n}.example.com"}})  # fmt: skip
+        wait_until(lambda n=n: get(stack.port, f"costx{n}.example.com")[0] != 404, timeout=30, interval=0.005)
+        times.append((time.monotonic() - t0) * 1000)
+        time.sleep(1.0)
+    after = stack.metrics()
+    count = after.get("templater_reload_seconds_count", 0) - before.get("templater_reload_seconds_count", 0)
+    total = after.get("templater_reload_seconds_sum", 0) - before.get("templater_reload_seconds_sum", 0)
+    master = int((stack.work / "nginx.pid").read_text().split()[0])
+    time.sleep(3)
+    workers = psutil.Process(master).children()
+    rss = sum(p.memory_info().rss for p in [psutil.Process(master), *workers])
+    print(f"{services} services: change -> answered through the new config median {statistics.median(times):.0f} ms "
+          f"(n={len(times)}); reload (signal -> new worker) mean {total / max(count, 1) * 1000:.0f} ms "
+          f"over {count:.0f}; 3 s later: {len(workers)} NGINX workers, RSS {rss / 2**20:.1f} MiB")  # fmt: skip
+    for r in regs:
+        stack.agent.put(f"/v1/agent/service/deregister/{r['ID']}")
+    stack.agent.put("/v1/agent/service/deregister/costx")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--proxy", choices=["haproxy", "nginx", "both"], default="both")
@@ -154,6 +222,8 @@ def main() -> int:
     args = parser.parse_args()
     client = docker_client()
     ensure_image(client)
+    base = subprocess.run([str(ROOT / "scripts" / "base-image.sh")], capture_output=True, text=True, check=True)
+    keepalive = ensure_keepalive_image(client, base.stdout.strip())
     kinds = ["haproxy", "nginx"] if args.proxy == "both" else [args.proxy]
     for kind in kinds:
         with tempdir() as work:
@@ -166,16 +236,23 @@ def main() -> int:
                         f"{label:17} -> first answer  median {statistics.median(delays):.0f} ms, "
                         f"p90 {percentile(delays, 90):.0f} ms, max {max(delays):.0f} ms (n={len(delays)})"
                     )
-                print(f"{'scenario':16} {'requests':>8} {'fail GET':>8} {'fail POST':>9} {'p50 ms':>7} "
+                print(f"{'scenario':26} {'requests':>8} {'fail GET':>8} {'fail POST':>9} {'p50 ms':>7} "
                       f"{'p99 ms':>7} {'reloads':>7} {'runtime':>7}")  # fmt: skip
-                for scenario in ("replace", "kill", "consul-restart"):
-                    r = under_load(stack, scenario)
+                runs = [(s, None) for s in ("replace", "kill", "consul-restart")]
+                runs += [(s, keepalive) for s in ("replace", "kill")]
+                for scenario, image in runs:
+                    r = under_load(stack, scenario, image)
+                    label = f"{scenario} ({'keep-alive' if image else 'busybox'})"
                     print(
-                        f"{scenario:16} {r['requests']:>8} {r['failed_get']:>8} {r['failed_post']:>9} "
+                        f"{label:26} {r['requests']:>8} {r['failed_get']:>8} {r['failed_post']:>9} "
                         f"{r['p50']:>7.1f} {r['p99']:>7.1f} {r['reloads']:>7.0f} {r['runtime']:>7.0f}"
                     )
                     for failure in r["sample"]:
                         print(f"    failure: {failure}")
+                burst_s, burst_reloads = burst(stack, 20)
+                print(f"burst of 20 containers     all serving after {burst_s:.1f} s, {burst_reloads:.0f} reloads")
+                if kind == "nginx":
+                    reload_cost(stack, 500)
             finally:
                 stack.close()
     return 0

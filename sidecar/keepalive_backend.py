@@ -1,14 +1,15 @@
 """A backend that speaks HTTP/1.1 keep-alive and shuts down the common graceful way.
 
-On SIGTERM it stops accepting, lets in-flight requests finish, then exits, which closes its idle
-keep-alive connections at once (as Go's http.Server.Shutdown, gunicorn and uvicorn do). The
-tests and bench/proxy_bench.py run it in a container to show what such backends do to a proxy's
-upstream connection pool. GET and POST /cgi-bin/slow answer "ok <hostname>" after 30 ms, like
-the busybox backend; /index.html answers "ok".
+On SIGTERM it stops accepting, closes its idle keep-alive connections at once, lets in-flight
+requests finish (closing their connections after the response), then exits: what Go's
+http.Server.Shutdown, gunicorn and uvicorn do. The tests and bench/proxy_bench.py run it in a
+container to show what such backends do to a proxy's upstream connection pool. GET and POST
+/cgi-bin/slow answer "ok <hostname>" after 30 ms, like the busybox backend; /index.html "ok".
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,22 +18,34 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-IN_FLIGHT = threading.Condition()
+STATE = threading.Condition()
+# keep-alive connections waiting for their next request; a new connection is not idle until it
+# has served one (Go gives new connections time to send theirs, too)
+IDLE: set[socket.socket] = set()
 BUSY = [0]
+CLOSING = threading.Event()
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive unless the client says close
 
+    def finish(self) -> None:
+        with STATE:
+            IDLE.discard(self.connection)
+        super().finish()
+
     def _answer(self) -> None:
-        with IN_FLIGHT:
+        with STATE:
+            IDLE.discard(self.connection)
             BUSY[0] += 1
         try:
             self._respond()
         finally:
-            with IN_FLIGHT:
+            with STATE:
                 BUSY[0] -= 1
-                IN_FLIGHT.notify_all()
+                if not self.close_connection:
+                    IDLE.add(self.connection)
+                STATE.notify_all()
 
     def _respond(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -46,6 +59,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
+        if CLOSING.is_set():
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
 
@@ -59,17 +75,27 @@ class Handler(BaseHTTPRequestHandler):
 def main() -> int:
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 8080
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    server.daemon_threads = True  # idle keep-alive connections die with the process
+    server.daemon_threads = True
 
     def on_term(_signum: int, _frame: object) -> None:
-        # stop accepting now; in-flight requests finish (non-daemon work below), then exit
+        CLOSING.set()
+        # stop accepting at once, as Go's Shutdown closes its listeners first: new connections
+        # are refused (a proxy resends any request to another instance then)
+        with contextlib.suppress(OSError):
+            server.socket.shutdown(socket.SHUT_RDWR)
         threading.Thread(target=server.shutdown).start()
+        with STATE:
+            idle = list(IDLE)
+        for conn in idle:  # idle keep-alive connections are closed at once
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     signal.signal(signal.SIGTERM, on_term)
     server.serve_forever(poll_interval=0.05)
     server.server_close()
-    with IN_FLIGHT:  # in-flight requests finish; idle keep-alive connections are not waited for
-        IN_FLIGHT.wait_for(lambda: BUSY[0] == 0, timeout=30)
+    with STATE:  # in-flight requests finish
+        STATE.wait_for(lambda: BUSY[0] == 0, timeout=30)
+    time.sleep(0.05)
     os._exit(0)
 
 

@@ -22,11 +22,20 @@ def keepalive_image(docker_engine) -> str:
     return ensure_keepalive_image(docker_engine, base.stdout.strip())
 
 
-def rolling_replacement(port: int, containers, image: str | None) -> Load:
+def upstream_address(c, internal: bool, containers) -> str:
+    """What NGINX's X-Served-By shows for a backend: its published port, or with --internal its
+    container address."""
+    if internal:
+        c.reload()
+        return f"{c.attrs['NetworkSettings']['IPAddress']}:8080"
+    return f"127.0.0.1:{containers.host_port(c)}"
+
+
+def rolling_replacement(port: int, containers, image: str | None, internal: bool = False) -> Load:
     """Replace 3 backends one by one (start, wait until it serves, docker stop) under load."""
 
-    def serving(c) -> bool:  # NGINX's X-Served-By is the upstream address
-        return served_by(port, f"127.0.0.1:{containers.host_port(c)}")
+    def serving(c) -> bool:
+        return served_by(port, upstream_address(c, internal, containers))
 
     old = serving_web(containers, 3, serving, timeout=30, image=image)
     with Load(port, "app.test") as load:
@@ -39,10 +48,62 @@ def rolling_replacement(port: int, containers, image: str | None) -> Load:
     return load
 
 
-@pytest.mark.parametrize("backend", ["keepalive", "busybox"])
-def test_nginx_rolling_replacement_no_failed_request(consul, containers, proxy_stack, keepalive_image, backend):
-    port, proc = proxy_stack("nginx", "--wait", "50ms:500ms")
-    load = rolling_replacement(port, containers, keepalive_image if backend == "keepalive" else None)
-    print(f"{backend}: ok={load.ok} failures={len(load.failures)}")
+@pytest.mark.parametrize(
+    ("backend", "internal"),
+    [("busybox", False), ("keepalive", True)],
+    ids=["busybox-published-port", "keepalive-container-address"],
+)
+def test_nginx_rolling_replacement_no_failed_request(
+    consul, containers, proxy_stack, keepalive_image, backend, internal, tmp_path
+):
+    """The default (no upstream keep-alive): zero failures, GET or POST. A backend that stops
+    accepting the moment it gets SIGTERM is registered by its container address (--internal):
+    a connection it refuses is resent to another instance, whatever the method."""
+    args = ("--internal",) if internal else ()
+    port, proc = proxy_stack("nginx", "--wait", "50ms:500ms", registrar_args=args)
+    load = rolling_replacement(port, containers, keepalive_image if backend == "keepalive" else None, internal)
+    assert "keepalive " not in (tmp_path / "nginx.cfg").read_text()
     assert load.ok > 100
     assert load.failures == [], (load.failures[:10], proc.output()[-3000:])
+
+
+def test_haproxy_rolling_replacement_keepalive_backends_no_failed_request(consul, containers, proxy_stack,
+                                                                          keepalive_image):  # fmt: skip
+    port, _ = proxy_stack("haproxy", "--drain-timeout", "10s", registrar_args=("--internal",))
+    old = serving_web(containers, 3, lambda c: served_by(port, c.name), timeout=30, image=keepalive_image)
+    with Load(port, "app.test") as load:
+        time.sleep(1)
+        for c in old:
+            new = web_keepalive(containers, keepalive_image)
+            wait_until(lambda new=new: served_by(port, new.name), timeout=15, what="replacement serving")
+            c.stop(timeout=5)
+        time.sleep(1)
+    assert load.ok > 100
+    assert load.failures == [], load.failures[:10]
+
+
+def test_nginx_kills_drop_no_get_with_keepalive_backends(consul, containers, proxy_stack, keepalive_image):
+    port, _ = proxy_stack("nginx", "--wait", "50ms:500ms", registrar_args=("--internal",))
+    backends = serving_web(containers, 3, lambda c: served_by(port, upstream_address(c, True, containers)),
+                           timeout=30, image=keepalive_image)  # fmt: skip
+    with Load(port, "app.test") as load:
+        time.sleep(1)
+        for c in backends[:2]:
+            c.kill()
+            time.sleep(1.5)
+    assert load.ok > 100
+    assert load.get_failures == 0, load.failures[:10]
+
+
+def test_nginx_upstream_keepalive_when_asked_retries_every_get(
+    consul, containers, proxy_stack, keepalive_image, tmp_path
+):
+    """upstream_keepalive=16: pooled connections, as documented: a GET that meets a connection the
+    stopping backend just closed is resent to another instance, so no GET fails."""
+    port, _ = proxy_stack("nginx", "--wait", "50ms:500ms", "--var", "upstream_keepalive=16")
+    load = rolling_replacement(port, containers, keepalive_image)
+    assert "keepalive 16;" in (tmp_path / "nginx.cfg").read_text()
+    assert load.ok > 100
+    assert load.get_failures == 0, load.failures[:10]
+    posts = len(load.failures) - load.get_failures
+    print(f"upstream keep-alive on: {posts} POST(s) failed of about {load.ok // 4}")
