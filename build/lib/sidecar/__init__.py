@@ -1,1 +1,0 @@
-"""Pieces shared by the registrar and the templater: Consul connection, backoff, logging."""
