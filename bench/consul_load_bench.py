@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,22 +76,14 @@ class CountingForwarder(TcpForwarder):
         self.paths: collections.Counter[str] = collections.Counter()
         self._count_lock = threading.Lock()
 
-    def pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                with self._count_lock:
-                    if upstream:
-                        paths = REQUEST_LINE.findall(data)
-                        self.requests += len(paths)
-                        self.paths.update(re.sub(r"/(node|service)/.*", r"/\1/<name>", p.decode()) for p in paths)
-                    else:
-                        self.bytes += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+    def seen(self, data: bytes, upstream: bool) -> None:
+        with self._count_lock:
+            if upstream:
+                paths = REQUEST_LINE.findall(data)
+                self.requests += len(paths)
+                self.paths.update(re.sub(r"/(node|service)/.*", r"/\1/<name>", p.decode()) for p in paths)
+            else:
+                self.bytes += len(data)
 
     def counts(self) -> tuple[int, int]:
         with self._count_lock:

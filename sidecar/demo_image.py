@@ -43,24 +43,14 @@ def ensure_image(client: docker.DockerClient) -> str:
             b'#!/bin/sh\n[ "$REQUEST_METHOD" = POST ] && head -c "$CONTENT_LENGTH" >/dev/null\nsleep 0.03\n'
             b'printf "Content-Type: text/plain\\r\\n\\r\\nok %s\\n" "$HOSTNAME"\n'
         )
-        info = tarfile.TarInfo("www/cgi-bin/slow")
-        info.size = len(slow)
-        info.mode = 0o755
-        tar.addfile(info, io.BytesIO(slow))
+        _add(tar, "www/cgi-bin/slow", slow, 0o755)
         # /cgi-bin/sleep?N answers after N seconds: a request in flight while something stops
         sleep = (
             b'#!/bin/sh\ncase "$QUERY_STRING" in ""|*[!0-9]*) n=1;; *) n="$QUERY_STRING";; esac\nsleep "$n"\n'
             b'printf "Content-Type: text/plain\\r\\n\\r\\nslept %s\\n" "$n"\n'
         )
-        info = tarfile.TarInfo("www/cgi-bin/sleep")
-        info.size = len(sleep)
-        info.mode = 0o755
-        tar.addfile(info, io.BytesIO(sleep))
-        index = b"ok\n"
-        info = tarfile.TarInfo("www/index.html")
-        info.size = len(index)
-        info.mode = 0o644
-        tar.addfile(info, io.BytesIO(index))
+        _add(tar, "www/cgi-bin/sleep", sleep, 0o755)
+        _add(tar, "www/index.html", b"ok\n", 0o644)
     client.api.import_image_from_data(
         buf.getvalue(), repository=IMAGE.split(":")[0], tag=IMAGE.split(":")[1], changes=['CMD ["/bin/sh"]']
     )
@@ -91,9 +81,14 @@ def ensure_keepalive_image(client: docker.DockerClient, base: str) -> str:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in (("Dockerfile", dockerfile), ("keepalive_backend.py", script)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            _add(tar, name, data, 0o644)
     buf.seek(0)
     client.images.build(fileobj=buf, custom_context=True, tag=tag, rm=True)
     return tag
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    tar.addfile(info, io.BytesIO(data))

@@ -233,99 +233,31 @@ def tempdir() -> Iterator[Path]:
         yield Path(d)
 
 
-class UnixSocketForwarder:
-    """A unix socket that forwards every connection to the real Docker socket.
+class _Forwarder:
+    """Forwards every accepted connection to a target; stop() cuts them all and refuses new
+    ones, start() opens the path again. Subclasses say how to listen and how to connect."""
 
-    Stopping it closes every forwarded connection, which is what a Docker engine restart looks
-    like to a client: the event stream breaks and new connections are refused.
-    """
+    name = "fwd"
 
-    def __init__(self, path: Path, target: str = "/var/run/docker.sock") -> None:
-        self.path = path
-        self.target = target
+    def __init__(self) -> None:
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
 
-    @property
-    def url(self) -> str:
-        return f"unix://{self.path}"
+    def _listen(self) -> socket.socket:
+        raise NotImplementedError
+
+    def _connect(self) -> socket.socket:
+        raise NotImplementedError
+
+    def _cleanup(self) -> None:
+        """After stop(): what the listener leaves behind."""
 
     def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(str(self.path))
+        server = self._listen()
         server.listen(64)
         self._server = server
-        threading.Thread(target=self._accept, args=(server,), name="fwd-accept", daemon=True).start()
-
-    def _accept(self, server: socket.socket) -> None:
-        server.settimeout(0.1)  # closing a socket does not wake a blocked accept(): poll instead
-        while True:
-            try:
-                client, _ = server.accept()
-            except TimeoutError:
-                if server.fileno() == -1:
-                    return
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            upstream.connect(self.target)
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), name="fwd-pump", daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
-class TcpForwarder:
-    """127.0.0.1:<port> forwarding to a target port; stop() refuses new connections and cuts the
-    open ones, as an unreachable agent looks to a client; start() again restores the path."""
-
-    def __init__(self, target_port: int, port: int | None = None) -> None:
-        self.target_port = target_port
-        self.port = port or free_port()
-        self._server: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", self.port))
-        server.listen(64)
-        self._server = server
-        threading.Thread(target=self._accept, args=(server,), name="tcp-fwd-accept", daemon=True).start()
+        threading.Thread(target=self._accept, args=(server,), name=f"{self.name}-accept", daemon=True).start()
 
     def _accept(self, server: socket.socket) -> None:
         server.settimeout(0.1)  # closing a socket does not wake a blocked accept(): poll instead
@@ -340,7 +272,7 @@ class TcpForwarder:
                 return
             client.settimeout(None)
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream = self._connect()
             except OSError:
                 client.close()
                 continue
@@ -348,15 +280,27 @@ class TcpForwarder:
             with self._lock:
                 self._conns += [client, upstream]
             for a, b, up in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self.pump, args=(a, b, up), name="tcp-fwd-pump", daemon=True).start()
+                threading.Thread(target=self.pump, args=(a, b, up), name=f"{self.name}-pump", daemon=True).start()
 
     def pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        UnixSocketForwarder._pump(src, dst)
+        """Copy one direction until it closes; upstream: client -> target."""
+        try:
+            while data := src.recv(65536):
+                self.seen(data, upstream)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def seen(self, data: bytes, upstream: bool) -> None:
+        """Every chunk forwarded (for counting forwarders)."""
 
     def stop(self) -> None:
         if self._server is not None:
             with contextlib.suppress(OSError):
-                self._server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+                self._server.shutdown(socket.SHUT_RDWR)
             self._server.close()
             self._server = None
         with self._lock:
@@ -365,3 +309,64 @@ class TcpForwarder:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
+        self._cleanup()
+
+
+class UnixSocketForwarder(_Forwarder):
+    """A unix socket that forwards every connection to the real Docker socket.
+
+    Stopping it closes every forwarded connection, which is what a Docker engine restart looks
+    like to a client: the event stream breaks and new connections are refused.
+    """
+
+    name = "fwd"
+
+    def __init__(self, path: Path, target: str = "/var/run/docker.sock") -> None:
+        super().__init__()
+        self.path = path
+        self.target = target
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.path}"
+
+    def _listen(self) -> socket.socket:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(self.path))
+        return server
+
+    def _connect(self) -> socket.socket:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.connect(self.target)
+        return upstream
+
+    def _cleanup(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class TcpForwarder(_Forwarder):
+    """127.0.0.1:<port> forwarding to a target port; stop() refuses new connections and cuts the
+    open ones, as an unreachable agent looks to a client; start() again restores the path."""
+
+    name = "tcp-fwd"
+
+    def __init__(self, target_port: int, port: int | None = None) -> None:
+        super().__init__()
+        self.target_port = target_port
+        self.port = port or free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _listen(self) -> socket.socket:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        return server
+
+    def _connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.target_port), timeout=5)

@@ -78,28 +78,22 @@ def get(port: int, host: str, path: str = "/cgi-bin/slow") -> tuple[int, str]:
     return response.status, body + served
 
 
+WEB_LABELS = {
+    "SERVICE_NAME": "web",
+    "SERVICE_HTTP_HOST": "app.test",
+    "SERVICE_CHECK_HTTP": "/index.html",
+    "SERVICE_CHECK_INTERVAL": "5s",
+}
+
+
 def web(containers: Any, name: str | None = None, **labels: str) -> Any:
-    all_labels = {
-        "SERVICE_NAME": "web",
-        "SERVICE_HTTP_HOST": "app.test",
-        "SERVICE_CHECK_HTTP": "/index.html",
-        "SERVICE_CHECK_INTERVAL": "5s",
-        **labels,
-    }
-    return containers.run(labels=all_labels, command=SERVE, name=name, stop_signal="SIGTERM")
+    return containers.run(labels={**WEB_LABELS, **labels}, command=SERVE, name=name, stop_signal="SIGTERM")
 
 
 def web_keepalive(containers: Any, image: str, **labels: str) -> Any:
     """A web backend that keeps connections alive and, on SIGTERM, finishes in-flight requests
     and exits, closing its idle keep-alive connections (sidecar/keepalive_backend.py)."""
-    all_labels = {
-        "SERVICE_NAME": "web",
-        "SERVICE_HTTP_HOST": "app.test",
-        "SERVICE_CHECK_HTTP": "/index.html",
-        "SERVICE_CHECK_INTERVAL": "5s",
-        **labels,
-    }
-    return containers.run(labels=all_labels, command=None, image=image, stop_signal="SIGTERM")
+    return containers.run(labels={**WEB_LABELS, **labels}, command=None, image=image, stop_signal="SIGTERM")
 
 
 def serving_web(

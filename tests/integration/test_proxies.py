@@ -305,7 +305,8 @@ def test_templater_reloads_a_proxy_it_did_not_start(templater, tmp_path, find_by
             "--var", f"dir={tmp_path}", "--var", f"port={port}", "--var", "version=v2",
         )  # fmt: skip
         wait_until(lambda: get(port, "any", "/")[1] == "v2\n", timeout=15, what="v2 through the same master")
-        assert f"proxy reloaded haproxy({dest}) pid={ours.pid}" in proc.output()
+        # the new worker may answer a moment before the templater has seen it forked
+        wait_until(lambda: f"proxy reloaded haproxy({dest}) pid={ours.pid}" in proc.output(), timeout=5)
         assert "proxy started" not in proc.output()
         proc.stop()
         assert ours.poll() is None  # not ours to stop
