@@ -91,11 +91,11 @@ class ConsulFetcher:
 
 StateFn = Callable[[str, bool, str], None]
 
-FULL_READ_QUIET = 0.5  # full reads for unexplained changes: at most one per this long (then trailing) ...
-FULL_READ_MAX = 3.0  # ... and a trailing one at the latest this long after the first change it waits for
+FULL_READ_GAP = 0.25  # full reads for unexplained changes start at most this often (a burst costs a few)
 VANISHED_GRACE = 5.0  # an instance whose checks vanished is not routed to for this long (or until it goes)
 CHECKS_GRACE = 0.05  # how long a catalog change waits for the checks of the same raft index
-FULL_READ_FIRST = 0.2  # the first full read for an unexplained change waits this long for checks
+FULL_READ_FIRST = 0.2  # a full read waits this long for checks that may explain the change, unless ...
+CHECKLESS_MANY = 32  # ... this many services have instances without checks: then checks rarely explain
 SAFETY_READ = 300.0  # and one at least this often (jittered), for what no watch announced
 TARGETED_MAX = 32  # more changed services than this (an agent that lost its state): one full read
 
@@ -152,7 +152,6 @@ class CatalogSource:
         self._read_at: dict[str, int] = {}  # service -> _seq of its last targeted read, until a full read
         self._pending_since: float | None = None
         self._pending_index = 0
-        self._last_change = 0.0
         self._next_safety = time.monotonic() + _jittered(SAFETY_READ)
         self.full_reads = 0
         self.targeted_reads = 0
@@ -253,9 +252,10 @@ class CatalogSource:
                 self._rebuild()
         if unexplained and not moved:
             # nothing says what moved (a new instance without checks in a service that had
-            # none, an instance re-registered in place): read everything, at most once per
-            # FULL_READ_QUIET, trailing after that
-            self._schedule_full(index)
+            # none, an instance re-registered in place): read everything. In a catalog of
+            # checked instances the agent's check write usually follows and cancels it; in one
+            # of check-less instances nothing will, so it starts at once.
+            self._schedule_full(index, 0.0 if len(checkless) > CHECKLESS_MANY else FULL_READ_FIRST)
 
     def _checks_changed(self, data: Any, index: int) -> None:
         checks = [c for c in data or [] if isinstance(c, dict)]
@@ -311,18 +311,11 @@ class CatalogSource:
 
     # -- the full read that catches what no watch explained
 
-    def _schedule_full(self, index: int) -> None:
+    def _schedule_full(self, index: int, delay: float) -> None:
         with self._lock:
-            now = time.monotonic()
             self._pending_index = max(self._pending_index, index)
             if self._pending_since is None:
-                self._pending_since = now
-                # leading edge: soon when none ran lately (the checks of the same change, written
-                # by the agent a moment later, cancel it), else after a quiet period
-                lately = now - self._last_full <= FULL_READ_QUIET
-                self._last_change = now if lately else now - FULL_READ_QUIET + FULL_READ_FIRST
-            else:
-                self._last_change = now
+                self._pending_since = time.monotonic() + delay
             self._lock.notify_all()
 
     def _full_read_loop(self) -> None:
@@ -332,7 +325,7 @@ class CatalogSource:
                     now = time.monotonic()
                     due = self._next_safety
                     if self._pending_since is not None:
-                        due = min(due, self._last_change + FULL_READ_QUIET, self._pending_since + FULL_READ_MAX)
+                        due = min(due, max(self._pending_since, self._last_full + FULL_READ_GAP))
                     if due <= now:
                         break
                     self._lock.wait(due - now)

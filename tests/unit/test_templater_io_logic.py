@@ -158,7 +158,7 @@ def test_catalog_source_survives_a_bug_in_its_full_read(monkeypatch: pytest.Monk
     """The full-read thread used to catch only Consul errors: any other one ended it for good."""
     import templater.consul_source as cs
 
-    monkeypatch.setattr(cs, "FULL_READ_QUIET", 0.05)
+    monkeypatch.setattr(cs, "FULL_READ_FIRST", 0.05)
     fake = Fake()
     fake.set("/v1/catalog/services", 2, {"web": []})
     check = {"Node": "n1", "ServiceID": "w1", "ServiceName": "web", "CheckID": "service:w1", "Status": "passing",
