@@ -4,6 +4,7 @@ Prints: full render time, change-to-file latency (p50, p90, max) for single inst
 removed, open connections to Consul, CPU used while nothing changes, RSS.
 Run: .venv/bin/python bench/templater_bench.py [--services 1000] [--instances 3] [--changes 100]
      [--bundled: the bundled HAProxy template with --proxy haproxy, services routed by http_host]
+     [--checks: every instance with a TTL check, as the registrar registers SERVICE_CHECK_* containers]
      [--consul URL: an agent already holding the bench services]
 """
 
@@ -56,11 +57,14 @@ def wait_for(dest: Path, token: str, present: bool = True) -> None:
         time.sleep(0.001)
 
 
-def register_all(url: str, services: int, instances: int) -> None:
+CHECK = {"Check": {"TTL": "30m", "Status": "passing"}}  # --checks: as the registrar's SERVICE_CHECK_* instances
+
+
+def register_all(url: str, services: int, instances: int, checks: bool) -> None:
     t0 = time.monotonic()
     regs = [
         {"ID": f"s{s}-{i}", "Name": f"s{s}", "Port": 20000 + i, "Address": "127.0.0.1",
-         "Meta": {"http_host": f"s{s}.example.com"}}
+         "Meta": {"http_host": f"s{s}.example.com"}, **(CHECK if checks else {})}
         for s in range(services)
         for i in range(instances)
     ]  # fmt: skip
@@ -99,7 +103,7 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
                 url,
                 "/v1/agent/service/register",
                 {"ID": f"x{n}", "Name": service, "Port": port, "Address": "127.0.0.1",
-                 "Meta": {"http_host": f"{service}.example.com"}},
+                 "Meta": {"http_host": f"{service}.example.com"}, **(CHECK if args.checks else {})},
             )  # fmt: skip
             wait_for(dest, f"127.0.0.1:{port}{end}")
             added.append((time.monotonic() - t) * 1000)
@@ -122,7 +126,7 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
         proc.stop()
     render_ms = [float(m) for m in re.findall(r"render_ms=([0-9.]+)", output)]
     missed = len(re.findall(r"full read found changes", output))
-    print(f"services x instances           {args.services} x {args.instances}")
+    print(f"services x instances           {args.services} x {args.instances}" + (" (TTL check each)" if args.checks else ""))
     print(f"templater start -> first file  {first * 1000:.0f} ms (fetch + render)")
     print(f"full render (jinja) median     {statistics.median(render_ms):.1f} ms over {len(render_ms)} renders")
     for what, values in (("add", added), ("remove", removed)):
@@ -144,6 +148,7 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=3)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--bundled", action="store_true", help="templates/haproxy.cfg.j2 with --proxy haproxy")
+    parser.add_argument("--checks", action="store_true", help="every instance with a TTL check (passing)")
     parser.add_argument("--consul", help="an agent already holding the bench services (skips registering)")
     args = parser.parse_args()
     with tempdir() as work:
@@ -153,7 +158,7 @@ def main() -> int:
         agent = ConsulAgent(work)
         agent.start()
         try:
-            register_all(agent.url, args.services, args.instances)
+            register_all(agent.url, args.services, args.instances, args.checks)
             measure(agent.url, agent.http_port, work, args)
             return 0
         finally:
