@@ -126,7 +126,8 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
         proc.stop()
     render_ms = [float(m) for m in re.findall(r"render_ms=([0-9.]+)", output)]
     missed = len(re.findall(r"full read found changes", output))
-    print(f"services x instances           {args.services} x {args.instances}" + (" (TTL check each)" if args.checks else ""))
+    checks = " (TTL check each)" if args.checks else ""
+    print(f"services x instances           {args.services} x {args.instances}{checks}")
     print(f"templater start -> first file  {first * 1000:.0f} ms (fetch + render)")
     print(f"full render (jinja) median     {statistics.median(render_ms):.1f} ms over {len(render_ms)} renders")
     for what, values in (("add", added), ("remove", removed)):
