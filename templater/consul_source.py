@@ -94,8 +94,7 @@ StateFn = Callable[[str, bool, str], None]
 FULL_READ_GAP = 0.25  # full reads for unexplained changes start at most this often (a burst costs a few)
 VANISHED_GRACE = 5.0  # an instance whose checks vanished is not routed to for this long (or until it goes)
 CHECKS_GRACE = 0.05  # how long a catalog change waits for the checks of the same raft index
-FULL_READ_FIRST = 0.2  # a full read waits this long for checks that may explain the change, unless ...
-CHECKLESS_MANY = 32  # ... this many services have instances without checks: then checks rarely explain
+FULL_READ_FIRST = 0.2  # a full read waits this long for checks that may explain the change
 SAFETY_READ = 300.0  # and one at least this often (jittered), for what no watch announced
 TARGETED_MAX = 32  # more changed services than this (an agent that lost its state): one full read
 
@@ -242,20 +241,27 @@ class CatalogSource:
                 self._load_everything(services)
                 return
             unexplained = not names and not explained
-            if unexplained and checkless and len(checkless) <= TARGETED_MAX:
-                # most likely an instance without checks came or went: its service is one of these
-                names = checkless
+            many_checkless = len(checkless) > TARGETED_MAX
+            if not many_checkless:
+                # an instance without checks may come or go in any catalog move, hidden behind an
+                # explained one: the services that have such instances are read every time
+                names = names | checkless
+            log.debug("%s: catalog at %d: read=%s explained=%s checkless=%d", self.key, index, sorted(names)[:5],
+                      sorted(explained)[:5], len(checkless))  # fmt: skip
             rows = self._read_services(names & set(services)) if names else {}
             with self._lock:
                 self._set_services(services)
                 moved = self._apply_targeted(names, rows)
                 self._rebuild()
-        if unexplained and not moved:
-            # nothing says what moved (a new instance without checks in a service that had
-            # none, an instance re-registered in place): read everything. In a catalog of
-            # checked instances the agent's check write usually follows and cancels it; in one
-            # of check-less instances nothing will, so it starts at once.
-            self._schedule_full(index, 0.0 if len(checkless) > CHECKLESS_MANY else FULL_READ_FIRST)
+        if many_checkless:
+            # too many services with check-less instances to read on their own, and no check
+            # will say which one moved: read everything, at once (rate-limited)
+            self._schedule_full(index, 0.0)
+        elif unexplained and not moved:
+            # nothing says what moved (an instance re-registered in place, one without checks
+            # in a service that had only checked ones): read everything. The agent's check
+            # write usually follows a service it registered and cancels this.
+            self._schedule_full(index, FULL_READ_FIRST)
 
     def _checks_changed(self, data: Any, index: int) -> None:
         checks = [c for c in data or [] if isinstance(c, dict)]
@@ -269,6 +275,10 @@ class CatalogSource:
             changed = {n for n in set(signatures) | set(old) if signatures.get(n) != old.get(n)}
             for name in changed:
                 self._explained[name] = index
+            # instances these checks are the first news of: an agent that wrote a service and
+            # then its check. Only they may explain a catalog change that came before them.
+            listed = {(str(r["Node"]), str(r["ServiceID"])) for n in changed for r in self._rows.get(n, ())}
+            newcomers = any((sig[0], sig[1]) not in listed for n in changed for sig in signatures.get(n, frozenset()))
             self._checks_index = max(self._checks_index, index)
             self._lock.notify_all()
         if self._loaded and (changed or nodes_moved):
@@ -297,7 +307,8 @@ class CatalogSource:
                 self._next_safety = min(self._next_safety, now + VANISHED_GRACE)
                 self._lock.notify_all()
             self._health = health
-            if changed and self._pending_since is not None and index >= self._pending_index:
+            if newcomers and self._pending_since is not None and index >= self._pending_index:
+                log.debug("%s: checks at %d explain the catalog change: %s", self.key, index, sorted(changed))
                 self._pending_since = None  # these checks explain the catalog change
             self._rebuild()
 
