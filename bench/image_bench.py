@@ -56,7 +56,7 @@ def main() -> int:
             container.reload()
             pid = int(container.attrs["State"]["Pid"])  # tini
             procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-            registrar = next(p for p in procs if "registrar" in " ".join(p.cmdline()))
+            registrar = next(p for p in procs if p.pid != pid and "registrar" in " ".join(p.cmdline()))
             print(f"registrar container RSS idle   {registrar.memory_info().rss / 2**20:.1f} MiB "
                   f"(tini {psutil.Process(pid).memory_info().rss / 2**20:.1f} MiB)")  # fmt: skip
         finally:
