@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-import consul
-import requests
-
-from registrar.errors import ConsulRejected, ConsulUnavailable
+from registrar.errors import ConsulRejected
 from registrar.model import Check, Service
-from sidecar.consul_conn import ClientPerThread, ConsulSettings
-
-T = TypeVar("T")
+from sidecar.consul_conn import AgentAPI, ConsulSettings
 
 MAINTENANCE_MARK = "[registrar]"  # ends the reason of every maintenance the registrar sets
 _OLD_REASON = "registrar: container stopping or paused"  # what earlier versions set
@@ -42,28 +35,8 @@ class ConsulRegistry:
     """
 
     def __init__(self, settings: ConsulSettings, timeout: float = 5.0) -> None:
-        self._settings = settings
-        self._clients = ClientPerThread(settings, timeout)
-
-    def _call(self, what: str, fn: Callable[[consul.Consul], T]) -> T:
-        scrub = self._settings.scrub
-        try:
-            return fn(self._clients.get())
-        except (requests.RequestException, consul.Timeout, OSError) as err:
-            raise ConsulUnavailable(scrub(f"consul {self._settings.url} unreachable during {what}: {err}")) from None
-        except consul.ConsulException as err:
-            text = scrub(str(err))
-            if text.startswith("500") and ("connection refused" in text or "No cluster leader" in text):
-                raise ConsulUnavailable(f"consul not ready during {what}: {text}") from None
-            raise ConsulRejected(f"consul refused {what}: {text}") from None
-
-    def _put(self, what: str, path: str, body: Any = None, params: list[Any] | None = None) -> None:
-        def run(client: consul.Consul) -> None:
-            headers = client.prepare_headers()
-            data = json.dumps(body) if body is not None else ""
-            client.http.put(consul.callback.CB.boolean(), path, params=params or [], data=data, headers=headers)
-
-        self._call(what, run)
+        api = AgentAPI(settings, timeout)
+        self._call, self._put = api.call, api.put
 
     def register(self, service: Service, statuses: dict[str, str]) -> None:
         self._put(f"register {service.id}", "/v1/agent/service/register", service.registration(statuses))

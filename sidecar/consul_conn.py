@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import consul
+import requests
+
+from sidecar.errors import ConsulRejected, ConsulUnavailable
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,3 +113,34 @@ class ClientPerThread:
             client = make_client(self.settings, self._timeout)
             self._local.client = client
         return client
+
+
+class AgentAPI:
+    """Agent API calls with every failure mapped to ConsulUnavailable or ConsulRejected, the
+    token scrubbed from the message. Shared by the registrar and the templater's own
+    registration."""
+
+    def __init__(self, settings: ConsulSettings, timeout: float = 5.0) -> None:
+        self._settings = settings
+        self._clients = ClientPerThread(settings, timeout)
+
+    def call(self, what: str, fn: Callable[[consul.Consul], T]) -> T:
+        scrub = self._settings.scrub
+        try:
+            return fn(self._clients.get())
+        except (requests.RequestException, consul.Timeout, OSError) as err:
+            raise ConsulUnavailable(scrub(f"consul {self._settings.url} unreachable during {what}: {err}")) from None
+        except consul.ConsulException as err:
+            text = scrub(str(err))
+            if text.startswith("500") and ("connection refused" in text or "No cluster leader" in text):
+                raise ConsulUnavailable(f"consul not ready during {what}: {text}") from None
+            raise ConsulRejected(f"consul refused {what}: {text}") from None
+
+    def put(self, what: str, path: str, body: Any = None, params: list[Any] | None = None) -> None:
+        def run(client: consul.Consul) -> None:
+            data = json.dumps(body) if body is not None else ""
+            client.http.put(
+                consul.callback.CB.boolean(), path, params=params or [], data=data, headers=client.prepare_headers()
+            )
+
+        self.call(what, run)

@@ -69,10 +69,6 @@ class Supervisor:
             crash = self._crashes.get(name)
             self._crashes[name] = _Crash((crash.count if crash else 0) + 1, error, time.monotonic())
 
-    def forget(self, name: str) -> None:
-        with self._lock:
-            self._crashes.pop(name, None)
-
     def problems(self) -> dict[str, str]:
         """Threads that crashed recently, or died while they should run: name -> what happened."""
         now = time.monotonic()

@@ -59,6 +59,11 @@ class Snapshot:
     nodes: tuple[Node, ...] = ()
 
 
+def valid_hostname(text: str) -> bool:
+    """A DNS host name (no IP address, no wildcard)."""
+    return bool(_HOSTNAME.match(text))
+
+
 def valid_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)

@@ -85,7 +85,6 @@ class ConsulFetcher:
             index=int(raw.headers.get("X-Consul-Index", "0") or 0),
             data=data,
             last_contact_ms=int(raw.headers.get("X-Consul-LastContact", "0") or 0),
-            known_leader=raw.headers.get("X-Consul-KnownLeader", "true") != "false",
         )
 
 
@@ -152,8 +151,6 @@ class CatalogSource:
         self._pending_since: float | None = None
         self._pending_index = 0
         self._next_safety = time.monotonic() + _jittered(SAFETY_READ)
-        self.full_reads = 0
-        self.targeted_reads = 0
         self._pool = ThreadPoolExecutor(NODE_POOL, thread_name_prefix="catalog-read")
         params = self._params
         self.loops = [
@@ -199,7 +196,6 @@ class CatalogSource:
         ordered = sorted(names)
         paths = [f"/v1/catalog/service/{urllib.parse.quote(n, safe='')}" for n in ordered]
         results = list(self._pool.map(lambda path: self._fetcher.get(path, self._read_params), paths))
-        self.targeted_reads += len(ordered)
         return {
             n: sorted_rows(service_row(r) for r in (res.data or []) if isinstance(r, dict))
             for n, res in zip(ordered, results, strict=True)
@@ -214,7 +210,6 @@ class CatalogSource:
         names = [str(n.get("Node", "")) for n in nodes]
         quoted = [urllib.parse.quote(n, safe="") for n in names]
         results = list(self._pool.map(lambda q: self._fetcher.get(f"/v1/catalog/node/{q}", self._read_params), quoted))
-        self.full_reads += 1
         rows = group_rows(row for name, r in zip(names, results, strict=True) for row in rows_from_node(name, r.data))
         return rows, nodes
 
@@ -433,6 +428,8 @@ class CatalogSource:
 
     def _health_now(self) -> Health:
         """The health index, with instances whose checks just vanished counted critical."""
+        if not self._vanished:  # the usual case: nothing to walk
+            return self._health
         now = time.monotonic()
         listed = {(str(r["Node"]), str(r["ServiceID"])) for rows in self._rows.values() for r in rows}
         self._vanished = {i: t for i, t in self._vanished.items() if now - t < VANISHED_GRACE and i in listed}

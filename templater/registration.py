@@ -7,20 +7,15 @@ warning: servers are draining; passing otherwise. The check's output says which.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import consul
 import psutil
-import requests
 
-from sidecar.consul_conn import ClientPerThread, ConsulSettings
+from sidecar.consul_conn import AgentAPI, ConsulSettings
 from templater.errors import ConsulRejected, ConsulUnavailable
 
 log = logging.getLogger("templater.registration")
@@ -63,8 +58,8 @@ def listening_ports(pid: int) -> list[int]:
 
 class SelfRegistration:
     def __init__(self, consul_settings: ConsulSettings, name: str, kind: str, config: str, address: str) -> None:
-        self._clients = ClientPerThread(consul_settings, 5.0)
-        self._scrub = consul_settings.scrub
+        api = AgentAPI(consul_settings, 5.0)
+        self._call, self._put = api.call, api.put
         self.name = name
         self._kind = kind
         self._config = config
@@ -80,21 +75,6 @@ class SelfRegistration:
     @property
     def check_id(self) -> str:
         return f"service:{self.service_id}"
-
-    def _call(self, what: str, fn: Callable[[consul.Consul], Any]) -> Any:
-        try:
-            return fn(self._clients.get())
-        except (requests.RequestException, consul.Timeout, OSError) as err:
-            raise ConsulUnavailable(self._scrub(f"consul unreachable during {what}: {err}")) from None
-        except consul.ConsulException as err:
-            raise ConsulRejected(self._scrub(f"consul refused {what}: {err}")) from None
-
-    def _put(self, what: str, path: str, body: Any = None) -> None:
-        def run(client: consul.Consul) -> None:
-            data = json.dumps(body) if body is not None else ""
-            client.http.put(consul.callback.CB.boolean(), path, data=data, headers=client.prepare_headers())
-
-        self._call(what, run)
 
     def _register(self, state: State, ports: list[int]) -> None:
         if not self._node:

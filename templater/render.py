@@ -19,7 +19,7 @@ import jinja2
 from jinja2 import pass_context
 from jinja2.sandbox import SandboxedEnvironment
 
-from templater.catalog import PASSING, Instance, Snapshot
+from templater.catalog import PASSING, Instance, Snapshot, valid_hostname
 from templater.errors import TemplateError
 
 
@@ -257,15 +257,12 @@ def nginx_quote(value: Any) -> str:
     return '"' + re.sub(r'([\\"])', r"\\\1", text) + '"'
 
 
-_HOST = re.compile(
-    r"^(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
 _URL_PATH = re.compile(r"^/[A-Za-z0-9._~!*'()@:+,;=/%-]*$")
 
 
 def is_hostname(value: Any) -> bool:
     """A Jinja test: a DNS host name (or *.wildcard), safe as a token in either proxy."""
-    return isinstance(value, str) and bool(_HOST.match(value))
+    return isinstance(value, str) and valid_hostname(value.removeprefix("*."))
 
 
 def is_url_path(value: Any) -> bool:

@@ -30,7 +30,6 @@ class Response:
     index: int
     data: Any
     last_contact_ms: int = 0
-    known_leader: bool = True
 
 
 class Fetcher(Protocol):

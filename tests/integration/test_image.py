@@ -185,8 +185,9 @@ def test_compose_file_validates_and_runs(sidecar_image, consul, tmp_path):
     try:
         assert up.returncode == 0, up.stderr
         wait_until(lambda: get(int(env["HTTP_PORT"]), "nothing.test")[0] == 404, timeout=40, what="compose haproxy")
-        services = consul.get("/v1/catalog/services")
-        assert isinstance(services, dict)
+        # both containers reached the host's agent: each registered itself
+        wait_until(lambda: {"registrar", "ingress"} <= set(consul.get("/v1/catalog/services")), timeout=30,
+                   what="registrar and ingress registered by the compose containers")  # fmt: skip
     finally:
         down = subprocess.run(
             [*compose, "down", "--timeout", "10"], capture_output=True, text=True, env=full, timeout=120

@@ -3,8 +3,10 @@ deregistrations that fail are retried, the loop never stops on a refusal."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from registrar.errors import ConsulUnavailable
@@ -69,11 +71,20 @@ def inspect(cid: str, name: str) -> dict[str, Any]:
 SETTINGS = SyncSettings(spec=SpecSettings(hostname="h1"), retry_interval=0.05)
 
 
-def run(syncer: Syncer) -> tuple[threading.Event, threading.Thread]:
+@contextlib.contextmanager
+def running(registry: Registry) -> Iterator[Syncer]:
+    """A Syncer over registry, its loop in a thread, stopped and joined afterwards."""
+    syncer = Syncer(registry, SETTINGS)
     stop = threading.Event()
     thread = threading.Thread(target=syncer.run, args=(stop,), name="sync-under-test")
     thread.start()
-    return stop, thread
+    try:
+        yield syncer
+    finally:
+        stop.set()
+        syncer.stop()
+        thread.join(5)
+        assert not thread.is_alive()
 
 
 def settle(syncer: Syncer, cond: Any, timeout: float = 5.0) -> bool:
@@ -85,19 +96,10 @@ def settle(syncer: Syncer, cond: Any, timeout: float = 5.0) -> bool:
     return bool(cond())
 
 
-def stop_loop(syncer: Syncer, stop: threading.Event, thread: threading.Thread) -> None:
-    stop.set()
-    syncer.stop()
-    thread.join(5)
-    assert not thread.is_alive()
-
-
 def test_a_death_after_the_listing_began_is_not_undone_by_the_listing():
     """resync lists X as running, X dies, Died is handled, then the stale listing arrives."""
     registry = Registry()
-    syncer = Syncer(registry, SETTINGS)
-    stop, thread = run(syncer)
-    try:
+    with running(registry) as syncer:
         syncer.submit(Up(inspect("c1", "web-1")))
         assert settle(syncer, lambda: "h1:web-1:80" in registry.services_)
         since = syncer.mark()  # the resync thread starts listing: web-1 still runs
@@ -106,29 +108,21 @@ def test_a_death_after_the_listing_began_is_not_undone_by_the_listing():
         syncer.submit(Listing(listed, since=since))
         time.sleep(0.3)
         assert "h1:web-1:80" not in registry.services_
-    finally:
-        stop_loop(syncer, stop, thread)
 
 
 def test_a_start_after_the_listing_began_is_not_undone_by_the_listing():
     registry = Registry()
-    syncer = Syncer(registry, SETTINGS)
-    stop, thread = run(syncer)
-    try:
+    with running(registry) as syncer:
         since = syncer.mark()  # listing begins: web-2 does not run yet
         syncer.submit(Up(inspect("c2", "web-2")))
         syncer.submit(Listing([], since=since))
         time.sleep(0.3)
         assert "h1:web-2:80" in registry.services_
-    finally:
-        stop_loop(syncer, stop, thread)
 
 
 def test_a_deregistration_that_failed_is_retried_until_done():
     registry = Registry()
-    syncer = Syncer(registry, SETTINGS)
-    stop, thread = run(syncer)
-    try:
+    with running(registry) as syncer:
         syncer.submit(Up(inspect("c1", "web-1")))
         assert settle(syncer, lambda: "h1:web-1:80" in registry.services_)
         registry.down = True
@@ -136,8 +130,6 @@ def test_a_deregistration_that_failed_is_retried_until_done():
         time.sleep(0.3)
         registry.down = False
         assert settle(syncer, lambda: "h1:web-1:80" not in registry.services_, timeout=5)
-    finally:
-        stop_loop(syncer, stop, thread)
 
 
 def test_dangling_services_of_this_host_removed_without_cleanup_flag():
@@ -145,9 +137,5 @@ def test_dangling_services_of_this_host_removed_without_cleanup_flag():
     registry.services_["h1:old:80"] = {"ID": "h1:old:80", "Service": "web", "Port": 1, "Meta": {}}
     registry.services_["h2:other:80"] = {"ID": "h2:other:80", "Service": "web", "Port": 1, "Meta": {}}
     registry.services_["custom"] = {"ID": "custom", "Service": "web", "Port": 1, "Meta": {"registrar_host": "h1"}}
-    syncer = Syncer(registry, SETTINGS)
-    stop, thread = run(syncer)
-    try:
+    with running(registry) as syncer:
         assert settle(syncer, lambda: set(registry.services_) == {"h2:other:80"}, timeout=5)
-    finally:
-        stop_loop(syncer, stop, thread)
