@@ -56,14 +56,14 @@ class Handler(BaseHTTPRequestHandler):
             body = f"ok {socket.gethostname()}\n".encode()
         else:
             body = b"ok\n"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
         if CLOSING.is_set():
-            self.send_header("Connection", "close")
+            head += "Connection: close\r\n"
             self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
+        # head and body in one write, as servers send a small answer: a SIGKILL then lands
+        # before the answer or after it, never between the head and the body (a cut answer
+        # that no proxy may resend, whatever it does)
+        self.wfile.write(head.encode() + b"\r\n" + body)
 
     do_GET = _answer
     do_POST = _answer

@@ -34,20 +34,21 @@ class Load:
     def _one(self) -> None:
         post = random.random() < 0.25
         started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
             body = b"x" * 200 if post else None
             conn.request("POST" if post else "GET", "/cgi-bin/slow", body=body, headers={"Host": self.host})
             response = conn.getresponse()
             data = response.read()
-            conn.close()
             if response.status != 200 or not data.startswith(b"ok"):
                 raise RuntimeError(f"{response.status} {data[:80]!r}")
         except Exception as err:  # every kind of failure counts
+            conn.close()
             with self.lock:
                 self.failures.append(f"{'POST' if post else 'GET'}: {err}")
                 self.get_failures += 0 if post else 1
             return
+        conn.close()
         with self.lock:
             self.ok += 1
             self.latencies.append(time.monotonic() - started)
