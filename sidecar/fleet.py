@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -156,6 +157,9 @@ class Processes:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # the children this process started, reaped when they end (another `fleet.sh` run
+        # finds the others by PID; init reaps those)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     def _load(self) -> dict[str, dict[str, float]]:
         try:
@@ -202,6 +206,7 @@ class Processes:
                 cwd=ROOT,
             )
         self.record(name, proc.pid)
+        self._children[name] = proc
         return proc.pid
 
     def signal(self, name: str, sig: int) -> bool:
@@ -220,6 +225,10 @@ class Processes:
             self.forget(name)
 
     def forget(self, name: str) -> None:
+        child = self._children.pop(name, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(5)
         table = self._load()
         table.pop(name, None)
         self._save(table)
@@ -290,15 +299,14 @@ class Fleet:
         self._start_consul("server", name, ip)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> bool:
-        """Signal one recorded process (a server, an agent, a registrar ...)."""
-        done = self.procs.signal(name, sig)
-        if done and sig == signal.SIGKILL:
-            proc = self.procs.process(name)
-            if proc is not None:
-                with contextlib.suppress(psutil.Error):
-                    proc.wait(5)
-            self.procs.forget(name)
-        return done
+        """Stop one recorded process (a server, an agent, a registrar ...) with this signal and
+        wait until it has ended (SIGKILL after 30 s). False when it was not running."""
+        proc = self.procs.process(name)
+        if proc is None:
+            return False
+        terminate([proc], timeout=30, sig=sig)
+        self.procs.forget(name)
+        return True
 
     def leader(self, via: str | None = None) -> str:
         """The leader's server name ("" when there is none), asked of a live server."""
@@ -358,8 +366,22 @@ class Fleet:
             "--iptables=false",
         ]
         self.procs.spawn(f"dockerd-{host.name}", argv, self.logs / f"dockerd-{host.name}.log")
-        _wait(f"host {host.name}'s Docker engine", lambda: self.docker(host).ping(), 60,
+        _wait(f"host {host.name}'s Docker engine", lambda: self._engine_answers(host), 60,
               self.logs / f"dockerd-{host.name}.log")  # fmt: skip
+
+    def _engine_answers(self, host: Host) -> bool:
+        # docker-py asks for the API version when the client is made and leaks that socket if
+        # nothing answers: knock first
+        with socket.socket(socket.AF_UNIX) as knock:
+            try:
+                knock.connect(str(self.layout.engine_socket(host)))
+            except OSError:
+                return False
+        client = self.docker(host)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
 
     def docker(self, host: Host) -> docker.DockerClient:
         return docker.DockerClient(base_url=self.layout.engine_url(host), timeout=60)
@@ -443,8 +465,10 @@ class Fleet:
         marker = str(self.layout.exec_root(host))
         for proc in psutil.process_iter(["cmdline"]):
             with contextlib.suppress(psutil.Error):
-                if proc.info["cmdline"] and "containerd-shim" in proc.info["cmdline"][0] and any(
-                    marker in arg for arg in proc.info["cmdline"]
+                if (
+                    proc.info["cmdline"]
+                    and "containerd-shim" in proc.info["cmdline"][0]
+                    and any(marker in arg for arg in proc.info["cmdline"])
                 ):
                     found += [proc, *proc.children(recursive=True)]
         return found

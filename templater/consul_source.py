@@ -58,6 +58,10 @@ class ConsulFetcher:
         self._settings = settings
         self._clients = ClientPerThread(settings, timeout)
         self.requests = 0  # for /metrics and the bench: requests per change, per idle minute
+        # what the last stale read said about the servers: ms since the answering server last
+        # heard from a leader, and whether it knows one (X-Consul-LastContact, -KnownLeader)
+        self.last_contact_ms = 0
+        self.known_leader = True
 
     def get(self, path: str, params: dict[str, str]) -> Response:
         """A GET; with `index` in params it blocks, and py-consul sizes the read timeout to `wait`.
@@ -81,10 +85,14 @@ class ConsulFetcher:
             data = json.loads(raw.body) if raw.body else None
         except ValueError as err:
             raise ConsulUnavailable(f"consul {path}: bad JSON: {err}") from None
+        last_contact_ms = int(raw.headers.get("X-Consul-LastContact", "0") or 0)
+        if "stale" in params:
+            self.last_contact_ms = last_contact_ms
+            self.known_leader = raw.headers.get("X-Consul-KnownLeader", "true") == "true"
         return Response(
             index=int(raw.headers.get("X-Consul-Index", "0") or 0),
             data=data,
-            last_contact_ms=int(raw.headers.get("X-Consul-LastContact", "0") or 0),
+            last_contact_ms=last_contact_ms,
         )
 
 

@@ -91,17 +91,26 @@ class _TemplateEvents(FileSystemEventHandler):
                 self._store.touch(TEMPLATE_KEY + path)
 
 
+STALE_NOTICE = 2.0  # a stale read this far behind the leader is said in the log
+
+
 class Runner:
     def __init__(self, settings: Settings, metrics: Metrics | None = None, proxy_hook: ProxyHook | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.store = Store(settings.empty_grace)
         self.fetcher = ConsulFetcher(settings.consul)
-        self.watch_settings = WatchSettings(stale=settings.max_stale_ms > 0, max_stale_ms=settings.max_stale_ms)
+        self.watch_settings = WatchSettings(
+            stale=settings.max_stale_ms > 0,
+            max_stale_ms=settings.max_stale_ms,
+            backoff_base=settings.retry_backoff,
+            backoff_cap=settings.retry_max_backoff,
+        )
         self.env = make_environment()
         self.templates = [TemplateState(spec) for spec in settings.templates]
         self.sources: dict[str, Source] = {}
         self.down: dict[str, str] = {}
+        self.failed_attempts: dict[str, int] = {}  # query -> failed attempts in a row
         self.state_lock = threading.Lock()
         self.supervisor = Supervisor()
         self.warned: dict[str, None] = {}  # insertion-ordered, capped at WARNED_MAX
@@ -120,6 +129,7 @@ class Runner:
             )  # fmt: skip
         self._observer: Any = None
         self.wrote = False
+        self.stale_reported = False
 
     # -- callbacks from watch threads
 
@@ -128,8 +138,10 @@ class Runner:
             was_up = not self.down
             if up:
                 self.down.pop(key, None)
+                self.failed_attempts.pop(key, None)
             else:
                 self.down[key] = error
+                self.failed_attempts[key] = self.failed_attempts.get(key, 0) + 1
             now_up = not self.down
             self.metrics.consul_up = now_up
             self.metrics.consul_error = "" if now_up else next(iter(self.down.values()))
@@ -453,6 +465,8 @@ class Runner:
                 changed = set()
                 while not stop.is_set() and not changed:
                     changed = self.store.wait(0.5)
+                    if self._gave_up():
+                        return 1
                     if self.child is not None and not self.child.running():
                         code = self.child.exit_code()
                         log.info("child exited code=%s; stopping", code)
@@ -477,6 +491,7 @@ class Runner:
         }
         self.metrics.replace_problems("watch:", stale)
         self.metrics.consul_requests = self.fetcher.requests
+        self._report_staleness()
         if self.proxy is None or not self.templates[0].done:
             return
         pid = self.proxy.master()
@@ -484,6 +499,37 @@ class Runner:
             self._report(None)  # the proxy's own check says so before the restart
             pid = self._restart_proxy()
         self._report(pid)
+
+    def _gave_up(self) -> bool:
+        """--once: a query failed --retry-attempts times in a row (consul-template's retry)."""
+        attempts = self.settings.retry_attempts
+        if not self.settings.once or attempts <= 0:
+            return False
+        with self.state_lock:
+            exhausted = [(k, self.down.get(k, "")) for k, n in self.failed_attempts.items() if n >= attempts]
+        if exhausted:
+            key, error = exhausted[0]
+            log.error("--once: giving up after %d failed attempts of %s: %s", attempts, key, error)
+        return bool(exhausted)
+
+    def _report_staleness(self) -> None:
+        """Stale reads (--max-stale) that a server answered without a leader, or long after it
+        heard from one: the output may lag the cluster. Said once in the log as it starts and
+        ends; /metrics and /health show the figures all along."""
+        last_contact = self.fetcher.last_contact_ms / 1000
+        known_leader = self.fetcher.known_leader
+        self.metrics.last_contact = last_contact
+        self.metrics.known_leader = known_leader
+        stale = not known_leader or last_contact > STALE_NOTICE
+        if stale and not self.stale_reported:
+            log.warning(
+                "rendering from stale reads: the Consul server answering has %s, last contact %.1f s ago "
+                "(accepted up to --max-stale %.0f s); the output may lag the cluster",
+                "no leader" if not known_leader else "a leader", last_contact, self.settings.max_stale_ms / 1000,
+            )  # fmt: skip
+        elif not stale and self.stale_reported:
+            log.info("reads are fresh again: the Consul servers have a leader")
+        self.stale_reported = stale
 
     def _restart_proxy(self) -> int | None:
         assert self.proxy is not None

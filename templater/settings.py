@@ -42,7 +42,10 @@ class Settings:
     proxy: str | None = None
     proxy_pid_file: Path | None = None
     status_addr: tuple[str, int] | None = None
-    max_stale_ms: int = 0
+    max_stale_ms: int = 2000
+    retry_attempts: int = 12
+    retry_backoff: float = 0.25
+    retry_max_backoff: float = 2.0
     empty_grace: float = 15.0
     drain_timeout: float = 30.0
     stop_proxy: bool = False
@@ -95,7 +98,21 @@ def parse_addr(text: str) -> tuple[str, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="templater", description="Render Consul data into proxy configuration.")
     add_consul_arguments(parser)
-    parser.add_argument("--max-stale", default="0s", help="allow stale reads up to this old (e.g. 2s)")
+    parser.add_argument(
+        "--max-stale",
+        default="2s",
+        help="read from any server while its last contact with the leader is at most this old, else ask "
+        "the leader (consul-template's -max-stale; default 2s; 0 sends every read to the leader)",
+    )
+    parser.add_argument(
+        "--retry-attempts",
+        type=int,
+        default=12,
+        help="with --once: give up (exit 1) after this many failed attempts of one query in a row (0: never); "
+        "a daemon retries forever and keeps its last good output",
+    )
+    parser.add_argument("--retry-backoff", default="250ms", help="first delay after a failed Consul query")
+    parser.add_argument("--retry-max-backoff", default="2s", help="the delay doubles up to this")
     parser.add_argument("--template", action="append", default=[], metavar="SRC:DEST[:COMMAND]")
     parser.add_argument("--var", action="append", default=[], metavar="KEY=VALUE", help="templates see vars.KEY")
     parser.add_argument("--wait", default="0s", metavar="MIN[:MAX]", help="quiescence before rendering")
@@ -145,11 +162,15 @@ def settings_from(argv: list[str] | None = None) -> Settings:
             raise SettingsError(f"--var {item!r}: expected KEY=VALUE with KEY an identifier")
         variables[key] = value
     wait_min, wait_max = parse_wait(args.wait)
+    if args.retry_attempts < 0:
+        raise SettingsError(f"--retry-attempts {args.retry_attempts}: 0 (never give up) or more")
     try:
         max_stale = parse_duration(args.max_stale)
         kill_timeout = parse_duration(args.kill_timeout)
         empty_grace = parse_duration(args.empty_grace)
         drain_timeout = parse_duration(args.drain_timeout)
+        retry_backoff = parse_duration(args.retry_backoff)
+        retry_max_backoff = parse_duration(args.retry_max_backoff)
     except ValueError as err:
         raise SettingsError(str(err)) from err
     return Settings(
@@ -170,6 +191,9 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         proxy_pid_file=Path(args.proxy_pid_file) if args.proxy_pid_file else None,
         status_addr=parse_addr(args.status_addr) if args.status_addr else None,
         max_stale_ms=int(max_stale * 1000),
+        retry_attempts=args.retry_attempts,
+        retry_backoff=retry_backoff,
+        retry_max_backoff=max(retry_backoff, retry_max_backoff),
         empty_grace=empty_grace,
         drain_timeout=drain_timeout,
         stop_proxy=args.stop_proxy,

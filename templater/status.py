@@ -24,6 +24,8 @@ class Metrics:
     consul_error: str = ""
     held: list[str] = field(default_factory=list)
     consul_requests: int = 0
+    last_contact: float = 0.0  # seconds since the server answering stale reads heard from a leader
+    known_leader: bool = True
     # what is wrong now, by key: render:<template>, check:<template>, reload:<proxy>,
     # thread:<name>, watch:<query>. Each is cleared by the next success of the same thing.
     problems: dict[str, str] = field(default_factory=dict)
@@ -79,6 +81,8 @@ class Metrics:
                 "problems": dict(sorted(self.problems.items())),
                 "last_success": self.last_success,
                 "held_services": list(self.held),
+                "consul_last_contact_seconds": self.last_contact,
+                "consul_known_leader": self.known_leader,
             }
         return (200 if healthy else 503), body
 
@@ -98,6 +102,10 @@ class Metrics:
                  self.last_success),
                 ("templater_watched_queries", "gauge", "consul-template style queries the templates use", self.watched),
                 ("templater_consul_up", "gauge", "1 while every watch reaches Consul", int(self.consul_up)),
+                ("templater_consul_last_contact_seconds", "gauge",
+                 "stale reads: how long since the answering server last heard from a leader", self.last_contact),
+                ("templater_consul_known_leader", "gauge", "stale reads: 1 while the answering server knows a leader",
+                 int(self.known_leader)),
                 ("templater_problems", "gauge", "problems /health reports", len(self.problems)),
                 ("templater_held_services", "gauge", "services held by --empty-grace", len(self.held)),
             ]  # fmt: skip

@@ -111,7 +111,8 @@ class BlockingLoop:
             and self._settings.max_stale_ms
             and response.last_contact_ms > self._settings.max_stale_ms
         ):
-            # too stale: ask the leader, as consul-template's max-stale does
+            # too stale: ask the leader, as consul-template's max-stale does (without the index:
+            # the leader answers at once with what it has, which may be newer)
             params.pop("stale", None)
             params.pop("index", None)
             params.pop("wait", None)

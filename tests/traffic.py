@@ -24,6 +24,7 @@ class Load:
     port: int
     host: str
     workers: int = 4
+    address: str = "127.0.0.1"
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     get_failures: int = 0
@@ -34,7 +35,7 @@ class Load:
     def _one(self) -> None:
         post = random.random() < 0.25
         started = time.monotonic()
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn = http.client.HTTPConnection(self.address, self.port, timeout=10)
         try:
             body = b"x" * 200 if post else None
             conn.request("POST" if post else "GET", "/cgi-bin/slow", body=body, headers={"Host": self.host})
