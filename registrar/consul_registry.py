@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import consul
+
 from registrar.errors import ConsulRejected
 from registrar.model import Check, Service
 from sidecar.consul_conn import AgentAPI, ConsulSettings
@@ -26,6 +28,7 @@ class Registry(Protocol):
     def services(self) -> dict[str, dict[str, Any]]: ...
     def checks(self) -> dict[str, dict[str, Any]]: ...
     def ping(self) -> None: ...
+    def node_in_catalog(self) -> tuple[set[str], dict[str, str]]: ...
 
 
 class ConsulRegistry:
@@ -37,6 +40,7 @@ class ConsulRegistry:
     def __init__(self, settings: ConsulSettings, timeout: float = 5.0) -> None:
         api = AgentAPI(settings, timeout)
         self._call, self._put = api.call, api.put
+        self._node = ""
 
     def register(self, service: Service, statuses: dict[str, str]) -> None:
         self._put(f"register {service.id}", "/v1/agent/service/register", service.registration(statuses))
@@ -80,3 +84,22 @@ class ConsulRegistry:
 
     def ping(self) -> None:
         self._call("ping", lambda c: c.agent.self())
+
+    def node_in_catalog(self) -> tuple[set[str], dict[str, str]]:
+        """This agent's node as the catalog has it, read stale (any server answers, with or
+        without a leader): its service IDs, and the status of each of its checks."""
+        if not self._node:
+            me = self._call("agent self", lambda c: c.agent.self())
+            self._node = str(me["Config"]["NodeName"])
+        node = self._node
+        _, data = self._call("catalog node", lambda c: c.catalog.node(node, consistency="stale"))
+        checks = self._call(
+            "health node",
+            # py-consul's health.node() has no consistency argument
+            lambda c: c.http.get(
+                consul.callback.CB.json(), f"/v1/health/node/{node}", params=[("stale", "")],
+                headers=c.prepare_headers(),
+            ),
+        )  # fmt: skip
+        services = set(((data or {}).get("Services") or {}).keys())
+        return services, {str(c["CheckID"]): str(c["Status"]) for c in checks or []}

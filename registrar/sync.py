@@ -41,6 +41,22 @@ from sidecar.signals import parse_signal, signal_name
 log = logging.getLogger("registrar.sync")
 
 TICK = 1.0
+# A change the agent could not pass on to the servers (an election, no quorum) is retried by
+# its anti-entropy only some seconds later: confirm each change in the catalog, and while it
+# is missing there, register again (which makes the agent sync everything pending) at these
+# intervals, for this long; after that the agent's own anti-entropy is left to it.
+CONFIRM_FIRST = 0.25
+CONFIRM_CAP = 2.0
+CONFIRM_FOR = 120.0
+
+
+@dataclass
+class _Unconfirmed:
+    next_at: float
+    delay: float
+    until: float
+
+
 OWN_HEARTBEAT = 10.0  # the own check's TTL is 30 s
 SEEN_MAX = 10_000  # containers remembered for listings in flight
 TTL_HEARTBEAT = 60.0
@@ -136,6 +152,7 @@ class Syncer:
         self._maintenance_reason: dict[str, str] = {}  # what the Consul UI shows as the reason
         self._agent_maintenance: set[str] = set()
         self._known_status: dict[str, str] = {}
+        self._unconfirmed: dict[str, _Unconfirmed] = {}  # service -> when to look for it in the catalog
         self._consul_up: bool | None = None
         self._backoff = Backoff(base=0.1, cap=settings.retry_interval)
         self._generation = 0
@@ -184,12 +201,13 @@ class Syncer:
     def run(self, stop: threading.Event) -> None:
         next_tick = time.monotonic()
         while not stop.is_set():
-            timeout = max(0.0, next_tick - time.monotonic())
+            wake = min([next_tick, *(u.next_at for u in self._unconfirmed.values())])
             try:
-                seq, intent = self._queue.get(timeout=timeout)
+                seq, intent = self._queue.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick()
+                self._confirm_due()
                 continue
             if intent is None:
                 if stop.is_set():
@@ -330,6 +348,7 @@ class Syncer:
                     check_id = service.check_id(index)
                     self._known_status[check_id] = intent.status
                     self._ttl(check_id, intent.status)
+                    self._unconfirmed_after_write(service.id)
                     log.info("health %s", kv(id=service.id, status=intent.status))
 
     def _listing(self, intent: Listing) -> None:
@@ -364,6 +383,7 @@ class Syncer:
             return
         self._registry.set_check_status(service, intent.check_index, PASSING)
         self._known_status[check_id] = PASSING
+        self._unconfirmed_after_write(service.id)
         log.info("ready %s", kv(id=service.id, check=check_id))
 
     # -- Consul calls, each logging what it did
@@ -388,6 +408,7 @@ class Syncer:
             return
         self._pending_deregister.discard(service.id)
         self._counts["registered"] += 1
+        self._unconfirmed_after_write(service.id)
         facts: dict[str, object] = {"service": service.name, "id": service.id, "port": service.port}
         if event_ns:
             seconds = (time.time_ns() - int(event_ns)) / 1e9
@@ -400,9 +421,54 @@ class Syncer:
             if check.probeable and self._known_status.get(service.check_id(index)) != PASSING:
                 self._prober.start(service.id, index, check, generation)
 
+    def _unconfirmed_after_write(self, service_id: str) -> None:
+        now = time.monotonic()
+        self._unconfirmed[service_id] = _Unconfirmed(now + CONFIRM_FIRST, CONFIRM_FIRST, now + CONFIRM_FOR)
+
+    def _confirm_due(self) -> None:
+        """Look for the services changed lately in the catalog (one stale read of this node for
+        all of them); register again each one the catalog does not show as the agent has it."""
+        now = time.monotonic()
+        due = [sid for sid, u in self._unconfirmed.items() if u.next_at <= now]
+        if not due:
+            return
+        try:
+            services, statuses = self._registry.node_in_catalog()
+            local = self._registry.checks()
+        except (ConsulUnavailable, ConsulRejected) as err:
+            log.debug("catalog confirmation postponed: %s", err)
+            for sid in due:
+                self._postpone(sid, now)
+            return
+        for sid in due:
+            service = self._service(sid)
+            mine = {cid: c.get("Status") for cid, c in local.items() if c.get("ServiceID") == sid}
+            if service is None or (sid in services and all(statuses.get(c) == st for c, st in mine.items())):
+                del self._unconfirmed[sid]
+                continue
+            if now > self._unconfirmed[sid].until:
+                log.warning("not in the catalog as the agent has it after %.0f s; left to the agent's "
+                            "anti-entropy %s", CONFIRM_FOR, kv(id=sid))  # fmt: skip
+                del self._unconfirmed[sid]
+                continue
+            tracked = self._containers[service.container_id]
+            try:
+                self._registry.register(service, self._statuses(service, tracked))
+            except (ConsulUnavailable, ConsulRejected) as err:
+                log.debug("register again postponed %s: %s", kv(id=sid), err)
+            else:
+                log.info("registered again: the catalog did not show the agent's state yet %s", kv(id=sid))
+            self._postpone(sid, now)
+
+    def _postpone(self, service_id: str, now: float) -> None:
+        u = self._unconfirmed[service_id]
+        u.next_at = now + u.delay
+        u.delay = min(CONFIRM_CAP, u.delay * 2)
+
     def _deregister(self, service_id: str) -> None:
         """Deregister, or leave it pending: the tick retries until the agent has it gone."""
         self._pending_deregister.add(service_id)
+        self._unconfirmed.pop(service_id, None)
         self._prober.cancel(service_id)
         self._want_maintenance.discard(service_id)
         self._agent_maintenance.discard(service_id)
@@ -436,6 +502,7 @@ class Syncer:
             self._agent_maintenance.add(service_id)
         else:
             self._agent_maintenance.discard(service_id)
+        self._unconfirmed_after_write(service_id)
 
     def _ttl(self, check_id: str, status: str) -> None:
         try:

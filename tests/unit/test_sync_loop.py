@@ -22,6 +22,10 @@ class Registry:
     def __init__(self) -> None:
         self.services_: dict[str, dict[str, Any]] = {}
         self.down = False
+        # the servers' catalog: the agent passes a registration on only while they accept
+        # writes (an election makes that sync fail, and it is not retried by itself)
+        self.catalog: set[str] = set()
+        self.catalog_writable = True
 
     def _guard(self) -> None:
         if self.down:
@@ -32,6 +36,8 @@ class Registry:
         body = service.registration(statuses)
         view = {"ID": service.id, "Service": service.name, "Port": service.port, "Address": service.address}
         self.services_[service.id] = {**view, "Tags": body["Tags"], "Meta": body["Meta"]}
+        if self.catalog_writable:
+            self.catalog.add(service.id)
 
     def deregister(self, service_id: str) -> None:
         self._guard()
@@ -56,6 +62,10 @@ class Registry:
 
     def ping(self) -> None:
         self._guard()
+
+    def node_in_catalog(self) -> tuple[set[str], dict[str, str]]:
+        self._guard()
+        return set(self.catalog), {}
 
 
 def inspect(cid: str, name: str) -> dict[str, Any]:
@@ -139,3 +149,17 @@ def test_dangling_services_of_this_host_removed_without_cleanup_flag():
     registry.services_["custom"] = {"ID": "custom", "Service": "web", "Port": 1, "Meta": {"registrar_host": "h1"}}
     with running(registry) as syncer:
         assert settle(syncer, lambda: set(registry.services_) == {"h2:other:80"}, timeout=5)
+
+
+def test_a_registration_the_agent_could_not_pass_on_is_registered_again():
+    """The agent took the registration while the servers elected a leader: its sync failed.
+    The syncer sees the catalog without it and registers again once the servers accept."""
+    registry = Registry()
+    registry.catalog_writable = False
+    with running(registry) as syncer:
+        syncer.submit(Up(inspect("c1", "web-1")))
+        assert settle(syncer, lambda: "h1:web-1:80" in registry.services_)
+        time.sleep(0.5)
+        assert "h1:web-1:80" not in registry.catalog
+        registry.catalog_writable = True
+        assert settle(syncer, lambda: "h1:web-1:80" in registry.catalog, timeout=3)
