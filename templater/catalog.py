@@ -243,6 +243,14 @@ def check_signatures(checks: Iterable[dict[str, Any]]) -> dict[str, frozenset[tu
     return {name: frozenset(sig) for name, sig in found.items()}
 
 
+def behind_checks(signature: frozenset[tuple[str, ...]], rows: Iterable[Row]) -> set[tuple[str, str]]:
+    """Instances (node, service ID) that the checks show and a read of the service does not:
+    the read was answered by a server that has not applied that registration yet (a stale read
+    during a leader change). Pure."""
+    listed = {(str(r["Node"]), str(r["ServiceID"])) for r in rows}
+    return {(sig[0], sig[1]) for sig in signature} - listed
+
+
 @dataclass(frozen=True)
 class Health:
     """The checks of `/v1/health/state/any`, aggregated per node and per (node, service id)."""

@@ -31,6 +31,7 @@ from templater.catalog import (
     Node,
     Row,
     Snapshot,
+    behind_checks,
     build_instances,
     check_signatures,
     clean_nodes,
@@ -103,6 +104,8 @@ VANISHED_GRACE = 5.0  # an instance whose checks vanished is not routed to for t
 CHECKS_GRACE = 0.05  # how long a catalog change waits for the checks of the same raft index
 FULL_READ_FIRST = 0.2  # a full read waits this long for checks that may explain the change
 SAFETY_READ = 300.0  # and one at least this often (jittered), for what no watch announced
+Signature = frozenset[tuple[str, ...]]
+CATCH_UP = (0.05, 0.1, 0.2, 0.4, 0.8)  # re-reads of a service a lagging server answered
 TARGETED_MAX = 32  # more changed services than this (an agent that lost its state): one full read
 
 
@@ -209,6 +212,23 @@ class CatalogSource:
             for n, res in zip(ordered, results, strict=True)
         }
 
+    def _read_caught_up(
+        self, names: set[str], signatures: dict[str, frozenset[tuple[str, ...]]]
+    ) -> dict[str, list[Row]]:
+        """Read these services; a stale read that misses an instance the checks already show
+        came from a server behind the one that answered the checks: read those again, a few
+        times over about a second (the servers catch up within a heartbeat)."""
+        rows = self._read_services(names)
+        behind = {n for n in names if behind_checks(signatures.get(n, frozenset()), rows.get(n, []))}
+        for delay in CATCH_UP:
+            if not behind or self._stopped.wait(delay):
+                break
+            rows.update(self._read_services(behind))
+            behind = {n for n in behind if behind_checks(signatures.get(n, frozenset()), rows.get(n, []))}
+        if behind:
+            log.debug("%s: reads still behind the checks for %s", self.key, sorted(behind)[:5])
+        return rows
+
     def _read_nodes(self) -> list[dict[str, Any]]:
         data = self._fetcher.get("/v1/catalog/nodes", self._read_params).data or []
         return [n for n in data if isinstance(n, dict)]
@@ -289,7 +309,7 @@ class CatalogSource:
                 if len(changed) > TARGETED_MAX:
                     self._load_everything(self._services or {})
                 else:
-                    rows = self._read_services(changed)
+                    rows = self._read_caught_up(changed, signatures)
                     nodes = self._read_nodes() if nodes_moved else None
                     with self._lock:
                         self._apply_targeted(changed, rows)

@@ -9,6 +9,7 @@ from templater.catalog import (
     Instance,
     Snapshot,
     aggregate,
+    behind_checks,
     build_instances,
     check_signatures,
     clean_nodes,
@@ -113,6 +114,14 @@ def test_check_signatures_move_with_instances_not_with_status():
     recreated = [_check("n1", "w1", "web", "service:w1", create=9)]  # re-registered after a loss
     assert check_signatures(recreated)["web"] != sig["web"]
     assert check_signatures([]) == {}
+
+
+def test_behind_checks_names_instances_a_lagging_read_misses():
+    sig = check_signatures([_check("n1", "w1", "web", "service:w1"), _check("n2", "w2", "web", "service:w2")])["web"]
+    rows = [{"Node": "n1", "ServiceID": "w1"}]
+    assert behind_checks(sig, rows) == {("n2", "w2")}
+    assert behind_checks(sig, [*rows, {"Node": "n2", "ServiceID": "w2"}]) == set()
+    assert behind_checks(frozenset(), rows) == set()  # an instance the checks no longer show is no lag
 
 
 class View:
