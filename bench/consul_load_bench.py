@@ -50,6 +50,7 @@ class ClientAgent:
             "retry_join": [join],
             "ports": {"http": self.http_port, "dns": -1, "grpc": -1, "serf_lan": free_port(), "serf_wan": -1},
             "log_level": "warn",
+            "disable_update_check": True,
         }
         (self.work / "agent.json").write_text(json.dumps(config))
         self.log = open(self.work / "agent.log", "wb")  # noqa: SIM115 - closed in stop()

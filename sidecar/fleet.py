@@ -137,6 +137,8 @@ def consul_config(layout: Layout, role: str, name: str, ip: str, data_dir: Path)
         # the production recommendation (Consul's default of 5 is for small dev machines)
         "performance": {"raft_multiplier": 1},
         "retry_interval": "1s",
+        # cumulative counters at /v1/agent/metrics?format=prometheus (bench/fleet_bench.py)
+        "telemetry": {"prometheus_retention_time": "10m", "disable_hostname": True},
     }
     if role == "server":
         config.update(

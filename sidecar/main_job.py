@@ -97,7 +97,18 @@ def main(argv: list[str] | None = None) -> int:
             port = consul_url.rsplit(":", 1)[-1]
             started.spawn(
                 "consul dev agent",
-                ["consul", "agent", "-dev", "-client", "127.0.0.1", "-bind", "127.0.0.1", f"-http-port={port}"],
+                [
+                    "consul",
+                    "agent",
+                    "-dev",
+                    "-client",
+                    "127.0.0.1",
+                    "-bind",
+                    "127.0.0.1",
+                    f"-http-port={port}",
+                    "-hcl",
+                    "disable_update_check = true",
+                ],
                 STATE_DIR / "consul.log",
             )
             _wait("consul", lambda: _answers(consul_url + "/v1/status/leader"), 60)

@@ -82,6 +82,7 @@ class ConsulAgent:
                 "server": self._ports["server"],
             },
             "enable_local_script_checks": True,
+            "disable_update_check": True,  # no traffic off this machine
         }
         cfg = self.workdir / "consul.json"
         cfg.write_text(json.dumps(config))

@@ -4,10 +4,8 @@ code behind scripts/fleet.sh). Load: a new connection per request, a quarter POS
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from typing import Any
 import pytest
 
 from sidecar.fleet import Fleet, Host, Layout
+from tests.fleet_support import catalog, healthy_voters, marker, metric, seen_through, serves_all
 from tests.support import ROOT, wait_until
 from tests.traffic import Load
 
@@ -41,60 +40,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, docker_engine: Any) -> Itera
 
 def host(fleet: Fleet, name: str) -> Host:
     return fleet.layout.host(name)
-
-
-def ask(h: Host, http_host: str, path: str = "/index.html", method: str = "GET") -> tuple[int, str]:
-    """Status and X-Served-By of one request through the host's proxy."""
-    conn = http.client.HTTPConnection(h.ip, h.proxy_port, timeout=5)
-    try:
-        conn.request(method, path, headers={"Host": http_host})
-        response = conn.getresponse()
-        response.read()
-        return response.status, response.getheader("X-Served-By") or ""
-    finally:
-        conn.close()
-
-
-def marker(fleet: Fleet, proxy_host: Host, container: Any, on: Host) -> str:
-    """What X-Served-By shows through proxy_host for a backend on host `on`: HAProxy the service
-    ID (which holds the container name), NGINX the upstream address."""
-    if proxy_host.proxy == "haproxy":
-        return f"{on.node}:{container.name}:8080"
-    container.reload()
-    port = container.attrs["NetworkSettings"]["Ports"]["8080/tcp"][0]["HostPort"]
-    return f"{on.ip}:{port}"
-
-
-def seen_through(h: Host, http_host: str, tries: int = 12) -> set[str]:
-    seen = set()
-    for _ in range(tries):
-        status, served = ask(h, http_host)
-        if status == 200:
-            seen.add(served)
-    return seen
-
-
-def serves_all(fleet: Fleet, proxy_host: Host, http_host: str, backends: list[tuple[Any, str]]) -> bool:
-    wanted = {marker(fleet, proxy_host, c, host(fleet, on)) for c, on in backends}
-    return wanted <= seen_through(proxy_host, http_host, tries=4 * len(wanted))
-
-
-def metric(h: Host, name: str) -> float:
-    with urllib.request.urlopen(f"http://{h.ip}:9200/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics of host {h.name}"
-    return float(match.group(1))
-
-
-def catalog(fleet: Fleet, path: str) -> Any:
-    for _, ip in fleet.layout.servers:
-        try:
-            with urllib.request.urlopen(f"http://{ip}:8500{path}", timeout=3) as response:
-                return json.loads(response.read())
-        except OSError:
-            continue
-    raise AssertionError("no server answers")
 
 
 def load(h: Host, http_host: str) -> Load:
@@ -152,7 +97,7 @@ def test_leader_loss(fleet: Fleet) -> None:
         started = fleet.run_web("a", service="ll", http_host="ll.fleet.test")
         wait_until(lambda: fleet.leader() not in ("", old), timeout=30, interval=0.02, what="a new leader")
         leader_at = time.monotonic()
-        wait_until(lambda: marker(fleet, a, started, a) in seen_through(a, "ll.fleet.test", 4), timeout=30,
+        wait_until(lambda: marker(a, started, a) in seen_through(a, "ll.fleet.test", 4), timeout=30,
                    interval=0.02, what="the new container routable")  # fmt: skip
         routable = time.monotonic() - leader_at
         fleet.start_server(old)
@@ -164,14 +109,6 @@ def test_leader_loss(fleet: Fleet) -> None:
     assert routable <= 2.0
     for c, _ in [*backends, (started, "a")]:
         c.remove(force=True)
-
-
-def healthy_voters(fleet: Fleet) -> int:
-    try:
-        health = catalog(fleet, "/v1/operator/autopilot/health")
-    except (AssertionError, ValueError):
-        return 0
-    return sum(1 for s in health.get("Servers") or [] if s.get("Healthy") and s.get("Voter"))
 
 
 def test_quorum_loss(fleet: Fleet) -> None:
@@ -209,7 +146,7 @@ def test_quorum_loss(fleet: Fleet) -> None:
         assert metric(b, "templater_consul_last_contact_seconds") > 1
         text = fleet.proxy_config(b).read_text()
         for c, on in backends:
-            assert marker(fleet, b, c, host(fleet, on)).split(":")[0] in text
+            assert marker(b, c, host(fleet, on)).split(":")[0] in text
         wait_until(lambda: "rendering from stale reads" in log_tail(fleet, "templater-b", log_mark), timeout=10,
                    what="the stale-read notice in the log")  # fmt: skip
         dry = subprocess.run(
@@ -289,14 +226,14 @@ def test_second_datacenter_reads_and_failover(fleet: Fleet) -> None:
     fleet.start_templater(a, "--var", "failover_dc=dc2")
     fleet.wait_host(a)
     local = fleet.run_web("a", service="fo", http_host="fo.fleet.test")
-    wait_until(lambda: seen_through(a, "fo.fleet.test") == {marker(fleet, a, local, a)}, timeout=30,
+    wait_until(lambda: seen_through(a, "fo.fleet.test") == {marker(a, local, a)}, timeout=30,
                what="only the local instance served")  # fmt: skip
     with load(a, "fo.fleet.test") as lo:
         time.sleep(1)
         local.stop(timeout=5)
         wait_until(lambda: seen_through(a, "fo.fleet.test", 4) == {"fo-dc2"}, timeout=15, what="failover to dc2")
         back = fleet.run_web("a", service="fo", http_host="fo.fleet.test")
-        wait_until(lambda: seen_through(a, "fo.fleet.test", 4) == {marker(fleet, a, back, a)}, timeout=30,
+        wait_until(lambda: seen_through(a, "fo.fleet.test", 4) == {marker(a, back, a)}, timeout=30,
                    what="back to the local instance")  # fmt: skip
         time.sleep(0.5)
     no_failures(lo)
