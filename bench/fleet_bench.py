@@ -159,6 +159,8 @@ def host_rounds(fleet: Fleet, rounds: int) -> None:
             detect.append(time.monotonic() - t0)
             time.sleep(1)
         gets += lo.get_failures
+        if lo.failures:
+            print(f"    round: {len(lo.failures)} failed, e.g. {sorted(set(lo.failures))[:4]}")
         posts += len(lo.failures) - lo.get_failures
         total += lo.ok + len(lo.failures)
         fleet.start_host("b")
@@ -197,6 +199,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle", type=float, default=60.0)
     parser.add_argument("--changes", type=int, default=10)
+    parser.add_argument("--only", choices=("load", "leader", "host"), help="run only this part")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as state:
         fleet = Fleet(Layout(state=Path(state), net=args.net))
@@ -207,14 +210,17 @@ def main() -> int:
             for on in ("a", "a", "b", "b"):
                 fleet.run_web(on, service="steady", http_host="steady.fleet.test")
             memory(fleet)
-            print("Consul servers' load (* the leader):")
-            show_load(load_phase(fleet, "stale reads (--max-stale 2s)", args.idle, args.changes))
-            restart_templaters(fleet, "--max-stale", "0")
-            show_load(load_phase(fleet, "leader reads (--max-stale 0)", args.idle, args.changes))
-            restart_templaters(fleet)
+            if args.only in (None, "load"):
+                print("Consul servers' load (* the leader):")
+                show_load(load_phase(fleet, "stale reads (--max-stale 2s)", args.idle, args.changes))
+                restart_templaters(fleet, "--max-stale", "0")
+                show_load(load_phase(fleet, "leader reads (--max-stale 0)", args.idle, args.changes))
+                restart_templaters(fleet)
             print("Faults:")
-            leader_rounds(fleet, args.rounds)
-            host_rounds(fleet, args.rounds)
+            if args.only in (None, "leader"):
+                leader_rounds(fleet, args.rounds)
+            if args.only in (None, "host"):
+                host_rounds(fleet, args.rounds)
         finally:
             fleet.down()
     return 0

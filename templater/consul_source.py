@@ -203,10 +203,18 @@ class CatalogSource:
 
     # -- reads
 
+    def _map(self, fn: Callable[[str], Response], items: list[str]) -> list[Response]:
+        """fn over items on the read pool; once stop() shut the pool down, a ConsulUnavailable
+        that the stopping watch loop swallows."""
+        try:
+            return list(self._pool.map(fn, items))
+        except RuntimeError as err:  # cannot schedule new futures after shutdown
+            raise ConsulUnavailable(f"{self.key}: reads stopped ({err})") from None
+
     def _read_services(self, names: set[str]) -> dict[str, list[Row]]:
         ordered = sorted(names)
         paths = [f"/v1/catalog/service/{urllib.parse.quote(n, safe='')}" for n in ordered]
-        results = list(self._pool.map(lambda path: self._fetcher.get(path, self._read_params), paths))
+        results = self._map(lambda path: self._fetcher.get(path, self._read_params), paths)
         return {
             n: sorted_rows(service_row(r) for r in (res.data or []) if isinstance(r, dict))
             for n, res in zip(ordered, results, strict=True)
@@ -237,7 +245,7 @@ class CatalogSource:
         nodes = self._read_nodes()
         names = [str(n.get("Node", "")) for n in nodes]
         quoted = [urllib.parse.quote(n, safe="") for n in names]
-        results = list(self._pool.map(lambda q: self._fetcher.get(f"/v1/catalog/node/{q}", self._read_params), quoted))
+        results = self._map(lambda q: self._fetcher.get(f"/v1/catalog/node/{q}", self._read_params), quoted)
         rows = group_rows(row for name, r in zip(names, results, strict=True) for row in rows_from_node(name, r.data))
         return rows, nodes
 

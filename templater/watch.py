@@ -131,6 +131,8 @@ class BlockingLoop:
                     self._on_change(response.data, response.index)  # may fetch more (a service's instances)
                     last = response.data
             except (ConsulUnavailable, ConsulRejected) as err:
+                if self._stop.is_set():
+                    return  # stopping: whatever broke on the way out is no news
                 self._on_state(self.key, False, str(err))
                 # the agent that answers next may be a new one with lower indexes: an old index
                 # would block until its wait runs out, so ask without one first
