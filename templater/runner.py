@@ -16,7 +16,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from sidecar.threads import Supervisor
-from templater.catalog import CRITICAL, PASSING, WARNING
+from templater.catalog import CRITICAL, PASSING, WARNING, Snapshot
 from templater.child import Child
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
 from templater.errors import CheckFailed, CommandFailed, ProxyError, TemplateError
@@ -24,7 +24,7 @@ from templater.haproxy_runtime import Outcome
 from templater.output import read_current, run_command, swap
 from templater.proxy import KINDS, Proxy, children
 from templater.registration import SelfRegistration, State
-from templater.render import RenderResult, compile_template, make_environment, render
+from templater.render import RenderResult, catalog_key, compile_template, make_environment, render
 from templater.settings import Settings, TemplateSpec
 from templater.status import Metrics
 from templater.store import FrozenView, Store
@@ -145,12 +145,27 @@ class Runner:
             now_up = not self.down
             self.metrics.consul_up = now_up
             self.metrics.consul_error = "" if now_up else next(iter(self.down.values()))
+        if not up:
+            self._stand_in_for_other_dc(key, error)
         if was_up and not now_up:
             log.warning("consul unavailable, keeping the last good output, will retry: %s", error)
         elif now_up and not was_up:
             log.info("consul available again")
 
+    def _stand_in_for_other_dc(self, loop_key: str, error: str) -> None:
+        """Another datacenter's catalog that cannot be read (a WAN partition, a dc that does not
+        exist) and has never been: templates render as if it had no services, with a warning,
+        rather than everything waiting for it. Its watch goes on and replaces this when it reads."""
+        source_key = loop_key.rsplit(".", 1)[0]
+        if not source_key.startswith("catalog(") or source_key == catalog_key(None):
+            return
+        dc = source_key[len("catalog(") : -1]
+        if not self.store.has_catalog(source_key):
+            self._warn(f"{source_key}: cannot be read ({error}); rendering as if datacenter {dc} had no services")
+            self.store.publish_catalog(source_key, Snapshot())
+
     def _warn(self, message: str) -> None:
+
         with self.state_lock:
             if message in self.warned:
                 return

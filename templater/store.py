@@ -101,6 +101,10 @@ class Store:
             self._dirty_since = None
             return dirty
 
+    def has_catalog(self, key: str) -> bool:
+        with self._cond:
+            return key in self._raw
+
     def held(self) -> list[str]:
         with self._cond:
             return sorted(name for g in self._graces.values() for name in g.holding())

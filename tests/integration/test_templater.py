@@ -59,6 +59,36 @@ def test_once_renders_and_exits_zero(consul, tmp_path):
     assert dest.read_text() == f"alpha 127.0.0.1:8001 127.0.0.1:8002\nhi {os.environ['HOME']}\n"
 
 
+def test_another_dc_that_cannot_be_read_does_not_hold_the_render(consul, tmp_path):
+    """service(name, dc=X) for a datacenter Consul cannot reach: the template renders as if X had
+    no services, with a warning naming it, instead of waiting for it forever."""
+    register(consul, "a1", "alpha", 8001)
+    src = write(tmp_path / "dc.j2", LIST + "remote={{ service('alpha', dc='nowhere') | length }}\n")
+    dest = tmp_path / "dc.conf"
+    proc = run_once(consul, "--template", f"{src}:{dest}")
+    assert proc.returncode == 0, proc.stderr
+    assert dest.read_text() == "alpha 127.0.0.1:8001\nremote=0\n"
+    assert "catalog(nowhere): cannot be read" in proc.stderr and "datacenter nowhere" in proc.stderr
+
+
+def test_once_gives_up_on_a_consul_that_does_not_answer(tmp_path):
+    """--once with no Consul: after --retry-attempts failed attempts with capped backoff it exits
+    1 and says why (it used to wait forever, hanging init containers and deploy scripts)."""
+    src = write(tmp_path / "t.j2", LIST)
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "templater", "--consul", f"http://127.0.0.1:{port}", "--once", "--retry-attempts", "4",
+         "--retry-backoff", "100ms", "--retry-max-backoff", "400ms", "--template", f"{src}:{tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr
+    assert "giving up after 4 failed attempts" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert took < 15, took  # 0.1 + 0.2 + 0.4 s of backoff, plus start-up
+
+
 def test_once_with_template_error_exits_nonzero_and_names_line(consul, tmp_path):
     dest = write(tmp_path / "keep.conf", "old good\n")
     src = write(tmp_path / "bad.j2", "line one\n{{ service('x') | nosuchfilter }}\n")
