@@ -222,24 +222,34 @@ def test_second_datacenter_reads_and_failover(fleet: Fleet) -> None:
         timeout=30, what="service('fo', dc='dc2') read through host A's agent",
     )  # fmt: skip
 
-    fleet.procs.stop("templater-a")
-    fleet.start_templater(a, "--var", "failover_dc=dc2")
-    fleet.wait_host(a)
+    hosts = fleet.layout.hosts  # A: HAProxy, B: NGINX
+    for h in hosts:
+        fleet.procs.stop(f"templater-{h.name}")
+        fleet.start_templater(h, "--var", "failover_dc=dc2")
+    for h in hosts:
+        fleet.wait_host(h)
     local = fleet.run_web("a", service="fo", http_host="fo.fleet.test")
-    wait_until(lambda: seen_through(a, "fo.fleet.test") == {marker(a, local, a)}, timeout=30,
-               what="only the local instance served")  # fmt: skip
-    with load(a, "fo.fleet.test") as lo:
+    remote_marker = {"haproxy": "fo-dc2", "nginx": f"{a.ip}:{port}"}
+    for h in hosts:
+        wait_until(lambda h=h: seen_through(h, "fo.fleet.test") == {marker(h, local, a)}, timeout=30,
+                   what=f"only the local instance served through {h.name}")  # fmt: skip
+    with load(a, "fo.fleet.test") as lo_a, load(hosts[1], "fo.fleet.test") as lo_b:
         time.sleep(1)
         local.stop(timeout=5)
-        wait_until(lambda: seen_through(a, "fo.fleet.test", 4) == {"fo-dc2"}, timeout=15, what="failover to dc2")
+        for h in hosts:
+            wait_until(lambda h=h: seen_through(h, "fo.fleet.test", 4) == {remote_marker[h.proxy]}, timeout=15,
+                       what=f"failover to dc2 through {h.name}")  # fmt: skip
         back = fleet.run_web("a", service="fo", http_host="fo.fleet.test")
-        wait_until(lambda: seen_through(a, "fo.fleet.test", 4) == {marker(a, back, a)}, timeout=30,
-                   what="back to the local instance")  # fmt: skip
+        for h in hosts:
+            wait_until(lambda h=h: seen_through(h, "fo.fleet.test", 4) == {marker(h, back, a)}, timeout=30,
+                       what=f"back to the local instance through {h.name}")  # fmt: skip
         time.sleep(0.5)
-    no_failures(lo)
-    fleet.procs.stop("templater-a")
-    fleet.start_templater(a)
-    fleet.wait_host(a)
+    no_failures(lo_a, lo_b)
+    for h in hosts:
+        fleet.procs.stop(f"templater-{h.name}")
+        fleet.start_templater(h)
+    for h in hosts:
+        fleet.wait_host(h)
     urllib.request.urlopen(
         urllib.request.Request(f"http://{dc2_ip}:8500/v1/agent/service/deregister/fo-dc2", method="PUT"), timeout=5
     ).close()
