@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import urllib.parse
 from typing import Any, Protocol
 
 import consul
@@ -28,7 +30,7 @@ class Registry(Protocol):
     def services(self) -> dict[str, dict[str, Any]]: ...
     def checks(self) -> dict[str, dict[str, Any]]: ...
     def ping(self) -> None: ...
-    def node_in_catalog(self) -> tuple[set[str], dict[str, str]]: ...
+    def node_in_catalog(self) -> tuple[set[str], dict[str, str], bool]: ...
 
 
 class ConsulRegistry:
@@ -85,21 +87,28 @@ class ConsulRegistry:
     def ping(self) -> None:
         self._call("ping", lambda c: c.agent.self())
 
-    def node_in_catalog(self) -> tuple[set[str], dict[str, str]]:
+    def node_in_catalog(self) -> tuple[set[str], dict[str, str], bool]:
         """This agent's node as the catalog has it, read stale (any server answers, with or
-        without a leader): its service IDs, and the status of each of its checks."""
+        without a leader): its service IDs, the status of each of its checks, and whether the
+        answering server knows a leader (without one, nothing can be written yet)."""
         if not self._node:
             me = self._call("agent self", lambda c: c.agent.self())
             self._node = str(me["Config"]["NodeName"])
-        node = self._node
-        _, data = self._call("catalog node", lambda c: c.catalog.node(node, consistency="stale"))
-        checks = self._call(
-            "health node",
-            # py-consul's health.node() has no consistency argument
-            lambda c: c.http.get(
-                consul.callback.CB.json(), f"/v1/health/node/{node}", params=[("stale", "")],
-                headers=c.prepare_headers(),
-            ),
-        )  # fmt: skip
-        services = set(((data or {}).get("Services") or {}).keys())
-        return services, {str(c["CheckID"]): str(c["Status"]) for c in checks or []}
+        path = urllib.parse.quote(self._node, safe="")
+        services_raw = self._call("catalog node", lambda c: _stale_get(c, f"/v1/catalog/node/{path}"))
+        checks_raw = self._call("health node", lambda c: _stale_get(c, f"/v1/health/node/{path}"))
+        services = set(((services_raw[0] or {}).get("Services") or {}).keys())
+        statuses = {str(c["CheckID"]): str(c["Status"]) for c in checks_raw[0] or []}
+        return services, statuses, services_raw[1] and checks_raw[1]
+
+
+def _stale_get(client: consul.Consul, path: str) -> tuple[Any, bool]:
+    """GET path with ?stale: the JSON body and X-Consul-KnownLeader."""
+
+    def answer(response: Any) -> tuple[Any, bool]:
+        consul.callback.CB._status(response)
+        known = str(response.headers.get("X-Consul-KnownLeader", "true")).lower() == "true"
+        return (json.loads(response.body) if response.body else None), known
+
+    result: tuple[Any, bool] = client.http.get(answer, path, params=[("stale", "")], headers=client.prepare_headers())
+    return result

@@ -46,7 +46,7 @@ TICK = 1.0
 # is missing there, register again (which makes the agent sync everything pending) at these
 # intervals, for this long; after that the agent's own anti-entropy is left to it.
 CONFIRM_FIRST = 0.25
-CONFIRM_CAP = 2.0
+CONFIRM_CAP = 0.5
 CONFIRM_FOR = 120.0
 
 
@@ -433,7 +433,7 @@ class Syncer:
         if not due:
             return
         try:
-            services, statuses = self._registry.node_in_catalog()
+            services, statuses, known_leader = self._registry.node_in_catalog()
             local = self._registry.checks()
         except (ConsulUnavailable, ConsulRejected) as err:
             log.debug("catalog confirmation postponed: %s", err)
@@ -450,6 +450,11 @@ class Syncer:
                 log.warning("not in the catalog as the agent has it after %.0f s; left to the agent's "
                             "anti-entropy %s", CONFIRM_FOR, kv(id=sid))  # fmt: skip
                 del self._unconfirmed[sid]
+                continue
+            if not known_leader:
+                # nothing can reach the catalog before there is a leader: look again soon, and
+                # register again the moment one is known
+                self._unconfirmed[sid].next_at = now + CONFIRM_FIRST
                 continue
             tracked = self._containers[service.container_id]
             try:

@@ -63,9 +63,9 @@ class Registry:
     def ping(self) -> None:
         self._guard()
 
-    def node_in_catalog(self) -> tuple[set[str], dict[str, str]]:
+    def node_in_catalog(self) -> tuple[set[str], dict[str, str], bool]:
         self._guard()
-        return set(self.catalog), {}
+        return set(self.catalog), {}, self.catalog_writable
 
 
 def inspect(cid: str, name: str) -> dict[str, Any]:
