@@ -18,6 +18,7 @@ from registrar.status import RegistrarStatus
 from registrar.sync import Syncer
 from sidecar import logs
 from sidecar.backoff import sleep
+from sidecar.consul_conn import warn_if_token_on_command_line
 from sidecar.status import StatusServer
 from sidecar.threads import Supervisor
 
@@ -45,6 +46,7 @@ def wait_for(name: str, ping: Callable[[], None], attempts: int, interval: float
 def main(argv: list[str] | None = None) -> int:
     settings = settings_mod.parse(argv)
     logs.setup(settings.log_level)
+    warn_if_token_on_command_line(argv, log)
     stop = threading.Event()
     registry = ConsulRegistry(settings.consul)
     source = DockerSource(settings.docker_url)

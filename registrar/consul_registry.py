@@ -45,11 +45,13 @@ class ConsulRegistry:
         self._node = ""
 
     def register(self, service: Service, statuses: dict[str, str]) -> None:
-        self._put(f"register {service.id}", "/v1/agent/service/register", service.registration(statuses))
+        self._put(f"register {service.id}", "/v1/agent/service/register", service.registration(statuses),
+                  needs=f'service:write on "{service.name}"')  # fmt: skip
 
     def deregister(self, service_id: str) -> None:
         try:
-            self._put(f"deregister {service_id}", f"/v1/agent/service/deregister/{service_id}")
+            self._put(f"deregister {service_id}", f"/v1/agent/service/deregister/{service_id}",
+                      needs="service:write on its name")  # fmt: skip
         except ConsulRejected as err:
             if "404" not in str(err) and "Unknown service" not in str(err):
                 raise
@@ -59,7 +61,8 @@ class ConsulRegistry:
         re-registration, so the check itself is replaced."""
         check: Check = service.check(index)
         check_id = service.check_id(index)
-        self._put(f"check deregister {check_id}", f"/v1/agent/check/deregister/{check_id}")
+        self._put(f"check deregister {check_id}", f"/v1/agent/check/deregister/{check_id}",
+                  needs=f'service:write on "{service.name}"')  # fmt: skip
         self._put(
             f"check register {check_id}",
             "/v1/agent/check/register",
@@ -68,35 +71,41 @@ class ConsulRegistry:
 
     def ttl_update(self, check_id: str, status: str, note: str) -> None:
         body = {"Status": status, "Output": note}
-        self._put(f"check update {check_id}", f"/v1/agent/check/update/{check_id}", body)
+        self._put(f"check update {check_id}", f"/v1/agent/check/update/{check_id}", body,
+                  needs="service:write on its service")  # fmt: skip
 
     def maintenance(self, service_id: str, enable: bool, reason: str | None = None) -> None:
         params: list[Any] = [("enable", "true" if enable else "false")]
         if enable:
             params.append(("reason", reason or f"Draining {MAINTENANCE_MARK}"))
-        self._put(f"maintenance {service_id}", f"/v1/agent/service/maintenance/{service_id}", params=params)
+        self._put(f"maintenance {service_id}", f"/v1/agent/service/maintenance/{service_id}", params=params,
+                  needs="service:write on its name")  # fmt: skip
 
     def services(self) -> dict[str, dict[str, Any]]:
-        result: dict[str, dict[str, Any]] = self._call("list services", lambda c: c.agent.services())
+        result: dict[str, dict[str, Any]] = self._call("list services", lambda c: c.agent.services(),
+                                                       needs="service:read")  # fmt: skip
         return result
 
     def checks(self) -> dict[str, dict[str, Any]]:
-        result: dict[str, dict[str, Any]] = self._call("list checks", lambda c: c.agent.checks())
+        result: dict[str, dict[str, Any]] = self._call("list checks", lambda c: c.agent.checks(),
+                                                       needs="service:read, node:read")  # fmt: skip
         return result
 
     def ping(self) -> None:
-        self._call("ping", lambda c: c.agent.self())
+        self._call("ping", lambda c: c.agent.self(), needs="agent:read on this node")
 
     def node_in_catalog(self) -> tuple[set[str], dict[str, str], bool]:
         """This agent's node as the catalog has it, read stale (any server answers, with or
         without a leader): its service IDs, the status of each of its checks, and whether the
         answering server knows a leader (without one, nothing can be written yet)."""
         if not self._node:
-            me = self._call("agent self", lambda c: c.agent.self())
+            me = self._call("agent self", lambda c: c.agent.self(), needs="agent:read on this node")
             self._node = str(me["Config"]["NodeName"])
         path = urllib.parse.quote(self._node, safe="")
-        services_raw = self._call("catalog node", lambda c: _stale_get(c, f"/v1/catalog/node/{path}"))
-        checks_raw = self._call("health node", lambda c: _stale_get(c, f"/v1/health/node/{path}"))
+        services_raw = self._call("catalog node", lambda c: _stale_get(c, f"/v1/catalog/node/{path}"),
+                                  needs="node:read on this node")  # fmt: skip
+        checks_raw = self._call("health node", lambda c: _stale_get(c, f"/v1/health/node/{path}"),
+                                needs="node:read on this node")  # fmt: skip
         services = set(((services_raw[0] or {}).get("Services") or {}).keys())
         statuses = {str(c["CheckID"]): str(c["Status"]) for c in checks_raw[0] or []}
         return services, statuses, services_raw[1] and checks_raw[1]

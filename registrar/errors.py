@@ -10,10 +10,10 @@ SidecarError
 
 from __future__ import annotations
 
-from sidecar.errors import ConsulRejected, ConsulUnavailable, SidecarError, Unavailable
+from sidecar.errors import ConsulForbidden, ConsulRejected, ConsulUnavailable, SidecarError, Unavailable
 from sidecar.logs import kv
 
-__all__ = ["ConsulRejected", "ConsulUnavailable", "DockerUnavailable", "LabelError", "Unavailable"]
+__all__ = ["ConsulForbidden", "ConsulRejected", "ConsulUnavailable", "DockerUnavailable", "LabelError", "Unavailable"]
 
 
 class LabelError(SidecarError):

@@ -23,6 +23,8 @@ class Syncing(Protocol):
 
     @property
     def pending_deregistrations(self) -> int: ...
+    @property
+    def denied(self) -> dict[str, str]: ...
 
     @property
     def counts(self) -> dict[str, int]: ...
@@ -60,6 +62,8 @@ class RegistrarStatus:
             problems["docker"] = "the Docker engine's event stream is not connected"
         if self._syncer.consul_up is False:
             problems["consul"] = "the Consul agent does not answer"
+        for operation, text in sorted(self._syncer.denied.items())[:20]:
+            problems[f"acl:{operation}"] = text
         body = {
             "status": "ok" if not problems else "degraded",
             "docker": "up" if self._watcher.up else "down",

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from registrar.consul_registry import MAINTENANCE_MARK, Registry, is_ours
-from registrar.errors import ConsulRejected, ConsulUnavailable
+from registrar.errors import ConsulForbidden, ConsulRejected, ConsulUnavailable
 from registrar.intents import (
     TERMINATING,
     Destroyed,
@@ -145,7 +145,6 @@ class Syncer:
         self._died_at: dict[str, int] = {}  # container -> sequence of its Died, for listings in flight
         self._up_at: dict[str, int] = {}  # container -> sequence of its last fresh Up
         self._pending_deregister: set[str] = set()  # retried until the agent has them gone
-        self._refused: set[str] = set()  # refusals already logged, said once each
         self._containers: dict[str, Tracked] = {}
         self._lingering: dict[str, list[str]] = {}  # died, kept by --deregister on-success
         self._want_maintenance: set[str] = set()
@@ -153,6 +152,9 @@ class Syncer:
         self._agent_maintenance: set[str] = set()
         self._known_status: dict[str, str] = {}
         self._unconfirmed: dict[str, _Unconfirmed] = {}  # service -> when to look for it in the catalog
+        self._said: dict[str, str] = {}  # operation -> the refusal logged for it, said once until it changes
+        self._denied: dict[str, str] = {}  # operation -> permission denied, until it succeeds (/health)
+        self._last_plan = ""
         self._consul_up: bool | None = None
         self._backoff = Backoff(base=0.1, cap=settings.retry_interval)
         self._generation = 0
@@ -172,6 +174,11 @@ class Syncer:
     @property
     def pending_deregistrations(self) -> int:
         return len(self._pending_deregister)
+
+    @property
+    def denied(self) -> dict[str, str]:
+        """Operations the ACL token may not do now (permission denied), with Consul's answer."""
+        return dict(self._denied)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -404,8 +411,9 @@ class Syncer:
         try:
             self._registry.register(service, self._statuses(service, tracked))
         except ConsulRejected as err:
-            log.error("rejected %s: %s", kv(container=tracked.name, id=service.id), err)
+            self._refused(f"register {service.id} (container {tracked.name})", err)
             return
+        self._accepted(f"register {service.id} (container {tracked.name})")
         self._pending_deregister.discard(service.id)
         self._counts["registered"] += 1
         self._unconfirmed_after_write(service.id)
@@ -420,6 +428,21 @@ class Syncer:
         for index, check in enumerate(service.checks):
             if check.probeable and self._known_status.get(service.check_id(index)) != PASSING:
                 self._prober.start(service.id, index, check, generation)
+
+    def _refused(self, operation: str, err: ConsulRejected) -> None:
+        """A refusal: logged once until its text changes (the tick retries it every second); a
+        permission denial also shows in /health until the same operation succeeds."""
+        text = str(err)
+        if self._said.get(operation) != text:
+            self._said[operation] = text
+            log.error("%s refused, will retry: %s", operation, text)
+        if isinstance(err, ConsulForbidden):
+            self._denied[operation] = text
+
+    def _accepted(self, operation: str) -> None:
+        if self._said.pop(operation, None) is not None or self._denied.pop(operation, None) is not None:
+            self._denied.pop(operation, None)
+            log.info("%s accepted again", operation)
 
     def _unconfirmed_after_write(self, service_id: str) -> None:
         now = time.monotonic()
@@ -485,12 +508,10 @@ class Syncer:
         try:
             self._registry.deregister(service_id)
         except ConsulRejected as err:
-            if service_id not in self._refused:
-                self._refused.add(service_id)
-                log.error("deregister refused, will retry %s: %s", kv(id=service_id), err)
+            self._refused(f"deregister {service_id}", err)
             return
+        self._accepted(f"deregister {service_id}")
         self._pending_deregister.discard(service_id)
-        self._refused.discard(service_id)
         self._counts["deregistered"] += 1
         log.info("deregistered %s", kv(id=service_id))
 
@@ -501,8 +522,9 @@ class Syncer:
         try:
             self._registry.maintenance(service_id, enable, f"{reason} {MAINTENANCE_MARK}" if enable else None)
         except ConsulRejected as err:
-            log.error("maintenance refused %s: %s", kv(id=service_id, enable=enable), err)
+            self._refused(f"maintenance {'on' if enable else 'off'} {service_id}", err)
             return
+        self._accepted(f"maintenance {'on' if enable else 'off'} {service_id}")
         if enable:
             self._agent_maintenance.add(service_id)
         else:
@@ -513,7 +535,7 @@ class Syncer:
         try:
             self._registry.ttl_update(check_id, status, f"docker health: {status}")
         except ConsulRejected as err:
-            log.error("ttl update refused %s: %s", kv(check=check_id), err)
+            self._refused(f"check update {check_id}", err)
 
     def _service(self, service_id: str) -> Service | None:
         for tracked in self._containers.values():
@@ -532,6 +554,10 @@ class Syncer:
         except ConsulUnavailable as err:
             self._consul_down(err)
             return self._backoff.next_delay()
+        except ConsulRejected as err:  # the token may not list this agent's services (or was revoked)
+            self._refused("list this agent's services and checks", err)
+            return self._backoff.next_delay()
+        self._accepted("list this agent's services and checks")
         return TICK
 
     def _reconcile(self) -> None:
@@ -563,11 +589,12 @@ class Syncer:
 
         todo = plan(desired, self._want_maintenance, agent, self._agent_maintenance, owned)
         if todo.empty():
+            self._last_plan = ""
             return
-        log.info(
-            "reconcile %s",
-            kv(register=len(todo.register), deregister=len(todo.deregister), maintenance=len(todo.maintenance_on)),
-        )
+        summary = kv(register=len(todo.register), deregister=len(todo.deregister), maintenance=len(todo.maintenance_on))
+        if summary != self._last_plan:  # the same plan retried every second is said once
+            log.info("reconcile %s", summary)
+            self._last_plan = summary
         for service in todo.register:
             if service is self._own:
                 self._register_own()
@@ -594,7 +621,7 @@ class Syncer:
         try:
             self._registry.register(self._own, {self._own.check_id(0): status})
         except ConsulRejected as err:
-            log.error("own registration refused %s: %s", kv(id=self._own.id), err)
+            self._refused(f"own registration {self._own.id}", err)
             return
         self._own_status = None  # the output goes with the next update
         log.info("registered %s", kv(service=self._own.name, id=self._own.id, own=True))
@@ -608,7 +635,7 @@ class Syncer:
         try:
             self._registry.ttl_update(self._own.check_id(0), state[0], state[1])
         except ConsulRejected as err:
-            log.error("own check update refused %s: %s", kv(id=self._own.id), err)
+            self._refused(f"own check update {self._own.id}", err)
             return
         self._own_status = state
         self._own_updated = time.monotonic()

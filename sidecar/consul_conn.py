@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -15,9 +17,49 @@ from typing import Any, TypeVar
 import consul
 import requests
 
-from sidecar.errors import ConsulRejected, ConsulUnavailable
+from sidecar.errors import ConsulForbidden, ConsulRejected, ConsulUnavailable
 
 T = TypeVar("T")
+
+
+class TokenFile:
+    """An ACL token kept in a file, read again whenever the file changes: a token rotated or
+    replaced on disk is used from the next request on, with no restart. A file that cannot be
+    read keeps the last token read."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._token: str | None = None
+        self.error = ""
+
+    def token(self) -> str | None:
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                if stamp != self._stamp:
+                    with open(self.path, encoding="utf-8") as f:
+                        self._token = f.read().strip() or None
+                    self._stamp = stamp
+                    if self._token:
+                        _SEEN_TOKENS.add(self._token)
+                self.error = ""
+            except OSError as err:
+                self.error = f"token file {self.path}: {err.strerror or err}"
+            return self._token
+
+
+_TOKEN_FILES: dict[str, TokenFile] = {}
+_TOKEN_FILES_LOCK = threading.Lock()
+# every token this process has read from a file: an old one may still sit in an error text
+_SEEN_TOKENS: set[str] = set()
+
+
+def token_file(path: str) -> TokenFile:
+    with _TOKEN_FILES_LOCK:
+        return _TOKEN_FILES.setdefault(path, TokenFile(path))
 
 
 @dataclass(frozen=True)
@@ -27,13 +69,21 @@ class ConsulSettings:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    token_file: str | None = None  # wins over token; read again when it changes
 
     def describe(self) -> str:
         return self.url
 
+    def current_token(self) -> str | None:
+        if self.token_file:
+            return token_file(self.token_file).token()
+        return self.token
+
     def scrub(self, text: str) -> str:
-        """text without the ACL token, for error messages, logs and /health."""
-        return scrub(text, self.token)
+        """text without any ACL token, for error messages, logs and /health."""
+        for secret in [self.token, *sorted(_SEEN_TOKENS, key=len, reverse=True)]:
+            text = scrub(text, secret)
+        return scrub(text)
 
 
 _TOKEN_PARAM = re.compile(r"(?i)([?&](?:token|X-Consul-Token)=)[^&\s'\")]*")
@@ -59,7 +109,16 @@ def add_consul_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("CONSUL_HTTP_ADDR", "http://127.0.0.1:8500"),
         help="Consul agent address (CONSUL_HTTP_ADDR)",
     )
-    group.add_argument("--token", default=env("CONSUL_HTTP_TOKEN"), help="ACL token (CONSUL_HTTP_TOKEN)")
+    group.add_argument(
+        "--token",
+        default=env("CONSUL_HTTP_TOKEN"),
+        help="ACL token (CONSUL_HTTP_TOKEN); visible in the process list: prefer --token-file",
+    )
+    group.add_argument(
+        "--token-file",
+        default=env("CONSUL_HTTP_TOKEN_FILE"),
+        help="file holding the ACL token, read again when it changes (CONSUL_HTTP_TOKEN_FILE); wins over --token",
+    )
     group.add_argument("--ca-file", default=env("CONSUL_CACERT"), help="CA bundle for https")
     group.add_argument("--cert-file", default=env("CONSUL_CLIENT_CERT"), help="client certificate")
     group.add_argument("--key-file", default=env("CONSUL_CLIENT_KEY"), help="client key")
@@ -68,8 +127,21 @@ def add_consul_arguments(parser: argparse.ArgumentParser) -> None:
 def consul_settings_from(args: argparse.Namespace) -> ConsulSettings:
     url = args.consul if "//" in args.consul else f"http://{args.consul}"
     return ConsulSettings(
-        url=url, token=args.token, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file
+        url=url,
+        token=args.token,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        token_file=args.token_file,
     )
+
+
+def warn_if_token_on_command_line(argv: list[str] | None, logger: logging.Logger) -> None:
+    """--token given as an argument: anyone on the host can read it in the process list."""
+    args = sys.argv[1:] if argv is None else argv
+    if any(a == "--token" or a.startswith("--token=") for a in args):
+        logger.warning("--token on the command line is visible to every user of this host (ps): "
+                       "use --token-file or CONSUL_HTTP_TOKEN_FILE")  # fmt: skip
 
 
 def make_client(settings: ConsulSettings, timeout: float = 10.0) -> consul.Consul:
@@ -90,7 +162,7 @@ def make_client(settings: ConsulSettings, timeout: float = 10.0) -> consul.Consu
         verify=verify,
         cert=cert,
     )
-    client.token = settings.token
+    client.token = settings.current_token()
     client.http.connections_timeout = timeout
     return client
 
@@ -112,6 +184,8 @@ class ClientPerThread:
         if client is None:
             client = make_client(self.settings, self._timeout)
             self._local.client = client
+        else:
+            client.token = self.settings.current_token()  # a token file may have changed
         return client
 
 
@@ -124,23 +198,29 @@ class AgentAPI:
         self._settings = settings
         self._clients = ClientPerThread(settings, timeout)
 
-    def call(self, what: str, fn: Callable[[consul.Consul], T]) -> T:
+    def call(self, what: str, fn: Callable[[consul.Consul], T], needs: str = "") -> T:
+        """fn(client) with Consul's failures mapped; needs: the ACL permission the call needs,
+        named in a permission-denied error."""
         scrub = self._settings.scrub
         try:
             return fn(self._clients.get())
         except (requests.RequestException, consul.Timeout, OSError) as err:
             raise ConsulUnavailable(scrub(f"consul {self._settings.url} unreachable during {what}: {err}")) from None
+        except consul.ACLPermissionDenied as err:
+            raise ConsulForbidden(
+                scrub(f"permission denied during {what}{' (needs ' + needs + ')' if needs else ''}: {err}")
+            ) from None
         except consul.ConsulException as err:
             text = scrub(str(err))
             if text.startswith("500") and ("connection refused" in text or "No cluster leader" in text):
                 raise ConsulUnavailable(f"consul not ready during {what}: {text}") from None
             raise ConsulRejected(f"consul refused {what}: {text}") from None
 
-    def put(self, what: str, path: str, body: Any = None, params: list[Any] | None = None) -> None:
+    def put(self, what: str, path: str, body: Any = None, params: list[Any] | None = None, needs: str = "") -> None:
         def run(client: consul.Consul) -> None:
             data = json.dumps(body) if body is not None else ""
             client.http.put(
                 consul.callback.CB.boolean(), path, params=params or [], data=data, headers=client.prepare_headers()
             )
 
-        self.call(what, run)
+        self.call(what, run, needs)

@@ -9,6 +9,7 @@ import threading
 from types import FrameType
 
 from sidecar import logs
+from sidecar.consul_conn import warn_if_token_on_command_line
 from sidecar.status import StatusServer
 from templater.haproxy_runtime import RuntimeHook
 from templater.runner import Runner
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.setup(settings.log_level)
     metrics = Metrics()
+    warn_if_token_on_command_line(argv, log)
     hook = None
     if settings.proxy == "haproxy" and not settings.dry:
         hook = RuntimeHook(settings.templates[0].dest, settings.drain_timeout, metrics)

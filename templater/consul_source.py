@@ -43,7 +43,7 @@ from templater.catalog import (
     service_row,
     sorted_rows,
 )
-from templater.errors import ConsulRejected, ConsulUnavailable
+from templater.errors import ConsulForbidden, ConsulRejected, ConsulUnavailable
 from templater.render import catalog_key
 from templater.watch import BlockingLoop, Response, WatchSettings
 
@@ -80,6 +80,9 @@ class ConsulFetcher:
             raise ConsulUnavailable(scrub(f"consul {path}: {raw.code} {raw.body[:200]}"))
         if raw.code == 404:
             return Response(int(raw.headers.get("X-Consul-Index", "1")), None)
+        if raw.code == 403:
+            raise ConsulForbidden(scrub(f"permission denied reading {path} (needs {read_permission(path)}): "
+                                        f"{raw.body[:200]}"))  # fmt: skip
         if raw.code >= 400:
             raise ConsulRejected(scrub(f"consul {path}: {raw.code} {raw.body[:200]}"))
         try:
@@ -95,6 +98,17 @@ class ConsulFetcher:
             data=data,
             last_contact_ms=last_contact_ms,
         )
+
+
+def read_permission(path: str) -> str:
+    """The ACL permission a templater read needs. Pure."""
+    if path.startswith("/v1/kv/"):
+        return f'key:read on "{urllib.parse.unquote(path[len("/v1/kv/") :])}"'
+    if path.startswith("/v1/catalog/node"):
+        return "node:read and service:read"
+    if path.startswith("/v1/health/"):
+        return "service:read and node:read"
+    return "service:read"
 
 
 StateFn = Callable[[str, bool, str], None]

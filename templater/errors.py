@@ -12,9 +12,17 @@ SidecarError
 
 from __future__ import annotations
 
-from sidecar.errors import ConsulRejected, ConsulUnavailable, SidecarError
+from sidecar.errors import ConsulForbidden, ConsulRejected, ConsulUnavailable, SidecarError
 
-__all__ = ["CheckFailed", "CommandFailed", "ConsulRejected", "ConsulUnavailable", "ProxyError", "TemplateError"]
+__all__ = [
+    "CheckFailed",
+    "CommandFailed",
+    "ConsulForbidden",
+    "ConsulRejected",
+    "ConsulUnavailable",
+    "ProxyError",
+    "TemplateError",
+]
 
 
 class TemplateError(SidecarError):
