@@ -10,7 +10,7 @@ import consul
 
 from registrar.errors import ConsulRejected
 from registrar.model import Check, Service
-from sidecar.consul_conn import AgentAPI, ConsulSettings
+from sidecar.consul_conn import AgentAPI, ConsulSettings, agent_self
 
 MAINTENANCE_MARK = "[registrar]"  # ends the reason of every maintenance the registrar sets
 _OLD_REASON = "registrar: container stopping or paused"  # what earlier versions set
@@ -92,14 +92,14 @@ class ConsulRegistry:
         return result
 
     def ping(self) -> None:
-        self._call("ping", lambda c: c.agent.self(), needs="agent:read on this node")
+        self._call("ping", agent_self, needs="agent:read on this node")
 
     def node_in_catalog(self) -> tuple[set[str], dict[str, str], bool]:
         """This agent's node as the catalog has it, read stale (any server answers, with or
         without a leader): its service IDs, the status of each of its checks, and whether the
         answering server knows a leader (without one, nothing can be written yet)."""
         if not self._node:
-            me = self._call("agent self", lambda c: c.agent.self(), needs="agent:read on this node")
+            me = self._call("agent self", agent_self, needs="agent:read on this node")
             self._node = str(me["Config"]["NodeName"])
         path = urllib.parse.quote(self._node, safe="")
         services_raw = self._call("catalog node", lambda c: _stale_get(c, f"/v1/catalog/node/{path}"),

@@ -224,3 +224,12 @@ class AgentAPI:
             )
 
         self.call(what, run, needs)
+
+
+def agent_self(client: consul.Consul) -> dict[str, Any]:
+    """/v1/agent/self with the token: py-consul's agent.self() sends none, which an agent with
+    ACLs in default-deny mode refuses."""
+    result: dict[str, Any] = client.http.get(
+        consul.callback.CB.json(), "/v1/agent/self", headers=client.prepare_headers()
+    )
+    return result

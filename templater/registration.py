@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from sidecar.consul_conn import AgentAPI, ConsulSettings
+from sidecar.consul_conn import AgentAPI, ConsulSettings, agent_self
 from templater.errors import ConsulRejected, ConsulUnavailable
 
 log = logging.getLogger("templater.registration")
@@ -78,7 +78,7 @@ class SelfRegistration:
 
     def _register(self, state: State, ports: list[int]) -> None:
         if not self._node:
-            agent = self._call("agent self", lambda c: c.agent.self())
+            agent = self._call("agent self", agent_self, needs="agent:read on this node")
             self._node = str((agent.get("Config") or {}).get("NodeName") or "")
             self._address = self._address or str(((agent.get("Member") or {}).get("Addr")) or "")
             self.service_id = f"{self.name}:{self._node}"
@@ -104,7 +104,8 @@ class SelfRegistration:
                 "Status": state.status,
             },
         }
-        self._put(f"register {self.service_id}", "/v1/agent/service/register", body)
+        self._put(f"register {self.service_id}", "/v1/agent/service/register", body,
+                  needs=f'service:write on "{self.name}"')  # fmt: skip
         self._registered_ports = ports
         log.info("registered own service=%s id=%s ports=%s", self.name, self.service_id, ports)
 
@@ -137,7 +138,8 @@ class SelfRegistration:
 
     def _send(self, state: State) -> None:
         body = {"Status": state.status, "Output": state.output}
-        self._put(f"check update {self.check_id}", f"/v1/agent/check/update/{self.check_id}", body)
+        self._put(f"check update {self.check_id}", f"/v1/agent/check/update/{self.check_id}", body,
+                  needs=f'service:write on "{self.name}"')  # fmt: skip
 
     def deregister(self) -> None:
         if not self.service_id:

@@ -56,8 +56,10 @@ def wait_until(fn: Callable[[], T], timeout: float = 10.0, interval: float = 0.0
 class ConsulAgent:
     """`consul agent -dev` on free loopback ports; restart() loses all state, as a dev agent does."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
+        self.extra = extra or {}  # merged into the agent's configuration (ACLs, TLS)
+        self.token: str | None = None  # sent by get() and put() when set
         self.http_port = free_port()
         self._ports = {
             "serf_lan": free_port(),
@@ -83,6 +85,7 @@ class ConsulAgent:
             },
             "enable_local_script_checks": True,
             "disable_update_check": True,  # no traffic off this machine
+            **self.extra,
         }
         cfg = self.workdir / "consul.json"
         cfg.write_text(json.dumps(config))
@@ -93,7 +96,7 @@ class ConsulAgent:
                 "agent",
                 "-dev",
                 "-node",
-                "test-node",
+                str(self.extra.get("node_name", "test-node")),
                 "-bind",
                 "127.0.0.1",
                 "-client",
@@ -124,13 +127,17 @@ class ConsulAgent:
         self.stop()
         self.start()
 
+    def _headers(self) -> dict[str, str]:
+        return {"X-Consul-Token": self.token} if self.token else {}
+
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+        request = urllib.request.Request(self.url + path, headers=self._headers())
+        with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read() or b"null")
 
-    def put(self, path: str, body: Any = None) -> Any:
+    def put(self, path: str, body: Any = None, method: str = "PUT") -> Any:
         data = json.dumps(body).encode() if body is not None else b""
-        request = urllib.request.Request(self.url + path, data=data, method="PUT")
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=self._headers())
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read() or b"null")
 
