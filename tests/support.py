@@ -56,8 +56,10 @@ def wait_until(fn: Callable[[], T], timeout: float = 10.0, interval: float = 0.0
 class ConsulAgent:
     """`consul agent -dev` on free loopback ports; restart() loses all state, as a dev agent does."""
 
-    def __init__(self, workdir: Path, extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: Path, extra: dict[str, Any] | None = None, https: bool = False) -> None:
+        """extra: merged into the configuration (ACLs, TLS files); https: serve HTTPS too."""
         self.workdir = workdir
+        self.https_port = free_port() if https else None
         self.extra = extra or {}  # merged into the agent's configuration (ACLs, TLS)
         self.token: str | None = None  # sent by get() and put() when set
         self.http_port = free_port()
@@ -82,6 +84,7 @@ class ConsulAgent:
                 "serf_lan": self._ports["serf_lan"],
                 "serf_wan": self._ports["serf_wan"],
                 "server": self._ports["server"],
+                **({"https": self.https_port} if self.https_port else {}),
             },
             "enable_local_script_checks": True,
             "disable_update_check": True,  # no traffic off this machine
