@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
 import re
 import socket
 import threading
@@ -266,7 +267,7 @@ class RuntimeHook:
         except ProxyError:
             return
         with contextlib.suppress(OSError):
-            Path(parsed.state_file).write_text(state + "\n")
+            write_private(Path(parsed.state_file), state + "\n")
 
     def worker_pid(self) -> int | None:
         """The pid of the worker that answers on the admin socket now."""
@@ -345,3 +346,17 @@ class RuntimeHook:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write text to path readable by its owner only (0600), through a temp file and a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # whatever the umask, or a file left by an older run
+            f.write(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

@@ -7,6 +7,7 @@ missing data is incomplete and is never written out, as in consul-template.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import re
 import sys
@@ -63,9 +64,10 @@ class RenderResult:
 
 
 class _Recorder:
-    def __init__(self, view: View, env_vars: dict[str, str]) -> None:
+    def __init__(self, view: View, env_vars: dict[str, str], env_allow: tuple[str, ...] = ()) -> None:
         self.view = view
         self.env_vars = env_vars
+        self.env_allow = env_allow
         self.result = RenderResult("")
 
     def _catalog(self, dc: str | None) -> Snapshot:
@@ -145,6 +147,10 @@ class _Recorder:
         return [item for item in self.tree(prefix, dc) if "/" not in item["key"]]
 
     def env(self, name: str, default: str = "") -> str:
+        """An environment variable that --env-allow names; any other is an error, so a template
+        (data from Consul's users) cannot read the token or other secrets of the process."""
+        if not env_allowed(str(name), self.env_allow):
+            raise ValueError(f"env({name!r}): not allowed; name it in --env-allow (TEMPLATER_ENV_ALLOW)")
         return self.env_vars.get(name, default)
 
     def warn(self, message: Any) -> str:
@@ -298,6 +304,11 @@ class _Environment(SandboxedEnvironment):
         return super().getattr(obj, attribute)
 
 
+def env_allowed(name: str, allow: tuple[str, ...]) -> bool:
+    """Whether --env-allow lets templates read this variable. Pure."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in allow)
+
+
 def make_environment() -> SandboxedEnvironment:
     env = _Environment(
         undefined=jinja2.StrictUndefined,
@@ -334,9 +345,11 @@ def render(
     view: View,
     variables: dict[str, str],
     env_vars: dict[str, str],
+    env_allow: tuple[str, ...] = (),
 ) -> RenderResult:
-    """Render one template; raises TemplateError naming the template and the line."""
-    recorder = _Recorder(view, env_vars)
+    """Render one template; raises TemplateError naming the template and the line. env() reads
+    env_vars, only the names env_allow matches (shell patterns such as APP_*)."""
+    recorder = _Recorder(view, env_vars, env_allow)
     context = {
         "services": recorder.services,
         "service": recorder.service,

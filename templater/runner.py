@@ -24,7 +24,7 @@ from templater.haproxy_runtime import Outcome
 from templater.output import read_current, run_command, swap
 from templater.proxy import KINDS, Proxy, children
 from templater.registration import SelfRegistration, State
-from templater.render import RenderResult, catalog_key, compile_template, make_environment, render
+from templater.render import RenderResult, catalog_key, compile_template, env_allowed, make_environment, render
 from templater.settings import Settings, TemplateSpec
 from templater.status import Metrics
 from templater.store import FrozenView, Store
@@ -239,7 +239,9 @@ class Runner:
             if state.compiled is None:
                 self._load(state)
             assert state.compiled is not None
-            result = render(state.compiled, spec.name, view, self.settings.variables, dict(os.environ))
+            allow = self.settings.env_allow
+            env_vars = {k: v for k, v in os.environ.items() if env_allowed(k, allow)}
+            result = render(state.compiled, spec.name, view, self.settings.variables, env_vars, allow)
         except TemplateError as err:
             state.failed = True
             self.metrics.add(render_failures=1)

@@ -44,6 +44,7 @@ class Settings:
     status_addr: tuple[str, int] | None = None
     max_stale_ms: int = 2000
     retry_attempts: int = 12
+    env_allow: tuple[str, ...] = ()
     retry_backoff: float = 0.25
     retry_max_backoff: float = 2.0
     empty_grace: float = 15.0
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--retry-backoff", default="250ms", help="first delay after a failed Consul query")
     parser.add_argument("--retry-max-backoff", default="2s", help="the delay doubles up to this")
+    parser.add_argument(
+        "--env-allow",
+        default=os.environ.get("TEMPLATER_ENV_ALLOW", ""),
+        metavar="NAME[,NAME]",
+        help="environment variables templates may read with env() (shell patterns such as APP_*; "
+        "TEMPLATER_ENV_ALLOW); any other name fails the render",
+    )
     parser.add_argument("--template", action="append", default=[], metavar="SRC:DEST[:COMMAND]")
     parser.add_argument("--var", action="append", default=[], metavar="KEY=VALUE", help="templates see vars.KEY")
     parser.add_argument("--wait", default="0s", metavar="MIN[:MAX]", help="quiescence before rendering")
@@ -192,6 +200,7 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         status_addr=parse_addr(args.status_addr) if args.status_addr else None,
         max_stale_ms=int(max_stale * 1000),
         retry_attempts=args.retry_attempts,
+        env_allow=tuple(p.strip() for p in args.env_allow.split(",") if p.strip()),
         retry_backoff=retry_backoff,
         retry_max_backoff=max(retry_backoff, retry_max_backoff),
         empty_grace=empty_grace,

@@ -121,6 +121,16 @@ def test_least_privilege_tokens_end_to_end(acl_consul, tokens, docker_engine, co
         )
         for t in tokens.values():
             assert t["secret"] not in printed
+        # HAProxy's admin socket is the proxy's owner's alone: another user cannot even connect
+        sock = tmp_path / "admin.sock"
+        assert sock.stat().st_mode & 0o777 == 0o600
+        other = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+             f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(sock)!r})"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert other.returncode != 0 and "PermissionError" in other.stderr, other.stderr
+        assert get(port, "nothing.test")[0] == 404  # and the proxy serves on
     finally:
         templater.stop()
         registrar.stop()

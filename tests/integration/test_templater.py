@@ -54,9 +54,25 @@ def test_once_renders_and_exits_zero(consul, tmp_path):
     register(consul, "a2", "alpha", 8002)
     src = write(tmp_path / "list.j2", LIST + "{{ vars.greeting }} {{ env('HOME') }}\n")
     dest = tmp_path / "out" / "list.conf"
-    proc = run_once(consul, "--template", f"{src}:{dest}", "--var", "greeting=hi")
+    proc = run_once(consul, "--template", f"{src}:{dest}", "--var", "greeting=hi", "--env-allow", "HOME,LANG")
     assert proc.returncode == 0, proc.stderr
     assert dest.read_text() == f"alpha 127.0.0.1:8001 127.0.0.1:8002\nhi {os.environ['HOME']}\n"
+
+
+def test_env_reads_only_what_env_allow_names(consul, tmp_path):
+    """A template cannot read the process's token (or anything else) through env() unless the
+    operator named the variable: the render fails and says which name and which flag."""
+    src = write(tmp_path / "leak.j2", "{{ env('CONSUL_HTTP_TOKEN') }}\n")
+    dest = tmp_path / "leak.conf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "templater", "--consul", consul.url, "--once", "--template", f"{src}:{dest}",
+         "--env-allow", "APP_*"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, env={**os.environ, "CONSUL_HTTP_TOKEN": "s3cret-token"},
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "env('CONSUL_HTTP_TOKEN'): not allowed" in proc.stderr and "leak.j2" in proc.stderr
+    assert "s3cret-token" not in proc.stderr + proc.stdout
+    assert not dest.exists()
 
 
 def test_another_dc_that_cannot_be_read_does_not_hold_the_render(consul, tmp_path):

@@ -4,6 +4,7 @@ fetcher, the Store's grace and wake-ups."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -220,3 +221,21 @@ def test_store_holds_an_emptied_service_then_believes_it_and_wakes_the_runner():
     assert "web" not in store.view().catalog("").instances
     store.touch("template:x")
     assert store.wait(0) == {"template:x"}
+
+
+def test_haproxy_state_file_is_written_for_its_owner_only(tmp_path):
+    """The server-state file (addresses and states of every server) is 0600 whatever the umask,
+    also over a file an older version left world-readable."""
+    from templater.haproxy_runtime import write_private
+
+    target = tmp_path / "server-state"
+    target.write_text("old")
+    target.chmod(0o644)
+    old_umask = os.umask(0)
+    try:
+        write_private(target, "1\n# be_x 1 srv 127.0.0.1 2\n")
+    finally:
+        os.umask(old_umask)
+    assert target.read_text().startswith("1\n")
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["server-state"]  # no temp file left

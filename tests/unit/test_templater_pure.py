@@ -176,6 +176,43 @@ def test_render_errors_name_template_and_line():
         render(compile_template(env, "t.j2", "{{ ''.__class__.__mro__ }}"), "t.j2", View(Snapshot()), {}, {})
 
 
+ESCAPES = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ service.__globals__ }}",
+    "{{ env.__func__.__globals__['os'] }}",
+    "{{ services.__self__.view }}",
+    "{{ (1).__class__.__base__.__subclasses__() }}",
+    "{{ vars.__class__.__init__.__globals__ }}",
+    "{{ '{0.__class__.__mro__}'.format(1) }}",
+    "{{ '{0.__globals__}'.format(service) }}",
+    "{{ '%s'.format_map({}) }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{{ lipsum.__globals__['os'].popen('id').read() }}",
+    "{{ namespace.__init__.__globals__ }}",
+    "{% for c in [].__class__.__base__.__subclasses__() %}{{ c }}{% endfor %}",
+    "{% include '/etc/passwd' %}",
+    "{% import '/etc/hostname' as h %}",
+    "{{ self.__init__.__globals__ }}",
+    "{{ warn.__self__.env_vars }}",
+]
+
+
+@pytest.mark.parametrize("payload", ESCAPES)
+def test_sandbox_escapes_fail_the_render(payload):
+    """Templates are data from Consul's users: no attribute walk, format-string trick, include or
+    import reaches Python internals, files or the recorder's state; each fails the render."""
+    env = make_environment()
+    secret = {"CONSUL_HTTP_TOKEN": "s3cret"}
+    try:
+        compiled = compile_template(env, "t.j2", payload)
+        out = render(compiled, "t.j2", View(Snapshot()), {}, secret).text
+    except TemplateError as err:
+        assert "s3cret" not in str(err)
+        return
+    # a few payloads render harmlessly (undefined attributes come out empty): nothing leaks
+    assert "s3cret" not in out and "uid=" not in out and "root:" not in out and "<class" not in out, out
+
+
 def test_filters():
     a = {"tags": ["x"], "meta": {"http_host": "a.com"}}
     b = {"tags": [], "meta": {"http_host": "b.com"}}
