@@ -12,7 +12,7 @@ from collections.abc import Callable
 from registrar import settings as settings_mod
 from registrar.consul_registry import ConsulRegistry
 from registrar.docker_events import DockerSource, DockerWatcher
-from registrar.errors import Unavailable
+from registrar.errors import ConsulRejected, Unavailable
 from registrar.model import Check, Service
 from registrar.status import RegistrarStatus
 from registrar.sync import Syncer
@@ -32,7 +32,7 @@ def wait_for(name: str, ping: Callable[[], None], attempts: int, interval: float
         try:
             ping()
             return True
-        except Unavailable as err:
+        except (Unavailable, ConsulRejected) as err:  # a token without agent:read waits like an agent down
             tried += 1
             if attempts >= 0 and tried > attempts:
                 log.error("giving up on %s after %d attempts: %s", name, tried, err)

@@ -20,6 +20,7 @@ import jinja2
 from jinja2 import pass_context
 from jinja2.sandbox import SandboxedEnvironment
 
+from sidecar.logs import REDACTOR
 from templater.catalog import PASSING, Instance, Snapshot, valid_hostname
 from templater.errors import TemplateError
 
@@ -119,18 +120,24 @@ class _Recorder:
         raw = entry.get("Value")
         return base64.b64decode(raw).decode("utf-8", "replace") if raw else ""
 
-    def key(self, path: str, dc: str | None = None) -> str:
+    def key(self, path: str, dc: str | None = None, secret: bool = False) -> str:
         """The key's value; a key that does not exist holds the render back until it does,
-        as consul-template's `key` does (`key_or_default` renders with a default instead)."""
+        as consul-template's `key` does (`key_or_default` renders with a default instead).
+        secret=True: the value never appears in a log line or /health (an error quoting it)."""
         entries = self._kv(path, False, dc)
         if not entries:
             self.result.missing.add(kv_key(path, False, dc))
             return ""
-        return self._value(entries[0])
+        value = self._value(entries[0])
+        return self.secret(value) if secret else value
 
-    def key_or_default(self, path: str, default: str, dc: str | None = None) -> str:
+    def key_or_default(self, path: str, default: str, dc: str | None = None, secret: bool = False) -> str:
         entries = self._kv(path, False, dc)
-        return self._value(entries[0]) if entries else default
+        value = self._value(entries[0]) if entries else default
+        return self.secret(value) if secret else value
+
+    def secret(self, value: Any) -> Any:
+        return mark_secret(value)
 
     def tree(self, prefix: str, dc: str | None = None) -> list[dict[str, str]]:
         base = prefix.strip("/")
@@ -304,6 +311,13 @@ class _Environment(SandboxedEnvironment):
         return super().getattr(obj, attribute)
 
 
+def mark_secret(value: Any) -> Any:
+    """`secret(value)` / `value | secret`: the value, from now on redacted from every log line
+    and /health text of this process (an error that quotes it included)."""
+    REDACTOR.add(str(value))
+    return value
+
+
 def env_allowed(name: str, allow: tuple[str, ...]) -> bool:
     """Whether --env-allow lets templates read this variable. Pure."""
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in allow)
@@ -327,6 +341,7 @@ def make_environment() -> SandboxedEnvironment:
         int_between=int_between,
         haproxy_quote=haproxy_quote,
         nginx_quote=nginx_quote,
+        secret=mark_secret,
     )
     env.tests.update(hostname=is_hostname, url_path=is_url_path)
     return env
@@ -356,6 +371,7 @@ def render(
         "nodes": recorder.nodes,
         "key": recorder.key,
         "key_or_default": recorder.key_or_default,
+        "secret": recorder.secret,
         "ls": recorder.ls,
         "tree": recorder.tree,
         "env": recorder.env,

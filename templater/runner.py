@@ -15,6 +15,7 @@ import jinja2
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from sidecar.logs import REDACTOR
 from sidecar.threads import Supervisor
 from templater.catalog import CRITICAL, PASSING, WARNING, Snapshot
 from templater.child import Child
@@ -245,7 +246,7 @@ class Runner:
         except TemplateError as err:
             state.failed = True
             self.metrics.add(render_failures=1)
-            self.metrics.problem(f"render:{spec.name}", str(err))
+            self.metrics.problem(f"render:{spec.name}", REDACTOR.text(str(err)))
             log.error("%s; keeping the last good %s", err, spec.dest)
             return None
         self.metrics.problem(f"render:{spec.name}", None)

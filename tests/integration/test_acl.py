@@ -220,3 +220,29 @@ def test_templater_with_a_revoked_token_keeps_its_output(acl_consul, tokens, tmp
         templater.stop()
         for sid in ("kept-1", "kept-2", "kept-3"):
             acl_consul.put(f"/v1/agent/service/deregister/{sid}")
+
+
+def test_cleanup_never_touches_another_nodes_services(acl_consul, tokens, docker_engine, tmp_path):
+    """Services of another node whose IDs have this host's prefix shape (as a wrong or anonymous
+    token might see them in the catalog) stay: --cleanup acts on this agent's services only."""
+    acl_consul.put("/v1/catalog/register", {
+        "Node": "other-host", "Address": "127.0.0.9",
+        "Service": {"ID": f"{NODE}:impostor:80", "Service": "impostor", "Port": 80, "Meta": {"registrar_host": NODE}},
+    })  # fmt: skip
+    reg_file = token_file(tmp_path / "registrar.token", tokens["registrar"]["secret"])
+    common = ["--consul", acl_consul.url, "--hostname", NODE, "--cleanup", "--retry-interval", "500",
+              "--register-self", ""]  # fmt: skip
+    anonymous = Process("registrar", common, tmp_path)
+    registrar = Process("registrar", [*common, "--token-file", str(reg_file)], tmp_path)
+    try:
+        for proc in (anonymous, registrar):
+            wait_until(lambda proc=proc: "docker events connected" in proc.output() or not proc.alive(), timeout=20,
+                       what="registrar up")  # fmt: skip
+        time.sleep(3)  # a few reconcile ticks
+        node = acl_consul.get("/v1/catalog/node/other-host")
+        assert f"{NODE}:impostor:80" in node["Services"], node
+        assert "impostor" not in registrar.output() and "impostor" not in anonymous.output()
+    finally:
+        registrar.stop()
+        anonymous.stop()
+        acl_consul.put("/v1/catalog/deregister", {"Node": "other-host"})

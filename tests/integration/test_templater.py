@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -373,3 +374,27 @@ def _health(port: int) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def test_kv_values_marked_secret_never_reach_logs_or_health(consul, templater, tmp_path):
+    """key(path, secret=True) and `| secret`: a render error that quotes the value (here a
+    password with a line break that haproxy_quote refuses) says where, never what."""
+    password = "hunter2-secret\nmaxconn 1"
+    request = urllib.request.Request(f"{consul.url}/v1/kv/app/db_password", data=password.encode(), method="PUT")
+    urllib.request.urlopen(request, timeout=5).close()
+    line = "    server db 10.0.0.1:5432 password {{ key('app/db_password', secret=True) | haproxy_quote }}\n"
+    src = write(tmp_path / "s.j2", line)
+    status = free_port()
+    proc = templater("--template", f"{src}:{tmp_path / 'out.cfg'}", "--status-addr", f"127.0.0.1:{status}")
+    wait_until(lambda: "haproxy_quote" in proc.output(), timeout=15, what="the render error in the log")
+    with urllib.request.urlopen(f"http://127.0.0.1:{status}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{status}/health", timeout=5)
+        health = ""
+    except urllib.error.HTTPError as err:
+        health = err.read().decode()
+    assert "haproxy_quote" in health and "s.j2" in health
+    for text in (proc.output(), health, metrics):
+        assert "hunter2-secret" not in text, text[-2000:]
+    assert not (tmp_path / "out.cfg").exists()
