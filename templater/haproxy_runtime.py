@@ -267,7 +267,7 @@ class RuntimeHook:
         except ProxyError:
             return
         with contextlib.suppress(OSError):
-            write_private(Path(parsed.state_file), state + "\n")
+            write_private(Path(parsed.state_file), keep_state_of_unmoved(state, parsed) + "\n")
 
     def worker_pid(self) -> int | None:
         """The pid of the worker that answers on the admin socket now."""
@@ -360,3 +360,25 @@ def write_private(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def keep_state_of_unmoved(state: str, parsed: Parsed) -> str:
+    """`show servers state` without the servers whose address or port the new configuration
+    changes. HAProxy restores a server's saved port (and state) by name: a container that came
+    back on a new port under the same name would be sent to its old, dead port. Pure."""
+    lines = state.splitlines()
+    header = next((line[1:].split() for line in lines if line.startswith("#")), [])
+    try:
+        be, name, addr, port = (header.index(c) for c in ("be_name", "srv_name", "srv_addr", "srv_port"))
+    except ValueError:
+        return state
+    kept = []
+    for line in lines:
+        fields = line.split()
+        if line.startswith("#") or len(fields) <= max(be, name, addr, port):
+            kept.append(line)
+            continue
+        configured = parsed.servers.get(fields[be], {}).get(fields[name], "").split()
+        if configured and configured[0] == f"{fields[addr]}:{fields[port]}":
+            kept.append(line)
+    return "\n".join(kept)

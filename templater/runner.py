@@ -149,7 +149,8 @@ class Runner:
         if not up:
             self._stand_in_for_other_dc(key, error)
         if was_up and not now_up:
-            log.warning("consul unavailable, keeping the last good output, will retry: %s", error)
+            what = "consul refused a read (ACL)" if error.startswith("permission denied") else "consul unavailable"
+            log.warning("%s, keeping the last good output, will retry: %s", what, error)
         elif now_up and not was_up:
             log.info("consul available again")
 

@@ -239,3 +239,23 @@ def test_haproxy_state_file_is_written_for_its_owner_only(tmp_path):
     assert target.read_text().startswith("1\n")
     assert target.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["server-state"]  # no temp file left
+
+
+def test_server_state_drops_servers_that_moved():
+    """A server whose address:port the new configuration changes starts from the configuration,
+    not from the saved state (HAProxy would restore its old, dead port by name)."""
+    from templater.haproxy_runtime import keep_state_of_unmoved, parse
+
+    config = "backend be_x\n    server a 127.0.0.1:9001 check\n    server b 127.0.0.1:9102 check\n"
+    state = (
+        "1\n"
+        "# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight "
+        "srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state "
+        "srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord\n"
+        "3 be_x 1 a 127.0.0.1 2 0 1 1 5 6 3 4 6 0 0 0 - 9001 -\n"
+        "3 be_x 2 b 127.0.0.1 0 0 1 1 5 6 3 4 6 0 0 0 - 9002 -\n"
+        "3 be_x 3 gone 127.0.0.1 2 0 1 1 5 6 3 4 6 0 0 0 - 9003 -"
+    )
+    kept = keep_state_of_unmoved(state, parse(config)).splitlines()
+    assert kept[0] == "1" and kept[1].startswith("# be_id")
+    assert [line.split()[3] for line in kept[2:]] == ["a"]  # b moved to 9102, gone is gone
