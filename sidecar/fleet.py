@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class Host:
     ip: str
     proxy: str  # "haproxy" | "nginx"
     index: int
+    secure: bool = False
 
     @property
     def node(self) -> str:
@@ -63,6 +65,13 @@ class Host:
 
     @property
     def consul_url(self) -> str:
+        """What the host's registrar and templater use: HTTPS with client certificates when the
+        fleet is secure."""
+        return f"https://{self.ip}:8501" if self.secure else f"http://{self.ip}:8500"
+
+    @property
+    def http_url(self) -> str:
+        """The agent's plain HTTP port on loopback, for this harness (status, with a token)."""
         return f"http://{self.ip}:8500"
 
     @property
@@ -77,6 +86,14 @@ class Layout:
     state: Path
     net: str = "127.0.0"
     proxies: tuple[str, str] = ("haproxy", "nginx")
+    # ACLs in default-deny mode and TLS (verify incoming and outgoing, server host names) on
+    # every agent; the registrars and templaters use HTTPS with client certificates and
+    # least-privilege tokens from files. No dc2 then (WAN federation with ACLs needs replication).
+    secure: bool = False
+
+    @property
+    def pki(self) -> Path:
+        return self.state / "pki"
 
     @property
     def octet(self) -> int:
@@ -92,7 +109,7 @@ class Layout:
 
     @property
     def hosts(self) -> list[Host]:
-        return [Host(n, f"{self.net}.{21 + i}", self.proxies[i], i) for i, n in enumerate(("a", "b"))]
+        return [Host(n, f"{self.net}.{21 + i}", self.proxies[i], i, self.secure) for i, n in enumerate(("a", "b"))]
 
     def host(self, name: str) -> Host:
         for h in self.hosts:
@@ -122,8 +139,11 @@ class Layout:
         return f"{FLEET_LABEL}={self.net}"
 
 
-def consul_config(layout: Layout, role: str, name: str, ip: str, data_dir: Path) -> dict[str, Any]:
-    """A Consul agent's configuration: role "server", "dc2" or "client". Pure."""
+def consul_config(
+    layout: Layout, role: str, name: str, ip: str, data_dir: Path, management: str = ""
+) -> dict[str, Any]:
+    """A Consul agent's configuration: role "server", "dc2" or "client"; management: the ACL
+    management token of a secure fleet (also each agent's own token). Pure."""
     servers = [s_ip for _, s_ip in layout.servers]
     config: dict[str, Any] = {
         "datacenter": "dc2" if role == "dc2" else "dc1",
@@ -151,6 +171,25 @@ def consul_config(layout: Layout, role: str, name: str, ip: str, data_dir: Path)
         config.update(server=True, bootstrap_expect=1, ui=True, retry_join_wan=servers, retry_interval_wan="1s")
     else:
         config.update(server=False, retry_join=servers)
+    if layout.secure:
+        pki = layout.pki
+        config.update(
+            primary_datacenter="dc1",
+            ca_file=str(pki / "consul-agent-ca.pem"),
+            cert_file=str(pki / f"{name}.pem"),
+            key_file=str(pki / f"{name}-key.pem"),
+            verify_incoming_rpc=True,
+            verify_incoming_https=True,
+            verify_outgoing=True,
+            verify_server_hostname=True,
+            acl={
+                "enabled": True,
+                "default_policy": "deny",
+                "enable_token_persistence": True,
+                "tokens": {"master": management, "agent": management},
+            },
+        )
+        config["ports"] = {**config["ports"], "https": 8501}
     return config
 
 
@@ -257,8 +296,16 @@ def terminate(procs: list[psutil.Process], timeout: float = 30.0, sig: int = sig
                 proc.kill()
 
 
-def _get(url: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+def _get(url: str, timeout: float = 2.0, token: str = "") -> Any:
+    request = urllib.request.Request(url, headers={"X-Consul-Token": token} if token else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+def _put(url: str, body: Any, token: str) -> Any:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="PUT", headers={"X-Consul-Token": token})
+    with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read() or b"null")
 
 
@@ -289,11 +336,86 @@ class Fleet:
 
     # ---- Consul ----
 
+    @property
+    def management_token(self) -> str:
+        """A secure fleet's management token (made once, kept 0600 in its PKI directory)."""
+        if not self.layout.secure:
+            return ""
+        path = self.layout.pki / "management.token"
+        if not path.exists():
+            self.layout.pki.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(str(uuid.uuid4()))
+        return path.read_text().strip()
+
+    def _make_pki(self) -> None:
+        """A CA, and a certificate for every agent (servers: server.dc1.consul) holding its own
+        loopback address, made with `consul tls` once."""
+        pki = self.layout.pki
+        pki.mkdir(parents=True, exist_ok=True)
+        if not (pki / "consul-agent-ca.pem").exists():
+            subprocess.run(["consul", "tls", "ca", "create"], cwd=pki, check=True, capture_output=True)
+        wanted = [(n, ip, "-server") for n, ip in self.layout.servers]
+        wanted += [(h.node, h.ip, "-client") for h in self.layout.hosts]
+        for name, ip, kind in wanted:
+            if (pki / f"{name}.pem").exists():
+                continue
+            subprocess.run(["consul", "tls", "cert", "create", kind, "-dc", "dc1", "-additional-ipaddress", ip],
+                           cwd=pki, check=True, capture_output=True)  # fmt: skip
+            made = next(p for p in pki.glob("dc1-*-consul-*.pem") if not p.name.endswith("-key.pem"))
+            made.rename(pki / f"{name}.pem")
+            made.with_name(made.name[: -len(".pem")] + "-key.pem").rename(pki / f"{name}-key.pem")
+
+    def _make_tokens(self) -> None:
+        """Least-privilege tokens from deploy/consul-policies for each host's registrar and
+        templater, in files (0600) beside them."""
+        server = f"http://{self.layout.servers[0][1]}:8500"
+        token = self.management_token
+        policies = ROOT / "deploy" / "consul-policies"
+
+        def policy(name: str, file: str, **subst: str) -> str:
+            rules = (policies / file).read_text()
+            for key, value in subst.items():
+                rules = rules.replace(key, value)
+            existing = {p["Name"] for p in _get(f"{server}/v1/acl/policies", token=token)}
+            if name not in existing:
+                _put(f"{server}/v1/acl/policy", {"Name": name, "Rules": rules}, token)
+            return name
+
+        templater = policy("templater", "templater.hcl", PREFIX="sidecar/")
+        for host in self.layout.hosts:
+            d = self.layout.host_dir(host)
+            d.mkdir(parents=True, exist_ok=True)
+            registrar = policy(f"registrar-{host.node}", "registrar.hcl", NODE=host.node)
+            ingress = policy(f"ingress-{host.node}", "ingress.hcl", INGRESS="ingress", NODE=host.node)
+            for part, names in (("registrar", [registrar]), ("templater", [templater, ingress])):
+                path = d / f"{part}.token"
+                if path.exists():
+                    continue
+                made = _put(f"{server}/v1/acl/token", {"Policies": [{"Name": n} for n in names]}, token)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(made["SecretID"] + "\n")
+
+    def _client_args(self, host: Host, part: str) -> list[str]:
+        """A secure fleet's TLS files and token file for the host's registrar or templater."""
+        if not self.layout.secure:
+            return []
+        pki = self.layout.pki
+        return [
+            "--ca-file", str(pki / "consul-agent-ca.pem"), "--cert-file", str(pki / f"{host.node}.pem"),
+            "--key-file", str(pki / f"{host.node}-key.pem"),
+            "--token-file", str(self.layout.host_dir(host) / f"{part}.token"),
+        ]  # fmt: skip
+
     def _start_consul(self, role: str, name: str, ip: str) -> None:
         data = self.layout.state / "consul" / name
         data.mkdir(parents=True, exist_ok=True)
         cfg = data.with_suffix(".json")
-        cfg.write_text(json.dumps(consul_config(self.layout, role, name, ip, data), indent=1))
+        config = consul_config(self.layout, role, name, ip, data, self.management_token)
+        cfg.write_text(json.dumps(config, indent=1))
+        cfg.chmod(0o600)  # a secure fleet's management token is in it
         self.procs.spawn(name, ["consul", "agent", "-config-file", str(cfg)], self.logs / f"{name}.log")
 
     def start_server(self, name: str) -> None:
@@ -329,7 +451,7 @@ class Fleet:
         return str(_wait("a Consul leader in dc1", self.leader, timeout, self.logs / "server-1.log"))
 
     def _all_members(self) -> bool:
-        members = _get(f"http://{self.layout.servers[0][1]}:8500/v1/agent/members")
+        members = _get(f"http://{self.layout.servers[0][1]}:8500/v1/agent/members", token=self.management_token)
         alive = {m["Name"] for m in members if m["Status"] == 1}
         return {h.node for h in self.layout.hosts} <= alive
 
@@ -406,7 +528,7 @@ class Fleet:
             self.wait_host(host)
 
     def wait_host(self, host: Host, timeout: float = 60.0) -> None:
-        _wait(f"host {host.name}'s agent", lambda: _get(f"{host.consul_url}/v1/status/leader"), timeout,
+        _wait(f"host {host.name}'s agent", lambda: _get(f"{host.http_url}/v1/status/leader"), timeout,
               self.logs / f"{host.node}.log")  # fmt: skip
         _wait(f"host {host.name}'s proxy", lambda: self.proxy_answers(host), timeout,
               self.logs / f"templater-{host.name}.log")  # fmt: skip
@@ -425,7 +547,8 @@ class Fleet:
     def start_registrar(self, host: Host, *extra: str) -> None:
         argv = [
             self.python, "-m", "registrar", "--consul", host.consul_url, "--docker", self.layout.engine_url(host),
-            "--hostname", host.node, "--ip", host.ip, "--status-addr", f"{host.ip}:9201", *extra,
+            "--hostname", host.node, "--ip", host.ip, "--status-addr", f"{host.ip}:9201",
+            *self._client_args(host, "registrar"), *extra,
         ]  # fmt: skip
         self.procs.spawn(f"registrar-{host.name}", argv, self.logs / f"registrar-{host.name}.log",
                          env={"PYTHONUNBUFFERED": "1"})  # fmt: skip
@@ -439,7 +562,8 @@ class Fleet:
             self.python, "-m", "templater", "--consul", host.consul_url, "--proxy", host.proxy,
             "--template", f"{template}:{self.proxy_config(host)}", "--proxy-pid-file", str(d / "proxy.pid"),
             "--var", f"runtime_dir={run}", "--var", f"http_port={host.proxy_port}", "--var", f"bind_address={host.ip}",
-            "--status-addr", f"{host.ip}:9200", "--register-address", host.ip, "--wait", "50ms:500ms", *extra,
+            "--status-addr", f"{host.ip}:9200", "--register-address", host.ip, "--wait", "50ms:500ms",
+            *self._client_args(host, "templater"), *extra,
         ]  # fmt: skip
 
     def start_templater(self, host: Host, *extra: str) -> None:
@@ -558,24 +682,39 @@ class Fleet:
     # ---- the whole fleet ----
 
     def up(self, demo: bool = True) -> None:
+        if self.layout.secure:
+            self._make_pki()
         for name, ip in self.layout.servers:
             if self.procs.process(name) is None:
                 self._start_consul("server", name, ip)
         dc2_name, dc2_ip = self.layout.dc2_server
-        if self.procs.process(dc2_name) is None:
+        if not self.layout.secure and self.procs.process(dc2_name) is None:
             self._start_consul("dc2", dc2_name, dc2_ip)
         self.wait_leader()
+        if self.layout.secure:
+            _wait("ACLs ready", self._acl_ready, 60, self.logs / "server-1.log")
+            self._make_tokens()
         for host in self.layout.hosts:
             self.start_host(host.name, wait=False)
         for host in self.layout.hosts:
             self.wait_host(host)
         _wait("both hosts' agents in the cluster", self._all_members, 60)
-        _wait("dc2 WAN-joined", lambda: "dc2" in _get(f"http://{self.layout.servers[0][1]}:8500/v1/catalog/datacenters"),
-              60, self.logs / f"{dc2_name}.log")  # fmt: skip
+        if not self.layout.secure:
+            _wait("dc2 WAN-joined",
+                  lambda: "dc2" in _get(f"http://{self.layout.servers[0][1]}:8500/v1/catalog/datacenters"),
+                  60, self.logs / f"{dc2_name}.log")  # fmt: skip
         if demo and not self._demo_running():
             for host in self.layout.hosts:
                 for _ in range(2):
                     self.run_web(host.name, restart=True)
+
+    def _acl_ready(self) -> bool:
+        """The leader has initialised ACLs: the management token reads the policy list."""
+        try:
+            _get(f"http://{self.layout.servers[0][1]}:8500/v1/acl/policies", token=self.management_token)
+        except OSError:
+            return False
+        return True
 
     def _demo_running(self) -> bool:
         client = self.docker(self.layout.hosts[0])

@@ -5,10 +5,13 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import time
 import urllib.request
 from typing import Any
 
 from sidecar.fleet import Fleet, Host
+from tests.support import wait_until
+from tests.traffic import Load
 
 
 def ask(h: Host, http_host: str, path: str = "/index.html", method: str = "GET") -> tuple[int, str]:
@@ -58,10 +61,12 @@ def metric(h: Host, name: str) -> float:
 
 
 def catalog(fleet: Fleet, path: str) -> Any:
-    """GET path from the first server that answers."""
+    """GET path from the first server that answers (with the management token of a secure fleet)."""
+    token = fleet.management_token
     for _, ip in fleet.layout.servers:
+        request = urllib.request.Request(f"http://{ip}:8500{path}", headers={"X-Consul-Token": token} if token else {})
         try:
-            with urllib.request.urlopen(f"http://{ip}:8500{path}", timeout=3) as response:
+            with urllib.request.urlopen(request, timeout=3) as response:
                 return json.loads(response.read())
         except OSError:
             continue
@@ -74,3 +79,60 @@ def healthy_voters(fleet: Fleet) -> int:
     except (AssertionError, ValueError):
         return 0
     return sum(1 for s in health.get("Servers") or [] if s.get("Healthy") and s.get("Voter"))
+
+
+def load(h: Host, http_host: str) -> Load:
+    """Load through the host's proxy: a new connection per request, a quarter POST."""
+    return Load(h.proxy_port, http_host, address=h.ip)
+
+
+def no_failures(*loads: Load) -> None:
+    for lo in loads:
+        assert lo.ok > 50, lo
+        assert lo.failures == [], (lo.address, lo.failures[:10])
+
+
+def leader_loss(fleet: Fleet) -> None:
+    """Kill the leader under load through both proxies: no failed request, no configuration
+    changed or proxy reloaded by the election; then kill the next leader and start a container
+    during that election: routable within 2 s of the new leader."""
+    a, b = fleet.layout.hosts
+    backends = [(fleet.run_web(on, service="ll", http_host="ll.fleet.test"), on) for on in ("a", "a", "b")]
+    for ph in (a, b):
+        wait_until(lambda ph=ph: serves_all(fleet, ph, "ll.fleet.test", backends), timeout=30, what="ll served")
+
+    def snapshot() -> list[tuple[str, float]]:
+        return [(fleet.proxy_config(h).read_text(), metric(h, "templater_reloads_total")) for h in (a, b)]
+
+    with load(a, "ll.fleet.test") as load_a, load(b, "ll.fleet.test") as load_b:
+        time.sleep(1)
+        before = snapshot()
+        old = fleet.leader()
+        killed_at = time.monotonic()
+        fleet.kill(old)
+        new = wait_until(lambda: fleet.leader() not in ("", old) and fleet.leader(), timeout=30, interval=0.05,
+                         what="a new leader")  # fmt: skip
+        election = time.monotonic() - killed_at
+        time.sleep(3)  # anything the election would make the templaters do, they have done by now
+        assert snapshot() == before, "a configuration changed or a proxy reloaded because of the election"
+        fleet.start_server(old)
+        wait_until(lambda: healthy_voters(fleet) == 3, timeout=60, what="3 healthy voters again")
+
+        # a container started while the servers elect a leader
+        old = fleet.leader()
+        fleet.kill(old)
+        started = fleet.run_web("a", service="ll", http_host="ll.fleet.test")
+        wait_until(lambda: fleet.leader() not in ("", old), timeout=30, interval=0.02, what="a new leader")
+        leader_at = time.monotonic()
+        wait_until(lambda: marker(a, started, a) in seen_through(a, "ll.fleet.test", 4), timeout=30,
+                   interval=0.02, what="the new container routable")  # fmt: skip
+        routable = time.monotonic() - leader_at
+        fleet.start_server(old)
+        wait_until(lambda: healthy_voters(fleet) == 3, timeout=60, what="3 healthy voters again")
+        time.sleep(1)
+    print(f"leader loss: election {election:.2f} s (new leader {new}); container started during an election "
+          f"routable {routable:.2f} s after the new leader; requests A {load_a.ok} B {load_b.ok}")  # fmt: skip
+    no_failures(load_a, load_b)
+    assert routable <= 2.0
+    for c, _ in [*backends, (started, "a")]:
+        c.remove(force=True)

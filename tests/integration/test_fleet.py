@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 
 from sidecar.fleet import Fleet, Host, Layout
-from tests.fleet_support import catalog, healthy_voters, marker, metric, seen_through, serves_all
+from tests.fleet_support import catalog, leader_loss, load, marker, metric, no_failures, seen_through, serves_all
 from tests.support import ROOT, wait_until
-from tests.traffic import Load
 
 pytestmark = pytest.mark.integration
 
@@ -42,16 +41,6 @@ def host(fleet: Fleet, name: str) -> Host:
     return fleet.layout.host(name)
 
 
-def load(h: Host, http_host: str) -> Load:
-    return Load(h.proxy_port, http_host, address=h.ip)
-
-
-def no_failures(*loads: Load) -> None:
-    for lo in loads:
-        assert lo.ok > 50, lo
-        assert lo.failures == [], (lo.address, lo.failures[:10])
-
-
 def test_cross_host_routing(fleet: Fleet) -> None:
     """A service with instances on A and B is served through both hosts' proxies (HAProxy on A,
     NGINX on B), from both hosts' instances."""
@@ -69,46 +58,7 @@ def test_leader_loss(fleet: Fleet) -> None:
     """The leader is killed under load: no failed request through either proxy, no configuration
     emptied or reloaded by the election, and a container started during an election is
     routable within 2 s of the new leader."""
-    a, b = fleet.layout.hosts
-    backends = [(fleet.run_web(on, service="ll", http_host="ll.fleet.test"), on) for on in ("a", "a", "b")]
-    for ph in (a, b):
-        wait_until(lambda ph=ph: serves_all(fleet, ph, "ll.fleet.test", backends), timeout=30, what="ll served")
-
-    def snapshot() -> list[tuple[str, float]]:
-        return [(fleet.proxy_config(h).read_text(), metric(h, "templater_reloads_total")) for h in (a, b)]
-
-    with load(a, "ll.fleet.test") as load_a, load(b, "ll.fleet.test") as load_b:
-        time.sleep(1)
-        before = snapshot()
-        old = fleet.leader()
-        killed_at = time.monotonic()
-        fleet.kill(old)
-        new = wait_until(lambda: fleet.leader() not in ("", old) and fleet.leader(), timeout=30, interval=0.05,
-                         what="a new leader")  # fmt: skip
-        election = time.monotonic() - killed_at
-        time.sleep(3)  # anything the election would make the templaters do, they have done by now
-        assert snapshot() == before, "a configuration changed or a proxy reloaded because of the election"
-        fleet.start_server(old)
-        wait_until(lambda: healthy_voters(fleet) == 3, timeout=60, what="3 healthy voters again")
-
-        # a container started while the servers elect a leader
-        old = fleet.leader()
-        fleet.kill(old)
-        started = fleet.run_web("a", service="ll", http_host="ll.fleet.test")
-        wait_until(lambda: fleet.leader() not in ("", old), timeout=30, interval=0.02, what="a new leader")
-        leader_at = time.monotonic()
-        wait_until(lambda: marker(a, started, a) in seen_through(a, "ll.fleet.test", 4), timeout=30,
-                   interval=0.02, what="the new container routable")  # fmt: skip
-        routable = time.monotonic() - leader_at
-        fleet.start_server(old)
-        wait_until(lambda: healthy_voters(fleet) == 3, timeout=60, what="3 healthy voters again")
-        time.sleep(1)
-    print(f"leader loss: election {election:.2f} s (new leader {new}); container started during an election "
-          f"routable {routable:.2f} s after the new leader; requests A {load_a.ok} B {load_b.ok}")  # fmt: skip
-    no_failures(load_a, load_b)
-    assert routable <= 2.0
-    for c, _ in [*backends, (started, "a")]:
-        c.remove(force=True)
+    leader_loss(fleet)
 
 
 def test_quorum_loss(fleet: Fleet) -> None:
