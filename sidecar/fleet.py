@@ -754,6 +754,7 @@ def layout_from_env() -> Layout:
         state=Path(os.environ.get("FLEET_STATE", "/var/tmp/consul-sidecar-fleet")),
         net=os.environ.get("FLEET_NET", "127.0.0"),
         proxies=(os.environ.get("FLEET_PROXY_A", "haproxy"), os.environ.get("FLEET_PROXY_B", "nginx")),
+        secure=os.environ.get("FLEET_SECURE", "").lower() in ("1", "true", "yes"),
     )
 
 
