@@ -45,10 +45,29 @@ def seen_through(h: Host, http_host: str, tries: int = 12) -> set[str]:
     return seen
 
 
+def only_served(h: Host, http_host: str, wanted: set[str], tries: int = 8) -> bool:
+    """Every one of `tries` requests answered 200, by exactly the instances wanted (an NGINX
+    worker of the configuration before a reload may still answer for a moment: not yet)."""
+    seen = set()
+    for _ in range(tries):
+        status, served = ask(h, http_host)
+        if status != 200:
+            return False
+        seen.add(served)
+    return seen == wanted
+
+
 def serves_all(fleet: Fleet, proxy_host: Host, http_host: str, backends: list[tuple[Any, str]]) -> bool:
-    """Every (container, host name) of backends answers through proxy_host."""
+    """Every (container, host name) of backends answers through proxy_host, and no request
+    fails (a proxy worker of an older configuration may still answer for a moment)."""
     wanted = {marker(proxy_host, c, fleet.layout.host(on)) for c, on in backends}
-    return wanted <= seen_through(proxy_host, http_host, tries=4 * len(wanted))
+    seen = set()
+    for _ in range(4 * len(wanted)):
+        status, served = ask(proxy_host, http_host)
+        if status != 200:
+            return False
+        seen.add(served)
+    return wanted <= seen
 
 
 def metric(h: Host, name: str) -> float:

@@ -46,7 +46,7 @@ class Load:
         except Exception as err:  # every kind of failure counts
             conn.close()
             with self.lock:
-                self.failures.append(f"{'POST' if post else 'GET'}: {err}")
+                self.failures.append(f"{'POST' if post else 'GET'}: {err} (at {time.time():.2f})")
                 self.get_failures += 0 if post else 1
             return
         conn.close()
