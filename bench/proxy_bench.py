@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,7 @@ class Stack:
         self.registrar = Process("registrar", ["--consul", self.agent.url, "--hostname", hostname], work)
         wait_until(lambda: "docker events connected" in self.registrar.output(), what="registrar up")
         template = {"haproxy": "haproxy.cfg.j2", "nginx": "nginx.conf.j2"}[kind]
-        extra = ["--drain-timeout", "10s"] if kind == "haproxy" else ["--wait", "50ms:500ms"]
+        extra = ["--drain-timeout", "10s"] if kind == "haproxy" else list(NGINX_ARGS)
         self.templater = Process(
             "templater",
             ["--consul", self.agent.url, "--template", f"{TEMPLATES / template}:{work / (kind + '.cfg')}",
@@ -217,11 +218,17 @@ def reload_cost(stack: Stack, services: int) -> None:
     stack.agent.put("/v1/agent/service/deregister/costx")
 
 
+NGINX_ARGS = ["--wait", "0s", "--reload-interval", "500ms"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--proxy", choices=["haproxy", "nginx", "both"], default="both")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--nginx-args", default=" ".join(NGINX_ARGS), help="the NGINX templater's batching flags")
     args = parser.parse_args()
+    NGINX_ARGS[:] = shlex.split(args.nginx_args)
+    print(f"NGINX templater: {' '.join(NGINX_ARGS)}")
     client = docker_client()
     ensure_image(client)
     base = subprocess.run([str(ROOT / "scripts" / "base-image.sh")], capture_output=True, text=True, check=True)

@@ -130,6 +130,7 @@ class Runner:
             )  # fmt: skip
         self._observer: Any = None
         self.wrote = False
+        self.last_write = 0.0  # when a destination last changed (--reload-interval)
         self.stale_reported = False
 
     # -- callbacks from watch threads
@@ -343,6 +344,7 @@ class Runner:
                 continue
             self.metrics.add(writes=1)
             self.wrote = True
+            self.last_write = time.monotonic()
             log.info("rendered %s -> %s render_ms=%.1f", spec.name, spec.dest, render_ms)
             if spec.command:
                 if spec.command not in commands:
@@ -441,6 +443,7 @@ class Runner:
             if not more:
                 break
             changed |= more
+        changed = self._space_out(changed, stop)
         if self.settings.wait_min <= 0:
             return changed
         first = last = time.monotonic()
@@ -453,6 +456,20 @@ class Runner:
             if more:
                 changed |= more
                 last = time.monotonic()
+        return changed
+
+    def _space_out(self, changed: set[str], stop: threading.Event) -> set[str]:
+        """--reload-interval: the first change after a quiet spell is written at once; changes
+        that follow within the interval are gathered into one write when it has passed, so a
+        burst costs a reload per interval, and a lone change no wait at all."""
+        interval = self.settings.reload_interval
+        if interval <= 0:
+            return changed
+        while not stop.is_set():
+            remaining = self.last_write + interval - time.monotonic()
+            if remaining <= 0:
+                break
+            changed |= self.store.wait(remaining)
         return changed
 
     def run(self, stop: threading.Event) -> int:

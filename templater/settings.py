@@ -31,6 +31,7 @@ class Settings:
     variables: dict[str, str] = field(default_factory=dict)
     wait_min: float = 0.0
     wait_max: float = 0.0
+    reload_interval: float = 0.0
     once: bool = False
     dry: bool = False
     check: str | None = None
@@ -124,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", action="append", default=[], metavar="SRC:DEST[:COMMAND]")
     parser.add_argument("--var", action="append", default=[], metavar="KEY=VALUE", help="templates see vars.KEY")
     parser.add_argument("--wait", default="0s", metavar="MIN[:MAX]", help="quiescence before rendering")
+    parser.add_argument(
+        "--reload-interval",
+        default=None,
+        metavar="DURATION",
+        help="at least this long between two writes (and reloads): a lone change goes at once, a burst "
+        "costs one reload per interval (default 500ms with --proxy nginx, else 0)",
+    )
     parser.add_argument("--once", action="store_true", help="render once and exit")
     parser.add_argument("--dry", action="store_true", help="print renders to stdout, touch nothing")
     parser.add_argument("--check", help="validate the staged file; {} is its path")
@@ -178,6 +186,8 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         empty_grace = parse_duration(args.empty_grace)
         drain_timeout = parse_duration(args.drain_timeout)
         retry_backoff = parse_duration(args.retry_backoff)
+        default_interval = "500ms" if args.proxy == "nginx" else "0s"
+        reload_interval = parse_duration(args.reload_interval or default_interval)
         retry_max_backoff = parse_duration(args.retry_max_backoff)
     except ValueError as err:
         raise SettingsError(str(err)) from err
@@ -187,6 +197,7 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         variables=variables,
         wait_min=wait_min,
         wait_max=wait_max,
+        reload_interval=reload_interval,
         once=args.once,
         dry=args.dry,
         check=args.check,

@@ -398,3 +398,31 @@ def test_kv_values_marked_secret_never_reach_logs_or_health(consul, templater, t
     for text in (proc.output(), health, metrics):
         assert "hunter2-secret" not in text, text[-2000:]
     assert not (tmp_path / "out.cfg").exists()
+
+
+def test_reload_interval_writes_a_lone_change_at_once_and_spaces_a_burst(consul, templater, tmp_path):
+    """--reload-interval 1s: the first change after a quiet spell is written at once; the changes
+    right after it wait for the interval and go together in one write."""
+
+    def put(value: str) -> None:
+        request = urllib.request.Request(f"{consul.url}/v1/kv/ri/v", data=value.encode(), method="PUT")
+        urllib.request.urlopen(request, timeout=5).close()
+
+    put("0")
+    src = write(tmp_path / "ri.j2", "{{ key('ri/v') }}\n")
+    dest = tmp_path / "ri.txt"
+    proc = templater("--template", f"{src}:{dest}", "--reload-interval", "1s")
+    wait_until(lambda: dest.exists() and dest.read_text() == "0\n", timeout=15, what="first render")
+    time.sleep(1.5)  # quiet spell
+    started = time.monotonic()
+    put("1")
+    wait_until(lambda: dest.read_text() == "1\n", timeout=5, interval=0.01, what="the lone change")
+    lone = time.monotonic() - started
+    for value in ("2", "3", "4"):
+        put(value)
+        time.sleep(0.05)
+    wait_until(lambda: dest.read_text() == "4\n", timeout=5, interval=0.01, what="the burst")
+    burst = time.monotonic() - started
+    assert lone < 0.5, lone
+    assert burst >= 0.95, burst  # not before the interval since the lone change's write
+    assert proc.output().count("rendered") == 3, proc.output()[-2000:]  # first, lone change, burst
