@@ -440,8 +440,8 @@ class Syncer:
             self._denied[operation] = text
 
     def _accepted(self, operation: str) -> None:
-        if self._said.pop(operation, None) is not None or self._denied.pop(operation, None) is not None:
-            self._denied.pop(operation, None)
+        self._denied.pop(operation, None)
+        if self._said.pop(operation, None) is not None:  # every denial was said first
             log.info("%s accepted again", operation)
 
     def _unconfirmed_after_write(self, service_id: str) -> None:

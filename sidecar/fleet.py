@@ -374,13 +374,15 @@ class Fleet:
         token = self.management_token
         policies = ROOT / "deploy" / "consul-policies"
 
+        existing = {p["Name"] for p in _get(f"{server}/v1/acl/policies", token=token)}
+
         def policy(name: str, file: str, **subst: str) -> str:
             rules = (policies / file).read_text()
             for key, value in subst.items():
                 rules = rules.replace(key, value)
-            existing = {p["Name"] for p in _get(f"{server}/v1/acl/policies", token=token)}
             if name not in existing:
                 _put(f"{server}/v1/acl/policy", {"Name": name, "Rules": rules}, token)
+                existing.add(name)
             return name
 
         templater = policy("templater", "templater.hcl", PREFIX="sidecar/")

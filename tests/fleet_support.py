@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
-from sidecar.fleet import Fleet, Host
+from sidecar.fleet import Fleet, Host, Layout
 from tests.support import wait_until
 from tests.traffic import Load
 
@@ -45,29 +47,39 @@ def seen_through(h: Host, http_host: str, tries: int = 12) -> set[str]:
     return seen
 
 
-def only_served(h: Host, http_host: str, wanted: set[str], tries: int = 8) -> bool:
-    """Every one of `tries` requests answered 200, by exactly the instances wanted (an NGINX
-    worker of the configuration before a reload may still answer for a moment: not yet)."""
+def answered_by(h: Host, http_host: str, tries: int) -> set[str] | None:
+    """Who answered `tries` requests through h, or None when any of them was not a 200 (a proxy
+    worker of the configuration before a reload may still answer for a moment)."""
     seen = set()
     for _ in range(tries):
         status, served = ask(h, http_host)
         if status != 200:
-            return False
+            return None
         seen.add(served)
-    return seen == wanted
+    return seen
+
+
+def only_served(h: Host, http_host: str, wanted: set[str], tries: int = 8) -> bool:
+    """Every request answered 200, by exactly the instances wanted."""
+    return answered_by(h, http_host, tries) == wanted
 
 
 def serves_all(fleet: Fleet, proxy_host: Host, http_host: str, backends: list[tuple[Any, str]]) -> bool:
-    """Every (container, host name) of backends answers through proxy_host, and no request
-    fails (a proxy worker of an older configuration may still answer for a moment)."""
+    """Every (container, host name) of backends answers through proxy_host, and no request fails."""
     wanted = {marker(proxy_host, c, fleet.layout.host(on)) for c, on in backends}
-    seen = set()
-    for _ in range(4 * len(wanted)):
-        status, served = ask(proxy_host, http_host)
-        if status != 200:
-            return False
-        seen.add(served)
-    return wanted <= seen
+    seen = answered_by(proxy_host, http_host, 4 * len(wanted))
+    return seen is not None and wanted <= seen
+
+
+@contextlib.contextmanager
+def running_fleet(layout: Layout) -> Iterator[Fleet]:
+    """A fleet up for a test module, down afterwards (also when it failed to come up)."""
+    fleet = Fleet(layout)
+    try:
+        fleet.up(demo=False)
+        yield fleet
+    finally:
+        fleet.down()
 
 
 def metric(h: Host, name: str) -> float:

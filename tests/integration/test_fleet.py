@@ -25,6 +25,7 @@ from tests.fleet_support import (
     metric,
     no_failures,
     only_served,
+    running_fleet,
     serves_all,
 )
 from tests.support import ROOT, wait_until
@@ -36,14 +37,8 @@ NET = os.environ.get("FLEET_TEST_NET", "127.0.1")
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, docker_engine: Any) -> Iterator[Fleet]:
-    fleet = Fleet(Layout(state=tmp_path_factory.mktemp("fleet"), net=NET))
-    try:
-        fleet.up(demo=False)
-    except Exception:
-        fleet.down()
-        raise
-    yield fleet
-    fleet.down()
+    with running_fleet(Layout(state=tmp_path_factory.mktemp("fleet"), net=NET)) as fleet:
+        yield fleet
 
 
 def host(fleet: Fleet, name: str) -> Host:

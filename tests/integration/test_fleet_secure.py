@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from sidecar.fleet import Fleet, Layout
-from tests.fleet_support import catalog, leader_loss, marker, seen_through
+from tests.fleet_support import catalog, leader_loss, marker, running_fleet, seen_through
 from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
@@ -25,14 +25,8 @@ NET = os.environ.get("FLEET_SECURE_TEST_NET", "127.0.5")
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, docker_engine: Any) -> Iterator[Fleet]:
-    fleet = Fleet(Layout(state=tmp_path_factory.mktemp("secure-fleet"), net=NET, secure=True))
-    try:
-        fleet.up(demo=False)
-    except Exception:
-        fleet.down()
-        raise
-    yield fleet
-    fleet.down()
+    with running_fleet(Layout(state=tmp_path_factory.mktemp("secure-fleet"), net=NET, secure=True)) as fleet:
+        yield fleet
 
 
 def anonymous(fleet: Fleet, path: str) -> Any:
