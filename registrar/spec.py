@@ -17,12 +17,12 @@ from registrar.errors import LabelError
 from registrar.model import STATUSES, Check, Service
 from sidecar.durations import is_duration
 
-_DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_SERVICE_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}$")
-_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_URL_PATH = re.compile(r"^/[\x21-\x7e]*$")
-_URL = re.compile(r"^https?://[\x21-\x7e]+$")
-_HOST_PORT = re.compile(r"^[A-Za-z0-9.:\[\]-]+:\d{1,5}$")
+_DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_SERVICE_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}\Z")
+_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
+_URL_PATH = re.compile(r"^/[\x21-\x7e]*\Z")
+_URL = re.compile(r"^https?://[\x21-\x7e]+\Z")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.:\[\]-]+:\d{1,5}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _RESERVED = {"name", "tags", "id", "ignore"}
 OWNER_META = "registrar_host"  # which registrar made a registration: its --hostname

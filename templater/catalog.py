@@ -17,13 +17,13 @@ from typing import Any
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
 _SEVERITY = {PASSING: 0, WARNING: 1, CRITICAL: 2, MAINTENANCE: 3}
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
-_TAG = re.compile(r"^[A-Za-z0-9._:=/@+-]{1,255}$")
-_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")
+_TAG = re.compile(r"^[A-Za-z0-9._:=/@+-]{1,255}\Z")
+_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 # Values used as tokens in proxy files: host lists, paths, weights, flags.
-_META_VALUE = re.compile(r"^[A-Za-z0-9._:/,=@+*~%!&?()\[\]-]{0,512}$")
+_META_VALUE = re.compile(r"^[A-Za-z0-9._:/,=@+*~%!&?()\[\]-]{0,512}\Z")
 _HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+    r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
 )
 
 

@@ -270,7 +270,7 @@ def nginx_quote(value: Any) -> str:
     return '"' + re.sub(r'([\\"])', r"\\\1", text) + '"'
 
 
-_URL_PATH = re.compile(r"^/[A-Za-z0-9._~!*'()@:+,;=/%-]*$")
+_URL_PATH = re.compile(r"^/[A-Za-z0-9._~!*'()@:+,;=/%-]*\Z")
 
 
 def is_hostname(value: Any) -> bool:

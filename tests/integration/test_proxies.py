@@ -55,6 +55,8 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
         ("p1", "svc-path-a", {"http_path": "/same"}),
         ("p2", "svc-path-b", {"http_path": "/same"}),
         ("bad-check", "svc-badcheck", {"http_host": "c.example.com", "check_http": "/h?q=1", "sticky": "1"}),
+        ("nl-host", "svc-nlhost", {"http_host": "nl.example.com\n"}),  # "$" matches before a final newline
+        ("nl-path", "svc-nlpath", {"http_path": "/nl\n"}),
     ]
     for sid, name, meta in hostile:
         register(consul, sid, name, 30000 + len(sid), **meta)
@@ -88,6 +90,7 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
     assert text.count("svc") >= count
     for name in ("svc-weight", "svc-ids", "svc-dup-a", "svc-dup-b", "svc-path-a", "svc-badcheck"):
         assert name in text, name
+    assert "nl.example.com" not in text and "/nl" not in text
     for name in ("svc-badhost", "svc-badpath", "svc-path-b"):
         assert f"_{name}" not in text and f"u_{name}" not in text, name
     for warning in ("weight='1000' is outside 0-256", "is routed to svc-dup-a already", "a!b.example.com is not a host",

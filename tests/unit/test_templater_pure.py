@@ -18,6 +18,9 @@ from templater.catalog import (
     health_index,
     instances_with_health,
     rows_from_node,
+    valid_address,
+    valid_hostname,
+    valid_name,
 )
 from templater.errors import TemplateError
 from templater.render import (
@@ -65,14 +68,16 @@ def test_grace_holds_an_emptied_set_then_believes_it():
 
 def test_catalog_joins_health_and_sanitizes():
     warnings: list[str] = []
-    services = {"web": ["v1", "bad tag"], "evil\nname": []}
+    services = {"web": ["v1", "bad tag", "v2\n"], "evil\nname": [], "trailing\n": []}
     node = {
         "n1": {
             "Node": {"Address": "10.0.0.1"},
             "Services": {
                 "w1": {"Service": "web", "Port": 80, "Address": "", "Tags": ["v1"], "Meta": {"http_host": "a.com"}},
                 "w2": {"Service": "web", "Port": 81, "Address": "10.0.0.2;drop", "Tags": [], "Meta": {}},
-                "w3": {"Service": "web", "Port": 82, "Address": "10.0.0.3", "Tags": [], "Meta": {"x": "a b"}},
+                "w3": {"Service": "web", "Port": 82, "Address": "10.0.0.3", "Tags": ["t\n"], "Meta": {"x": "a b",
+                       "http_path": "/api\n", "y\n": "1"}},  # fmt: skip
+                "w4\n": {"Service": "web", "Port": 83, "Address": "10.0.0.4\n", "Tags": [], "Meta": {}},
             },
         }
     }
@@ -91,7 +96,10 @@ def test_catalog_joins_health_and_sanitizes():
     by_id = {i.id: i for i in instances["web"]}
     assert set(by_id) == {"w1", "w3"}
     assert by_id["w1"].address == "10.0.0.1" and by_id["w1"].status == "maintenance"
-    assert by_id["w3"].status == "critical" and by_id["w3"].meta == {}
+    assert by_id["w3"].status == "critical" and by_id["w3"].meta == {} and by_id["w3"].tags == ()
+    # a trailing newline is not let through ("$" would match before it)
+    assert any("'/api\\n'" in w for w in warnings) and any("trailing" in w for w in warnings)
+    assert not valid_name("web\n") and not valid_hostname("a.example.com\n") and not valid_address("10.0.0.4\n")
     assert any("w2" in w for w in warnings) and any("evil" in w for w in warnings)
     assert aggregate(["passing", "warning"]) == "warning"
 
@@ -283,5 +291,6 @@ def test_hostname_and_url_path_tests():
     env = make_environment()
     t = compile_template(env, "t.j2", "{{ h is hostname }} {{ p is url_path }}")
     for h, p, want in [("a.example.com", "/api", "True True"), ("bad host", "api", "False False"),
-                       ("*.example.com", "/a/b-c_d.e~f", "True True"), ("a;b", "/a{b}", "False False")]:  # fmt: skip
+                       ("*.example.com", "/a/b-c_d.e~f", "True True"), ("a;b", "/a{b}", "False False"),
+                       ("a.example.com\n", "/a\n", "False False")]:  # fmt: skip
         assert t.render(h=h, p=p) == want, (h, p)
