@@ -20,6 +20,8 @@ command -v mmdebstrap >/dev/null 2>&1 || need_apt+=(mmdebstrap)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+command -v named >/dev/null 2>&1 || need_apt+=(bind9)  # tests' authoritative server (external DNS)
+command -v dig >/dev/null 2>&1 || need_apt+=(bind9-dnsutils)  # dig, nsupdate
 
 if ((${#need_apt[@]})); then
     # Consul is packaged only in bullseye: add that suite with a low pin so that
@@ -41,13 +43,22 @@ EOF
     fi
     log "apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # No packaged service may start (BIND as a resolver would query the root servers): the
+    # tests start what they need on their own ports. policy-rc.d is Debian's switch for that.
+    made_policy=""
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    if [[ -n "$made_policy" ]]; then rm -f /usr/sbin/policy-rc.d; fi
+    if [[ " ${need_apt[*]} " == *" bind9 "* ]] && command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now named >/dev/null 2>&1 || true
+    fi
 fi
 
-# The distribution packages start their services through systemd where there is one;
-# we start what we need ourselves, on our own ports, so stop the packaged defaults
-# only if we were the ones who just installed them and they came up.
 if [[ ! -x "$VENV/bin/python" ]]; then
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"

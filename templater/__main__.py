@@ -10,6 +10,7 @@ from types import FrameType
 
 from sidecar import logs
 from sidecar.consul_conn import warn_if_token_on_command_line
+from sidecar.errors import SidecarError
 from sidecar.status import StatusServer
 from templater.haproxy_runtime import RuntimeHook
 from templater.runner import Runner
@@ -33,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     hook = None
     if settings.proxy == "haproxy" and not settings.dry:
         hook = RuntimeHook(settings.templates[0].dest, settings.drain_timeout, metrics)
-    runner = Runner(settings, metrics, hook)
+    try:
+        runner = Runner(settings, metrics, hook)
+    except SidecarError as err:
+        print(f"templater: {err}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:

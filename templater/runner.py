@@ -20,6 +20,8 @@ from sidecar.threads import Supervisor
 from templater.catalog import CRITICAL, PASSING, WARNING, Snapshot
 from templater.child import Child
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
+from templater.dns_records import desired
+from templater.dns_sync import DnsSync, make_dns_sync
 from templater.errors import CheckFailed, CommandFailed, ProxyError, TemplateError
 from templater.haproxy_runtime import Outcome
 from templater.output import read_current, run_command, swap
@@ -128,6 +130,9 @@ class Runner:
                 settings.consul, settings.register_service, self.proxy.kind.name, str(self.proxy.config),
                 settings.register_address,
             )  # fmt: skip
+        self.dns: DnsSync | None = None
+        if settings.dns is not None:
+            self.dns = make_dns_sync(settings, self.metrics, self._warn)
         self._observer: Any = None
         self.wrote = False
         self.last_write = 0.0  # when a destination last changed (--reload-interval)
@@ -184,40 +189,34 @@ class Runner:
         if result is None:
             return
         for key in sorted(result.used):
-            if key in self.sources:
-                continue
-            source: Source
             if key in result.catalogs:
-                source = CatalogSource(
-                    result.catalogs[key],
-                    self.fetcher,
-                    self.store.publish_catalog,
-                    self._on_state,
-                    self.watch_settings,
-                    self._warn,
-                    self.supervisor,
-                )
-            else:
+                self._watch_catalog(key, result.catalogs[key])
+            elif key not in self.sources:
                 req = result.kv[key]
-                source = kv_watch(
-                    key,
-                    req.path,
-                    req.recurse,
-                    req.dc,
-                    self.fetcher,
-                    self.store.publish_kv,
-                    self._on_state,
-                    self.watch_settings,
-                    self.supervisor,
-                )
-            log.info("watching %s", key)
-            self.sources[key] = source
-            source.start()
+                self._start_source(key, kv_watch(
+                    key, req.path, req.recurse, req.dc, self.fetcher, self.store.publish_kv, self._on_state,
+                    self.watch_settings, self.supervisor,
+                ))  # fmt: skip
+
+    def _watch_catalog(self, key: str, dc: str) -> None:
+        """One watch per datacenter, shared by every template and the DNS sync."""
+        if key not in self.sources:
+            self._start_source(key, CatalogSource(
+                dc, self.fetcher, self.store.publish_catalog, self._on_state, self.watch_settings, self._warn,
+                self.supervisor,
+            ))  # fmt: skip
+
+    def _start_source(self, key: str, source: Source) -> None:
+        log.info("watching %s", key)
+        self.sources[key] = source
+        source.start()
 
     def _drop_unused_sources(self) -> None:
         if any(t.failed or t.result is None for t in self.templates):
             return  # a broken template may need its old dependencies again
         used = set().union(*(t.deps for t in self.templates))
+        if self.dns is not None:
+            used.add(catalog_key(self.dns.dc))
         for key in sorted(set(self.sources) - used):
             log.info("no longer watching %s", key)
             self.sources.pop(key).stop()
@@ -372,12 +371,31 @@ class Runner:
         if self.wrote and since is not None:
             self.metrics.change_to_write.observe(time.monotonic() - since)
         all_done = all(t.done for t in self.templates)
+        if self.dns is not None:
+            dns_ok = self._dns_cycle(view, changed)
+            all_done &= dns_ok is not None
+            any_failed |= dns_ok is False
         if all_done and not any_failed:
             self.metrics.last_success = time.time()
         self._drop_unused_sources()
         self.metrics.watched = len(set().union(*((t.result.queries if t.result else set()) for t in self.templates)))
         self.metrics.held = self.store.held()
         return all_done, any_failed
+
+    def _dns_cycle(self, view: FrozenView, changed: set[str]) -> bool | None:
+        """Offer the records the catalog now asks for to the DNS worker (--once: sync here).
+        None until the catalog has been read: nothing is ever sent before Consul answered."""
+        assert self.dns is not None
+        snapshot = view.catalog(self.dns.dc)
+        if snapshot is None:
+            return None
+        if self.dns.offered and catalog_key(self.dns.dc) not in changed:
+            return True
+        want = desired(snapshot, self.dns.server.naming)
+        if self.settings.once:
+            return self.dns.sync_now(want)
+        self.dns.offer(want)
+        return True
 
     def _runtime_first(self, current: bytes | None, content: bytes) -> str:
         """Apply a server-only change to the running proxy before writing it. An Outcome."""
@@ -476,6 +494,10 @@ class Runner:
         """Until stopped (or, with --once, until every template is written). The exit code."""
         if not self.settings.once:
             self._watch_templates()
+        if self.dns is not None:
+            self._watch_catalog(catalog_key(self.dns.dc), self.dns.dc)
+            if not self.settings.once:
+                self.dns.start(self.supervisor)
         changed: set[str] = set()
         started_child = False
         try:
@@ -610,6 +632,8 @@ class Runner:
             self._observer.join(2)
         if self.child is not None:
             self.child.stop()
+        if self.dns is not None:
+            self.dns.stop()
         if self.proxy_hook is not None:
             self.proxy_hook.stop()
         if self.registration is not None:

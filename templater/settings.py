@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from sidecar import signals, status
 from sidecar.consul_conn import ConsulSettings, add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
+from templater.dns_records import absolute, check_template, valid_domain
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,22 @@ class TemplateSpec:
     @property
     def name(self) -> str:
         return str(self.source)
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """External DNS (--dns-zone): RFC 2136 updates of an authoritative zone."""
+
+    server: tuple[str, int]
+    zone: str
+    key_file: Path | None
+    environment: str = ""
+    template: str = "{service}.{environment}.{zone}"
+    owner: str = "default"
+    ttl: int = 30
+    interval: float = 30.0
+    ingress: str = "ingress"
+    dc: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,7 @@ class Settings:
     register_service: str = ""
     register_address: str = ""
     log_level: str = "INFO"
+    dns: DnsSettings | None = None
 
 
 class SettingsError(ValueError):
@@ -163,14 +182,96 @@ def build_parser() -> argparse.ArgumentParser:
         "templater's state ('' to skip)",
     )
     parser.add_argument("--register-address", default="", help="its address (default: the agent's)")
+    dns = parser.add_argument_group("external DNS", "keep an authoritative zone in step (RFC 2136 + TSIG)")
+    dns.add_argument(
+        "--dns-zone",
+        default=os.environ.get("TEMPLATER_DNS_ZONE", ""),
+        help="the zone to update, e.g. example.com (TEMPLATER_DNS_ZONE); enables external DNS",
+    )
+    dns.add_argument(
+        "--dns-server",
+        default=os.environ.get("TEMPLATER_DNS_SERVER", "127.0.0.1:53"),
+        metavar="HOST:PORT",
+        help="its primary server (TEMPLATER_DNS_SERVER; default 127.0.0.1:53)",
+    )
+    dns.add_argument(
+        "--dns-key-file",
+        default=os.environ.get("TEMPLATER_DNS_KEY_FILE"),
+        help="TSIG key in BIND's format, as tsig-keygen writes it (TEMPLATER_DNS_KEY_FILE)",
+    )
+    dns.add_argument("--dns-environment", default="", help="names are <service>.<environment>.<zone> (Rancher's)")
+    dns.add_argument(
+        "--dns-name",
+        default="",
+        metavar="TEMPLATE",
+        help="name template over {service}, {environment}, {zone}, {dc} "
+        "(default {service}.{environment}.{zone}, or {service}.{zone} with no environment)",
+    )
+    dns.add_argument(
+        "--dns-owner",
+        default="default",
+        help="owner ID in the ownership TXT record: only names with it are changed or removed",
+    )
+    dns.add_argument("--dns-ttl", default="30s", help="TTL of the records written")
+    dns.add_argument(
+        "--dns-sync-interval", default="30s", help="read the zone this often and restore what was changed by hand"
+    )
+    dns.add_argument(
+        "--dns-ingress-service",
+        default="",
+        help="the service whose passing instances are the proxies (default: --register-service)",
+    )
+    dns.add_argument("--dns-dc", default="", help="the datacenter whose catalog is published (default: the agent's)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
 
+def dns_settings_from(args: argparse.Namespace) -> DnsSettings | None:
+    """None without --dns-zone. Raises SettingsError naming the flag and value."""
+    if not args.dns_zone:
+        return None
+    zone = absolute(args.dns_zone)
+    if not valid_domain(zone):
+        raise SettingsError(f"--dns-zone {args.dns_zone!r}: not a DNS name")
+    environment = args.dns_environment.strip().lower().strip(".")
+    if environment and not valid_domain(f"{environment}.{zone}"):
+        raise SettingsError(f"--dns-environment {args.dns_environment!r}: not DNS labels")
+    template = args.dns_name or ("{service}.{environment}.{zone}" if environment else "{service}.{zone}")
+    try:
+        check_template(template)
+        ttl = parse_duration(args.dns_ttl)
+        interval = parse_duration(args.dns_sync_interval)
+    except ValueError as err:
+        raise SettingsError(str(err)) from err
+    if not 0 <= ttl < 2**31 or interval <= 0:
+        raise SettingsError(f"--dns-ttl {args.dns_ttl!r}, --dns-sync-interval {args.dns_sync_interval!r}: out of range")
+    try:
+        server = status.parse_addr(args.dns_server)
+    except ValueError as err:
+        raise SettingsError(f"--dns-server: {err}") from err
+    if not re.fullmatch(r"[A-Za-z0-9_.=-]{1,64}", args.dns_owner):
+        raise SettingsError(f"--dns-owner {args.dns_owner!r}: letters, digits and _.=- only")
+    return DnsSettings(
+        server=server,
+        zone=zone,
+        key_file=Path(args.dns_key_file) if args.dns_key_file else None,
+        environment=environment,
+        template=template,
+        owner=args.dns_owner,
+        ttl=int(ttl),
+        interval=interval,
+        ingress=args.dns_ingress_service or args.register_service or "ingress",
+        dc=args.dns_dc,
+    )
+
+
 def settings_from(argv: list[str] | None = None) -> Settings:
     args = build_parser().parse_args(argv)
-    if not args.template:
-        raise SettingsError("at least one --template SRC:DEST[:COMMAND] is needed")
+    dns = dns_settings_from(args)
+    if not args.template and dns is None:
+        raise SettingsError("at least one --template SRC:DEST[:COMMAND] (or --dns-zone) is needed")
+    if args.proxy and not args.template:
+        raise SettingsError("--proxy needs a --template for the proxy's configuration")
     variables = {}
     for item in args.var:
         key, sep, value = item.partition("=")
@@ -220,4 +321,5 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         register_service=args.register_service,
         register_address=args.register_address,
         log_level=args.log_level,
+        dns=dns,
     )

@@ -26,6 +26,9 @@ class Metrics:
     consul_requests: int = 0
     last_contact: float = 0.0  # seconds since the server answering stale reads heard from a leader
     known_leader: bool = True
+    dns_updates: int = 0  # UPDATE messages sent
+    dns_failures: int = 0
+    dns_names: int = 0
     # what is wrong now, by key: render:<template>, check:<template>, reload:<proxy>,
     # thread:<name>, watch:<query>. Each is cleared by the next success of the same thing.
     problems: dict[str, str] = field(default_factory=dict)
@@ -44,6 +47,9 @@ class Metrics:
         )
         self.drain_seconds = self.registry.histogram(
             "templater_drain_seconds", "a removed HAProxy server, from drain to deletion"
+        )
+        self.dns_seconds = self.registry.histogram(
+            "templater_dns_change_seconds", "external DNS: from a change of the desired records to the zone updated"
         )
 
     def problem(self, key: str, text: str | None) -> None:
@@ -108,6 +114,9 @@ class Metrics:
                  int(self.known_leader)),
                 ("templater_problems", "gauge", "problems /health reports", len(self.problems)),
                 ("templater_held_services", "gauge", "services held by --empty-grace", len(self.held)),
+                ("templater_dns_updates_total", "counter", "DNS UPDATE messages sent", self.dns_updates),
+                ("templater_dns_failures_total", "counter", "zone reads or updates that failed", self.dns_failures),
+                ("templater_dns_names", "gauge", "names the external DNS sync keeps in its zone", self.dns_names),
             ]  # fmt: skip
 
     def prometheus(self) -> str:

@@ -63,6 +63,7 @@ class ConsulAgent:
         self.extra = extra or {}  # merged into the agent's configuration (ACLs, TLS)
         self.token: str | None = None  # sent by get() and put() when set
         self.http_port = free_port()
+        self.dns_port = free_port()  # Consul's DNS interface (TCP and UDP)
         self._ports = {
             "serf_lan": free_port(),
             "serf_wan": free_port(),
@@ -79,7 +80,7 @@ class ConsulAgent:
         config = {
             "ports": {
                 "http": self.http_port,
-                "dns": -1,
+                "dns": self.dns_port,
                 "grpc": -1,
                 "serf_lan": self._ports["serf_lan"],
                 "serf_wan": self._ports["serf_wan"],

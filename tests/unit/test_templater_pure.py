@@ -75,8 +75,13 @@ def test_catalog_joins_health_and_sanitizes():
             "Services": {
                 "w1": {"Service": "web", "Port": 80, "Address": "", "Tags": ["v1"], "Meta": {"http_host": "a.com"}},
                 "w2": {"Service": "web", "Port": 81, "Address": "10.0.0.2;drop", "Tags": [], "Meta": {}},
-                "w3": {"Service": "web", "Port": 82, "Address": "10.0.0.3", "Tags": ["t\n"], "Meta": {"x": "a b",
-                       "http_path": "/api\n", "y\n": "1"}},  # fmt: skip
+                "w3": {
+                    "Service": "web",
+                    "Port": 82,
+                    "Address": "10.0.0.3",
+                    "Tags": ["t\n"],
+                    "Meta": {"x": "a b", "http_path": "/api\n", "y\n": "1"},
+                },
                 "w4\n": {"Service": "web", "Port": 83, "Address": "10.0.0.4\n", "Tags": [], "Meta": {}},
             },
         }

@@ -1,0 +1,167 @@
+"""The DNS worker: keeps an authoritative zone equal to the records the catalog asks for.
+
+The runner offers the desired records after each render cycle (the same Consul watch and the
+same empty-set grace as the templates). This thread reads the zone, plans, and sends one UPDATE
+per batch: at once when the desired records change, and every sync interval to restore what was
+changed by hand. It never acts before Consul has been read once, so a templater that cannot
+reach Consul never removes a record. A server that cannot be reached or refuses is retried with
+capped backoff; each change of state is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from sidecar.backoff import Backoff
+from sidecar.threads import Supervisor
+from templater.dns_records import Desired, Naming, Plan, Zone, plan
+from templater.dns_server import DnsError, DnsServer, read_key_file
+from templater.settings import Settings
+from templater.status import Metrics
+
+log = logging.getLogger("templater.dns")
+
+
+class DnsSync:
+    def __init__(
+        self,
+        server: DnsServer,
+        ttl: int,
+        interval: float,
+        metrics: Metrics,
+        warn: Callable[[str], None],
+        backoff: Backoff,
+        dry: bool = False,
+    ) -> None:
+        self.server = server
+        self._ttl = ttl
+        self._interval = interval
+        self._metrics = metrics
+        self._warn = warn
+        self._backoff = backoff
+        self._dry = dry
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._want: Zone | None = None
+        self._pending = False
+        self._offered_at: float | None = None  # the oldest offer not yet in the zone
+        self._error = ""
+        self.problem_key = f"dns:{server.naming.zone}"
+        self.offered = False
+
+    @property
+    def dc(self) -> str:
+        return self.server.naming.dc
+
+    def offer(self, desired: Desired) -> None:
+        """The runner's latest view of what the zone should hold under our suffix."""
+        for warning in desired.warnings:
+            self._warn(warning)
+        self.offered = True
+        with self._cond:
+            if desired.names == self._want:
+                return
+            self._want = desired.names
+            self._pending = True
+            if self._offered_at is None:
+                self._offered_at = time.monotonic()
+            self._cond.notify_all()
+
+    def start(self, supervisor: Supervisor) -> None:
+        supervisor.start("dns-sync", self._body, self._stop)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def sync_now(self, desired: Desired) -> bool:
+        """--once: one sync in the caller's thread. False (logged) when it failed."""
+        for warning in desired.warnings:
+            self._warn(warning)
+        self.offered = True
+        try:
+            self.sync(desired.names)
+        except DnsError as err:
+            log.error("%s", err)
+            return False
+        return True
+
+    def sync(self, want: Zone) -> Plan:
+        """Read the zone, send what differs. Raises DnsError."""
+        started = time.monotonic()
+        changes = plan(want, self.server.read(), self.server.naming)
+        for name in changes.foreign:
+            self._warn(f"dns: {name} holds records this templater did not write (no ownership TXT): left alone")
+        if changes and self._dry:
+            for change in changes.changes:
+                sys.stdout.write(f"> dns {change.text()}\n")
+            sys.stdout.flush()
+        elif changes:
+            messages = self.server.update(changes.changes, self._ttl)
+            self._metrics.add(dns_updates=messages)
+            log.info("dns: %s in %s (%d update message(s), %.0f ms)", changes.summary(), self.server.where,
+                     messages, (time.monotonic() - started) * 1000)  # fmt: skip
+            for change in changes.changes:
+                log.debug("dns: %s", change.text())
+        self._metrics.dns_names = len(want)
+        return changes
+
+    def _next(self, next_sync: float, not_before: float) -> tuple[Zone | None, float | None]:
+        """Wait for new desired records (not before `not_before`) or the periodic sync."""
+        with self._cond:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                due = now >= next_sync or (self._pending and now >= not_before)
+                if due and self._want is not None:
+                    self._pending = False
+                    offered, self._offered_at = self._offered_at, None
+                    return self._want, offered
+                wake = next_sync if not self._pending else min(next_sync, not_before)
+                self._cond.wait(max(0.01, wake - now) if self._want is not None else None)
+        return None, None
+
+    def _body(self) -> None:
+        next_sync = not_before = 0.0
+        while not self._stop.is_set():
+            want, offered = self._next(next_sync, not_before)
+            if want is None:
+                return
+            try:
+                self.sync(want)
+            except DnsError as err:
+                delay = self._backoff.next_delay()
+                if str(err) != self._error:
+                    log.error("%s; keeping what the zone holds, will retry", err)
+                self._error = str(err)
+                self._metrics.add(dns_failures=1)
+                self._metrics.problem(self.problem_key, str(err))
+                with self._cond:
+                    self._pending = True
+                    if offered is not None and (self._offered_at is None or offered < self._offered_at):
+                        self._offered_at = offered
+                not_before = next_sync = time.monotonic() + delay
+                continue
+            if self._error:
+                log.info("dns: %s answers and takes updates again", self.server.where)
+            self._error = ""
+            self._backoff.reset()
+            self._metrics.problem(self.problem_key, None)
+            if offered is not None:
+                self._metrics.dns_seconds.observe(time.monotonic() - offered)
+            next_sync = time.monotonic() + self._interval
+
+
+def make_dns_sync(settings: Settings, metrics: Metrics, warn: Callable[[str], None]) -> DnsSync:
+    """Raises DnsError when the TSIG key file cannot be read."""
+    dns = settings.dns
+    assert dns is not None
+    naming = Naming(dns.zone, dns.environment, dns.template, dns.owner, dns.ingress, dns.dc)
+    key = read_key_file(dns.key_file) if dns.key_file else None
+    server = DnsServer(dns.server[0], dns.server[1], naming, key)
+    backoff = Backoff(settings.retry_backoff, max(settings.retry_max_backoff, 10.0))
+    return DnsSync(server, dns.ttl, dns.interval, metrics, warn, backoff, settings.dry)
