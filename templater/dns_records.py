@@ -248,3 +248,23 @@ def plan(want: Zone, zone: Zone, naming: Naming) -> Plan:
         drop = tuple(k for k in MANAGED_TYPES if k in zone[name])
         result.changes.append(NameChange(name, drop=drop, drop_owner=True))
     return result
+
+
+def applied(zone: Zone, changes: list[NameChange], naming: Naming) -> Zone:
+    """The zone as it is after the server took `changes` (our copy between two reads)."""
+    out = dict(zone)
+    for change in changes:
+        records = dict(out.get(change.name, {}))
+        for rdtype in change.drop:
+            records.pop(rdtype, None)
+        records.update(change.put)
+        if change.create:
+            records["TXT"] = records.get("TXT", frozenset()) | {naming.owner_txt}
+        if change.drop_owner:
+            records["TXT"] = records.get("TXT", frozenset()) - {naming.owner_txt}
+        records = {k: v for k, v in records.items() if v}
+        if records:
+            out[change.name] = records
+        else:
+            out.pop(change.name, None)
+    return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dns.exception
+import dns.message
 import dns.name
 import dns.query
 import dns.rcode
@@ -90,8 +91,22 @@ class DnsServer:
             why = f"{type(err).__name__}: {err}"
         return DnsError(f"{self.where}: {action} failed: {why}")
 
-    def read(self) -> Zone:
-        """Every name of the zone under the suffix (AXFR)."""
+    def serial(self) -> int:
+        """The zone's SOA serial: the server bumps it with every change, ours or anyone's."""
+        query = dns.message.make_query(self.zone, "SOA")
+        try:
+            response = dns.query.udp(query, self.host, port=self.port, timeout=self._timeout)
+        except (dns.exception.DNSException, OSError) as err:
+            raise self._fail("SOA query", err) from err
+        for rrset in response.answer:
+            for rdata in rrset:
+                if rdata.rdtype == dns.rdatatype.SOA:
+                    return int(rdata.serial)
+        raise DnsError(f"{self.where}: no SOA in the answer ({dns.rcode.to_text(response.rcode())}): "
+                       "is the server authoritative for the zone?")  # fmt: skip
+
+    def read(self) -> tuple[Zone, int]:
+        """Every name of the zone under the suffix, and the serial it had (AXFR)."""
         zone = dns.zone.Zone(self.zone)
         try:
             query, _ = dns.xfr.make_query(zone, keyring=self._keyring, keyname=self._keyname,
@@ -105,6 +120,7 @@ class DnsServer:
             raise self._fail("zone transfer", err) from err
         suffix = self.naming.suffix
         out: Zone = {}
+        soa = zone.get_soa()
         for rel, node in zone.nodes.items():
             name = rel.derelativize(self.zone).to_text().lower()
             if name != suffix and not name.endswith("." + suffix):
@@ -112,7 +128,7 @@ class DnsServer:
             out[name] = {
                 dns.rdatatype.to_text(rds.rdtype): frozenset(rd.to_text() for rd in rds) for rds in node.rdatasets
             }
-        return out
+        return out, int(soa.serial)
 
     def update(self, changes: list[NameChange], ttl: int) -> int:
         """Send the changes; the number of UPDATE messages it took."""

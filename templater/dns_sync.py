@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from sidecar.backoff import Backoff
 from sidecar.threads import Supervisor
-from templater.dns_records import Desired, Naming, Plan, Zone, plan
+from templater.dns_records import Desired, Naming, Plan, Zone, applied, plan
 from templater.dns_server import DnsError, DnsServer, read_key_file
 from templater.settings import Settings
 from templater.status import Metrics
@@ -52,6 +52,7 @@ class DnsSync:
         self._error = ""
         self.problem_key = f"dns:{server.naming.zone}"
         self.offered = False
+        self._copy: tuple[Zone, int] | None = None  # the zone as last read or written, its serial
 
     @property
     def dc(self) -> str:
@@ -91,10 +92,21 @@ class DnsSync:
             return False
         return True
 
-    def sync(self, want: Zone) -> Plan:
-        """Read the zone, send what differs. Raises DnsError."""
+    def _zone(self, full: bool) -> Zone:
+        """The zone under our suffix: our copy while the SOA serial says nobody else changed it
+        since we last read or wrote it, else a new transfer (always, with `full`)."""
+        if not full and self._copy is not None and self.server.serial() == self._copy[1]:
+            return self._copy[0]
+        self._copy = None
+        zone, serial = self.server.read()
+        self._copy = (zone, serial)
+        return zone
+
+    def sync(self, want: Zone, full: bool = True) -> Plan:
+        """Send what differs between `want` and the zone. Raises DnsError."""
         started = time.monotonic()
-        changes = plan(want, self.server.read(), self.server.naming)
+        zone = self._zone(full)
+        changes = plan(want, zone, self.server.naming)
         for name in changes.foreign:
             self._warn(f"dns: {name} holds records this templater did not write (no ownership TXT): left alone")
         if changes and self._dry:
@@ -102,7 +114,11 @@ class DnsSync:
                 sys.stdout.write(f"> dns {change.text()}\n")
             sys.stdout.flush()
         elif changes:
+            self._copy = None  # until the server took it all
             messages = self.server.update(changes.changes, self._ttl)
+            # the serial read right after our update is the one our copy matches; a change by
+            # someone else in between is found by the next full read (every sync interval)
+            self._copy = (applied(zone, changes.changes, self.server.naming), self.server.serial())
             self._metrics.add(dns_updates=messages)
             log.info("dns: %s in %s (%d update message(s), %.0f ms)", changes.summary(), self.server.where,
                      messages, (time.monotonic() - started) * 1000)  # fmt: skip
@@ -111,28 +127,29 @@ class DnsSync:
         self._metrics.dns_names = len(want)
         return changes
 
-    def _next(self, next_sync: float, not_before: float) -> tuple[Zone | None, float | None]:
-        """Wait for new desired records (not before `not_before`) or the periodic sync."""
+    def _next(self, next_sync: float, not_before: float) -> tuple[Zone | None, float | None, bool]:
+        """Wait for new desired records (not before `not_before`) or the periodic sync.
+        (records, when they were offered, whether this is the periodic sync)"""
         with self._cond:
             while not self._stop.is_set():
                 now = time.monotonic()
-                due = now >= next_sync or (self._pending and now >= not_before)
-                if due and self._want is not None:
+                periodic = now >= next_sync
+                if (periodic or (self._pending and now >= not_before)) and self._want is not None:
                     self._pending = False
                     offered, self._offered_at = self._offered_at, None
-                    return self._want, offered
+                    return self._want, offered, periodic
                 wake = next_sync if not self._pending else min(next_sync, not_before)
                 self._cond.wait(max(0.01, wake - now) if self._want is not None else None)
-        return None, None
+        return None, None, False
 
     def _body(self) -> None:
         next_sync = not_before = 0.0
         while not self._stop.is_set():
-            want, offered = self._next(next_sync, not_before)
+            want, offered, periodic = self._next(next_sync, not_before)
             if want is None:
                 return
             try:
-                self.sync(want)
+                self.sync(want, full=periodic)
             except DnsError as err:
                 delay = self._backoff.next_delay()
                 if str(err) != self._error:
@@ -153,7 +170,8 @@ class DnsSync:
             self._metrics.problem(self.problem_key, None)
             if offered is not None:
                 self._metrics.dns_seconds.observe(time.monotonic() - offered)
-            next_sync = time.monotonic() + self._interval
+            if periodic:
+                next_sync = time.monotonic() + self._interval
 
 
 def make_dns_sync(settings: Settings, metrics: Metrics, warn: Callable[[str], None]) -> DnsSync:

@@ -7,7 +7,7 @@ from types import MappingProxyType
 import pytest
 
 from templater.catalog import CRITICAL, MAINTENANCE, PASSING, Instance, Snapshot
-from templater.dns_records import Naming, check_template, desired, name_problem, plan, valid_domain
+from templater.dns_records import Naming, applied, check_template, desired, name_problem, plan, valid_domain
 
 NAMING = Naming("example.test.", "prod")
 OWNER = NAMING.owner_txt
@@ -136,3 +136,22 @@ def test_template_and_domain_checks():
         with pytest.raises(ValueError, match="is not one of the fields"):
             check_template(bad)
     assert valid_domain("example.test.") and not valid_domain(".") and not valid_domain("ex_ample.test.")
+
+
+def test_applied_changes_make_the_zone_the_plan_wanted():
+    want = {
+        "new.prod.example.test.": {"A": frozenset({"127.0.2.1"}), "TXT": frozenset({OWNER})},
+        "mine.prod.example.test.": {"AAAA": frozenset({"::1"}), "TXT": frozenset({OWNER})},
+    }
+    zone = {
+        "mine.prod.example.test.": {"A": frozenset({"127.0.9.7"}), "TXT": frozenset({OWNER, '"note"'})},
+        "gone.prod.example.test.": {"A": frozenset({"127.0.2.1"}), "TXT": frozenset({OWNER})},
+        "kept.prod.example.test.": {"MX": frozenset({"10 mx."}), "TXT": frozenset({OWNER})},
+    }
+    after = applied(zone, plan(want, zone, NAMING).changes, NAMING)
+    assert after == {
+        "new.prod.example.test.": {"A": frozenset({"127.0.2.1"}), "TXT": frozenset({OWNER})},
+        "mine.prod.example.test.": {"AAAA": frozenset({"::1"}), "TXT": frozenset({OWNER, '"note"'})},
+        "kept.prod.example.test.": {"MX": frozenset({"10 mx."})},  # ours no more; the MX was never ours
+    }
+    assert not plan(want, after, NAMING)
