@@ -21,10 +21,15 @@ def dig(port: int, name: str, rdtype: str = "A", server: str = "127.0.0.1", tcp:
     return sorted(line for line in out.splitlines() if line and not line.startswith(";"))
 
 
+def dig_output(port: int, name: str, rdtype: str = "A", server: str = "127.0.0.1") -> str:
+    """dig's whole answer: header, answer and additional sections."""
+    return subprocess.run(["dig", f"@{server}", "-p", str(port), name, rdtype, "+time=2", "+tries=1"],
+                          capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
+
+
 def dig_status(port: int, name: str, rdtype: str = "A", server: str = "127.0.0.1") -> str:
     """NOERROR, NXDOMAIN, ... from dig's header."""
-    out = subprocess.run(["dig", f"@{server}", "-p", str(port), name, rdtype, "+time=2", "+tries=1"],
-                         capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
+    out = dig_output(port, name, rdtype, server)
     for line in out.splitlines():
         if "status:" in line:
             return line.split("status:", 1)[1].split(",", 1)[0].strip()

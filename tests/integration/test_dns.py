@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.dns_support import KEY_NAME, BindServer, dig, dig_status
+from tests.dns_support import KEY_NAME, BindServer, dig, dig_output, dig_status
 from tests.support import ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -39,6 +39,8 @@ def test_consul_dns_answers_a_and_srv_by_name_and_tag(consul, containers, regist
     # address, else <node>.node), and resolves to it; the node itself answers under .node
     assert all(dig(consul.dns_port, r[3]) == ["127.0.0.1"] for r in srv), srv
     assert dig(consul.dns_port, "test-node.node.consul") == ["127.0.0.1"]
+    additional = dig_output(consul.dns_port, "dnsweb.service.consul", "SRV").split("ADDITIONAL SECTION:")[1]
+    assert "test-node.node.dc1.consul." in additional  # the node the instances run on
     blue_srv = dig(consul.dns_port, "blue.dnsweb.service.consul", "SRV")
     assert [int(r.split()[2]) for r in blue_srv] == [containers.host_port(blue)]
     assert dig_status(consul.dns_port, "red.dnsweb.service.consul") == "NXDOMAIN"
