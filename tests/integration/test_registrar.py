@@ -291,3 +291,25 @@ def test_internal_registers_container_ip_and_exposed_port(consul, containers, re
     c.reload()
     assert svc["Port"] == 8080
     assert svc["Address"] == c.attrs["NetworkSettings"]["IPAddress"]
+
+
+def test_each_thread_has_its_own_docker_client(docker_engine):
+    """The event and resync threads used to share one docker-py client (a requests session is
+    not thread-safe): each thread now gets its own, against the real engine (issue 9, point 6)."""
+    from registrar.docker_events import DockerSource
+
+    source = DockerSource("unix:///var/run/docker.sock")
+    clients: list[object] = []
+
+    def use() -> None:
+        source.ping()
+        clients.append(source._api())
+        assert source._api() is clients[-1]  # kept for the thread's next call
+
+    threads = [threading.Thread(target=use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    use()
+    assert len(clients) == 3 and len({id(c) for c in clients}) == 3

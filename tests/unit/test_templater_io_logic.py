@@ -259,3 +259,31 @@ def test_server_state_drops_servers_that_moved():
     kept = keep_state_of_unmoved(state, parse(config)).splitlines()
     assert kept[0] == "1" and kept[1].startswith("# be_id")
     assert [line.split()[3] for line in kept[2:]] == ["a"]  # b moved to 9102, gone is gone
+
+
+def test_remembered_warnings_and_targeted_reads_stay_bounded(caplog: pytest.LogCaptureFixture):
+    """Runner.warned said each warning once but kept all of them; _read_at kept every service
+    ever read on its own (issue 9, point 9)."""
+    from sidecar.consul_conn import ConsulSettings
+    from templater.runner import WARNED_MAX, Runner
+    from templater.settings import Settings
+
+    runner = Runner(Settings(consul=ConsulSettings(), templates=()))
+    for n in range(WARNED_MAX + 5):
+        runner._warn(f"warning {n}")
+    assert len(runner.warned) == WARNED_MAX
+    assert "warning 0" not in runner.warned and f"warning {WARNED_MAX + 4}" in runner.warned
+    caplog.clear()
+    runner._warn("warning 0")  # forgotten, so said again; a remembered one is not
+    runner._warn(f"warning {WARNED_MAX + 4}")
+    assert [r.getMessage() for r in caplog.records] == ["warning 0"]
+
+    source = CatalogSource("", Fake(), lambda k, s: None, lambda *a: None, WatchSettings(), print)
+    for n in range(50):
+        source._apply_targeted({f"s{n}"}, {})
+    since = source._seq
+    source._apply_targeted({"late"}, {})  # read on its own after the full read began
+    source._apply_everything({}, [], since)
+    assert source._read_at == {"late": since + 1}
+    source._apply_everything({}, [], source._seq)
+    assert source._read_at == {}
