@@ -40,6 +40,10 @@ class DnsError(SidecarError):
     """The DNS server could not be read or refused an update; retried with backoff."""
 
 
+class DnsConflict(DnsError):
+    """An update's prerequisites failed: someone (another templater) changed a name meanwhile."""
+
+
 @dataclass(frozen=True)
 class TsigKey:
     name: str
@@ -171,4 +175,5 @@ class DnsServer:
                 dns.rcode.YXDOMAIN: "YXDOMAIN: a name it was to create exists now (written meanwhile)",
                 dns.rcode.NXRRSET: "NXRRSET: a name it owns lost its TXT record meanwhile",
             }.get(rcode, dns.rcode.to_text(rcode))
-            raise DnsError(f"{self.where}: update of {len(changes)} name(s) refused: {why}")
+            error = DnsConflict if rcode in (dns.rcode.YXDOMAIN, dns.rcode.NXRRSET) else DnsError
+            raise error(f"{self.where}: update of {len(changes)} name(s) refused: {why}")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from sidecar.backoff import Backoff
 from sidecar.threads import Supervisor
 from templater.dns_records import Desired, Naming, Plan, Zone, applied, plan
-from templater.dns_server import DnsError, DnsServer, read_key_file
+from templater.dns_server import DnsConflict, DnsError, DnsServer, read_key_file
 from templater.settings import Settings
 from templater.status import Metrics
 
@@ -103,7 +103,17 @@ class DnsSync:
         return zone
 
     def sync(self, want: Zone, full: bool = True) -> Plan:
-        """Send what differs between `want` and the zone. Raises DnsError."""
+        """Send what differs between `want` and the zone. Raises DnsError.
+
+        A name changed by someone else since our read (another templater writing the same
+        zone) fails the update's prerequisites: the zone is read again and the plan made anew."""
+        try:
+            return self._sync(want, full)
+        except DnsConflict as err:
+            log.info("%s; reading the zone again", err)
+            return self._sync(want, True)
+
+    def _sync(self, want: Zone, full: bool) -> Plan:
         started = time.monotonic()
         zone = self._zone(full)
         changes = plan(want, zone, self.server.naming)

@@ -246,3 +246,37 @@ def test_templater_with_proxy_publishes_its_own_host(consul, templater, bind, tm
         "--var", f"http_port={http}", "--var", "bind_address=127.0.0.1",
     )  # fmt: skip
     wait_until(lambda: dig(bind.port, f"shop.prod.{ZONE}") == ["127.0.2.7"], timeout=15, what="own host published")
+
+
+def test_a_name_written_between_read_and_update_is_read_again_not_overwritten(bind, caplog):
+    """Another writer (a second templater with the same owner, or a person) creates a name after
+    our read: the UPDATE's prerequisite (name unused) fails, the zone is read again and the plan
+    made anew, with no error state."""
+    from sidecar.backoff import Backoff
+    from templater.dns_records import Naming
+    from templater.dns_server import DnsServer, read_key_file
+    from templater.dns_sync import DnsSync
+    from templater.status import Metrics
+
+    naming = Naming(ZONE + ".", "prod")
+    server = DnsServer("127.0.0.1", bind.port, naming, read_key_file(bind.key_file))
+    sync = DnsSync(server, 30, 30.0, Metrics(), print, Backoff())
+    shop = f"shop.prod.{ZONE}."
+    want = {shop: {"A": frozenset({"127.0.2.1"}), "TXT": frozenset({naming.owner_txt})}}
+    before_serial = server.serial()
+    sync._copy = ({}, before_serial)  # our read: the name is free
+    assert bind.nsupdate(f"update add {shop} 30 A 127.0.2.1\nupdate add {shop} 30 TXT {naming.owner_txt}"
+                         ).returncode == 0  # fmt: skip
+    sync._copy = ({}, server.serial())  # ... and the other write lands after our serial check
+    with caplog.at_level("INFO"):
+        result = sync.sync(want, full=False)
+    assert "YXDOMAIN" in caplog.text and "reading the zone again" in caplog.text
+    assert not result  # read again: the name is ours already, nothing to send
+    assert dig(bind.port, shop) == ["127.0.2.1"]
+    # a foreign name created meanwhile is never overwritten either
+    other = f"other.prod.{ZONE}."
+    assert bind.nsupdate(f"update add {other} 30 A 127.0.9.1").returncode == 0
+    sync._copy = (dict(sync._copy[0]) if sync._copy else {}, server.serial())
+    result = sync.sync({**want, other: {"A": frozenset({"127.0.2.1"}), "TXT": frozenset({naming.owner_txt})}},
+                       full=False)  # fmt: skip
+    assert result.foreign == [other] and dig(bind.port, other) == ["127.0.9.1"]
