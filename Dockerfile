@@ -11,13 +11,14 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS build
-# the local base has these already; a stock Debian image gets them from Debian's archive
-RUN python3 -c 'import ensurepip, venv' 2>/dev/null \
- || (apt-get update && apt-get install -y --no-install-recommends python3 python3-venv && rm -rf /var/lib/apt/lists/*)
+# the local base has python3 already; a stock Debian image gets it from Debian's archive
+RUN python3 -c 'import venv' 2>/dev/null \
+ || (apt-get update && apt-get install -y --no-install-recommends python3 && rm -rf /var/lib/apt/lists/*)
 COPY wheels /wheels
-RUN python3 -m venv /opt/sidecar \
- && /opt/sidecar/bin/pip install --no-cache-dir --no-index --find-links /wheels consul-sidecar \
- && /opt/sidecar/bin/pip uninstall --yes --quiet setuptools pip \
+# a venv without pip, filled by pip run from its own wheel (no python3-venv, no pip left inside)
+RUN python3 -m venv --without-pip /opt/sidecar \
+ && set -- /wheels/pip-*.whl \
+ && /opt/sidecar/bin/python "$1/pip" install --no-cache-dir --no-index --find-links /wheels consul-sidecar \
  && find /opt/sidecar -name '__pycache__' -prune -exec rm -rf {} + \
  && /opt/sidecar/bin/python -m compileall -q /opt/sidecar/lib
 

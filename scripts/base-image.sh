@@ -9,7 +9,8 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
-PACKAGES=python3,python3-venv,haproxy,nginx-light,tini,ca-certificates,libcap2-bin
+# no python3-venv: the image's venv is made --without-pip and filled by pip run from its wheel
+PACKAGES=python3,haproxy,nginx-light,tini,ca-certificates,libcap2-bin
 HASH="$(sha256sum "$HERE/base-image.sh" | cut -c1-12)"
 TAG="consul-sidecar-base:bookworm-$HASH"
 

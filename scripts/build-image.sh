@@ -19,6 +19,8 @@ CONTEXT="$(mktemp -d)"
 trap 'rm -rf "$CONTEXT"' EXIT
 log "wheels for the project and its dependencies"
 "$PYTHON" -m pip wheel --quiet --wheel-dir "$CONTEXT/wheels" "$ROOT"
+# pip itself, run from its wheel inside the build: the image needs no python3-venv or ensurepip
+"$PYTHON" -m pip download --quiet --no-deps --only-binary :all: --dest "$CONTEXT/wheels" pip
 cp -r "$ROOT/Dockerfile" "$ROOT/templates" "$CONTEXT/"
 log "docker build -t $TAG (base $BASE_IMAGE)"
 docker build --quiet --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$TAG" "$CONTEXT" >/dev/null

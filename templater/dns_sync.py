@@ -52,6 +52,7 @@ class DnsSync:
         self._error = ""
         self.problem_key = f"dns:{server.naming.zone}"
         self.offered = False
+        self._printed = ""
         self._copy: tuple[Zone, int] | None = None  # the zone as last read or written, its serial
 
     @property
@@ -120,9 +121,11 @@ class DnsSync:
         for name in changes.foreign:
             self._warn(f"dns: {name} holds records this templater did not write (no ownership TXT): left alone")
         if changes and self._dry:
-            for change in changes.changes:
-                sys.stdout.write(f"> dns {change.text()}\n")
-            sys.stdout.flush()
+            lines = "".join(f"> dns {change.text()}\n" for change in changes.changes)
+            if lines != self._printed:  # --dry: each plan once, not at every sync
+                sys.stdout.write(lines)
+                sys.stdout.flush()
+            self._printed = lines
         elif changes:
             self._copy = None  # until the server took it all
             messages = self.server.update(changes.changes, self._ttl)

@@ -226,6 +226,10 @@ def test_dns_name_meta_publishes_instances_with_srv(consul, templater, bind, tmp
     for n, port in ((1, 9101), (2, 9102)):
         register(consul, f"db-{n}", "db", f"127.0.3.{n}", port, {"dns_name": "pg", "container_name": f"db-{n}"},
                  ttl_status="passing")  # fmt: skip
+    dry, _ = dns_templater(templater, bind, "--once", "--dry")
+    assert dry.proc.wait(15) == 0, dry.output()
+    assert f"> dns create pg.prod.{ZONE}. A=127.0.3.1,127.0.3.2 SRV=" in dry.output()
+    assert dig_status(bind.port, f"pg.prod.{ZONE}") == "NXDOMAIN"  # --dry: printed, not sent
     proc, _ = dns_templater(templater, bind, "--once")
     assert proc.proc.wait(15) == 0, proc.output()
     assert dig(bind.port, f"pg.prod.{ZONE}") == ["127.0.3.1", "127.0.3.2"]
