@@ -57,10 +57,12 @@ def health_status(container: Any) -> str:
 
 
 def test_image_runs_as_an_unprivileged_user_with_both_commands(sidecar_image, docker_engine):
-    out = docker_engine.containers.run(sidecar_image, ["sh", "-c", "id -u; registrar --help; templater --help"],
-                                       remove=True).decode()  # fmt: skip
+    out = docker_engine.containers.run(
+        sidecar_image, ["sh", "-c", "id -u; registrar --help; templater --help; sidecar-stop --help"], remove=True
+    ).decode()
     assert out.splitlines()[0] == "10001"
-    assert "usage: registrar" in out and "usage: templater" in out
+    assert "usage: registrar" in out and "usage: templater" in out and "usage: sidecar-stop" in out
+    assert "--dns-zone" in out  # external DNS, with dnspython inside
     caps = docker_engine.containers.run(sidecar_image, ["sh", "-c", "getcap $(readlink -f $(command -v haproxy))"],
                                         remove=True).decode()  # fmt: skip
     assert "cap_net_bind_service" in caps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 
 import pytest
@@ -31,11 +32,14 @@ def upstream_address(c, internal: bool, containers) -> str:
     return f"127.0.0.1:{containers.host_port(c)}"
 
 
-def rolling_replacement(port: int, containers, image: str | None, internal: bool = False) -> Load:
-    """Replace 3 backends one by one (start, wait until it serves, docker stop) under load."""
+def rolling_replacement(port: int, containers, image: str | None, internal: bool = False, stop=None,
+                        serving=None) -> Load:  # fmt: skip
+    """Replace 3 backends one by one (start, wait until it serves, docker stop, or `stop`) under load."""
 
-    def serving(c) -> bool:
+    def served(c) -> bool:
         return served_by(port, upstream_address(c, internal, containers))
+
+    serving = serving or served
 
     old = serving_web(containers, 3, serving, timeout=30, image=image)
     with Load(port, "app.test") as load:
@@ -43,7 +47,10 @@ def rolling_replacement(port: int, containers, image: str | None, internal: bool
         for c in old:
             new = web(containers) if image is None else web_keepalive(containers, image)
             wait_until(lambda new=new: serving(new), timeout=15, what="replacement serving")
-            c.stop(timeout=5)
+            if stop is None:
+                c.stop(timeout=5)
+            else:
+                stop(c)
         time.sleep(1)
     return load
 
@@ -114,3 +121,29 @@ def test_nginx_upstream_keepalive_when_asked_retries_every_get(
     assert load.get_failures == 0, load.failures[:10]
     posts = len(load.failures) - load.get_failures
     print(f"upstream keep-alive on: {posts} POST(s) failed of about {load.ok // 4}")
+
+
+def sidecar_stop(consul, c) -> None:
+    """The rolling step with the drain first: sidecar-stop, as an operator runs it."""
+    done = subprocess.run([sys.executable, "-m", "registrar.drain", "--consul", consul.url, "--drain", "1s",
+                           "-t", "5", c.name], capture_output=True, text=True, timeout=30, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0 and "1 service(s) drained for 1 s" in done.stdout, (done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("kind", ["nginx", "haproxy"])
+def test_sidecar_stop_drains_first_so_backends_that_stop_at_once_fail_nothing(
+    consul, containers, proxy_stack, keepalive_image, kind
+):
+    """Backends that close their listener the moment they get SIGTERM, registered by published
+    port (behind Docker's userland proxy, the worst case): with plain docker stop a POST sent in
+    the moment before the proxy drops the backend fails (measured: 1 in 2 NGINX runs, 1 in 3
+    HAProxy runs). sidecar-stop drains first: zero failures, GET or POST."""
+    extra = ("--drain-timeout", "10s") if kind == "haproxy" else ()
+    port, proc = proxy_stack(kind, *extra)
+    if kind == "haproxy":  # X-Served-By is the server name, which holds the container name
+        load = rolling_replacement(port, containers, keepalive_image, stop=lambda c: sidecar_stop(consul, c),
+                                   serving=lambda c: served_by(port, c.name))  # fmt: skip
+    else:
+        load = rolling_replacement(port, containers, keepalive_image, stop=lambda c: sidecar_stop(consul, c))
+    assert load.ok > 100
+    assert load.failures == [], (load.failures[:10], proc.output()[-3000:])

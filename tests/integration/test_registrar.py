@@ -313,3 +313,46 @@ def test_each_thread_has_its_own_docker_client(docker_engine):
         t.join(10)
     use()
     assert len(clients) == 3 and len({id(c) for c in clients}) == 3
+
+
+def test_sidecar_stop_drains_then_stops_and_says_what_it_did(consul, containers, registrar, hostname):
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    registrar()
+    c = containers.run(labels={"SERVICE_NAME": "drained"})
+    sid = f"{hostname}:{c.name}:8080"
+    wait_until(lambda: consul.health("drained", passing=True), what="passing")
+    args = [sys.executable, "-m", "registrar.drain", "--consul", consul.url, "--drain", "1s", "-t", "2"]
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(subprocess.run, [*args, c.name, "no-such-container"], capture_output=True, text=True,
+                           timeout=30, cwd=ROOT)  # fmt: skip
+        check = wait_until(lambda: consul.checks().get(f"_service_maintenance:{sid}"), timeout=3, what="drain")
+        assert check["Notes"].startswith("Draining: sidecar-stop at ")
+        assert consul.health("drained", passing=True) == []
+        c.reload()
+        assert c.status == "running"  # drained first, signalled only after --drain
+        result = done.result()
+    assert result.returncode == 1  # the second name does not exist
+    assert f"{c.name}: 1 service(s) drained for 1 s, stopped" in result.stdout
+    assert "no-such-container: no such container" in result.stderr
+    c.reload()
+    assert c.status == "exited"
+    wait_until(lambda: sid not in consul.services(), what="deregistered once gone")
+
+
+def test_sidecar_stop_helpers():
+    from registrar.drain import services_of, stop_timeout
+
+    services = {
+        "h:a:80": {"Meta": {"container_id": "abcdef123456"}},
+        "h:a:81": {"Meta": {"container_id": "abcdef123456"}},
+        "h:b:80": {"Meta": {"container_id": "999999999999"}},
+        "other": {"Meta": None},
+    }
+    assert services_of(services, "abcdef1234567890") == ["h:a:80", "h:a:81"]
+    assert stop_timeout({"Config": {"StopTimeout": 30}}, None) == 30
+    assert stop_timeout({"Config": {}}, None) == 10
+    assert stop_timeout({"Config": {"StopTimeout": 30}}, 3) == 3
