@@ -8,11 +8,12 @@ For each proxy, prints:
   while backends are killed abruptly, and while the Consul agent restarts and loses its state:
   requests, failed GET / POST, latency p50 / p99, proxy reloads and runtime-API updates; with
   busybox backends (no keep-alive) and with keep-alive backends that close idle connections on
-  SIGTERM (sidecar/keepalive_backend.py);
+  SIGTERM (sidecar/keepalive_backend.py), replaced with docker stop and with sidecar-stop (drain
+  first: "sidecar-stop (keep-alive)");
 - a burst of 20 containers started at once: time until all serve, reloads it cost;
 - NGINX only, with 500 routed services: time for a reload to be taken, old workers left after
   it, memory of the NGINX processes.
-Run: .venv/bin/python bench/proxy_bench.py [--proxy haproxy|nginx|both] [--runs 20]
+Run: .venv/bin/python bench/proxy_bench.py [--proxy haproxy|nginx|both] [--runs 20] [--repeat 1]
 Needs the Docker engine (scripts/engine.sh starts one) and the test image (built on first use).
 """
 
@@ -36,6 +37,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.figures import percentile
+from registrar.consul_registry import ConsulRegistry
+from registrar.docker_events import DockerSource
+from registrar.drain import drain_and_stop
+from sidecar.consul_conn import ConsulSettings
 from sidecar.demo_image import ensure_keepalive_image
 from tests.support import (
     ROOT,
@@ -65,6 +70,8 @@ class Stack:
         self.port = free_port()
         self.status_port = free_port()
         self.containers = Containers(client, f"bench{uuid.uuid4().hex[:6]}")
+        self.consul = ConsulRegistry(ConsulSettings(url=self.agent.url))
+        self.docker = DockerSource(None)
         hostname = f"bench{uuid.uuid4().hex[:4]}"
         self.registrar = Process("registrar", ["--consul", self.agent.url, "--hostname", hostname], work)
         wait_until(lambda: "docker events connected" in self.registrar.output(), what="registrar up")
@@ -131,12 +138,15 @@ def under_load(stack: Stack, scenario: str, image: str | None = None) -> dict[st
     before = stack.metrics()
     with Load(stack.port, "app.test") as load:
         time.sleep(1)
-        if scenario == "replace":
+        if scenario in ("replace", "drained"):
             for c in list(backends):
                 new = new_backend(stack, image)
                 wait_until(lambda n=new: stack.serving(n), timeout=20, what="replacement serving")
                 backends.append(new)
-                c.stop(timeout=5)
+                if scenario == "drained":  # sidecar-stop: maintenance, 1 s for the proxy, then stop
+                    drain_and_stop(stack.consul, stack.docker, c.name, 1.0, 5)
+                else:
+                    c.stop(timeout=5)
                 backends.remove(c)
         elif scenario == "kill":
             for c in backends[:2]:
@@ -225,6 +235,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--proxy", choices=["haproxy", "nginx", "both"], default="both")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each keep-alive replace scenario")
     parser.add_argument("--nginx-args", default=" ".join(NGINX_ARGS), help="the NGINX templater's batching flags")
     args = parser.parse_args()
     NGINX_ARGS[:] = shlex.split(args.nginx_args)
@@ -248,10 +259,12 @@ def main() -> int:
                 print(f"{'scenario':26} {'requests':>8} {'fail GET':>8} {'fail POST':>9} {'p50 ms':>7} "
                       f"{'p99 ms':>7} {'reloads':>7} {'runtime':>7}")  # fmt: skip
                 runs = [(s, None) for s in ("replace", "kill", "consul-restart")]
-                runs += [(s, keepalive) for s in ("replace", "kill")]
+                runs += [(s, keepalive) for s in ("replace", "drained") for _ in range(args.repeat)]
+                runs += [("kill", keepalive)]
                 for scenario, image in runs:
                     r = under_load(stack, scenario, image)
                     label = f"{scenario} ({'keep-alive' if image else 'busybox'})"
+                    label = label.replace("drained", "sidecar-stop")
                     print(
                         f"{label:26} {r['requests']:>8} {r['failed_get']:>8} {r['failed_post']:>9} "
                         f"{r['p50']:>7.1f} {r['p99']:>7.1f} {r['reloads']:>7.0f} {r['runtime']:>7.0f}"

@@ -3,10 +3,12 @@ dynamic zone that a TSIG key may update and transfer; dig and nsupdate as a pers
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import textwrap
 from pathlib import Path
 
+from sidecar.signals import terminate
 from tests.support import free_port, wait_until
 
 KEY_NAME = "sidecar-key"
@@ -103,13 +105,8 @@ class BindServer:
         return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, signal.SIGTERM, 10, "named")
         self.proc = None
 
     def nsupdate(self, commands: str, key_file: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import docker
 
 from sidecar.demo_image import IMAGE, ensure_image  # noqa: F401 - re-exported for tests and bench
+from sidecar.signals import terminate
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,13 +119,8 @@ class ConsulAgent:
         return bool(self.get("/v1/status/leader"))
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            terminate(self.proc, signal.SIGTERM, 10, "consul")
         self.proc = None
 
     def restart(self) -> None:
