@@ -130,7 +130,11 @@ class DnsServer:
             if name != suffix and not name.endswith("." + suffix):
                 continue
             out[name] = {
-                dns.rdatatype.to_text(rds.rdtype): frozenset(rd.to_text() for rd in rds) for rds in node.rdatasets
+                # names inside rdata (SRV targets) absolute, as the plan writes them
+                dns.rdatatype.to_text(rds.rdtype): frozenset(
+                    rd.to_text(origin=self.zone, relativize=False) for rd in rds
+                )
+                for rds in node.rdatasets
             }
         return out, int(soa.serial)
 
