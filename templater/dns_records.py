@@ -131,7 +131,12 @@ class Desired:
 def desired(snapshot: Snapshot, naming: Naming) -> Desired:
     out = Desired()
     suffix = naming.suffix
-    ingress = _address_records(_address(i) for i in snapshot.instances.get(naming.ingress, ()) if i.status == PASSING)
+    proxies = [i for i in snapshot.instances.get(naming.ingress, ()) if i.status == PASSING]
+    ingress = _address_records(_address(i) for i in proxies)
+    for proxy in proxies:
+        if not _address_records([_address(proxy)]):
+            out.warnings.append(f"dns: {naming.ingress} instance {proxy.id} on {proxy.node}: address "
+                                f"{_address(proxy)!r} is not an IP address: left out")  # fmt: skip
 
     def claim(name_text: str, records: Records, service: str) -> str | None:
         name = absolute(name_text)

@@ -30,6 +30,7 @@ def test_routed_service_gets_the_passing_proxies_addresses():
         inst("ingress", "a", "127.0.2.1"),
         inst("ingress", "b", "127.0.2.2", status=CRITICAL),
         inst("ingress", "c", "::1"),
+        inst("ingress", "d", "lb.example.test"),  # a host name: no address record
         inst("web", "w1", "10.0.0.5", http_host="web.example.test"),
         inst("worker", "k1", "10.0.0.6"),  # not routed
     )
@@ -37,7 +38,9 @@ def test_routed_service_gets_the_passing_proxies_addresses():
     assert want.names == {
         "web.prod.example.test.": {"A": frozenset({"127.0.2.1"}), "AAAA": frozenset({"::1"}), "TXT": frozenset({OWNER})}
     }
-    assert want.warnings == []
+    assert want.warnings == [
+        "dns: ingress instance d on node-d: address 'lb.example.test' is not an IP address: left out"
+    ]
 
 
 def test_no_passing_proxy_keeps_the_name_without_addresses():
