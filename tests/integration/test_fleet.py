@@ -12,11 +12,13 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar.fleet import Fleet, Host, Layout
+from tests.dns_support import BindServer, dig
 from tests.fleet_support import (
     catalog,
     leader_loss,
@@ -28,7 +30,7 @@ from tests.fleet_support import (
     running_fleet,
     serves_all,
 )
-from tests.support import ROOT, wait_until
+from tests.support import ROOT, Process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -211,17 +213,34 @@ def test_second_datacenter_reads_and_failover(fleet: Fleet) -> None:
         c.remove(force=True)
 
 
-def test_host_loss_and_return(fleet: Fleet) -> None:
+def test_host_loss_and_return(fleet: Fleet, tmp_path: Path) -> None:
     """Host B dies at once (SIGKILL to its agent, registrar, templater, proxy, containers and
     engine). Through A: no failed GET, and B's instances leave A's configuration within Consul's
     failure detection. B comes back: its containers are registered again with no manual step,
-    and the entry of a container that did not come back is cleaned."""
+    and the entry of a container that did not come back is cleaned. External DNS (a templater
+    with --dns-zone on A's agent, a real BIND) follows: B's proxy address leaves the service's
+    record with B and comes back with it."""
     a, b = fleet.layout.hosts
+    bind = BindServer(tmp_path / "bind", "fleet.test")
+    bind.start()
+    dns = Process("templater", ["--consul", a.consul_url, "--dns-zone", "fleet.test", "--dns-server",
+                                f"127.0.0.1:{bind.port}", "--dns-key-file", str(bind.key_file),
+                                "--dns-sync-interval", "2s"], tmp_path)  # fmt: skip
+    try:
+        host_loss_and_return(fleet, a, b, bind)
+    finally:
+        dns.stop()
+        bind.stop()
+
+
+def host_loss_and_return(fleet: Fleet, a: Host, b: Host, bind: BindServer) -> None:
     on_a = [fleet.run_web("a", service="hl", http_host="hl.fleet.test") for _ in range(2)]
     kept = [fleet.run_web("b", service="hl", http_host="hl.fleet.test", restart=True) for _ in range(2)]
     gone = fleet.run_web("b", service="hl", http_host="hl.fleet.test")
     backends = [*((c, "a") for c in on_a), *((c, "b") for c in [*kept, gone])]
     wait_until(lambda: serves_all(fleet, a, "hl.fleet.test", backends), timeout=30, what="hl served through A")
+    both = sorted([a.ip, b.ip])
+    wait_until(lambda: dig(bind.port, "hl.fleet.test") == both, timeout=15, what="both proxies in DNS")
     config = fleet.proxy_config(a)
     with load(a, "hl.fleet.test") as lo:
         time.sleep(1)
@@ -230,14 +249,17 @@ def test_host_loss_and_return(fleet: Fleet) -> None:
         wait_until(lambda: f"{b.ip}:" not in config.read_text(), timeout=60, interval=0.05,
                    what="B's instances out of A's configuration")  # fmt: skip
         detected = time.monotonic() - killed_at
+        wait_until(lambda: dig(bind.port, "hl.fleet.test") == [a.ip], timeout=10, what="B's proxy out of DNS")
+        dns_detected = time.monotonic() - killed_at
         time.sleep(1)
+    print(f"host loss: B's proxy out of DNS {dns_detected:.2f} s after the kill")
     print(f"host loss: B's instances out of A's configuration {detected:.2f} s after the kill; "
           f"{lo.ok} requests, {len(lo.failures)} failed ({lo.get_failures} GET)")  # fmt: skip
     assert lo.ok > 50
     assert lo.get_failures == 0, lo.failures[:10]
     # Consul's LAN failure detection: probe every 1 s, suspicion 4 x log10(nodes) x 1 s, which
     # confirmations from the other members shorten; 10 s is well beyond it
-    assert detected < 10
+    assert detected < 10 and dns_detected < 12
 
     fleet.start_host("b")
     names = {c.name for c in kept}
@@ -253,6 +275,7 @@ def test_host_loss_and_return(fleet: Fleet) -> None:
     restarted = [client.containers.get(c.id) for c in kept]
     now = [*((c, "a") for c in on_a), *((c, "b") for c in restarted)]
     wait_until(lambda: serves_all(fleet, a, "hl.fleet.test", now), timeout=30, what="B's instances through A again")
+    wait_until(lambda: dig(bind.port, "hl.fleet.test") == both, timeout=30, what="B's proxy back in DNS")
     for c in [*restarted, client.containers.get(gone.id)]:
         c.remove(force=True)
     client.close()
