@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import re
 import signal
 import sys
 import threading
@@ -113,7 +114,8 @@ def own_service(settings: settings_mod.Settings, docker: str) -> Service | None:
         container_id="",
         container_name="",
         tags=("sidecar",),
-        meta={"registrar_host": hostname, "docker": docker[:200], "version": _version()},
+        # meta values are tokens: the templater leaves out (with a warning) one with a space
+        meta={"registrar_host": hostname, "docker": re.sub(r"\s+", "-", docker)[:200], "version": _version()},
         checks=(check,),
     )
 

@@ -191,3 +191,16 @@ def test_script_check_only_behind_the_flag():
     allowed = replace(SETTINGS, allow_script_checks=True)
     [svc] = services_for(inspect(labels=labels), allowed).services
     assert svc.checks[0].kind == "script"
+
+
+def test_own_registration_meta_passes_the_templaters_sanitizer():
+    """The registrar's own meta said docker='default socket': every templater warned about it."""
+    from registrar.__main__ import own_service
+    from registrar.settings import parse
+    from templater.catalog import clean_meta
+
+    service = own_service(parse(["--hostname", "h1"]), "default socket")
+    assert service is not None
+    warnings: list[str] = []
+    assert dict(clean_meta(dict(service.meta), "own", warnings.append)) == dict(service.meta)
+    assert warnings == [] and service.meta["docker"] == "default-socket"
