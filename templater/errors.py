@@ -5,6 +5,7 @@ SidecarError
  +-- CheckFailed         the check command refused a staged file; the old file stays
  +-- CommandFailed       a command or reload after a swap failed
  +-- ProxyError          a proxy could not be found, started or reloaded, or refused a runtime change
+ |    +-- ProxyWaiting   it is down and its next start waits for the backoff
  +-- Unavailable
  |    +-- ConsulUnavailable   Consul did not answer; retried with backoff, last good output kept
  +-- ConsulRejected      Consul answered with an error (bad query, ACL)
@@ -43,3 +44,7 @@ class CommandFailed(SidecarError):
 
 class ProxyError(SidecarError):
     pass
+
+
+class ProxyWaiting(ProxyError):
+    """The proxy is down and its next start attempt waits for its backoff: known, not new."""

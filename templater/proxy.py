@@ -20,7 +20,7 @@ import psutil
 
 from sidecar.backoff import Backoff
 from sidecar.signals import signal_name, terminate
-from templater.errors import ProxyError
+from templater.errors import ProxyError, ProxyWaiting
 
 log = logging.getLogger("templater.proxy")
 
@@ -130,7 +130,7 @@ class Proxy:
             return pid
         now = time.monotonic()
         if now < self._next_start:
-            raise ProxyError(f"{self.key} is not running; next start attempt in {self._next_start - now:.1f} s")
+            raise ProxyWaiting(f"{self.key} is not running; next start attempt in {self._next_start - now:.1f} s")
         self._next_start = now + self._backoff.next_delay()
         if self.child is not None and self.child.poll() is not None:
             log.warning("proxy exited %s code=%s: starting it again", self.key, self.child.returncode)

@@ -22,7 +22,7 @@ from templater.child import Child
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
 from templater.dns_records import desired
 from templater.dns_sync import DnsSync, make_dns_sync
-from templater.errors import CheckFailed, CommandFailed, ProxyError, TemplateError
+from templater.errors import CheckFailed, CommandFailed, ProxyError, ProxyWaiting, TemplateError
 from templater.haproxy_runtime import Outcome
 from templater.output import read_current, run_command, swap
 from templater.proxy import KINDS, Proxy, children
@@ -594,6 +594,10 @@ class Runner:
         key = f"proxy:{self.proxy.key}"
         try:
             pid = self.proxy.ensure_running()
+        except ProxyWaiting as err:
+            # twice a second while the backoff runs: /health shows it, the log said the failure
+            self.metrics.problem(key, str(err))
+            return None
         except ProxyError as err:
             self.metrics.problem(key, str(err))
             log.error("%s", err)

@@ -308,3 +308,29 @@ def test_deregistration_lost_while_consul_unreachable_is_retried(consul, contain
         wait_until(lambda: sid not in consul.services(), timeout=10, what="deregistered after Consul came back")
     finally:
         forwarder.stop()
+
+
+def test_a_proxy_that_cannot_start_is_retried_with_backoff_and_said_once_per_attempt(consul, templater, tmp_path):
+    """Its port is taken: each start attempt (0.5 s, 1 s, 2 s, ... apart) fails with one log line;
+    the waits between them are in /health, not in the log (it said an ERROR twice a second)."""
+    port = free_port()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    status = free_port()
+    try:
+        proc = templater(
+            "--template", f"{TEMPLATES / 'haproxy.cfg.j2'}:{tmp_path / 'h.cfg'}", "--proxy", "haproxy",
+            "--stop-proxy", "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}",
+            "--var", "bind_address=127.0.0.1", "--status-addr", f"127.0.0.1:{status}",
+        )  # fmt: skip
+        time.sleep(6)
+        errors = [line for line in proc.output().splitlines() if " ERROR " in line]
+        # attempts at about 0, 0.5, 1.5, 3.5 s: a handful of lines, never one per watchdog tick
+        assert 2 <= len(errors) <= 6, errors
+        assert not any("next start attempt" in line for line in errors), errors
+        code, body = health(status)
+        assert code == 503 and any(k.startswith(("proxy:", "reload:")) for k in body["problems"]), body
+    finally:
+        holder.close()
+    wait_until(lambda: get(port, "x")[0] == 404, timeout=40, what="haproxy started once the port is free")
