@@ -80,6 +80,12 @@ def test_registrar_container_registers_and_stops_fast(sidecar_image, docker_engi
         wait_until(lambda: sid in consul.services(), timeout=10, what="registered by the container")
         c.stop(timeout=2)
         wait_until(lambda: sid not in consul.services(), timeout=10, what="deregistered")
+        # a drained stop from inside the registrar's container, as the README shows
+        d = containers.run(labels={"SERVICE_NAME": "imaged"})
+        wait_until(lambda: f"{hostname}:{d.name}:8080" in consul.services(), timeout=10, what="second registered")
+        code, out = registrar.exec_run(["sidecar-stop", "--consul", consul.url, "--drain", "0.5s", "-t", "2", d.name])
+        assert code == 0 and f"{d.name}: 1 service(s) drained for 0.5 s" in out.decode(), out.decode()
+        wait_until(lambda: f"{hostname}:{d.name}:8080" not in consul.services(), timeout=10, what="drained and gone")
         wait_until(lambda: health_status(registrar) == "healthy", timeout=30, what="healthy")
         t0 = time.monotonic()
         registrar.stop(timeout=10)
