@@ -25,6 +25,8 @@ from templater.status import Metrics
 
 log = logging.getLogger("templater.dns")
 
+FULL_EVERY = 10  # periodic syncs per zone transfer while the SOA serial shows no other writer
+
 
 class DnsSync:
     def __init__(
@@ -53,6 +55,7 @@ class DnsSync:
         self.problem_key = f"dns:{server.naming.zone}"
         self.offered = False
         self._printed = ""
+        self._periodic = 0  # periodic syncs done
         self._copy: tuple[Zone, int] | None = None  # the zone as last read or written, its serial
 
     @property
@@ -100,6 +103,7 @@ class DnsSync:
             return self._copy[0]
         self._copy = None
         zone, serial = self.server.read()
+        self._metrics.add(dns_transfers=1)
         self._copy = (zone, serial)
         return zone
 
@@ -162,8 +166,12 @@ class DnsSync:
             if want is None:
                 return
             try:
-                self.sync(want, full=periodic)
+                # the periodic sync trusts the serial too, but transfers the zone every
+                # FULL_EVERY-th time: a change by someone else that landed between our update and
+                # the serial read after it has the same serial as our copy
+                self.sync(want, full=periodic and self._periodic % FULL_EVERY == 0)
             except DnsError as err:
+                self._copy = None  # read the zone again on the retry
                 delay = self._backoff.next_delay()
                 if str(err) != self._error:
                     log.error("%s; keeping what the zone holds, will retry", err)
@@ -184,6 +192,7 @@ class DnsSync:
             if offered is not None:
                 self._metrics.dns_seconds.observe(time.monotonic() - offered)
             if periodic:
+                self._periodic += 1
                 next_sync = time.monotonic() + self._interval
 
 

@@ -28,6 +28,7 @@ class Metrics:
     known_leader: bool = True
     dns_updates: int = 0  # UPDATE messages sent
     dns_failures: int = 0
+    dns_transfers: int = 0
     dns_names: int = 0
     # what is wrong now, by key: render:<template>, check:<template>, reload:<proxy>,
     # thread:<name>, watch:<query>. Each is cleared by the next success of the same thing.
@@ -116,6 +117,7 @@ class Metrics:
                 ("templater_held_services", "gauge", "services held by --empty-grace", len(self.held)),
                 ("templater_dns_updates_total", "counter", "DNS UPDATE messages sent", self.dns_updates),
                 ("templater_dns_failures_total", "counter", "zone reads or updates that failed", self.dns_failures),
+                ("templater_dns_zone_transfers_total", "counter", "zone transfers (AXFR) read", self.dns_transfers),
                 ("templater_dns_names", "gauge", "names the external DNS sync keeps in its zone", self.dns_names),
             ]  # fmt: skip
 

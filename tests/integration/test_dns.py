@@ -147,6 +147,10 @@ def test_external_dns_follows_proxies_services_and_hand_edits(consul, templater,
     wait_until(lambda: dig(bind.port, shop) == ["127.0.2.1"], what="first sync")
     assert dig(bind.port, shop, "TXT") == ['"heritage=consul-sidecar,owner=default"']
     assert dig_status(bind.port, f"internal.prod.{ZONE}") == "NXDOMAIN"
+    # idle periodic syncs (every 1 s here) ask the SOA serial, not for the whole zone
+    transfers = metric(status, "templater_dns_zone_transfers_total")
+    time.sleep(3.2)
+    assert metric(status, "templater_dns_zone_transfers_total") == transfers
     updates_before = metric(status, "templater_dns_updates_total")
 
     # a proxy host added: its address within 1 s, in one UPDATE
