@@ -12,10 +12,8 @@ Run: .venv/bin/python bench/dns_bench.py [--names 200] [--changes 200]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import dns.message
@@ -27,14 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.figures import percentile
 from tests.dns_support import BindServer
-from tests.support import ConsulAgent, Process, free_port, tempdir, wait_until
+from tests.support import ConsulAgent, Process, free_port, scrape, tempdir, wait_until
 
 ZONE = "example.test"
-
-
-def put(url: str, path: str, body: object = None) -> None:
-    data = json.dumps(body).encode() if body is not None else None
-    urllib.request.urlopen(urllib.request.Request(url + path, data=data, method="PUT"), timeout=30).read()
 
 
 def answer(port: int, name: str) -> set[str]:
@@ -53,26 +46,20 @@ def poll(port: int, name: str, want: set[str]) -> None:
         time.sleep(0.002)
 
 
-def metric(status: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{status}/metrics", timeout=5).read().decode()
-    line = next(x for x in text.splitlines() if x.startswith(name + " "))
-    return float(line.split()[1])
-
-
 def updates(status: int) -> float:
-    return metric(status, "templater_dns_updates_total")
+    return scrape(status)["templater_dns_updates_total"]
 
 
-def ingress(url: str, host: str, address: str) -> None:
-    put(url, "/v1/agent/service/register", {
+def ingress(consul: ConsulAgent, host: str, address: str) -> None:
+    consul.put("/v1/agent/service/register", {
         "ID": f"ingress:{host}", "Name": "ingress", "Address": address, "Port": 80,
         "Check": {"CheckID": f"service:ingress:{host}", "TTL": "10m", "Status": "passing"},
     })  # fmt: skip
 
 
-def routed(url: str, n: int) -> None:
+def routed(consul: ConsulAgent, n: int) -> None:
     meta = {"http_host": f"r{n}.example.test"}
-    put(url, "/v1/agent/service/register", {"ID": f"r{n}", "Name": f"r{n}", "Port": 9000, "Address": "127.0.0.1",
+    consul.put("/v1/agent/service/register", {"ID": f"r{n}", "Name": f"r{n}", "Port": 9000, "Address": "127.0.0.1",
                                             "Meta": meta})  # fmt: skip
 
 
@@ -95,9 +82,9 @@ def main() -> None:
         proc = None
         try:
             for host, address in (("a", "127.0.2.1"), ("b", "127.0.2.2")):
-                ingress(consul.url, host, address)
+                ingress(consul, host, address)
             for n in range(args.names):
-                routed(consul.url, n)
+                routed(consul, n)
             status = free_port()
             proc = Process("templater", [
                 "--consul", consul.url, "--dns-zone", ZONE, "--dns-server", f"127.0.0.1:{bind.port}",
@@ -116,32 +103,32 @@ def main() -> None:
                 n = args.names + k
                 before = updates(status)
                 t0 = time.monotonic()
-                routed(consul.url, n)
+                routed(consul, n)
                 poll(bind.port, f"r{n}.prod.{ZONE}", two)
                 adds.append(time.monotonic() - t0)
                 time.sleep(0.05)
                 per_change.append(updates(status) - before)
                 before = updates(status)
                 t0 = time.monotonic()
-                put(consul.url, f"/v1/agent/service/deregister/r{n}")
+                consul.put(f"/v1/agent/service/deregister/r{n}")
                 poll(bind.port, f"r{n}.prod.{ZONE}", set())
                 removes.append(time.monotonic() - t0)
                 time.sleep(0.05)
                 per_change.append(updates(status) - before)
             figures("service added -> name answers", adds)
             figures("service removed -> name gone", removes)
-            dns_sum = metric(status, "templater_dns_change_seconds_sum")
-            dns_count = metric(status, "templater_dns_change_seconds_count")
+            dns_sum = scrape(status)["templater_dns_change_seconds_sum"]
+            dns_count = scrape(status)["templater_dns_change_seconds_count"]
             print(f"{'of which zone read + UPDATE (mean)':44} {dns_sum / dns_count * 1000:.1f} ms (n={dns_count:.0f}, "
                   "the templater's templater_dns_change_seconds)")  # fmt: skip
             print(f"{'UPDATE messages per change':44} mean {sum(per_change) / len(per_change):.2f}  "
                   f"max {max(per_change):.0f}  (n={len(per_change)})")  # fmt: skip
 
             for what, action, want in (
-                ("proxy host added -> all names have it", lambda: ingress(consul.url, "c", "127.0.2.3"),
+                ("proxy host added -> all names have it", lambda: ingress(consul, "c", "127.0.2.3"),
                  two | {"127.0.2.3"}),
                 ("proxy host failing -> all names lose it",
-                 lambda: put(consul.url, "/v1/agent/check/fail/service:ingress:c"), two),
+                 lambda: consul.put("/v1/agent/check/fail/service:ingress:c"), two),
             ):  # fmt: skip
                 before = updates(status)
                 t0 = time.monotonic()

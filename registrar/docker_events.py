@@ -97,13 +97,11 @@ class DockerSource:
         except (requests.RequestException, docker.errors.DockerException) as err:
             raise self._wrap("list", err) from err
 
-    def stop(self, container_id: str, timeout: int | None) -> None:
-        """`docker stop`: the stop signal, then SIGKILL after `timeout` (None: the container's own)."""
+    def stop(self, container_id: str, timeout: int) -> None:
+        """`docker stop`: the stop signal, then SIGKILL after `timeout` seconds. docker-py waits
+        that long plus its own timeout for the answer."""
         try:
-            if timeout is None:
-                self._api().stop(container_id)
-            else:
-                self._api().stop(container_id, timeout=timeout)
+            self._api().stop(container_id, timeout=timeout)
         except (requests.RequestException, docker.errors.DockerException) as err:
             raise self._wrap(f"stop {container_id[:12]}", err) from err
 

@@ -19,11 +19,11 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from registrar.consul_registry import ConsulRegistry
 from registrar.docker_events import DockerSource
+from registrar.sync import now_text
 from sidecar.consul_conn import add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
 from sidecar.errors import SidecarError
@@ -65,7 +65,7 @@ def drain_and_stop(consul: ConsulRegistry, docker: DockerSource, name: str, drai
     if not (info.get("State") or {}).get("Running"):
         return f"{shown}: not running"
     sids = services_of(consul.services(), container_id)
-    reason = f"Draining: sidecar-stop at {datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    reason = f"Draining: sidecar-stop at {now_text()}"
     for sid in sids:
         consul.maintenance(sid, True, reason)
     started = time.monotonic()

@@ -235,7 +235,7 @@ class Syncer:
             elif isinstance(intent, Stopping):
                 self._stopping(intent)
             elif isinstance(intent, Paused):
-                self._set_maintenance(intent.container_id, True, f"Paused: docker pause at {_now()}")
+                self._set_maintenance(intent.container_id, True, f"Paused: docker pause at {now_text()}")
             elif isinstance(intent, Died):
                 self._died(intent.container_id, intent.exit_code)
             elif isinstance(intent, Destroyed):
@@ -297,7 +297,7 @@ class Syncer:
                 self._maintenance(service.id, False)
             elif paused and service.id not in self._want_maintenance:
                 self._want_maintenance.add(service.id)
-                self._maintenance_reason[service.id] = f"Paused: found paused at {_now()}"
+                self._maintenance_reason[service.id] = f"Paused: found paused at {now_text()}"
                 self._maintenance(service.id, True)
 
     def _stopping(self, intent: Stopping) -> None:
@@ -306,7 +306,7 @@ class Syncer:
             return
         terminating = intent.signal in {int(s) for s in TERMINATING} or intent.signal == tracked.stop_signal
         if terminating:
-            why = f"Draining: docker stop received at {_now()} (signal {signal_name(intent.signal)})"
+            why = f"Draining: docker stop received at {now_text()} (signal {signal_name(intent.signal)})"
             self._set_maintenance(intent.container_id, True, why)
 
     def _set_maintenance(self, container_id: str, enable: bool, why: str) -> None:
@@ -672,5 +672,6 @@ class Syncer:
         self._backoff.reset()
 
 
-def _now() -> str:
+def now_text() -> str:
+    """The time in maintenance reasons the Consul UI shows: 2026-11-30T05:00:00Z."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -71,7 +71,7 @@ def name_problem(name: str, suffix: str) -> str | None:
     """Why `name` cannot be written (None: it can)."""
     if len(name) > 254:
         return "longer than 253 characters"
-    if name == suffix or not name.endswith("." + suffix):
+    if not under(name, suffix):
         return f"not under {suffix}"
     for label in name[: -len(suffix) - 1].split("."):
         if not _LABEL.fullmatch(label):

@@ -26,7 +26,7 @@ import dns.xfr
 import dns.zone
 
 from sidecar.errors import SidecarError
-from templater.dns_records import NameChange, Naming, Zone
+from templater.dns_records import NameChange, Naming, Zone, under
 
 MAX_NAMES_PER_UPDATE = 200  # keeps one UPDATE well inside a TCP message
 _KEY = re.compile(
@@ -110,7 +110,7 @@ class DnsServer:
                        "is the server authoritative for the zone?")  # fmt: skip
 
     def read(self) -> tuple[Zone, int]:
-        """Every name of the zone under the suffix, and the serial it had (AXFR)."""
+        """Every name of the zone strictly under the suffix, and the serial it had (AXFR)."""
         zone = dns.zone.Zone(self.zone)
         try:
             query, _ = dns.xfr.make_query(zone, keyring=self._keyring, keyname=self._keyname,
@@ -127,7 +127,7 @@ class DnsServer:
         soa = zone.get_soa()
         for rel, node in zone.nodes.items():
             name = rel.derelativize(self.zone).to_text().lower()
-            if name != suffix and not name.endswith("." + suffix):
+            if not under(name, suffix):  # the suffix itself and anything outside are never ours
                 continue
             out[name] = {
                 # names inside rdata (SRV targets) absolute, as the plan writes them

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from sidecar.backoff import Backoff
 from sidecar.threads import Supervisor
-from templater.dns_records import Desired, Naming, Plan, Zone, applied, plan
+from templater.dns_records import Desired, Plan, Zone, applied, plan
 from templater.dns_server import DnsConflict, DnsError, DnsServer, read_key_file
 from templater.settings import Settings
 from templater.status import Metrics
@@ -62,11 +62,14 @@ class DnsSync:
     def dc(self) -> str:
         return self.server.naming.dc
 
-    def offer(self, desired: Desired) -> None:
-        """The runner's latest view of what the zone should hold under our suffix."""
+    def _take(self, desired: Desired) -> None:
         for warning in desired.warnings:
             self._warn(warning)
         self.offered = True
+
+    def offer(self, desired: Desired) -> None:
+        """The runner's latest view of what the zone should hold under our suffix."""
+        self._take(desired)
         with self._cond:
             if desired.names == self._want:
                 return
@@ -86,9 +89,7 @@ class DnsSync:
 
     def sync_now(self, desired: Desired) -> bool:
         """--once: one sync in the caller's thread. False (logged) when it failed."""
-        for warning in desired.warnings:
-            self._warn(warning)
-        self.offered = True
+        self._take(desired)
         try:
             self.sync(desired.names)
         except DnsError as err:
@@ -101,7 +102,6 @@ class DnsSync:
         since we last read or wrote it, else a new transfer (always, with `full`)."""
         if not full and self._copy is not None and self.server.serial() == self._copy[1]:
             return self._copy[0]
-        self._copy = None
         zone, serial = self.server.read()
         self._metrics.add(dns_transfers=1)
         self._copy = (zone, serial)
@@ -111,12 +111,17 @@ class DnsSync:
         """Send what differs between `want` and the zone. Raises DnsError.
 
         A name changed by someone else since our read (another templater writing the same
-        zone) fails the update's prerequisites: the zone is read again and the plan made anew."""
+        zone) fails the update's prerequisites: the zone is read again and the plan made anew.
+        After any failure our copy is dropped: the next sync reads the zone."""
         try:
-            return self._sync(want, full)
-        except DnsConflict as err:
-            log.info("%s; reading the zone again", err)
-            return self._sync(want, True)
+            try:
+                return self._sync(want, full)
+            except DnsConflict as err:
+                log.info("%s; reading the zone again", err)
+                return self._sync(want, True)
+        except DnsError:
+            self._copy = None
+            raise
 
     def _sync(self, want: Zone, full: bool) -> Plan:
         started = time.monotonic()
@@ -131,7 +136,6 @@ class DnsSync:
                 sys.stdout.flush()
             self._printed = lines
         elif changes:
-            self._copy = None  # until the server took it all
             messages = self.server.update(changes.changes, self._ttl)
             # the serial read right after our update is the one our copy matches; a change by
             # someone else in between is found by the next full read (every sync interval)
@@ -171,7 +175,6 @@ class DnsSync:
                 # the serial read after it has the same serial as our copy
                 self.sync(want, full=periodic and self._periodic % FULL_EVERY == 0)
             except DnsError as err:
-                self._copy = None  # read the zone again on the retry
                 delay = self._backoff.next_delay()
                 if str(err) != self._error:
                     log.error("%s; keeping what the zone holds, will retry", err)
@@ -200,8 +203,7 @@ def make_dns_sync(settings: Settings, metrics: Metrics, warn: Callable[[str], No
     """Raises DnsError when the TSIG key file cannot be read."""
     dns = settings.dns
     assert dns is not None
-    naming = Naming(dns.zone, dns.environment, dns.template, dns.owner, dns.ingress, dns.dc)
     key = read_key_file(dns.key_file) if dns.key_file else None
-    server = DnsServer(dns.server[0], dns.server[1], naming, key)
+    server = DnsServer(dns.server[0], dns.server[1], dns.naming, key)
     backoff = Backoff(settings.retry_backoff, max(settings.retry_max_backoff, 10.0))
     return DnsSync(server, dns.ttl, dns.interval, metrics, warn, backoff, settings.dry)

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -21,7 +21,6 @@ from templater.catalog import CRITICAL, PASSING, WARNING, Snapshot
 from templater.child import Child
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
 from templater.dns_records import desired
-from templater.dns_sync import DnsSync, make_dns_sync
 from templater.errors import CheckFailed, CommandFailed, ProxyError, ProxyWaiting, TemplateError
 from templater.haproxy_runtime import Outcome
 from templater.output import read_current, run_command, swap
@@ -32,6 +31,9 @@ from templater.settings import Settings, TemplateSpec
 from templater.status import Metrics
 from templater.store import FrozenView, Store
 from templater.watch import BlockingLoop, WatchSettings
+
+if TYPE_CHECKING:
+    from templater.dns_sync import DnsSync
 
 log = logging.getLogger("templater")
 
@@ -132,6 +134,9 @@ class Runner:
             )  # fmt: skip
         self.dns: DnsSync | None = None
         if settings.dns is not None:
+            # dnspython is imported only when DNS is asked for: no start-up cost otherwise
+            from templater.dns_sync import make_dns_sync
+
             self.dns = make_dns_sync(settings, self.metrics, self._warn)
         self._observer: Any = None
         self.wrote = False

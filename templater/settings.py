@@ -12,7 +12,7 @@ from pathlib import Path
 from sidecar import signals, status
 from sidecar.consul_conn import ConsulSettings, add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
-from templater.dns_records import absolute, check_template, valid_domain
+from templater.dns_records import Naming, absolute, check_template, valid_domain
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,11 @@ class TemplateSpec:
 class DnsSettings:
     """External DNS (--dns-zone): RFC 2136 updates of an authoritative zone."""
 
+    naming: Naming  # zone, environment, name template, owner, ingress service, dc
     server: tuple[str, int]
-    zone: str
     key_file: Path | None
-    environment: str = ""
-    template: str = "{service}.{environment}.{zone}"
-    owner: str = "default"
     ttl: int = 30
     interval: float = 30.0
-    ingress: str = "ingress"
-    dc: str = ""
 
 
 @dataclass(frozen=True)
@@ -251,17 +246,13 @@ def dns_settings_from(args: argparse.Namespace) -> DnsSettings | None:
         raise SettingsError(f"--dns-server: {err}") from err
     if not re.fullmatch(r"[A-Za-z0-9_.=-]{1,64}", args.dns_owner):
         raise SettingsError(f"--dns-owner {args.dns_owner!r}: letters, digits and _.=- only")
+    ingress = args.dns_ingress_service or args.register_service or "ingress"
     return DnsSettings(
+        naming=Naming(zone, environment, template, args.dns_owner, ingress, args.dns_dc),
         server=server,
-        zone=zone,
         key_file=Path(args.dns_key_file) if args.dns_key_file else None,
-        environment=environment,
-        template=template,
-        owner=args.dns_owner,
         ttl=int(ttl),
         interval=interval,
-        ingress=args.dns_ingress_service or args.register_service or "ingress",
-        dc=args.dns_dc,
     )
 
 

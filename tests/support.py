@@ -16,12 +16,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.demo_image import IMAGE, ensure_image  # noqa: F401 - re-exported for tests and bench
 from sidecar.signals import terminate
@@ -52,6 +54,23 @@ def wait_until(fn: Callable[[], T], timeout: float = 10.0, interval: float = 0.0
             last = value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}: last={last!r}")
+
+
+def health(port: int) -> tuple[int, dict[str, Any]]:
+    """A program's /health on 127.0.0.1:port: the status code and the JSON body (503 included)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, json.loads(err.read())
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A program's /metrics on 127.0.0.1:port through prometheus_client's own parser: sample -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 class ConsulAgent:

@@ -3,18 +3,15 @@ external DNS sync against a real BIND 9 with a dynamic zone and a TSIG key."""
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dns_support import KEY_NAME, BindServer, dig, dig_output, dig_status
-from tests.support import ROOT, free_port, wait_until
+from tests.support import ROOT, free_port, health, scrape, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -112,23 +109,6 @@ def dns_templater(templater, bind: BindServer, *extra: str, key_file: Path | Non
     return proc, status
 
 
-def metric(status_port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{status_port}/metrics", timeout=5).read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return float(sample.value)
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def health(status_port: int) -> dict[str, object]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/health", timeout=5) as resp:
-            return dict(json.load(resp))
-    except urllib.error.HTTPError as err:
-        return dict(json.load(err))
-
-
 def timed(fn, what: str, timeout: float = 5.0) -> float:
     started = time.monotonic()
     wait_until(fn, timeout=timeout, interval=0.01, what=what)
@@ -148,16 +128,16 @@ def test_external_dns_follows_proxies_services_and_hand_edits(consul, templater,
     assert dig(bind.port, shop, "TXT") == ['"heritage=consul-sidecar,owner=default"']
     assert dig_status(bind.port, f"internal.prod.{ZONE}") == "NXDOMAIN"
     # idle periodic syncs (every 1 s here) ask the SOA serial, not for the whole zone
-    transfers = metric(status, "templater_dns_zone_transfers_total")
+    transfers = scrape(status)["templater_dns_zone_transfers_total"]
     time.sleep(3.2)
-    assert metric(status, "templater_dns_zone_transfers_total") == transfers
-    updates_before = metric(status, "templater_dns_updates_total")
+    assert scrape(status)["templater_dns_zone_transfers_total"] == transfers
+    updates_before = scrape(status)["templater_dns_updates_total"]
 
     # a proxy host added: its address within 1 s, in one UPDATE
     register(consul, "ingress:host-b", "ingress", "127.0.2.2", 80, ttl_status="passing")
     took = timed(lambda: dig(bind.port, shop) == ["127.0.2.1", "127.0.2.2"], "host b in the A record")
     assert took < 1.0, f"host b reached DNS after {took:.2f} s"
-    assert metric(status, "templater_dns_updates_total") == updates_before + 1
+    assert scrape(status)["templater_dns_updates_total"] == updates_before + 1
 
     # its proxy check fails: the address leaves
     consul.put("/v1/agent/check/fail/service:ingress:host-b")
@@ -198,13 +178,14 @@ def test_wrong_tsig_key_is_said_clearly_and_changes_nothing(consul, templater, b
     before = bind.names()
     proc, status = dns_templater(templater, bind, key_file=wrong)
     wait_until(lambda: "rejected the signature" in proc.output(), what="the refusal in the log")
-    wait_until(lambda: metric(status, "templater_dns_failures_total") >= 3, timeout=10, what="retries")
+    wait_until(lambda: scrape(status)["templater_dns_failures_total"] >= 3, timeout=10, what="retries")
     assert bind.names() == before
     line = next(x for x in proc.output().splitlines() if "rejected the signature" in x)
     assert f"DNS server 127.0.0.1:{bind.port} zone {ZONE}." in line and f"TSIG key '{KEY_NAME}'" in line
     assert secret not in proc.output()
     assert proc.output().count("rejected the signature") == 1  # once per change of state
-    body = health(status)
+    code, body = health(status)
+    assert code == 503
     assert body["status"] == "degraded" and "BADSIG" in str(body["problems"])
     assert proc.alive()
 
@@ -223,7 +204,7 @@ def test_dns_outages_never_delete_records(consul, templater, bind, tmp_path):
     consul.stop()
     time.sleep(3.5)  # three sync periods without Consul
     assert dig(bind.port, f"shop.prod.{ZONE}") == ["127.0.2.1"]
-    assert health(status)["consul"] == "down"
+    assert health(status)[1]["consul"] == "down"
 
 
 def test_dns_name_meta_publishes_instances_with_srv(consul, templater, bind, tmp_path):

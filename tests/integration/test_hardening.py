@@ -7,14 +7,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.support import ROOT, ConsulAgent, TcpForwarder, free_port, wait_until
+from tests.support import ROOT, ConsulAgent, TcpForwarder, free_port, health, wait_until
 from tests.traffic import get
 
 pytestmark = pytest.mark.integration
@@ -64,15 +63,6 @@ def kv_delete(consul: ConsulAgent, key: str) -> None:
     request = urllib.request.Request(f"{consul.url}/v1/kv/{key}", method="DELETE")
     with urllib.request.urlopen(request, timeout=5) as response:
         response.read()
-
-
-def health(port: int) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        with err:
-            return err.code, json.loads(err.read())
 
 
 def admin(sock: Path, command: str) -> str:

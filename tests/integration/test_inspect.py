@@ -11,9 +11,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import ROOT, UnixSocketForwarder, free_port, wait_until
+from tests.support import ROOT, UnixSocketForwarder, free_port, scrape, wait_until
 from tests.traffic import get
 
 TEMPLATES = ROOT / "templates"
@@ -154,12 +153,6 @@ def test_proxy_registers_itself_and_its_check_follows_the_proxy(consul, containe
         watcher.join(5)
     proc.stop()
     wait_until(lambda: not consul.health("ingress"), timeout=5, what="own registration gone after a clean stop")
-
-
-def scrape(port: int) -> dict[str, float]:
-    """/metrics through prometheus_client's own parser: sample name -> value."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def test_metrics_parse_and_histograms_count_the_events_caused(consul, containers, registrar, templater, tmp_path):

@@ -341,18 +341,3 @@ def test_sidecar_stop_drains_then_stops_and_says_what_it_did(consul, containers,
     c.reload()
     assert c.status == "exited"
     wait_until(lambda: sid not in consul.services(), what="deregistered once gone")
-
-
-def test_sidecar_stop_helpers():
-    from registrar.drain import services_of, stop_timeout
-
-    services = {
-        "h:a:80": {"Meta": {"container_id": "abcdef123456"}},
-        "h:a:81": {"Meta": {"container_id": "abcdef123456"}},
-        "h:b:80": {"Meta": {"container_id": "999999999999"}},
-        "other": {"Meta": None},
-    }
-    assert services_of(services, "abcdef1234567890") == ["h:a:80", "h:a:81"]
-    assert stop_timeout({"Config": {"StopTimeout": 30}}, None) == 30
-    assert stop_timeout({"Config": {}}, None) == 10
-    assert stop_timeout({"Config": {"StopTimeout": 30}}, 3) == 3

@@ -204,3 +204,18 @@ def test_own_registration_meta_passes_the_templaters_sanitizer():
     warnings: list[str] = []
     assert dict(clean_meta(dict(service.meta), "own", warnings.append)) == dict(service.meta)
     assert warnings == [] and service.meta["docker"] == "default-socket"
+
+
+def test_sidecar_stop_helpers():
+    from registrar.drain import services_of, stop_timeout
+
+    services = {
+        "h:a:80": {"Meta": {"container_id": "abcdef123456"}},
+        "h:a:81": {"Meta": {"container_id": "abcdef123456"}},
+        "h:b:80": {"Meta": {"container_id": "999999999999"}},
+        "other": {"Meta": None},
+    }
+    assert services_of(services, "abcdef1234567890") == ["h:a:80", "h:a:81"]
+    assert stop_timeout({"Config": {"StopTimeout": 30}}, None) == 30
+    assert stop_timeout({"Config": {}}, None) == 10
+    assert stop_timeout({"Config": {"StopTimeout": 30}}, 3) == 3
