@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -60,16 +62,24 @@ def wait_for(dest: Path, token: str, present: bool = True) -> None:
 CHECK = {"Check": {"TTL": "30m", "Status": "passing"}}  # --checks: as the registrar's SERVICE_CHECK_* instances
 
 
+BULK_NODE = "bench-host"  # the catalog's instances live here; the changes go through the agent
+
+
 def register_all(url: str, services: int, instances: int, checks: bool) -> None:
+    """Every instance through `/v1/catalog/register` on a node of its own: the agent API costs
+    the agent an anti-entropy pass over all its services per registration (an hour at 30,000)."""
     t0 = time.monotonic()
     regs = [
-        {"ID": f"s{s}-{i}", "Name": f"s{s}", "Port": 20000 + i, "Address": "127.0.0.1",
-         "Meta": {"http_host": f"s{s}.example.com"}, **(CHECK if checks else {})}
+        {"Node": BULK_NODE, "Address": "127.0.0.1", "SkipNodeUpdate": True,
+         "Service": {"ID": f"s{s}-{i}", "Service": f"s{s}", "Port": 20000 + i, "Address": "127.0.0.1",
+                     "Meta": {"http_host": f"s{s}.example.com"}},
+         **({"Check": {"CheckID": f"service:s{s}-{i}", "Name": "ttl", "Status": "passing", "ServiceID": f"s{s}-{i}"}}
+            if checks else {})}
         for s in range(services)
         for i in range(instances)
     ]  # fmt: skip
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda r: put(url, "/v1/agent/service/register", r), regs))
+        list(pool.map(lambda r: put(url, "/v1/catalog/register", r), regs))
     print(f"registered {len(regs)} instances in {time.monotonic() - t0:.1f} s")
 
 
@@ -94,6 +104,25 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
         first = time.monotonic() - started
         ps = psutil.Process(proc.proc.pid)
         time.sleep(1.0)
+        spy = None
+        if args.py_spy:  # samples every thread (cProfile sees only the main one)
+            spy = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "-o",
+                    args.py_spy,
+                    "-p",
+                    str(proc.proc.pid),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
         added, removed = [], []
         for n in range(args.changes):
             service = f"s{(n * 37) % args.services}"
@@ -114,6 +143,9 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
             wait_for(dest, f"127.0.0.1:{40000 + n}{end}", present=False)
             removed.append((time.monotonic() - t) * 1000)
             time.sleep(0.1)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         conns = [c for c in ps.net_connections("tcp") if c.raddr and c.raddr.port == http_port]
         time.sleep(5.0)  # past the last full read
         cpu0 = ps.cpu_times()
@@ -150,6 +182,7 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--bundled", action="store_true", help="templates/haproxy.cfg.j2 with --proxy haproxy")
     parser.add_argument("--checks", action="store_true", help="every instance with a TTL check (passing)")
+    parser.add_argument("--py-spy", metavar="FILE", help="py-spy's collapsed stacks of the templater over the changes")
     parser.add_argument("--consul", help="an agent already holding the bench services (skips registering)")
     args = parser.parse_args()
     with tempdir() as work:

@@ -1,8 +1,8 @@
 """The Consul catalog as templates see it: pure values, sanitizing, empty-set grace.
 
-Everything here is pure: it turns the JSON of `/v1/catalog/services`, `/v1/catalog/nodes`,
-`/v1/catalog/node/<n>`, `/v1/catalog/service/<name>` and `/v1/health/state/any` into Instances,
-leaving out (with a warning) any value that could inject configuration into a proxy file.
+Everything here is pure: it turns the JSON of `/v1/catalog/nodes`, `/v1/catalog/node/<n>` and
+`/v1/health/service/<name>` rows into Instances and Nodes, leaving out (with a warning) any
+value that could inject configuration into a proxy file. catalog_index keeps them up to date.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -57,6 +57,8 @@ class Snapshot:
     services: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> tags
     instances: dict[str, tuple[Instance, ...]] = field(default_factory=dict)
     nodes: tuple[Node, ...] = ()
+    # the services whose entries differ from the snapshot before this one; None: any may
+    changed: frozenset[str] | None = None
 
 
 def valid_hostname(text: str) -> bool:
@@ -94,6 +96,11 @@ def clean_meta(meta: dict[str, Any] | None, where: str, warn: Any) -> Mapping[st
         else:
             warn(f"left out meta {where} key={key!r} value={value!r}: not a safe token")
     return MappingProxyType(kept)
+
+
+def severity(status: str) -> int:
+    """How bad a status is: passing 0 ... maintenance 3; anything unknown counts as critical."""
+    return _SEVERITY.get(status, 2)
 
 
 def aggregate(statuses: Iterable[str]) -> str:
@@ -154,24 +161,6 @@ def rows_from_node(node_name: str, catalog: dict[str, Any] | None) -> list[Row]:
     return rows
 
 
-def group_rows(rows: Iterable[Row]) -> dict[str, list[Row]]:
-    grouped: dict[str, list[Row]] = {}
-    for row in rows:
-        grouped.setdefault(str(row.get("ServiceName", "")), []).append(row)
-    return {name: sorted_rows(group) for name, group in grouped.items()}
-
-
-def clean_services(services: Mapping[str, Any], warn: Any) -> dict[str, tuple[str, ...]]:
-    """`/v1/catalog/services` (name -> tags) without unsafe names and tags."""
-    kept = {}
-    for name, tags in sorted(services.items()):
-        if not valid_name(name):
-            warn(f"left out service name={name!r}: not a safe name")
-            continue
-        kept[name] = clean_tags(tags, f"service={name}", warn)
-    return kept
-
-
 def clean_nodes(nodes: Iterable[dict[str, Any]], warn: Any) -> tuple[Node, ...]:
     """`/v1/catalog/nodes` as Nodes, leaving out unsafe names and addresses."""
     kept = []
@@ -220,83 +209,10 @@ def build_instances(name: str, rows: Iterable[Row], warn: Any) -> tuple[Instance
     return tuple(sorted(instances, key=lambda i: (i.node, i.id)))
 
 
-def check_signatures(checks: Iterable[dict[str, Any]]) -> dict[str, frozenset[tuple[str, ...]]]:
-    """Per service, which instances have which checks, from `/v1/health/state/any`. Pure.
-
-    A service whose signature moved gained or lost an instance with checks (or its tags
-    changed): it is read again. Status and output are left out, so a check that flaps costs no
-    read; health is applied from the same data without one."""
-    found: dict[str, set[tuple[str, ...]]] = {}
-    for check in checks:
-        name = check.get("ServiceName")
-        if not name or str(check.get("CheckID", "")).startswith("_service_maintenance:"):
-            continue
-        found.setdefault(str(name), set()).add(
-            (
-                str(check.get("Node", "")),
-                str(check.get("ServiceID", "")),
-                str(check.get("CheckID", "")),
-                str(check.get("CreateIndex", "")),
-                ",".join(str(t) for t in check.get("ServiceTags") or ()),
-            )
-        )
-    return {name: frozenset(sig) for name, sig in found.items()}
-
-
-def behind_checks(signature: frozenset[tuple[str, ...]], rows: Iterable[Row]) -> set[tuple[str, str]]:
-    """Instances (node, service ID) that the checks show and a read of the service does not:
-    the read was answered by a server that has not applied that registration yet (a stale read
-    during a leader change). Pure."""
-    listed = {(str(r["Node"]), str(r["ServiceID"])) for r in rows}
-    return {(sig[0], sig[1]) for sig in signature} - listed
-
-
-@dataclass(frozen=True)
-class Health:
-    """The checks of `/v1/health/state/any`, aggregated per node and per (node, service id)."""
-
-    nodes: Mapping[str, str] = field(default_factory=dict)
-    services: Mapping[tuple[str, str], str] = field(default_factory=dict)
-
-    def status(self, node: str, sid: str) -> str:
-        node_status = self.nodes.get(node, PASSING)
-        service_status = self.services.get((node, sid), PASSING)
-        return node_status if _SEVERITY[node_status] >= _SEVERITY[service_status] else service_status
-
-
-def health_index(checks: Iterable[dict[str, Any]]) -> Health:
-    node_checks: dict[str, list[str]] = {}
-    service_checks: dict[tuple[str, str], list[str]] = {}
-    for check in checks or []:
-        node = str(check.get("Node", ""))
-        status = str(check.get("Status", CRITICAL))
-        check_id = str(check.get("CheckID", ""))
-        if check_id.startswith("_service_maintenance:") or check_id == "_node_maintenance":
-            status = MAINTENANCE if status == CRITICAL else status
-        sid = str(check.get("ServiceID") or "")
-        if sid:
-            service_checks.setdefault((node, sid), []).append(status)
-        else:
-            node_checks.setdefault(node, []).append(status)
-    return Health(
-        {k: aggregate(v) for k, v in node_checks.items()},
-        {k: aggregate(v) for k, v in service_checks.items()},
-    )
-
-
-def with_health(instances: tuple[Instance, ...], health: Health) -> tuple[Instance, ...]:
-    """The instances with their status; the same tuple when every one is passing."""
-    statuses = [health.status(i.node, i.id) for i in instances]
-    if all(s == PASSING for s in statuses):
-        return instances
-    return tuple(i if s == i.status else replace(i, status=s) for i, s in zip(instances, statuses, strict=True))
-
-
-def instances_with_health(
-    services: Mapping[str, Any], built: Mapping[str, tuple[Instance, ...]], health: Health
-) -> dict[str, tuple[Instance, ...]]:
-    """The instances of the (cleaned) services, with their status; services with none left out."""
-    return {name: with_health(built[name], health) for name in services if built.get(name)}
+def _covers(new: tuple[Instance, ...], old: tuple[Instance, ...]) -> bool:
+    """Every instance of old is in new (by node and id)."""
+    keys = {(i.node, i.id) for i in new}
+    return all((i.node, i.id) in keys for i in old)
 
 
 @dataclass
@@ -305,34 +221,44 @@ class Grace:
 
     A Consul agent that restarts and loses its state reports every service as gone until the
     registrars restore them; believing that would empty every backend. An emptied set is held
-    for `seconds` before it is believed; any non-empty set is believed at once.
+    for `seconds` before it is believed, and while it comes back in parts the missing instances
+    stay; any other change is believed at once.
     """
 
     seconds: float
     held_since: dict[str, float] = field(default_factory=dict)
 
     def apply(self, previous: Snapshot | None, new: Snapshot, now: float) -> tuple[Snapshot, float | None]:
-        """The snapshot to render, and when to look again (None: nothing is held)."""
+        """The snapshot to render, and when to look again (None: nothing is held).
+
+        Only the services new names as changed, and those held, are looked at."""
         if previous is None or self.seconds <= 0:
             self.held_since.clear()
             return new, None
-        result = Snapshot(services=dict(new.services), instances=dict(new.instances), nodes=new.nodes)
+        held_before = set(self.held_since)
+        names = set(previous.instances) if new.changed is None else set(new.changed) | held_before
+        result = Snapshot(dict(new.services), dict(new.instances), new.nodes)
         next_deadline: float | None = None
-        for name, old_instances in previous.instances.items():
-            if not old_instances or new.instances.get(name):
+        for name in sorted(names):
+            old_instances = previous.instances.get(name)
+            back = new.instances.get(name, ())
+            if not old_instances or (back and name not in self.held_since) or _covers(back, old_instances):
                 self.held_since.pop(name, None)
                 continue
             since = self.held_since.setdefault(name, now)
             if now - since < self.seconds:
-                result.instances[name] = old_instances
+                # coming back in parts (the registrars restore them one by one): what is back,
+                # and the rest as it was, until all are back or the grace ends
+                keys = {(i.node, i.id) for i in back}
+                kept = [*back, *(i for i in old_instances if (i.node, i.id) not in keys)]
+                result.instances[name] = tuple(sorted(kept, key=lambda i: (i.node, i.id)))
                 result.services.setdefault(name, previous.services.get(name, ()))
                 deadline = since + self.seconds
                 next_deadline = deadline if next_deadline is None else min(next_deadline, deadline)
             else:
                 self.held_since.pop(name, None)
-        for name in list(self.held_since):
-            if name not in previous.instances:
-                self.held_since.pop(name, None)
+        if new.changed is not None:
+            result.changed = new.changed | held_before | set(self.held_since)
         return result, next_deadline
 
     def holding(self) -> list[str]:

@@ -1,9 +1,10 @@
 """Consul as the templater reads it: an HTTP fetcher and the sources templates depend on.
 
-Connections: a dc's whole catalog is watched with two blocking queries (`/v1/catalog/services`
-and `/v1/health/state/any`) and read with a small pool (changed services, or every node), so a
-template over 1,000 services keeps a handful of connections open, where one blocking query per
-service would hold 1,000. Each KV key or prefix a template reads has its own blocking query.
+Connections: a dc's catalog is watched with one blocking query per node, one for the node
+list and one for the checks that are not passing, and read with a small pool (changed
+services), so a template over 10,000 services keeps the nodes plus a handful of connections
+open, where one blocking query per service would hold 10,000. Each KV key or prefix a template
+reads has its own blocking query.
 """
 
 from __future__ import annotations
@@ -22,27 +23,11 @@ import consul
 import consul.exceptions
 import requests
 
+from sidecar.backoff import Backoff
 from sidecar.consul_conn import ClientPerThread, ConsulSettings
 from sidecar.threads import Supervisor
-from templater.catalog import (
-    CRITICAL,
-    Health,
-    Instance,
-    Node,
-    Row,
-    Snapshot,
-    behind_checks,
-    build_instances,
-    check_signatures,
-    clean_nodes,
-    clean_services,
-    group_rows,
-    health_index,
-    instances_with_health,
-    rows_from_node,
-    service_row,
-    sorted_rows,
-)
+from templater.catalog import Snapshot
+from templater.catalog_index import CatalogIndex
 from templater.errors import ConsulForbidden, ConsulRejected, ConsulUnavailable
 from templater.render import catalog_key
 from templater.watch import BlockingLoop, Response, WatchSettings
@@ -59,6 +44,7 @@ class ConsulFetcher:
         self._settings = settings
         self._clients = ClientPerThread(settings, timeout)
         self.requests = 0  # for /metrics and the bench: requests per change, per idle minute
+        self.bytes = 0  # the answers' bodies, as decoded JSON text
         # what the last stale read said about the servers: ms since the answering server last
         # heard from a leader, and whether it knows one (X-Consul-LastContact, -KnownLeader)
         self.last_contact_ms = 0
@@ -76,6 +62,7 @@ class ConsulFetcher:
             raw = client.http.get(lambda r: r, path, params=list(params.items()), headers=client.prepare_headers())
         except (requests.RequestException, consul.exceptions.Timeout, OSError) as err:
             raise ConsulUnavailable(scrub(f"consul {self._settings.url}{path}: {err}")) from None
+        self.bytes += len(raw.body or "")
         if raw.code >= 500:
             raise ConsulUnavailable(scrub(f"consul {path}: {raw.code} {raw.body[:200]}"))
         if raw.code == 404:
@@ -113,26 +100,61 @@ def read_permission(path: str) -> str:
 
 StateFn = Callable[[str, bool, str], None]
 
-FULL_READ_GAP = 0.25  # full reads for unexplained changes start at most this often (a burst costs a few)
-VANISHED_GRACE = 5.0  # an instance whose checks vanished is not routed to for this long (or until it goes)
-CHECKS_GRACE = 0.05  # how long a catalog change waits for the checks of the same raft index
-FULL_READ_FIRST = 0.2  # a full read waits this long for checks that may explain the change
-SAFETY_READ = 300.0  # and one at least this often (jittered), for what no watch announced
-Signature = frozenset[tuple[str, ...]]
+READ_POOL = 4  # connections for service reads and the first (or safety) read of every node
 CATCH_UP = (0.05, 0.1, 0.2, 0.4, 0.8)  # re-reads of a service a lagging server answered
-TARGETED_MAX = 32  # more changed services than this (an agent that lost its state): one full read
+SAFETY_READ = 900.0  # every node and the checks read again at least this often (jittered)
+NOT_PASSING = 'Status != "passing"'
+
+
+class ReadQueue:
+    """Which services to read next and when: the pure plan of the catalog's reads.
+
+    A service asked for again while queued is read once; one a lagging server answered is read
+    again after each CATCH_UP delay in turn, then taken as it is."""
+
+    def __init__(self) -> None:
+        self._due: dict[str, float] = {}
+        self._attempts: dict[str, int] = {}
+
+    def want(self, names: set[str], now: float) -> None:
+        for name in names:
+            self._due[name] = min(self._due.get(name, now), now)
+            self._attempts.pop(name, None)
+
+    def behind(self, name: str, now: float) -> bool:
+        """A read of name missed what the node watches show: whether it is read again."""
+        attempt = self._attempts.get(name, 0)
+        if attempt >= len(CATCH_UP):
+            self._attempts.pop(name, None)
+            return False
+        self._attempts[name] = attempt + 1
+        self._due[name] = now + CATCH_UP[attempt]
+        return True
+
+    def retry(self, names: list[str], when: float) -> None:
+        for name in names:
+            self._due[name] = min(self._due.get(name, when), when)
+
+    def take(self, now: float) -> list[str]:
+        ready = sorted(n for n, t in self._due.items() if t <= now)
+        for name in ready:
+            del self._due[name]
+        return ready
+
+    def next_due(self) -> float | None:
+        return min(self._due.values(), default=None)
 
 
 class CatalogSource:
     """A dc's catalog: services, instances with health, nodes; published as one Snapshot.
 
-    Two blocking queries on documented endpoints watch everything: `/v1/catalog/services`
-    (names and tags) and `/v1/health/state/any` (every check, with its service and node). A
-    service whose tags changed, or whose set of checks changed (an instance with checks came
-    or went), is read again on its own (`/v1/catalog/service/<name>`). A catalog change that
-    neither explains (an instance without checks, or one changed in place) costs one full read
-    (`/v1/catalog/node/<n>` for every node), debounced; one more runs every few minutes as a
-    safety net. With --max-stale every read may be answered by any server, not the leader.
+    Watches: `/v1/catalog/nodes` (which nodes there are), one `/v1/catalog/node/<n>` per node
+    (that node's instances: a blocking query that wakes only when they change), and the checks
+    that are not passing (`/v1/health/state/any` with a filter). A service an answer names is
+    read on its own (`/v1/health/service/<name>`) on a small pool. So a change costs the
+    changed node's list and the changed service, whatever the size of the catalog; the
+    connections are the nodes plus a handful. Every node is read once at the start and again
+    every SAFETY_READ, a check on this bookkeeping. With --max-stale any server may answer.
     """
 
     def __init__(
@@ -150,62 +172,32 @@ class CatalogSource:
         self._read_params = dict(self._params, **({"stale": ""} if settings.stale else {}))
         self._fetcher = fetcher
         self._publish = publish
+        self._on_state = on_state
+        self._settings = settings
         self._warn = warn
         self._supervisor = supervisor or Supervisor()
-        self._lock = threading.Condition()  # the state below; publishing happens under it, in order
-        self._fetch_lock = threading.Lock()  # one read-and-apply at a time
+        self._lock = threading.Condition()  # the index and the queue; publishing happens under it
         self._stopped = threading.Event()
-        self._services: dict[str, Any] | None = None
-        self._kept: dict[str, tuple[str, ...]] = {}
-        self._checks: list[dict[str, Any]] | None = None
-        self._signatures: dict[str, frozenset[tuple[str, ...]]] = {}
-        self._check_nodes: frozenset[str] | None = None
-        self._explained: dict[str, int] = {}  # service -> index of the checks that explained it
-        self._checks_index = 0  # index of the last checks answer whose explanation is recorded
-        self._checkless: set[str] = set()  # services with an instance that has no check
-        self._vanished: dict[tuple[str, str], float] = {}  # instance -> when its checks all vanished
-        self._last_full = 0.0
-        self._health = Health()
-        self._rows: dict[str, list[Row]] = {}
-        self._bare: dict[str, tuple[Instance, ...]] = {}
-        self._dirty: set[str] = set()
-        self._nodes: tuple[Node, ...] = ()
+        self._index = CatalogIndex(warn)
+        self._queue = ReadQueue()
         self._loaded = False
-        self._seq = 0
-        self._read_at: dict[str, int] = {}  # service -> _seq of its last targeted read, until a full read
-        self._pending_since: float | None = None
-        self._pending_index = 0
-        self._next_safety = time.monotonic() + _jittered(SAFETY_READ)
-        self._pool = ThreadPoolExecutor(NODE_POOL, thread_name_prefix="catalog-read")
-        params = self._params
-        self.loops = [
-            BlockingLoop(
-                f"{self.key}.services",
-                "/v1/catalog/services",
-                params,
-                fetcher,
-                self._services_changed,
-                on_state,
-                settings,
-                skip_equal=False,
-                supervisor=self._supervisor,
-            ),
-            BlockingLoop(
-                f"{self.key}.checks",
-                "/v1/health/state/any",
-                params,
-                fetcher,
-                self._checks_changed,
-                on_state,
-                settings,
-                supervisor=self._supervisor,
-            ),
-        ]
+        self._last_index: dict[str, int] = {}  # watch -> its last index, to see Consul lose its state
+        self._node_loops: dict[str, BlockingLoop] = {}
+        self._checks_loop: BlockingLoop | None = None
+        self._pool = ThreadPoolExecutor(READ_POOL, thread_name_prefix="catalog-read")
+        self.safety_reads = 0
+        self._nodes_loop = self._loop(f"{self.key}.nodes", "/v1/catalog/nodes", self._nodes_changed)
+
+    @property
+    def loops(self) -> list[BlockingLoop]:
+        with self._lock:
+            extra = [self._checks_loop] if self._checks_loop is not None else []
+            return [self._nodes_loop, *extra, *self._node_loops.values()]
 
     def start(self) -> None:
-        for loop in self.loops:
-            loop.start()
-        self._supervisor.start(f"full-read {self.key}", self._full_read_loop, self._stopped)
+        self._nodes_loop.start()
+        self._supervisor.start(f"reads {self.key}", self._read_loop, self._stopped)
+        self._supervisor.start(f"safety-read {self.key}", self._safety_loop, self._stopped)
 
     def stop(self) -> None:
         for loop in self.loops:
@@ -217,6 +209,15 @@ class CatalogSource:
 
     # -- reads
 
+    def _loop(
+        self, key: str, path: str, on_change: Callable[[Any, int], None], params: dict[str, str] | None = None,
+        start: Response | None = None,
+    ) -> BlockingLoop:  # fmt: skip
+        return BlockingLoop(
+            key, path, dict(self._params, **(params or {})), self._fetcher, on_change, self._on_state,
+            self._settings, supervisor=self._supervisor, start=start,
+        )  # fmt: skip
+
     def _map(self, fn: Callable[[str], Response], items: list[str]) -> list[Response]:
         """fn over items on the read pool; once stop() shut the pool down, a ConsulUnavailable
         that the stopping watch loop swallows."""
@@ -225,269 +226,160 @@ class CatalogSource:
         except RuntimeError as err:  # cannot schedule new futures after shutdown
             raise ConsulUnavailable(f"{self.key}: reads stopped ({err})") from None
 
-    def _read_services(self, names: set[str]) -> dict[str, list[Row]]:
-        ordered = sorted(names)
-        paths = [f"/v1/catalog/service/{urllib.parse.quote(n, safe='')}" for n in ordered]
-        results = self._map(lambda path: self._fetcher.get(path, self._read_params), paths)
-        return {
-            n: sorted_rows(service_row(r) for r in (res.data or []) if isinstance(r, dict))
-            for n, res in zip(ordered, results, strict=True)
-        }
+    def _read_nodes(self, names: list[str]) -> dict[str, Response]:
+        paths = [f"/v1/catalog/node/{urllib.parse.quote(n, safe='')}" for n in names]
+        return dict(zip(names, self._map(lambda p: self._fetcher.get(p, self._read_params), paths), strict=True))
 
-    def _read_caught_up(
-        self, names: set[str], signatures: dict[str, frozenset[tuple[str, ...]]]
-    ) -> dict[str, list[Row]]:
-        """Read these services; a stale read that misses an instance the checks already show
-        came from a server behind the one that answered the checks: read those again, a few
-        times over about a second (the servers catch up within a heartbeat)."""
-        rows = self._read_services(names)
-        behind = {n for n in names if behind_checks(signatures.get(n, frozenset()), rows.get(n, []))}
-        for delay in CATCH_UP:
-            if not behind or self._stopped.wait(delay):
-                break
-            rows.update(self._read_services(behind))
-            behind = {n for n in behind if behind_checks(signatures.get(n, frozenset()), rows.get(n, []))}
-        if behind:
-            log.debug("%s: reads still behind the checks for %s", self.key, sorted(behind)[:5])
-        return rows
+    def _read_not_passing(self) -> Response:
+        return self._fetcher.get("/v1/health/state/any", dict(self._read_params, filter=NOT_PASSING))
 
-    def _read_nodes(self) -> list[dict[str, Any]]:
-        data = self._fetcher.get("/v1/catalog/nodes", self._read_params).data or []
-        return [n for n in data if isinstance(n, dict)]
+    # -- watch callbacks
 
-    def _read_everything(self) -> tuple[dict[str, list[Row]], list[dict[str, Any]]]:
-        nodes = self._read_nodes()
-        names = [str(n.get("Node", "")) for n in nodes]
-        quoted = [urllib.parse.quote(n, safe="") for n in names]
-        results = self._map(lambda q: self._fetcher.get(f"/v1/catalog/node/{q}", self._read_params), quoted)
-        rows = group_rows(row for name, r in zip(names, results, strict=True) for row in rows_from_node(name, r.data))
-        return rows, nodes
+    def _saw(self, key: str, index: int) -> None:
+        """An index that went backwards: Consul lost its state; service indexes start again."""
+        if index < self._last_index.get(key, 0):
+            self._index.forget_read_indexes()
+        self._last_index[key] = index
 
-    # -- the watch callbacks
+    def _nodes_changed(self, data: Any, index: int) -> None:
+        nodes = [n for n in data or [] if isinstance(n, dict)]
+        names = sorted({str(n.get("Node", "")) for n in nodes} - {""})
+        if not self._loaded:
+            self._load(nodes, names)
+            return
+        with self._lock:
+            self._saw("nodes", index)
+            self._index.set_nodes(nodes)
+            for name in sorted(set(self._node_loops) - set(names)):
+                log.info("%s: node %s left", self.key, name)
+                self._node_loops.pop(name).stop()
+                self._index.node_gone(name)
+            for name in sorted(set(names) - set(self._node_loops)):
+                self._watch_node(name, None)
+            self._publish_changes()
 
-    def _services_changed(self, data: Any, index: int) -> None:
-        services = dict(data or {})
-        if self._loaded:
-            # a registration with checks moves both watches at the same index: give the checks
-            # answer a moment, so that it explains this change and no full read is needed
+    def _load(self, nodes: list[dict[str, Any]], names: list[str]) -> None:
+        """The first read: every node, then the checks; then the watches go on from there."""
+        started = time.perf_counter()
+        answers = self._read_nodes(names)
+        checks = self._read_not_passing()
+        with self._lock:
+            self._index.set_nodes(nodes)
+            self._index.load({n: r.data for n, r in answers.items()}, _checks(checks.data))
+            for name, answer in answers.items():
+                self._watch_node(name, answer)
+            self._checks_loop = self._loop(
+                f"{self.key}.checks", "/v1/health/state/any", self._checks_changed, {"filter": NOT_PASSING}, checks
+            )
+            self._checks_loop.start()
+            self._loaded = True
+            self._publish_changes(first=True)
+        log.info("%s: read %d nodes in %.0f ms", self.key, len(names), (time.perf_counter() - started) * 1000)
+
+    def _watch_node(self, name: str, start: Response | None) -> None:
+        quoted = urllib.parse.quote(name, safe="")
+
+        def changed(data: Any, index: int) -> None:
             with self._lock:
-                self._lock.wait_for(lambda: self._checks_index >= index or self._stopped.is_set(), CHECKS_GRACE)
-        with self._fetch_lock:
-            if not self._loaded:
-                self._load_everything(services)
-                return
-            with self._lock:
-                old = self._services or {}
-                names = {n for n in set(old) | set(services) if old.get(n) != services.get(n)}
-                explained = {n for n, i in self._explained.items() if i >= index}
-                self._explained = {n: i for n, i in self._explained.items() if i > index}
-                checkless = set(self._checkless) & set(services)
-            if len(names) > TARGETED_MAX:
-                self._load_everything(services)
-                return
-            unexplained = not names and not explained
-            many_checkless = len(checkless) > TARGETED_MAX
-            if not many_checkless:
-                # an instance without checks may come or go in any catalog move, hidden behind an
-                # explained one: the services that have such instances are read every time
-                names = names | checkless
-            log.debug("%s: catalog at %d: read=%s explained=%s checkless=%d", self.key, index, sorted(names)[:5],
-                      sorted(explained)[:5], len(checkless))  # fmt: skip
-            rows = self._read_services(names & set(services)) if names else {}
-            with self._lock:
-                self._set_services(services)
-                moved = self._apply_targeted(names, rows)
-                self._rebuild()
-        if many_checkless:
-            # too many services with check-less instances to read on their own, and no check
-            # will say which one moved: read everything, at once (rate-limited)
-            self._schedule_full(index, 0.0)
-        elif unexplained and not moved:
-            # nothing says what moved (an instance re-registered in place, one without checks
-            # in a service that had only checked ones): read everything. The agent's check
-            # write usually follows a service it registered and cancels this.
-            self._schedule_full(index, FULL_READ_FIRST)
+                if name not in self._node_loops:
+                    return  # the node left while this answer was on its way
+                self._saw(f"node {name}", index)
+                self._queue.want(self._index.node_answer(name, data), time.monotonic())
+                self._publish_changes()
+                self._lock.notify_all()
+
+        loop = self._loop(f"{self.key}.node({name})", f"/v1/catalog/node/{quoted}", changed, start=start)
+        self._node_loops[name] = loop
+        loop.start()
 
     def _checks_changed(self, data: Any, index: int) -> None:
-        checks = [c for c in data or [] if isinstance(c, dict)]
-        signatures = check_signatures(checks)
-        node_names = frozenset(str(c.get("Node", "")) for c in checks if not c.get("ServiceID"))
         with self._lock:
-            old = self._signatures
-            # a node joined or left (its serfHealth check came or went): read the node list
-            nodes_moved = self._loaded and self._check_nodes is not None and node_names != self._check_nodes
-            self._check_nodes = node_names
-            changed = {n for n in set(signatures) | set(old) if signatures.get(n) != old.get(n)}
-            for name in changed:
-                self._explained[name] = index
-            # instances these checks are the first news of: an agent that wrote a service and
-            # then its check. Only they may explain a catalog change that came before them.
-            listed = {(str(r["Node"]), str(r["ServiceID"])) for n in changed for r in self._rows.get(n, ())}
-            newcomers = any((sig[0], sig[1]) not in listed for n in changed for sig in signatures.get(n, frozenset()))
-            self._checks_index = max(self._checks_index, index)
-            self._lock.notify_all()
-        if self._loaded and (changed or nodes_moved):
-            with self._fetch_lock:
-                if len(changed) > TARGETED_MAX:
-                    self._load_everything(self._services or {})
-                else:
-                    rows = self._read_caught_up(changed, signatures)
-                    nodes = self._read_nodes() if nodes_moved else None
-                    with self._lock:
-                        self._apply_targeted(changed, rows)
-                        if nodes is not None:
-                            self._set_nodes(nodes)
-        with self._lock:
-            self._checks = checks
-            self._signatures = signatures
-            health = health_index(checks)
-            now = time.monotonic()
-            # an instance whose checks all vanished while it is still listed is being
-            # deregistered (Consul removes its checks before the service): never route to it
-            for instance in set(self._health.services) - set(health.services):
-                self._vanished.setdefault(instance, now)
-            for instance in set(health.services):
-                self._vanished.pop(instance, None)
-            if self._vanished:
-                self._next_safety = min(self._next_safety, now + VANISHED_GRACE)
-                self._lock.notify_all()
-            self._health = health
-            if newcomers and self._pending_since is not None and index >= self._pending_index:
-                log.debug("%s: checks at %d explain the catalog change: %s", self.key, index, sorted(changed))
-                self._pending_since = None  # these checks explain the catalog change
-            self._rebuild()
-
-    def _load_everything(self, services: dict[str, Any]) -> None:
-        rows, nodes = self._read_everything()
-        with self._lock:
-            self._set_services(services)
-            self._apply_everything(rows, nodes, since=None)
-            self._loaded = True
-            self._rebuild()
-
-    # -- the full read that catches what no watch explained
-
-    def _schedule_full(self, index: int, delay: float) -> None:
-        with self._lock:
-            self._pending_index = max(self._pending_index, index)
-            if self._pending_since is None:
-                self._pending_since = time.monotonic() + delay
+            self._saw("checks", index)
+            self._queue.want(self._index.checks_answer(_checks(data)), time.monotonic())
+            self._publish_changes()
             self._lock.notify_all()
 
-    def _full_read_loop(self) -> None:
-        while True:
+    # -- service reads
+
+    def _read_loop(self) -> None:
+        backoff = Backoff(self._settings.backoff_base, self._settings.backoff_cap)
+        while not self._stopped.is_set():
             with self._lock:
-                while not self._stopped.is_set():
-                    now = time.monotonic()
-                    due = self._next_safety
-                    if self._pending_since is not None:
-                        due = min(due, max(self._pending_since, self._last_full + FULL_READ_GAP))
-                    if due <= now:
-                        break
-                    self._lock.wait(due - now)
-                if self._stopped.is_set():
-                    return
-                self._pending_since = None
-                self._last_full = time.monotonic()
-                self._next_safety = self._last_full + _jittered(SAFETY_READ)
-                since = self._seq
+                names = self._queue.take(time.monotonic())
+                while not names and not self._stopped.is_set():
+                    due = self._queue.next_due()
+                    self._lock.wait(None if due is None else max(0.0, due - time.monotonic()))
+                    names = self._queue.take(time.monotonic())
+                since = self._index.checks_seq
+            if self._stopped.is_set():
+                return
+            try:
+                answers = self._read_services(names)
+            except (ConsulUnavailable, ConsulRejected) as err:
+                self._on_state(f"{self.key}.reads", False, str(err))
+                with self._lock:
+                    self._queue.retry(names, time.monotonic() + backoff.next_delay())
+                continue
+            backoff.reset()
+            self._on_state(f"{self.key}.reads", True, "")
+            with self._lock:
+                now = time.monotonic()
+                for name, answer in answers.items():
+                    read = self._index.service_answer(name, _entries(answer.data), answer.index, since)
+                    if read.behind and self._queue.behind(name, now):
+                        log.debug("%s: read of %s behind the node watches for %s", self.key, name, sorted(read.behind))
+                self._publish_changes()
+
+    def _read_services(self, names: list[str]) -> dict[str, Response]:
+        paths = [f"/v1/health/service/{urllib.parse.quote(n, safe='')}" for n in names]
+        return dict(zip(names, self._map(lambda p: self._fetcher.get(p, self._read_params), paths), strict=True))
+
+    # -- the safety read
+
+    def _safety_loop(self) -> None:
+        while not self._stopped.wait(_jittered(SAFETY_READ)):
             if not self._loaded:
                 continue
             try:
-                with self._fetch_lock:
-                    rows, nodes = self._read_everything()
-                    with self._lock:
-                        missed = self._apply_everything(rows, nodes, since=since)
-                        if missed:
-                            log.info("%s: full read found changes: %s", self.key, ", ".join(sorted(missed)))
-                        if missed or self._vanished:
-                            self._rebuild()
+                self.safety_read()
             except (ConsulUnavailable, ConsulRejected) as err:
-                # the watch loops report the outage; their next change schedules another read
-                log.debug("full catalog read %s failed: %s", self.key, err)
+                log.debug("safety read %s failed: %s", self.key, err)
 
-    # -- state (called with self._lock held)
-
-    def _set_services(self, services: dict[str, Any]) -> None:
-        if services != self._services:
-            self._services = services
-            self._kept = clean_services(services, self._warn)
-
-    def _set_nodes(self, nodes: list[dict[str, Any]]) -> bool:
-        kept = clean_nodes(nodes, self._warn)
-        if kept == self._nodes:
-            return False
-        self._nodes = kept
-        self._dirty.add("(nodes)")
-        return True
-
-    def _apply_targeted(self, names: set[str], rows: dict[str, list[Row]]) -> bool:
-        """Take targeted reads; whether anything changed."""
-        self._seq += 1
-        moved = False
-        for name in names:
-            self._read_at[name] = self._seq
-            moved |= self._set_rows(name, rows.get(name, []))
-        return moved
-
-    def _apply_everything(self, rows: dict[str, list[Row]], nodes: list[dict[str, Any]], since: int | None) -> set[str]:
-        """Take a full read, except for services read on their own after it started. The changed names."""
-        changed = set()
-        for name in set(rows) | set(self._rows):
-            if since is not None and self._read_at.get(name, 0) > since:
-                continue
-            if self._set_rows(name, rows.get(name, [])):
-                changed.add(name)
-        # what was read on its own before this full read began is now covered by it
-        self._read_at = {n: s for n, s in self._read_at.items() if since is not None and s > since}
-        if self._set_nodes(nodes):
-            changed.add("(nodes)")
-        return changed
-
-    def _set_rows(self, name: str, rows: list[Row]) -> bool:
-        if self._rows.get(name, []) == rows:
-            return False
-        if rows:
-            self._rows[name] = rows
-        else:
-            self._rows.pop(name, None)
-        self._dirty.add(name)
-        return True
-
-    def _rebuild(self) -> None:
-        if self._services is None or self._checks is None or not self._loaded:
-            return
+    def safety_read(self) -> set[str]:
+        """Read every node and the checks, build the catalog afresh, and read again the services
+        where it differs from the one kept up to date. The names that differed."""
         started = time.perf_counter()
-        for name in self._dirty - {"(nodes)"}:
-            built = build_instances(name, self._rows.get(name, ()), self._warn)
-            if built:
-                self._bare[name] = built
-            else:
-                self._bare.pop(name, None)
-        self._dirty.clear()
-        checked = self._health.services
-        self._checkless = {
-            name
-            for name, rows in self._rows.items()
-            if any((r.get("Node"), r.get("ServiceID")) not in checked for r in rows)
-        }
-        instances = instances_with_health(self._kept, self._bare, self._health_now())
-        # _kept and _nodes are replaced, never changed in place: the snapshot can share them
-        self._publish(self.key, Snapshot(self._kept, instances, self._nodes))
-        log.debug("catalog rebuilt %s in %.1f ms", self.key, (time.perf_counter() - started) * 1000)
+        with self._lock:
+            names = sorted(self._node_loops)
+        answers = self._read_nodes(names)
+        checks = self._read_not_passing()
+        fresh = CatalogIndex(lambda _message: None)
+        fresh.load({n: r.data for n, r in answers.items()}, _checks(checks.data))
+        fresh.take_changed()
+        with self._lock:
+            self.safety_reads += 1
+            kept = self._index.instances
+            differ = {n for n in set(kept) | set(fresh.instances) if kept.get(n) != fresh.instances.get(n)}
+            if differ:
+                log.info("%s: safety read found changes: %s", self.key, ", ".join(sorted(differ)[:20]))
+                self._queue.want(differ, time.monotonic())
+                self._lock.notify_all()
+        log.info("%s: safety read of %d nodes in %.0f ms", self.key, len(names), (time.perf_counter() - started) * 1000)
+        return differ
 
-    def _health_now(self) -> Health:
-        """The health index, with instances whose checks just vanished counted critical."""
-        if not self._vanished:  # the usual case: nothing to walk
-            return self._health
-        now = time.monotonic()
-        listed = {(str(r["Node"]), str(r["ServiceID"])) for rows in self._rows.values() for r in rows}
-        self._vanished = {i: t for i, t in self._vanished.items() if now - t < VANISHED_GRACE and i in listed}
-        if not self._vanished:
-            return self._health
-        services = dict(self._health.services)
-        services.update(dict.fromkeys(self._vanished, CRITICAL))
-        return Health(self._health.nodes, services)
+    def _publish_changes(self, first: bool = False) -> None:
+        """Hand what changed to the store (called with the lock held, so in order)."""
+        changed = self._index.take_changed()
+        if changed or first or self._index.nodes_changed():
+            self._publish(self.key, self._index.snapshot(None if first else changed))
+
+
+def _checks(data: Any) -> list[dict[str, Any]]:
+    return [c for c in data or [] if isinstance(c, dict)]
+
+
+def _entries(data: Any) -> list[Any]:
+    return list(data) if isinstance(data, list) else []
 
 
 def _jittered(seconds: float) -> float:

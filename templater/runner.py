@@ -554,6 +554,7 @@ class Runner:
         }
         self.metrics.replace_problems("watch:", stale)
         self.metrics.consul_requests = self.fetcher.requests
+        self.metrics.consul_bytes = self.fetcher.bytes
         self._report_staleness()
         if self.proxy is None or not self.templates[0].done:
             return

@@ -24,6 +24,7 @@ class Metrics:
     consul_error: str = ""
     held: list[str] = field(default_factory=list)
     consul_requests: int = 0
+    consul_bytes: int = 0  # bodies of Consul's answers, as sent (before decompression)
     last_contact: float = 0.0  # seconds since the server answering stale reads heard from a leader
     known_leader: bool = True
     dns_updates: int = 0  # UPDATE messages sent
@@ -105,6 +106,7 @@ class Metrics:
                 ("templater_runtime_api_updates_total", "counter", "changes applied on HAProxy's admin socket",
                  self.runtime_updates),
                 ("templater_consul_requests_total", "counter", "HTTP requests sent to Consul", self.consul_requests),
+                ("templater_consul_response_bytes_total", "counter", "bytes of Consul's answers", self.consul_bytes),
                 ("templater_last_success_timestamp_seconds", "gauge", "end of the last cycle with no failure",
                  self.last_success),
                 ("templater_watched_queries", "gauge", "consul-template style queries the templates use", self.watched),

@@ -68,9 +68,10 @@ class BlockingLoop:
         settings: WatchSettings,
         skip_equal: bool = True,
         supervisor: Supervisor | None = None,
+        start: Response | None = None,
     ) -> None:
-        """skip_equal: call on_change only when the data differs. `/v1/catalog/services` needs
-        every index move: a new instance of a known service changes its index, not its data."""
+        """skip_equal: call on_change only when the data differs. start: an answer already
+        taken (a first read made by other means): the loop blocks on its index at once."""
         self.key = key
         self._skip_equal = skip_equal
         self._path = path
@@ -80,6 +81,7 @@ class BlockingLoop:
         self._on_state = on_state
         self._settings = settings
         self._stop = threading.Event()
+        self._start = start
         self._supervisor = supervisor or Supervisor()
         self.last_ok = time.monotonic()  # last answer from Consul (or the start)
         # a blocking query answers within wait + wait/16; beyond this without one, it is stale
@@ -123,6 +125,8 @@ class BlockingLoop:
         backoff = Backoff(self._settings.backoff_base, self._settings.backoff_cap)
         index = 0
         last: Any = _UNSET
+        if self._start is not None:
+            index, last = next_index(0, self._start.index), self._start.data
         while not self._stop.is_set():
             try:
                 response = self._fetch(index)

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support import ROOT, ConsulAgent, free_port, wait_until
+from tests.support import ROOT, ConsulAgent, free_port, scrape, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -325,47 +325,52 @@ def test_many_services_few_connections(consul, templater, tmp_path):
         deregister(consul, f"m{n}")
 
 
-def test_change_in_place_is_caught_by_the_full_read(consul, templater, tmp_path):
-    """Re-registering an instance with a new port changes neither its service's tags nor its
-    checks, so no targeted read is asked for; the full read of an unexplained catalog move
-    must catch it. Instances that come with checks are read on their own, without one."""
+def test_a_change_costs_its_node_and_its_service(consul, templater, tmp_path):
+    """Each kind of change (a new instance with a check, one re-registered in place on a new
+    port, one without checks, a removal) is seen by its node's watch and costs a handful of
+    requests, however many other services the catalog holds; no safety read is needed."""
     ttl = {"Check": {"TTL": "10m", "Status": "passing"}}
+    for n in range(150):  # the rest of the catalog, on other hosts: a change here must not cost it
+        consul.put("/v1/catalog/register", {
+            "Node": f"host{n % 3}", "Address": "127.0.0.1",
+            "Service": {"ID": f"bulk{n}", "Service": f"bulk{n}", "Port": 9000 + n},
+            "Check": {"CheckID": f"c{n}", "Name": "c", "Status": "passing", "ServiceID": f"bulk{n}"},
+        })  # fmt: skip
     register(consul, "k1", "kilo", 7101, **ttl)
     register(consul, "k2", "kilo", 7102, **ttl)
     src = write(tmp_path / "t.j2", LIST)
     dest = tmp_path / "k.conf"
-    proc = templater("--template", f"{src}:{dest}", "--log-level", "DEBUG")
-    wait_until(lambda: dest.exists() and "7102" in dest.read_text(), what="render")
-    register(consul, "k3", "kilo", 7103, **ttl)  # its check explains it: a targeted read
-    wait_until(lambda: "7103" in dest.read_text(), what="added instance")
-    time.sleep(1.0)
-    assert "full read found changes" not in proc.output()
-    t0 = time.monotonic()
-    register(consul, "k2", "kilo", 7202, **ttl)  # same id, new port, same check
-    wait_until(lambda: "7202" in dest.read_text(), timeout=5, what="port changed in place")
-    assert time.monotonic() - t0 < 1.5  # the first unexplained change is read at once
-    assert dest.read_text() == "kilo 127.0.0.1:7101 127.0.0.1:7202 127.0.0.1:7103\n"  # by node, id
-    assert "full read found changes: kilo" in proc.output()
-    for sid in ("k1", "k2", "k3"):
+    status = free_port()
+    proc = templater("--template", f"{src}:{dest}", "--status-addr", f"127.0.0.1:{status}")
+    wait_until(lambda: dest.exists() and "7102" in dest.read_text() and "bulk149" in dest.read_text(), what="render")
+    steps = [
+        ("new instance with a check", lambda: register(consul, "k3", "kilo", 7103, **ttl), "7103", True),
+        ("same id, new port", lambda: register(consul, "k2", "kilo", 7202, **ttl), "7202", True),
+        ("no checks", lambda: register(consul, "k4", "kilo", 7104), "7104", True),
+        ("removed", lambda: deregister(consul, "k1"), "7101", False),
+    ]
+    for what, act, token, present in steps:
+        time.sleep(0.7)  # the counter is refreshed twice a second
+        before = scrape(status)
+        t0 = time.monotonic()
+        act()
+        wait_until(lambda token=token, present=present: (token in dest.read_text()) == present, timeout=5, what=what)
+        elapsed = time.monotonic() - t0
+        time.sleep(0.7)
+        after = scrape(status)
+        requests = after["templater_consul_requests_total"] - before["templater_consul_requests_total"]
+        received = after["templater_consul_response_bytes_total"] - before["templater_consul_response_bytes_total"]
+        assert elapsed < 1.0, (what, elapsed)
+        # the node's answer, the checks' answer, the service read, and the queries sent again;
+        # a read of the catalog would be 150 services and far more bytes
+        assert requests <= 6, (what, requests)
+        assert received < 20_000, (what, received)
+    assert dest.read_text().splitlines()[-1] == "kilo 127.0.0.1:7202 127.0.0.1:7103 127.0.0.1:7104"  # by node, id
+    assert "safety read found changes" not in proc.output()
+    for sid in ("k2", "k3", "k4"):
         deregister(consul, sid)
-
-
-def test_instance_without_checks_is_read_on_its_own(consul, templater, tmp_path):
-    """An instance without checks moves only the catalog: the services that have such instances
-    are read on their own, with no full read of every node."""
-    register(consul, "l1", "lima", 7301)
-    src = write(tmp_path / "t.j2", LIST)
-    dest = tmp_path / "l.conf"
-    proc = templater("--template", f"{src}:{dest}")
-    wait_until(lambda: dest.exists() and "7301" in dest.read_text(), what="render")
-    t0 = time.monotonic()
-    register(consul, "l2", "lima", 7302)
-    wait_until(lambda: "7302" in dest.read_text(), timeout=5, what="added instance")
-    assert time.monotonic() - t0 < 1.0
-    time.sleep(1.0)
-    assert "full read found changes" not in proc.output()
-    for sid in ("l1", "l2"):
-        deregister(consul, sid)
+    for n in range(3):
+        consul.put("/v1/catalog/deregister", {"Node": f"host{n}"})
 
 
 def _health(port: int) -> tuple[int, dict]:

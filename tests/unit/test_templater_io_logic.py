@@ -155,53 +155,61 @@ def test_blocking_loop_index_rules_and_backoff_on_errors():
         loop.stop()
 
 
-def test_catalog_source_survives_a_bug_in_its_full_read(monkeypatch: pytest.MonkeyPatch):
-    """The full-read thread used to catch only Consul errors: any other one ended it for good."""
-    import templater.consul_source as cs
-
-    monkeypatch.setattr(cs, "FULL_READ_FIRST", 0.05)
-    fake = Fake()
-    fake.set("/v1/catalog/services", 2, {"web": []})
-    check = {"Node": "n1", "ServiceID": "w1", "ServiceName": "web", "CheckID": "service:w1", "Status": "passing",
-             "CreateIndex": 2}  # fmt: skip
-    fake.set("/v1/health/state/any", 2, [check])
-    fake.set("/v1/catalog/nodes", 2, [{"Node": "n1", "Address": "127.0.0.1"}])
-    node = {"Node": {"Address": "127.0.0.1"}, "Services": {"w1": {"Service": "web", "Port": 80}}}
-    fake.set("/v1/catalog/node/n1", 2, node)
-    published: list[Snapshot] = []
+def test_catalog_source_follows_a_node_and_survives_a_bug_in_its_reads(monkeypatch: pytest.MonkeyPatch):
+    """A node's answer names the service to read; a bug in applying a read restarts the read
+    thread (reported for /health) and the next change still goes through."""
     from sidecar.threads import Supervisor
+    from templater.catalog_index import CatalogIndex
 
+    fake = Fake()
+    fake.set("/v1/catalog/nodes", 2, [{"Node": "n1", "Address": "127.0.0.1"}])
+    node = {"Node": {"Address": "127.0.0.1"}, "Services": {"w1": {"Service": "web", "Port": 80, "ModifyIndex": 2}}}
+    fake.set("/v1/catalog/node/n1", 2, node)
+    fake.set("/v1/health/state/any", 2, [])
+
+    def move(port: int, index: int) -> None:
+        entry = {
+            "Node": {"Node": "n1", "Address": "127.0.0.1"},
+            "Service": {"ID": "w1", "Service": "web", "Port": port, "ModifyIndex": index},
+            "Checks": [],
+        }
+        fake.set("/v1/health/service/web", index, [entry])
+        services = {"w1": {"Service": "web", "Port": port, "ModifyIndex": index}}
+        fake.set("/v1/catalog/node/n1", index, {"Node": node["Node"], "Services": services})
+
+    published: list[Snapshot] = []
     supervisor = Supervisor(backoff_base=0.01, backoff_cap=0.05)
     source = CatalogSource(
         "", fake, lambda k, s: published.append(s), lambda *a: None, WatchSettings(), print, supervisor
     )
-    real = source._read_everything
+    real = CatalogIndex.service_answer
     calls = {"n": 0}
 
-    def flaky():
+    def flaky(self: CatalogIndex, *args: Any) -> Any:
         calls["n"] += 1
-        if calls["n"] == 2:  # the first full read after the initial load
+        if calls["n"] == 1:
             raise KeyError("a bug")
-        return real()
+        return real(self, *args)
 
-    monkeypatch.setattr(source, "_read_everything", flaky)
+    monkeypatch.setattr(CatalogIndex, "service_answer", flaky)
     source.start()
     try:
         deadline = time.monotonic() + 5
         while not published and time.monotonic() < deadline:
             time.sleep(0.01)
-        # w1 re-registered in place on a new port, same check: nothing explains the move, so a
-        # full read follows
-        node["Services"]["w1"] = {"Service": "web", "Port": 81}
-        fake.set("/v1/catalog/services", 3, {"web": []})
-        while "full-read catalog(local)" not in supervisor.problems() and time.monotonic() < deadline:
+        assert [i.port for i in published[-1].instances["web"]] == [80]
+        assert published[-1].changed is None  # the first snapshot: everything
+        move(81, 3)  # w1 re-registered in place on a new port
+        while "reads catalog(local)" not in supervisor.problems() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert calls["n"] >= 2
-        assert "full-read catalog(local)" in supervisor.problems()  # reported for /health
-        fake.set("/v1/catalog/services", 4, {"web": []})  # the next unexplained move
-        while time.monotonic() < deadline and [i.port for i in published[-1].instances.get("web", ())] != [81]:
+        assert "reads catalog(local)" in supervisor.problems()
+        move(82, 4)  # the next move
+        while time.monotonic() < deadline and [i.port for i in published[-1].instances.get("web", ())] != [82]:
             time.sleep(0.01)
-        assert [i.port for i in published[-1].instances["web"]] == [81]
+        assert [i.port for i in published[-1].instances["web"]] == [82]
+        assert published[-1].changed == {"web"}
+        reads = [p for p, _ in fake.calls if p.startswith("/v1/health/service/")]
+        assert set(reads) == {"/v1/health/service/web"}
     finally:
         source.stop()
 
@@ -261,9 +269,8 @@ def test_server_state_drops_servers_that_moved():
     assert [line.split()[3] for line in kept[2:]] == ["a"]  # b moved to 9102, gone is gone
 
 
-def test_remembered_warnings_and_targeted_reads_stay_bounded(caplog: pytest.LogCaptureFixture):
-    """Runner.warned said each warning once but kept all of them; _read_at kept every service
-    ever read on its own (issue 9, point 9)."""
+def test_remembered_warnings_stay_bounded(caplog: pytest.LogCaptureFixture):
+    """Runner.warned said each warning once but kept all of them (issue 9, point 9)."""
     from sidecar.consul_conn import ConsulSettings
     from templater.runner import WARNED_MAX, Runner
     from templater.settings import Settings
@@ -277,13 +284,3 @@ def test_remembered_warnings_and_targeted_reads_stay_bounded(caplog: pytest.LogC
     runner._warn("warning 0")  # forgotten, so said again; a remembered one is not
     runner._warn(f"warning {WARNED_MAX + 4}")
     assert [r.getMessage() for r in caplog.records] == ["warning 0"]
-
-    source = CatalogSource("", Fake(), lambda k, s: None, lambda *a: None, WatchSettings(), print)
-    for n in range(50):
-        source._apply_targeted({f"s{n}"}, {})
-    since = source._seq
-    source._apply_targeted({"late"}, {})  # read on its own after the full read began
-    source._apply_everything({}, [], since)
-    assert source._read_at == {"late": since + 1}
-    source._apply_everything({}, [], source._seq)
-    assert source._read_at == {}

@@ -9,19 +9,12 @@ from templater.catalog import (
     Instance,
     Snapshot,
     aggregate,
-    behind_checks,
-    build_instances,
-    check_signatures,
     clean_nodes,
-    clean_services,
-    group_rows,
-    health_index,
-    instances_with_health,
-    rows_from_node,
     valid_address,
     valid_hostname,
     valid_name,
 )
+from templater.catalog_index import CatalogIndex
 from templater.errors import TemplateError
 from templater.render import (
     by_meta,
@@ -68,12 +61,17 @@ def test_grace_holds_an_emptied_set_then_believes_it():
 
 def test_catalog_joins_health_and_sanitizes():
     warnings: list[str] = []
-    services = {"web": ["v1", "bad tag", "v2\n"], "evil\nname": [], "trailing\n": []}
     node = {
         "n1": {
             "Node": {"Address": "10.0.0.1"},
             "Services": {
-                "w1": {"Service": "web", "Port": 80, "Address": "", "Tags": ["v1"], "Meta": {"http_host": "a.com"}},
+                "w1": {
+                    "Service": "web",
+                    "Port": 80,
+                    "Address": "",
+                    "Tags": ["v1", "bad tag"],
+                    "Meta": {"http_host": "a.com"},
+                },
                 "w2": {"Service": "web", "Port": 81, "Address": "10.0.0.2;drop", "Tags": [], "Meta": {}},
                 "w3": {
                     "Service": "web",
@@ -86,16 +84,23 @@ def test_catalog_joins_health_and_sanitizes():
             },
         }
     }
+    node["n1"]["Services"]["e1"] = {"Service": "evil\nname", "Port": 1, "Address": "", "Tags": [], "Meta": {}}
+    node["n1"]["Services"]["t1"] = {"Service": "trailing\n", "Port": 1, "Address": "", "Tags": [], "Meta": {}}
     checks = [
-        {"Node": "n1", "CheckID": "serfHealth", "ServiceID": "", "Status": "passing"},
-        {"Node": "n1", "CheckID": "service:w3", "ServiceID": "w3", "Status": "critical"},
-        {"Node": "n1", "CheckID": "_service_maintenance:w1", "ServiceID": "w1", "Status": "critical"},
+        {"Node": "n1", "CheckID": "service:w3", "ServiceID": "w3", "ServiceName": "web", "Status": "critical"},
+        {
+            "Node": "n1",
+            "CheckID": "_service_maintenance:w1",
+            "ServiceID": "w1",
+            "ServiceName": "web",
+            "Status": "critical",
+        },
     ]
-    rows = group_rows(rows_from_node("n1", node["n1"]))
+    index = CatalogIndex(warnings.append)
+    index.load(node, checks)
+    index.take_changed()
+    kept, instances = index.services, index.instances
     nodes = [{"Node": "n1", "Address": "10.0.0.1"}, {"Node": "bad node", "Address": "10.0.0.9"}]
-    kept = clean_services(services, warnings.append)
-    built = {name: build_instances(name, rows.get(name, []), warnings.append) for name in kept}
-    instances = instances_with_health(kept, built, health_index(checks))
     assert list(kept) == ["web"] and kept["web"] == ("v1",)
     assert [n.name for n in clean_nodes(nodes, warnings.append)] == ["n1"] and any("bad node" in w for w in warnings)
     by_id = {i.id: i for i in instances["web"]}
@@ -109,32 +114,22 @@ def test_catalog_joins_health_and_sanitizes():
     assert aggregate(["passing", "warning"]) == "warning"
 
 
-def _check(node: str, sid: str, name: str, cid: str, status: str = "passing", create: int = 5) -> dict:
-    return {"Node": node, "ServiceID": sid, "ServiceName": name, "CheckID": cid, "Status": status,
-            "CreateIndex": create, "ModifyIndex": create + 1, "ServiceTags": []}  # fmt: skip
-
-
-def test_check_signatures_move_with_instances_not_with_status():
-    base = [_check("n1", "w1", "web", "service:w1"), _check("n1", "", "", "serfHealth")]
-    sig = check_signatures(base)
-    assert set(sig) == {"web"}  # node checks belong to no service
-    flapped = [_check("n1", "w1", "web", "service:w1", status="critical")]
-    assert check_signatures(flapped) == sig  # a status change costs no read
-    maint = [*base, _check("n1", "w1", "web", "_service_maintenance:w1", status="critical")]
-    assert check_signatures(maint) == sig  # nor does maintenance
-    added = [*base, _check("n2", "w2", "web", "service:w2")]
-    assert check_signatures(added)["web"] != sig["web"]
-    recreated = [_check("n1", "w1", "web", "service:w1", create=9)]  # re-registered after a loss
-    assert check_signatures(recreated)["web"] != sig["web"]
-    assert check_signatures([]) == {}
-
-
-def test_behind_checks_names_instances_a_lagging_read_misses():
-    sig = check_signatures([_check("n1", "w1", "web", "service:w1"), _check("n2", "w2", "web", "service:w2")])["web"]
-    rows = [{"Node": "n1", "ServiceID": "w1"}]
-    assert behind_checks(sig, rows) == {("n2", "w2")}
-    assert behind_checks(sig, [*rows, {"Node": "n2", "ServiceID": "w2"}]) == set()
-    assert behind_checks(frozenset(), rows) == set()  # an instance the checks no longer show is no lag
+def test_grace_keeps_what_has_not_come_back_until_all_are_back_or_it_ends():
+    """After Consul lost its state, instances come back one at a time (issue 21, point 1)."""
+    grace = Grace(10)
+    before = Snapshot(services={"web": ()}, instances={"web": (inst("a"), inst("b"))})
+    shown, _ = grace.apply(before, Snapshot({}, {}), now=100.0)
+    part = Snapshot({"web": ()}, {"web": (inst("a", port=81),)}, changed=frozenset({"web"}))
+    shown, deadline = grace.apply(shown, part, now=101.0)
+    assert shown.instances["web"] == (inst("a", port=81), inst("b")) and deadline == 110.0
+    assert shown.changed == {"web"}
+    whole = Snapshot({"web": ()}, {"web": (inst("a", port=81), inst("b"))}, changed=frozenset({"web"}))
+    shown, deadline = grace.apply(shown, whole, now=102.0)
+    assert grace.holding() == [] and deadline is None
+    shown, _ = grace.apply(shown, Snapshot({}, {}, changed=frozenset({"web"})), now=103.0)
+    shown, _ = grace.apply(shown, part, now=104.0)
+    shown, _ = grace.apply(shown, part, now=113.5)  # the grace ran out: b has gone
+    assert shown.instances["web"] == (inst("a", port=81),)
 
 
 class View:
@@ -295,7 +290,11 @@ def test_quote_filters_escape_or_refuse():
 def test_hostname_and_url_path_tests():
     env = make_environment()
     t = compile_template(env, "t.j2", "{{ h is hostname }} {{ p is url_path }}")
-    for h, p, want in [("a.example.com", "/api", "True True"), ("bad host", "api", "False False"),
-                       ("*.example.com", "/a/b-c_d.e~f", "True True"), ("a;b", "/a{b}", "False False"),
-                       ("a.example.com\n", "/a\n", "False False")]:  # fmt: skip
+    for h, p, want in [
+        ("a.example.com", "/api", "True True"),
+        ("bad host", "api", "False False"),
+        ("*.example.com", "/a/b-c_d.e~f", "True True"),
+        ("a;b", "/a{b}", "False False"),
+        ("a.example.com\n", "/a\n", "False False"),
+    ]:
         assert t.render(h=h, p=p) == want, (h, p)
