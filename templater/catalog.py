@@ -59,6 +59,7 @@ class Snapshot:
     nodes: tuple[Node, ...] = ()
     # the services whose entries differ from the snapshot before this one; None: any may
     changed: frozenset[str] | None = None
+    listing: list[Mapping[str, Any]] | None = field(default=None, compare=False, repr=False)  # services()
 
 
 def valid_hostname(text: str) -> bool:

@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from types import MappingProxyType, MethodType
 from typing import Any, Protocol
 
 import jinja2
@@ -81,10 +82,14 @@ class _Recorder:
             return Snapshot()
         return snapshot
 
-    def services(self, dc: str | None = None) -> list[dict[str, Any]]:
+    def services(self, dc: str | None = None) -> list[Mapping[str, Any]]:
         self.result.queries.add(f"catalog.services({dc or ''})")
         snapshot = self._catalog(dc)
-        return [{"name": name, "tags": list(tags)} for name, tags in sorted(snapshot.services.items())]
+        if snapshot.listing is None:  # once per snapshot, read-only, shared by every render of it
+            snapshot.listing = [
+                MappingProxyType({"name": name, "tags": tags}) for name, tags in sorted(snapshot.services.items())
+            ]
+        return list(snapshot.listing)
 
     def service(self, name: str, tag: str | None = None, state: str = PASSING, dc: str | None = None) -> list[Instance]:
         if state not in (PASSING, "any"):
@@ -295,6 +300,7 @@ def _get(obj: Any, name: str) -> Any:
 
 
 _INSTANCE_FIELDS = frozenset(f.name for f in fields(Instance))
+_PROXY_ATTRIBUTES = frozenset(dir(MappingProxyType))
 
 
 class _Environment(SandboxedEnvironment):
@@ -308,7 +314,19 @@ class _Environment(SandboxedEnvironment):
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is Instance and attribute in _INSTANCE_FIELDS:
             return getattr(obj, attribute)
+        # a read-only mapping of data (meta, a services() entry): its item, as the sandbox's own
+        # lookup would end, unless the name is one of the mapping's methods
+        if type(obj) is MappingProxyType and attribute not in _PROXY_ATTRIBUTES and attribute in obj:
+            return obj[attribute]
         return super().getattr(obj, attribute)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        """The template functions (service(), key(), ...) are ours: called without the checks."""
+        if type(__obj) is MethodType and type(__obj.__self__) is _Recorder:
+            kwargs.pop("_loop_vars", None)  # what Jinja passes to a call in a loop or block
+            kwargs.pop("_block_vars", None)
+            return __obj(*args, **kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
 
 
 def mark_secret(value: Any) -> Any:

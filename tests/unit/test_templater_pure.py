@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import MappingProxyType
+
 import pytest
 
 from templater.catalog import (
@@ -172,6 +175,16 @@ def test_render_records_deps_missing_and_filters():
     assert result.used == {"catalog(local)", "kv.key(cfg/a)"}
     pending = render(t, "t.j2", View(None), {}, {})
     assert not pending.complete and "catalog(local)" in pending.missing
+    # functions called in a loop and a block (Jinja passes them its loop variables), entries
+    # read as attributes and items, and the shared services() list copied for each render
+    looped = compile_template(
+        env, "l.j2",
+        "{% for s in services() %}{% if true %}{{ s.name }}={{ s['tags'] | length }}:"
+        "{% for i in service(s.name, state='any') %}{{ i.meta.w | default('-') }}{% endfor %}{% endif %}{% endfor %}"
+        "{% set all = services() %}{% set _ = all.append(1) %}{{ services() | length }}",
+    )  # fmt: skip
+    snap.instances["web"] = (replace(inst("a"), meta=MappingProxyType({"w": "3"})), inst("b"))
+    assert render(looped, "l.j2", View(snap), {}, {}).text == "web=0:3-1"
 
 
 def test_render_errors_name_template_and_line():
