@@ -4,6 +4,7 @@ Prints: full render time, change-to-file latency (p50, p90, max) for single inst
 removed, open connections to Consul, CPU used while nothing changes, RSS.
 Run: .venv/bin/python bench/templater_bench.py [--services 1000] [--instances 3] [--changes 100]
      [--bundled: the bundled HAProxy template with --proxy haproxy, services routed by http_host]
+     [--cached: the listing template with a {% cache %} block per service]
      [--checks: every instance with a TTL check, as the registrar registers SERVICE_CHECK_* containers]
      [--consul URL: an agent already holding the bench services]
 """
@@ -37,6 +38,15 @@ backend {{ s.name }}
     server {{ i.id }} {{ i.address }}:{{ i.port }}
 {% endfor %}
 {% endfor %}
+"""
+
+
+CACHED = """{% for s in services() if s.name != "consul" %}{% cache s.name %}
+backend {{ s.name }}
+{% for i in service(s.name) %}
+    server {{ i.id }} {{ i.address }}:{{ i.port }}
+{% endfor %}
+{% endcache %}{% endfor %}
 """
 
 
@@ -85,7 +95,7 @@ def register_all(url: str, services: int, instances: int, checks: bool) -> None:
 
 def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> None:
     src = work / "t.j2"
-    src.write_text(TEMPLATE)
+    src.write_text(CACHED if args.cached else TEMPLATE)
     out_dir = work / "out"  # apart from the template: writes there are no template events
     out_dir.mkdir()
     dest = out_dir / "out.cfg"
@@ -181,6 +191,7 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=3)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--bundled", action="store_true", help="templates/haproxy.cfg.j2 with --proxy haproxy")
+    parser.add_argument("--cached", action="store_true", help="the listing template with {% cache s.name %}")
     parser.add_argument("--checks", action="store_true", help="every instance with a TTL check (passing)")
     parser.add_argument("--py-spy", metavar="FILE", help="py-spy's collapsed stacks of the templater over the changes")
     parser.add_argument("--consul", help="an agent already holding the bench services (skips registering)")

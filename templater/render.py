@@ -24,6 +24,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from sidecar.logs import REDACTOR
 from templater.catalog import PASSING, Instance, Snapshot, valid_hostname
 from templater.errors import TemplateError
+from templater.fragments import ACTIVE, Atom, Effect, FragmentCache, Fragments, Scope
 
 
 class View(Protocol):
@@ -66,25 +67,69 @@ class RenderResult:
 
 
 class _Recorder:
-    def __init__(self, view: View, env_vars: dict[str, str], env_allow: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, view: View, env_vars: dict[str, str], env_allow: tuple[str, ...] = (), fragments: Fragments | None = None
+    ) -> None:
         self.view = view
         self.env_vars = env_vars
         self.env_allow = env_allow
         self.result = RenderResult("")
+        self.scope = Scope(fragments, self._current, self._apply) if fragments is not None else None
+
+    # -- what a read does to the result; a block being kept ({% cache %}) records it too
+
+    def _apply(self, effect: Effect) -> None:
+        kind, value = effect
+        if kind == "used":
+            self.result.used.add(value)
+        elif kind == "query":
+            self.result.queries.add(value)
+        elif kind == "missing":
+            self.result.missing.add(value)
+        elif kind == "warning":
+            self.result.warnings.append(value)
+        elif kind == "catalog":
+            self.result.catalogs[value[0]] = value[1]
+        elif kind == "kv":
+            self.result.kv[value.key] = value
+
+    def _effect(self, kind: str, value: Any) -> None:
+        self._apply((kind, value))
+        if self.scope is not None and self.scope.frames:
+            self.scope.record(None, None, (kind, value), missing=kind == "missing")
+
+    def _atom(self, atom: Atom, value: Any) -> None:
+        if self.scope is not None and self.scope.frames:
+            self.scope.record(atom, value, None)
+
+    def _current(self, atom: Atom) -> Any:
+        """An atom's value in this render's data (for a kept block's check)."""
+        kind, where, name = atom
+        if kind == "kv":
+            return self.view.kv(where)
+        snapshot = self.view.catalog(where)
+        if snapshot is None:
+            return _NOT_THERE
+        if kind == "service":
+            return snapshot.instances.get(name)
+        return snapshot.services if kind == "services" else snapshot.nodes
+
+    # -- the template functions
 
     def _catalog(self, dc: str | None) -> Snapshot:
         key = catalog_key(dc)
-        self.result.used.add(key)
-        self.result.catalogs[key] = "" if key == catalog_key(None) else str(dc)
+        self._effect("used", key)
+        self._effect("catalog", (key, "" if key == catalog_key(None) else str(dc)))
         snapshot = self.view.catalog(dc or "")
         if snapshot is None:
-            self.result.missing.add(key)
+            self._effect("missing", key)
             return Snapshot()
         return snapshot
 
     def services(self, dc: str | None = None) -> list[Mapping[str, Any]]:
-        self.result.queries.add(f"catalog.services({dc or ''})")
+        self._effect("query", f"catalog.services({dc or ''})")
         snapshot = self._catalog(dc)
+        self._atom(("services", dc or "", ""), snapshot.services)
         if snapshot.listing is None:  # once per snapshot, read-only, shared by every render of it
             snapshot.listing = [
                 MappingProxyType({"name": name, "tags": tags}) for name, tags in sorted(snapshot.services.items())
@@ -94,29 +139,33 @@ class _Recorder:
     def service(self, name: str, tag: str | None = None, state: str = PASSING, dc: str | None = None) -> list[Instance]:
         if state not in (PASSING, "any"):
             raise ValueError(f"service({name!r}): state must be 'passing' or 'any', not {state!r}")
-        self.result.queries.add(f"health.service({name}|{tag or ''}|{state}|{dc or ''})")
+        self._effect("query", f"health.service({name}|{tag or ''}|{state}|{dc or ''})")
         snapshot = self._catalog(dc)
+        instances = snapshot.instances.get(name)
+        self._atom(("service", dc or "", name), instances)
         return [
             inst
-            for inst in snapshot.instances.get(name, ())
+            for inst in instances or ()
             if (tag is None or tag in inst.tags) and (state != PASSING or inst.status == PASSING)
         ]
 
     def nodes(self, dc: str | None = None) -> list[dict[str, Any]]:
-        self.result.queries.add(f"catalog.nodes({dc or ''})")
+        self._effect("query", f"catalog.nodes({dc or ''})")
         snapshot = self._catalog(dc)
+        self._atom(("nodes", dc or "", ""), snapshot.nodes)
         return [{"name": n.name, "address": n.address, "meta": n.meta} for n in snapshot.nodes]
 
     def _kv(self, path: str, recurse: bool, dc: str | None) -> list[dict[str, Any]]:
         key = kv_key(path, recurse, dc)
-        self.result.used.add(key)
-        self.result.queries.add(key)
-        self.result.kv[key] = KVRequest(
-            key, path.strip("/") + ("/" if recurse and path.strip("/") else ""), recurse, dc or ""
+        self._effect("used", key)
+        self._effect("query", key)
+        self._effect(
+            "kv", KVRequest(key, path.strip("/") + ("/" if recurse and path.strip("/") else ""), recurse, dc or "")
         )
         entries = self.view.kv(key)
+        self._atom(("kv", key, ""), entries)
         if entries is None:
-            self.result.missing.add(key)
+            self._effect("missing", key)
             return []
         return entries
 
@@ -131,7 +180,7 @@ class _Recorder:
         secret=True: the value never appears in a log line or /health (an error quoting it)."""
         entries = self._kv(path, False, dc)
         if not entries:
-            self.result.missing.add(kv_key(path, False, dc))
+            self._effect("missing", kv_key(path, False, dc))
             return ""
         value = self._value(entries[0])
         return self.secret(value) if secret else value
@@ -167,7 +216,7 @@ class _Recorder:
 
     def warn(self, message: Any) -> str:
         """Templates report what they left out (a contested host, a bad value); logged once."""
-        self.result.warnings.append(str(message))
+        self._effect("warning", str(message))
         return ""
 
 
@@ -303,6 +352,9 @@ _INSTANCE_FIELDS = frozenset(f.name for f in fields(Instance))
 _PROXY_ATTRIBUTES = frozenset(dir(MappingProxyType))
 
 
+_NOT_THERE = object()  # a catalog not fetched yet: never equal to what a kept block saw
+
+
 class _Environment(SandboxedEnvironment):
     """The sandbox, with a fast path for the fields of an Instance.
 
@@ -322,7 +374,7 @@ class _Environment(SandboxedEnvironment):
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         """The template functions (service(), key(), ...) are ours: called without the checks."""
-        if type(__obj) is MethodType and type(__obj.__self__) is _Recorder:
+        if type(__obj) is MethodType and type(__obj.__self__) in (_Recorder, FragmentCache):
             kwargs.pop("_loop_vars", None)  # what Jinja passes to a call in a loop or block
             kwargs.pop("_block_vars", None)
             return __obj(*args, **kwargs)
@@ -343,6 +395,7 @@ def env_allowed(name: str, allow: tuple[str, ...]) -> bool:
 
 def make_environment() -> SandboxedEnvironment:
     env = _Environment(
+        extensions=[FragmentCache],
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
@@ -379,10 +432,12 @@ def render(
     variables: dict[str, str],
     env_vars: dict[str, str],
     env_allow: tuple[str, ...] = (),
+    fragments: Fragments | None = None,
 ) -> RenderResult:
     """Render one template; raises TemplateError naming the template and the line. env() reads
-    env_vars, only the names env_allow matches (shell patterns such as APP_*)."""
-    recorder = _Recorder(view, env_vars, env_allow)
+    env_vars, only the names env_allow matches (shell patterns such as APP_*). fragments: the
+    template's kept `{% cache %}` blocks (without it every block renders)."""
+    recorder = _Recorder(view, env_vars, env_allow, fragments)
     context = {
         "services": recorder.services,
         "service": recorder.service,
@@ -396,12 +451,17 @@ def render(
         "warn": recorder.warn,
         "vars": dict(variables),
     }
+    token = ACTIVE.set(recorder.scope)
     try:
         text = template.render(context)
     except jinja2.TemplateSyntaxError as err:
         raise TemplateError(name, err.lineno, f"syntax error: {err.message}") from err
     except Exception as err:  # any runtime error in user code is reported, never raised raw
         raise TemplateError(name, _template_line(err), f"{type(err).__name__}: {err}") from err
+    finally:
+        ACTIVE.reset(token)
+    if recorder.scope is not None and recorder.result.complete:
+        recorder.scope.finish()
     recorder.result.text = text
     return recorder.result
 

@@ -22,6 +22,7 @@ from templater.child import Child
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
 from templater.dns_records import desired
 from templater.errors import CheckFailed, CommandFailed, ProxyError, ProxyWaiting, TemplateError
+from templater.fragments import Fragments
 from templater.haproxy_runtime import Outcome
 from templater.output import read_current, run_command, swap
 from templater.proxy import KINDS, Proxy, children
@@ -73,6 +74,7 @@ WARNED_MAX = 10_000  # distinct warnings remembered (said once each); the oldest
 class TemplateState:
     spec: TemplateSpec
     compiled: jinja2.Template | None = None
+    fragments: Fragments = field(default_factory=Fragments)  # its kept {% cache %} blocks
     result: RenderResult | None = None
     deps: set[str] = field(default_factory=set)
     done: bool = False  # rendered completely and written at least once
@@ -239,6 +241,7 @@ class Runner:
             # an empty source is a file caught mid-write, never a config anyone wants
             raise TemplateError(spec.name, None, "template file is empty")
         state.compiled = compile_template(self.env, spec.name, source)
+        state.fragments = Fragments()  # blocks of the old source mean nothing to the new one
 
     def _render(self, state: TemplateState, view: FrozenView) -> RenderResult | None:
         spec = state.spec
@@ -248,7 +251,7 @@ class Runner:
             assert state.compiled is not None
             allow = self.settings.env_allow
             env_vars = {k: v for k, v in os.environ.items() if env_allowed(k, allow)}
-            result = render(state.compiled, spec.name, view, self.settings.variables, env_vars, allow)
+            result = render(state.compiled, spec.name, view, self.settings.variables, env_vars, allow, state.fragments)
         except TemplateError as err:
             state.failed = True
             self.metrics.add(render_failures=1)
