@@ -28,6 +28,7 @@ from templater.output import read_current, run_command, swap
 from templater.proxy import KINDS, Proxy, children
 from templater.registration import SelfRegistration, State
 from templater.render import RenderResult, catalog_key, compile_template, env_allowed, make_environment, render
+from templater.routes import RouteMemo
 from templater.settings import Settings, TemplateSpec
 from templater.status import Metrics
 from templater.store import FrozenView, Store
@@ -75,6 +76,7 @@ class TemplateState:
     spec: TemplateSpec
     compiled: jinja2.Template | None = None
     fragments: Fragments = field(default_factory=Fragments)  # its kept {% cache %} blocks
+    routes: RouteMemo = field(default_factory=RouteMemo)  # routes() per service, across renders
     result: RenderResult | None = None
     deps: set[str] = field(default_factory=set)
     done: bool = False  # rendered completely and written at least once
@@ -251,7 +253,9 @@ class Runner:
             assert state.compiled is not None
             allow = self.settings.env_allow
             env_vars = {k: v for k, v in os.environ.items() if env_allowed(k, allow)}
-            result = render(state.compiled, spec.name, view, self.settings.variables, env_vars, allow, state.fragments)
+            result = render(
+                state.compiled, spec.name, view, self.settings.variables, env_vars, allow, state.fragments, state.routes
+            )
         except TemplateError as err:
             state.failed = True
             self.metrics.add(render_failures=1)

@@ -1,0 +1,191 @@
+"""The routing table of the bundled templates, in pure Python: `routes()` in a template.
+
+A service routes when an instance has meta `http_host` (a comma list of host names) and/or
+`http_path` (a path prefix). Per service (computed again only when its instances change):
+the first `http_host`, `http_path` and `check_http` among its instances, `sticky` when any has
+it, its passing instances (or, with a failover datacenter, that datacenter's when none passes
+here), and its servers with unique names and clamped weights. Across services, in name order:
+a host and path (or, for a path alone, any host and that path) already claimed by an earlier
+service is left to it, so a contested host is decided the same way every time. Everything left
+out is said in a warning that names the service and the value.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from templater.catalog import PASSING, Instance, valid_hostname
+from templater.values import clamp_int, ident, is_url_path, server_names, split_list
+
+ANY_HOST = "_default"  # not a host name, so never a real one; NGINX's name for its default server
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str  # unique within its route
+    instance: Instance
+    weight: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One service's route before the contest for hosts and paths."""
+
+    name: str
+    hosts: tuple[str, ...]  # valid host names, lower case, in the order given
+    path: str  # "" for none
+    sticky: bool
+    check: str  # an active check path, "" for none
+    instances: tuple[Instance, ...]
+    failover: bool  # the instances are the failover datacenter's
+    servers: tuple[Server, ...]
+    warnings: tuple[str, ...]  # said whether or not it wins a host
+    server_warnings: tuple[str, ...] = ()  # said only when it does (a weight out of range)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A routed service: what a backend or upstream is built from."""
+
+    name: str
+    ident: str  # safe as a proxy identifier
+    hosts: tuple[str, ...]  # the hosts it won; () with a path: any host
+    path: str  # "" for none
+    sticky: bool
+    check: str
+    instances: tuple[Instance, ...]
+    servers: tuple[Server, ...]
+    failover: bool
+    version: int  # changes whenever anything above does: a fragment cache key
+
+    @property
+    def location(self) -> str:
+        return self.path or "/"
+
+
+@dataclass(frozen=True)
+class Table:
+    routes: tuple[Route, ...]
+    version: int  # changes when a route's hosts, path, check, stickiness or the set of routes do
+    warnings: tuple[str, ...]
+
+    def by_host(self) -> list[tuple[str, list[Route]]]:
+        """(host, its routes), hosts sorted; routes for any host (a path alone) under ANY_HOST."""
+        found: dict[str, list[Route]] = {}
+        for route in self.routes:
+            for host in route.hosts or (ANY_HOST,):
+                found.setdefault(host, []).append(route)
+        return sorted(found.items())
+
+
+def claim(name: str, here: tuple[Instance, ...], there: tuple[Instance, ...]) -> Claim | None:
+    """A service's route from its instances here and in the failover dc (state any). Pure."""
+    seen = here or there
+    host = next((i.meta["http_host"] for i in seen if "http_host" in i.meta), "")
+    path = next((i.meta["http_path"] for i in seen if "http_path" in i.meta), "")
+    check = next((i.meta["check_http"] for i in seen if "check_http" in i.meta), "")
+    sticky = any("sticky" in i.meta for i in seen)
+    warnings: list[str] = []
+    if path and not is_url_path(path):
+        return Claim(name, (), "", False, "", (), False, (),
+                     (f"service {name}: http_path {path} is not a URL path: service not routed",))  # fmt: skip
+    if not host and not path:
+        return None
+    if check and not is_url_path(check):
+        warnings.append(f"service {name}: check_http {check} is not a URL path: no active check")
+        check = ""
+    hosts = []
+    for h in split_list(host):
+        if valid_hostname(h.removeprefix("*.")):
+            hosts.append(h.lower())
+        else:
+            warnings.append(f"service {name}: http_host {h} is not a host name: left out")
+    passing = tuple(i for i in here if i.status == PASSING)
+    failover = not passing and bool(there)
+    instances = passing or tuple(i for i in there if i.status == PASSING)
+    servers, server_warnings = [], []
+    for server, inst in server_names(instances):
+        weight, problem = clamp_int(
+            inst.meta.get("weight", "1"), 0, 256, 1, f"service {name} instance {inst.id} weight"
+        )
+        if problem:
+            server_warnings.append(problem)
+        servers.append(Server(server, inst, weight))
+    if host and not hosts:  # hosts asked for, none valid: not routed (never widened to any host)
+        return Claim(name, (), "", False, "", (), False, (), tuple(warnings))
+    return Claim(
+        name, tuple(hosts), path, sticky, check, instances, failover, tuple(servers), tuple(warnings),
+        tuple(server_warnings),
+    )  # fmt: skip
+
+
+def contest(claims: Iterable[Claim]) -> tuple[list[tuple[Claim, tuple[str, ...]]], list[str]]:
+    """The hosts each claim wins, in name order; claims that win nothing are left out. Pure."""
+    taken: dict[tuple[str, str], str] = {}
+    won: list[tuple[Claim, tuple[str, ...]]] = []
+    warnings: list[str] = []
+    for c in sorted(claims, key=lambda c: c.name):
+        warnings.extend(c.warnings)
+        if not c.hosts and not c.path:
+            continue
+        mine = []
+        for host in c.hosts or (ANY_HOST,):
+            key = (host, c.path or "/")
+            owner = taken.setdefault(key, c.name)
+            if owner == c.name:
+                if host not in mine:
+                    mine.append(host)
+            elif c.hosts:
+                warnings.append(
+                    f"service {c.name}: host {host} path {c.path or '/'} is routed to {owner} already: left out"
+                )
+            else:
+                warnings.append(f"service {c.name}: path {c.path} is routed to {owner} already: left out")
+        if mine:
+            won.append((c, tuple(h for h in mine if h != ANY_HOST)))
+            warnings.extend(c.server_warnings)
+    return won, warnings
+
+
+class RouteMemo:
+    """Claims kept per service across renders (computed again only when the service's
+    instances are other objects), and the versions that key the fragment cache."""
+
+    def __init__(self) -> None:
+        self._claims: dict[str, tuple[tuple[Instance, ...], tuple[Instance, ...], Claim | None]] = {}
+        self._routes: dict[str, Route] = {}
+        self._shape: tuple[object, ...] = ()
+        self._version = 0
+        self._counter = itertools.count(1)
+
+    def table(
+        self, names: Iterable[str], here: Mapping[str, tuple[Instance, ...]], there: Mapping[str, tuple[Instance, ...]]
+    ) -> Table:
+        claims = []
+        kept: dict[str, tuple[tuple[Instance, ...], tuple[Instance, ...], Claim | None]] = {}
+        for name in names:
+            mine, theirs = here.get(name, ()), there.get(name, ())
+            memo = self._claims.get(name)
+            fresh = memo is None or memo[0] is not mine or memo[1] is not theirs
+            found = claim(name, mine, theirs) if fresh or memo is None else memo[2]
+            kept[name] = (mine, theirs, found)
+            if found is not None:
+                claims.append(found)
+        self._claims = kept
+        won, warnings = contest(claims)
+        routes = tuple(self._route(c, hosts) for c, hosts in won)
+        self._routes = {r.name: r for r in routes}
+        shape = tuple((r.name, r.hosts, r.path, r.check, r.sticky) for r in routes)
+        if shape != self._shape:
+            self._shape, self._version = shape, next(self._counter)
+        return Table(routes, self._version, tuple(warnings))
+
+    def _route(self, c: Claim, hosts: tuple[str, ...]) -> Route:
+        old = self._routes.get(c.name)
+        fields = (c.name, ident(c.name), hosts, c.path, c.sticky, c.check, c.instances, c.servers, c.failover)
+        if old is not None and (old.name, old.ident, old.hosts, old.path, old.sticky, old.check, old.instances,
+                                old.servers, old.failover) == fields:  # fmt: skip
+            return old
+        return Route(*fields, version=next(self._counter))
