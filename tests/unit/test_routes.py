@@ -1,0 +1,109 @@
+"""The routing table: claims per service, the contest for hosts and paths, versions, the memo."""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from templater.catalog import Instance
+from templater.routes import ANY_HOST, RouteMemo, claim, contest
+
+
+def inst(sid: str, name: str, port: int = 80, status: str = "passing", node: str = "n1", **meta: str) -> Instance:
+    return Instance(sid, name, "10.0.0.1", port, node, "10.0.0.1", meta=MappingProxyType(meta), status=status)
+
+
+def test_a_claim_takes_the_first_meta_and_leaves_out_bad_values_with_warnings():
+    c = claim("web", (inst("w1", "web", http_host="A.example.com, bad!, a.example.com", check_http="no path"),
+                      inst("w2", "web", http_path="/api", sticky="1", weight="900")), ())  # fmt: skip
+    assert c is not None
+    assert c.hosts == ("a.example.com", "a.example.com") and c.path == "/api" and c.sticky and c.check == ""
+    assert [s.weight for s in c.servers] == [1, 256]
+    assert any("bad! is not a host name" in w for w in c.warnings)
+    assert any("check_http no path is not a URL path" in w for w in c.warnings)
+    assert c.server_warnings == ("service web instance w2 weight='900' is outside 0-256: using 256",)
+    assert claim("plain", (inst("p1", "plain"),), ()) is None  # no routing meta: not a route
+    bad_path = claim("x", (inst("x1", "x", http_path="/a b"),), ())
+    assert bad_path is not None and bad_path.hosts == () and bad_path.path == ""
+    # hosts asked for and none valid: not routed, never widened to every host by its path
+    only_bad = claim("y", (inst("y1", "y", http_host="bad!", http_path="/y"),), ())
+    assert only_bad is not None and contest([only_bad])[0] == []
+
+
+def test_failover_takes_the_other_dc_only_when_nothing_passes_here():
+    here = (inst("a1", "a", status="critical", http_host="a.example.com"),)
+    there = (inst("a9", "a", node="m1", http_host="a.example.com"),)
+    c = claim("a", here, there)
+    assert c is not None and c.failover and [i.id for i in c.instances] == ["a9"]
+    back = claim("a", (inst("a1", "a", http_host="a.example.com"),), there)
+    assert back is not None and not back.failover and [i.id for i in back.instances] == ["a1"]
+
+
+def test_contested_hosts_and_paths_go_to_the_first_service_by_name():
+    claims = [
+        claim(n, (inst(f"{n}1", n, **meta),), ())
+        for n, meta in [
+            ("b", {"http_host": "x.example.com"}),
+            ("a", {"http_host": "x.example.com,y.example.com"}),
+            ("c", {"http_path": "/api"}),
+            ("d", {"http_path": "/api", "weight": "-1"}),
+            ("e", {"http_host": "x.example.com", "http_path": "/api"}),
+        ]
+    ]
+    won, warnings = contest([c for c in claims if c is not None])
+    assert [(c.name, hosts) for c, hosts in won] == [
+        ("a", ("x.example.com", "y.example.com")),
+        ("c", ()),
+        ("e", ("x.example.com",)),
+    ]
+    assert "service b: host x.example.com path / is routed to a already: left out" in warnings
+    assert "service d: path /api is routed to c already: left out" in warnings
+    assert not any("weight" in w for w in warnings)  # d won nothing: its weight is nobody's concern
+
+
+def test_the_memo_keeps_unchanged_routes_and_their_versions():
+    memo = RouteMemo()
+    here = {n: (inst(f"{n}1", n, http_host=f"{n}.example.com"),) for n in ("a", "b", "c")}
+    first = memo.table(sorted(here), here, {})
+    again = memo.table(sorted(here), dict(here), {})
+    assert [r.version for r in again.routes] == [r.version for r in first.routes]
+    assert again.version == first.version and again.routes[0] is first.routes[0]
+    here["b"] = (*here["b"], inst("b2", "b", port=81, http_host="b.example.com"))  # a new instance
+    third = memo.table(sorted(here), here, {})
+    assert third.version == first.version  # the same hosts and paths: the frontend is kept
+    assert [r.version == o.version for r, o in zip(third.routes, first.routes, strict=True)] == [True, False, True]
+    here["c"] = (inst("c1", "c", http_host="other.example.com"),)
+    assert memo.table(sorted(here), here, {}).version != first.version  # a host moved
+
+
+def test_by_host_puts_path_only_routes_under_the_default_server():
+    memo = RouteMemo()
+    here = {"a": (inst("a1", "a", http_path="/a"),), "b": (inst("b1", "b", http_host="b.example.com"),)}
+    table = memo.table(sorted(here), here, {})
+    assert [(h, [r.name for r in rs]) for h, rs in table.by_host()] == [("_default", ["a"]), ("b.example.com", ["b"])]
+    assert ANY_HOST == "_default" and table.routes[0].location == "/a"
+
+
+NAMES = st.sampled_from(["a", "b", "c", "d"])
+HOSTS = st.sampled_from(["", "x.example.com", "y.example.com", "x.example.com,y.example.com", "bad!"])
+PATHS = st.sampled_from(["", "/", "/api", "/api/v2"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(NAMES, HOSTS, PATHS, st.integers(0, 2)), max_size=15))
+def test_the_memo_gives_what_a_fresh_table_gives_after_any_changes(steps):
+    memo = RouteMemo()
+    here: dict[str, tuple[Instance, ...]] = {}
+    for name, host, path, count in steps:
+        meta = {k: v for k, v in (("http_host", host), ("http_path", path)) if v}
+        here[name] = tuple(inst(f"{name}{n}", name, port=80 + n, **meta) for n in range(count))
+        kept = memo.table(sorted(here), here, {})
+        fresh = RouteMemo().table(sorted(here), here, {})
+        strip = [(r.name, r.hosts, r.path, r.instances, r.servers) for r in kept.routes]
+        assert strip == [(r.name, r.hosts, r.path, r.instances, r.servers) for r in fresh.routes]
+        assert kept.warnings == fresh.warnings
+        # each host and path is won once at most
+        keys = [(h, r.location) for r in kept.routes for h in r.hosts or (ANY_HOST,)]
+        assert len(keys) == len(set(keys))
