@@ -28,6 +28,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.figures import percentile
+from templater.errors import ProxyError
+from templater.haproxy_runtime import AdminSocket
 from tests.support import ConsulAgent, Process, free_port, tempdir
 
 BUNDLED = Path(__file__).resolve().parents[1] / "templates" / "haproxy.cfg.j2"
@@ -66,6 +68,27 @@ def wait_for(dest: Path, token: str, present: bool = True) -> None:
             seen = mtime
             if (token in dest.read_text()) == present:
                 return
+        time.sleep(0.001)
+
+
+def runtime_ready(sock: Path, backend: str, port: int, present: bool = True) -> bool:
+    """Whether HAProxy's running state has the server on `port` taking traffic (present) or
+    not taking new traffic any more (drained, in maintenance or gone)."""
+    try:
+        state = AdminSocket(str(sock), timeout=2).send(f"show servers state {backend}")
+    except ProxyError:
+        return False
+    lines = [line.split() for line in state.splitlines() if line.strip()]
+    header = next((line[1:] for line in lines if line[0] == "#"), [])
+    if not header:
+        return not present
+    port_at, admin_at = header.index("srv_port"), header.index("srv_admin_state")
+    ready = any(len(f) > port_at and f[port_at] == str(port) and f[admin_at] == "0" for f in lines if f[0] != "#")
+    return ready == present
+
+
+def wait_runtime(sock: Path, backend: str, port: int, present: bool = True) -> None:
+    while not runtime_ready(sock, backend, port, present):
         time.sleep(0.001)
 
 
@@ -133,7 +156,8 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)
-        added, removed = [], []
+        added, removed, runtime_added, runtime_removed = [], [], [], []
+        sock = out_dir / "admin.sock"
         for n in range(args.changes):
             service = f"s{(n * 37) % args.services}"
             port = 40000 + n
@@ -144,12 +168,18 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
                 {"ID": f"x{n}", "Name": service, "Port": port, "Address": "127.0.0.1",
                  "Meta": {"http_host": f"{service}.example.com"}, **(CHECK if args.checks else {})},
             )  # fmt: skip
+            if args.bundled:
+                wait_runtime(sock, f"be_{service}", port)
+                runtime_added.append((time.monotonic() - t) * 1000)
             wait_for(dest, f"127.0.0.1:{port}{end}")
             added.append((time.monotonic() - t) * 1000)
             time.sleep(0.1)
         for n in range(args.changes):
             t = time.monotonic()
             put(url, f"/v1/agent/service/deregister/x{n}", None)
+            if args.bundled:
+                wait_runtime(sock, f"be_s{(n * 37) % args.services}", 40000 + n, present=False)
+                runtime_removed.append((time.monotonic() - t) * 1000)
             wait_for(dest, f"127.0.0.1:{40000 + n}{end}", present=False)
             removed.append((time.monotonic() - t) * 1000)
             time.sleep(0.1)
@@ -175,6 +205,10 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
     for what, values in (("add", added), ("remove", removed)):
         print(f"{what:6} -> file p50             {statistics.median(values):.1f} ms")
         print(f"{what:6} -> file p90 / max       {percentile(values, 90):.1f} / {max(values):.1f} ms (n={len(values)})")
+    for what, values in (("add", runtime_added), ("remove", runtime_removed)):
+        if values:
+            print(f"{what:6} -> haproxy runtime p50 {statistics.median(values):.1f} ms, "
+                  f"p90 / max {percentile(values, 90):.1f} / {max(values):.1f} ms (n={len(values)})")  # fmt: skip
     both = added + removed
     print(
         f"any change -> file p50 / p90   {statistics.median(both):.1f} / {percentile(both, 90):.1f} ms (n={len(both)})"

@@ -190,6 +190,7 @@ class RuntimeHook:
         self._draining: dict[tuple[str, str], float] = {}
         self._refused_deletes: set[tuple[str, str]] = set()
         self._socket: AdminSocket | None = None
+        self._parsed: tuple[str, Parsed] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain_loop, name="haproxy-drain", daemon=True)
         self._thread.start()
@@ -217,16 +218,25 @@ class RuntimeHook:
         if answer != ok:
             raise ProxyError(f"haproxy refused {command!r}: {answer or 'no answer'}")
 
+    def _parse(self, text: str) -> Parsed:
+        """parse(text), kept for the last text: the next change's old one is this change's new."""
+        if self._parsed is not None and self._parsed[0] == text:
+            return self._parsed[1]
+        parsed = parse(text)
+        self._parsed = (text, parsed)
+        return parsed
+
     def apply(self, old: str | None, new: str) -> str:
         """Apply a server-only change on the admin socket. An Outcome."""
-        parsed_new = parse(new)
+        parsed_old = self._parse(old) if old is not None else None
+        parsed_new = self._parse(new)
         if parsed_new.socket_path:
             self._socket = AdminSocket(parsed_new.socket_path)
-        if old is None or self._socket is None:
+        if parsed_old is None or self._socket is None:
             self.save_state(parsed_new)
             return Outcome.SKIPPED
         with self._lock:
-            ops = diff(parse(old), parsed_new, set(self._draining))
+            ops = diff(parsed_old, parsed_new, set(self._draining))
         if ops is None:
             self.save_state(parsed_new)
             return Outcome.SKIPPED
@@ -315,8 +325,11 @@ class RuntimeHook:
             draining = dict(self._draining)
         if not draining:
             return
+        sessions: dict[tuple[str, str], int] = {}
         try:
-            sessions = session_counts(self._cli("show stat -1 4 -1"))
+            # the backends that have a server draining, not the whole proxy's table
+            for backend in sorted({b for b, _ in draining}):
+                sessions.update(session_counts(self._cli(f"show stat {backend} 4 -1")))
         except ProxyError as err:
             log.warning("drain check failed: %s", err)
             return
