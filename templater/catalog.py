@@ -62,6 +62,11 @@ class Snapshot:
     listing: list[Mapping[str, Any]] | None = field(default=None, compare=False, repr=False)  # services()
 
 
+def listing(services: Mapping[str, tuple[str, ...]]) -> list[Mapping[str, Any]]:
+    """What `services()` returns: read-only entries in name order."""
+    return [MappingProxyType({"name": name, "tags": tags}) for name, tags in sorted(services.items())]
+
+
 def valid_hostname(text: str) -> bool:
     """A DNS host name (no IP address, no wildcard)."""
     return bool(_HOSTNAME.match(text))
@@ -260,6 +265,8 @@ class Grace:
                 self.held_since.pop(name, None)
         if new.changed is not None:
             result.changed = new.changed | held_before | set(self.held_since)
+        if result.services.keys() == new.services.keys():  # nothing held in: the same listing
+            result.listing = new.listing
         return result, next_deadline
 
     def holding(self) -> list[str]:

@@ -33,6 +33,7 @@ from templater.catalog import (
     aggregate,
     build_instances,
     clean_nodes,
+    listing,
     rows_from_node,
     service_row,
     severity,
@@ -150,6 +151,7 @@ class CatalogIndex:
         self.nodes: tuple[Node, ...] = ()
         self._changed: set[str] = set()
         self._nodes_moved = False
+        self._listing: list[Mapping[str, Any]] | None = None
 
     # -- answers in
 
@@ -277,8 +279,11 @@ class CatalogIndex:
         return changed
 
     def snapshot(self, changed: frozenset[str] | None) -> Snapshot:
-        # copies of the maps (a pointer per service): a render keeps its snapshot while this moves on
-        return Snapshot(dict(self.services), dict(self.instances), self.nodes, changed)
+        # copies of the maps (a pointer per service): a render keeps its snapshot while this moves
+        # on; services() is built again only when a service came, went or changed its tags
+        if self._listing is None:
+            self._listing = listing(self.services)
+        return Snapshot(dict(self.services), dict(self.instances), self.nodes, changed, self._listing)
 
     # -- state
 
@@ -330,10 +335,14 @@ class CatalogIndex:
                 _with_status(i, _worst(i.status, self._node_status.get(i.node))) for i in built
             )
         if name not in self._by_name:
-            self.services.pop(name, None)
+            if self.services.pop(name, None) is not None:
+                self._listing = None
             self._read_index.pop(name, None)
         elif valid_name(name):
-            self.services[name] = tuple(sorted({t for i in built for t in i.tags}))
+            tags = tuple(sorted({t for i in built for t in i.tags}))
+            if self.services.get(name) != tags:
+                self.services[name] = tags
+                self._listing = None
         elif name not in self.services:
             self._warn(f"left out service name={name!r}: not a safe name")
 

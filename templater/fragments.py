@@ -95,7 +95,8 @@ class Scope:
         self.fragments.misses += 1
         self._used.add(key)
         if not frame.missing:
-            self.fragments.entries[key] = Entry(text, tuple(frame.atoms.items()), tuple(frame.effects))
+            # each effect once: a block reads the same catalog for every instance it lists
+            self.fragments.entries[key] = Entry(text, tuple(frame.atoms.items()), tuple(dict.fromkeys(frame.effects)))
         for outer in self.frames:  # what an inner block read, its outer blocks read too
             outer.atoms.update(frame.atoms)
             outer.missing |= frame.missing
@@ -148,7 +149,7 @@ class FragmentCache(Extension):
         return [lookup, nodes.If(test, [hit], [], [miss]).set_lineno(lineno)]
 
     def lookup(self, key: list[Any]) -> str | _Miss:
-        parts = tuple(str(k) for k in key)
+        parts = tuple(map(str, key))
         scope = ACTIVE.get()
         found = scope.get(parts) if scope is not None else None
         return _Miss(parts) if found is None else found

@@ -21,7 +21,7 @@ from jinja2 import pass_context
 from jinja2.sandbox import SandboxedEnvironment
 
 from sidecar.logs import REDACTOR
-from templater.catalog import PASSING, Instance, Snapshot
+from templater.catalog import PASSING, Instance, Snapshot, listing
 from templater.errors import TemplateError
 from templater.fragments import ACTIVE, Atom, Effect, FragmentCache, Fragments, Scope
 from templater.routes import Route, RouteMemo, Server, Table
@@ -81,6 +81,7 @@ class _Recorder:
         self.env_vars = env_vars
         self.env_allow = env_allow
         self.result = RenderResult("")
+        self._snapshots: dict[str, Any] = {}  # dc -> its snapshot in this render's view
         self.scope = Scope(fragments, self._current, self._apply) if fragments is not None else None
 
     # -- what a read does to the result; a block being kept ({% cache %}) records it too
@@ -114,7 +115,9 @@ class _Recorder:
         kind, where, name = atom
         if kind == "kv":
             return self.view.kv(where)
-        snapshot = self.view.catalog(where)
+        snapshot = self._snapshots.get(where, _NOT_THERE)
+        if snapshot is _NOT_THERE:
+            snapshot = self._snapshots[where] = self.view.catalog(where)
         if snapshot is None:
             return _NOT_THERE
         if kind == "service":
@@ -138,9 +141,7 @@ class _Recorder:
         snapshot = self._catalog(dc)
         self._atom(("services", dc or "", ""), snapshot.services)
         if snapshot.listing is None:  # once per snapshot, read-only, shared by every render of it
-            snapshot.listing = [
-                MappingProxyType({"name": name, "tags": tags}) for name, tags in sorted(snapshot.services.items())
-            ]
+            snapshot.listing = listing(snapshot.services)
         return list(snapshot.listing)
 
     def service(self, name: str, tag: str | None = None, state: str = PASSING, dc: str | None = None) -> list[Instance]:
