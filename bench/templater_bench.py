@@ -15,9 +15,11 @@ import argparse
 import json
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +89,51 @@ def runtime_ready(sock: Path, backend: str, port: int, present: bool = True) -> 
     return ready == present
 
 
+class Listeners:
+    """Accept-and-close TCP listeners on the instances' ports, so that HAProxy's checks pass (the
+    idle figures are those of a proxy whose backends answer)."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self._socks = []
+        for port in ports:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(1024)
+            self._socks.append(sock)
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    @staticmethod
+    def _serve(sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+
+
+def proxy_cpu(pid: int) -> float:
+    """CPU seconds of the HAProxy master and its workers."""
+    try:
+        master = psutil.Process(pid)
+        procs = [master, *master.children()]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def wait_runtime(sock: Path, backend: str, port: int, present: bool = True) -> None:
     while not runtime_ready(sock, backend, port, present):
         time.sleep(0.001)
@@ -130,7 +177,9 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
                 "--var", f"runtime_dir={out_dir}", "--var", f"http_port={free_port()}",
                 "--var", "bind_address=127.0.0.1"]  # fmt: skip
         end = " weight"
+    listeners = Listeners([20000 + i for i in range(args.instances)]) if args.bundled else None
     proc = Process("templater", argv, work)
+    haproxy_idle = None
     try:
         while not dest.exists():
             time.sleep(0.005)
@@ -189,13 +238,19 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
         conns = [c for c in ps.net_connections("tcp") if c.raddr and c.raddr.port == http_port]
         time.sleep(5.0)  # past the last full read
         cpu0 = ps.cpu_times()
+        haproxy_pid = next((c.pid for c in ps.children() if "haproxy" in c.name()), None)
+        h0 = proxy_cpu(haproxy_pid) if haproxy_pid else 0.0
         time.sleep(10.0)
         cpu1 = ps.cpu_times()
+        if haproxy_pid:
+            haproxy_idle = proxy_cpu(haproxy_pid) - h0
         idle_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
         rss = ps.memory_info().rss
         output = proc.output()
     finally:
         proc.stop()
+        if listeners is not None:
+            listeners.close()
     render_ms = [float(m) for m in re.findall(r"render_ms=([0-9.]+)", output)]
     missed = len(re.findall(r"full read found changes", output))
     checks = " (TTL check each)" if args.checks else ""
@@ -217,6 +272,8 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
     print(f"open connections to consul     {len(conns)}")
     print(f"CPU while idle (10 s)          {idle_cpu * 1000:.0f} ms")
     print(f"templater RSS                  {rss / 2**20:.1f} MiB")
+    if haproxy_idle is not None:
+        print(f"HAProxy CPU while idle (10 s)  {haproxy_idle * 1000:.0f} ms (master and workers, backends answering)")
 
 
 def main() -> int:

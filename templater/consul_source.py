@@ -28,8 +28,8 @@ from sidecar.consul_conn import ClientPerThread, ConsulSettings
 from sidecar.threads import Supervisor
 from templater.catalog import Snapshot
 from templater.catalog_index import CatalogIndex
+from templater.deps import KV, Catalog
 from templater.errors import ConsulForbidden, ConsulRejected, ConsulUnavailable
-from templater.render import catalog_key
 from templater.watch import BlockingLoop, Response, WatchSettings
 
 log = logging.getLogger("templater.consul")
@@ -159,7 +159,7 @@ class CatalogSource:
 
     def __init__(
         self,
-        dc: str,
+        dep: Catalog,
         fetcher: ConsulFetcher,
         publish: Callable[[str, Snapshot], None],
         on_state: StateFn,
@@ -167,8 +167,8 @@ class CatalogSource:
         warn: Callable[[str], None],
         supervisor: Supervisor | None = None,
     ) -> None:
-        self.key = catalog_key(dc)
-        self._params = {"dc": dc} if dc else {}
+        self.key = dep.key
+        self._params = {"dc": dep.dc} if dep.dc else {}
         self._read_params = dict(self._params, **({"stale": ""} if settings.stale else {}))
         self._fetcher = fetcher
         self._publish = publish
@@ -387,10 +387,7 @@ def _jittered(seconds: float) -> float:
 
 
 def kv_watch(
-    key: str,
-    path: str,
-    recurse: bool,
-    dc: str,
+    dep: KV,
     fetcher: ConsulFetcher,
     publish: Callable[[str, Any], None],
     on_state: StateFn,
@@ -398,12 +395,14 @@ def kv_watch(
     supervisor: Supervisor | None = None,
 ) -> BlockingLoop:
     """One KV key (`key`) or prefix (`ls`, `tree`): a blocking query of its own."""
-    params = {"dc": dc} if dc else {}
-    if recurse:
+    params = {"dc": dep.dc} if dep.dc else {}
+    if dep.recurse:
         params["recurse"] = ""
 
     def changed(data: Any, _index: int) -> None:
-        publish(key, data or [])
+        publish(dep.key, data or [])
 
-    quoted = urllib.parse.quote(path.lstrip("/"))
-    return BlockingLoop(key, f"/v1/kv/{quoted}", params, fetcher, changed, on_state, settings, supervisor=supervisor)
+    quoted = urllib.parse.quote(dep.path.lstrip("/"))
+    return BlockingLoop(
+        dep.key, f"/v1/kv/{quoted}", params, fetcher, changed, on_state, settings, supervisor=supervisor
+    )

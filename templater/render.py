@@ -22,6 +22,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from sidecar.logs import REDACTOR
 from templater.catalog import PASSING, Instance, Snapshot, listing
+from templater.deps import Catalog, Dependency, kv
 from templater.errors import TemplateError
 from templater.fragments import ACTIVE, Atom, Effect, FragmentCache, Fragments, Scope
 from templater.routes import Route, RouteMemo, Server, Table
@@ -35,30 +36,11 @@ class View(Protocol):
     def kv(self, key: str) -> list[dict[str, Any]] | None: ...
 
 
-def catalog_key(dc: str | None) -> str:
-    return f"catalog({dc or 'local'})"
-
-
-def kv_key(path: str, recurse: bool, dc: str | None) -> str:
-    kind = "kv.tree" if recurse else "kv.key"
-    return f"{kind}({path.strip('/')}{'@' + dc if dc else ''})"
-
-
-@dataclass(frozen=True)
-class KVRequest:
-    key: str
-    path: str
-    recurse: bool
-    dc: str
-
-
 @dataclass
 class RenderResult:
     text: str
-    used: set[str] = field(default_factory=set)  # dependency keys, e.g. catalog(local)
-    kv: dict[str, KVRequest] = field(default_factory=dict)
-    catalogs: dict[str, str] = field(default_factory=dict)  # catalog key -> dc ("" is the agent's)
-    missing: set[str] = field(default_factory=set)
+    used: set[Dependency] = field(default_factory=set)
+    missing: set[Dependency] = field(default_factory=set)  # used, and not fetched yet
     queries: set[str] = field(default_factory=set)  # consul-template style names, for /metrics
     warnings: list[str] = field(default_factory=list)  # from warn() and the checking filters
 
@@ -96,10 +78,6 @@ class _Recorder:
             self.result.missing.add(value)
         elif kind == "warning":
             self.result.warnings.append(value)
-        elif kind == "catalog":
-            self.result.catalogs[value[0]] = value[1]
-        elif kind == "kv":
-            self.result.kv[value.key] = value
 
     def _effect(self, kind: str, value: Any) -> None:
         self._apply((kind, value))
@@ -127,12 +105,11 @@ class _Recorder:
     # -- the template functions
 
     def _catalog(self, dc: str | None) -> Snapshot:
-        key = catalog_key(dc)
-        self._effect("used", key)
-        self._effect("catalog", (key, "" if key == catalog_key(None) else str(dc)))
-        snapshot = self.view.catalog(dc or "")
+        dep = Catalog(dc or "")
+        self._effect("used", dep)
+        snapshot = self.view.catalog(dep.dc)
         if snapshot is None:
-            self._effect("missing", key)
+            self._effect("missing", dep)
             return Snapshot()
         return snapshot
 
@@ -178,16 +155,13 @@ class _Recorder:
         return [{"name": n.name, "address": n.address, "meta": n.meta} for n in snapshot.nodes]
 
     def _kv(self, path: str, recurse: bool, dc: str | None) -> list[dict[str, Any]]:
-        key = kv_key(path, recurse, dc)
-        self._effect("used", key)
-        self._effect("query", key)
-        self._effect(
-            "kv", KVRequest(key, path.strip("/") + ("/" if recurse and path.strip("/") else ""), recurse, dc or "")
-        )
-        entries = self.view.kv(key)
-        self._atom(("kv", key, ""), entries)
+        dep = kv(path, recurse, dc)
+        self._effect("used", dep)
+        self._effect("query", dep.key)
+        entries = self.view.kv(dep.key)
+        self._atom(("kv", dep.key, ""), entries)
         if entries is None:
-            self._effect("missing", key)
+            self._effect("missing", dep)
             return []
         return entries
 
@@ -202,7 +176,7 @@ class _Recorder:
         secret=True: the value never appears in a log line or /health (an error quoting it)."""
         entries = self._kv(path, False, dc)
         if not entries:
-            self._effect("missing", kv_key(path, False, dc))
+            self._effect("missing", kv(path, False, dc))
             return ""
         value = self._value(entries[0])
         return self.secret(value) if secret else value
@@ -316,7 +290,7 @@ _FAST_FIELDS: dict[type, frozenset[str]] = {
     Instance: frozenset(f.name for f in fields(Instance)),
     Route: frozenset([*(f.name for f in fields(Route)), "location"]),
     Server: frozenset(f.name for f in fields(Server)),
-    Table: frozenset([*(f.name for f in fields(Table)), "by_host"]),
+    Table: frozenset([*(f.name for f in fields(Table)), "by_host", "server_count", "check_interval_ms"]),
 }
 _PROXY_ATTRIBUTES = frozenset(dir(MappingProxyType))
 

@@ -71,6 +71,19 @@ class Table:
     version: int  # changes when a route's hosts, path, check, stickiness or the set of routes do
     warnings: tuple[str, ...]
 
+    @property
+    def server_count(self) -> int:
+        return sum(len(r.servers) for r in self.routes)
+
+    def check_interval_ms(self, rate: int, floor_ms: int = 2000) -> int:
+        """The interval between active checks of a server so that all of them together make at
+        most `rate` checks a second: floor_ms doubled as often as needed. Powers of two, so a
+        server more or less rarely changes it (a change of `defaults` needs a reload)."""
+        interval = floor_ms
+        while self.server_count * 1000 > rate * interval:
+            interval *= 2
+        return interval
+
     def by_host(self) -> list[tuple[str, list[Route]]]:
         """(host, its routes), hosts sorted; routes for any host (a path alone) under ANY_HOST."""
         found: dict[str, list[Route]] = {}

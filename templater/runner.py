@@ -9,30 +9,27 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from sidecar.logs import REDACTOR
-from sidecar.threads import Supervisor
-from templater.catalog import CRITICAL, PASSING, WARNING, Snapshot
 from templater.child import Child
-from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
+from templater.deps import Catalog
 from templater.dns_records import desired
-from templater.errors import CheckFailed, CommandFailed, ProxyError, ProxyWaiting, TemplateError
+from templater.errors import CheckFailed, CommandFailed, TemplateError
 from templater.fragments import Fragments
 from templater.haproxy_runtime import Outcome
 from templater.output import read_current, run_command, swap
-from templater.proxy import KINDS, Proxy, children
-from templater.registration import SelfRegistration, State
-from templater.render import RenderResult, catalog_key, compile_template, env_allowed, make_environment, render
+from templater.proxy_driver import ProxyDriver, ProxyHook
+from templater.render import RenderResult, compile_template, env_allowed, make_environment, render
 from templater.routes import RouteMemo
 from templater.settings import Settings, TemplateSpec
+from templater.sources import Sources
 from templater.status import Metrics
 from templater.store import FrozenView, Store
-from templater.watch import BlockingLoop, WatchSettings
 
 if TYPE_CHECKING:
     from templater.dns_sync import DnsSync
@@ -43,32 +40,24 @@ TEMPLATE_KEY = "template:"
 EDIT_SETTLE = 0.05
 
 
-class Source(Protocol):
-    key: str
-
-    @property
-    def loops(self) -> list[BlockingLoop]: ...
-
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-
-
-class ProxyHook(Protocol):
-    """Applies a new proxy configuration without a reload when it can (HAProxy runtime API)."""
-
-    @property
-    def alive(self) -> bool: ...
-
-    @property
-    def draining(self) -> int: ...
-
-    def apply(self, old: str | None, new: str) -> str: ...  # an Outcome
-    def after_reload(self, new: str, workers: set[int]) -> None: ...
-    def stop(self) -> None: ...
-
-
-PROXY_PROBLEMS = ("render", "check", "reload", "proxy")  # what makes the proxy's own check critical
 WARNED_MAX = 10_000  # distinct warnings remembered (said once each); the oldest are forgotten
+
+
+@dataclass(frozen=True)
+class Written:
+    """A destination that changed in a cycle (old and new text for the proxy's own file)."""
+
+    spec: TemplateSpec
+    outcome: str  # what the proxy's runtime API did with it (Outcome)
+    old_text: str | None
+    new_text: str | None
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    all_done: bool  # every template written (and the DNS sync offered its records)
+    failed: bool
+    wrote: bool  # a destination changed
 
 
 @dataclass
@@ -100,42 +89,19 @@ class _TemplateEvents(FileSystemEventHandler):
                 self._store.touch(TEMPLATE_KEY + path)
 
 
-STALE_NOTICE = 2.0  # a stale read this far behind the leader is said in the log
-
-
 class Runner:
     def __init__(self, settings: Settings, metrics: Metrics | None = None, proxy_hook: ProxyHook | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.store = Store(settings.empty_grace)
-        self.fetcher = ConsulFetcher(settings.consul)
-        self.watch_settings = WatchSettings(
-            stale=settings.max_stale_ms > 0,
-            max_stale_ms=settings.max_stale_ms,
-            backoff_base=settings.retry_backoff,
-            backoff_cap=settings.retry_max_backoff,
-        )
         self.env = make_environment()
         self.templates = [TemplateState(spec) for spec in settings.templates]
-        self.sources: dict[str, Source] = {}
-        self.down: dict[str, str] = {}
-        self.failed_attempts: dict[str, int] = {}  # query -> failed attempts in a row
         self.state_lock = threading.Lock()
-        self.supervisor = Supervisor()
+        self.sources = Sources(settings, self.store, self.metrics, self._warn)
+        self.supervisor = self.sources.supervisor
         self.warned: dict[str, None] = {}  # insertion-ordered, capped at WARNED_MAX
         self.child: Child | None = None
-        self.proxy: Proxy | None = None
-        self.proxy_hook = proxy_hook
-        if settings.proxy and not settings.dry:
-            dest = settings.templates[0].dest
-            log_file = None if settings.stop_proxy else dest.with_name(dest.name + ".log")
-            self.proxy = Proxy(KINDS[settings.proxy], dest, settings.proxy_pid_file, log_file)
-        self.registration: SelfRegistration | None = None
-        if self.proxy is not None and settings.register_service and not settings.once:
-            self.registration = SelfRegistration(
-                settings.consul, settings.register_service, self.proxy.kind.name, str(self.proxy.config),
-                settings.register_address,
-            )  # fmt: skip
+        self.driver = ProxyDriver(settings, self.metrics, proxy_hook) if settings.proxy and not settings.dry else None
         self.dns: DnsSync | None = None
         if settings.dns is not None:
             # dnspython is imported only when DNS is asked for: no start-up cost otherwise
@@ -143,43 +109,9 @@ class Runner:
 
             self.dns = make_dns_sync(settings, self.metrics, self._warn)
         self._observer: Any = None
-        self.wrote = False
         self.last_write = 0.0  # when a destination last changed (--reload-interval)
-        self.stale_reported = False
 
     # -- callbacks from watch threads
-
-    def _on_state(self, key: str, up: bool, error: str) -> None:
-        with self.state_lock:
-            was_up = not self.down
-            if up:
-                self.down.pop(key, None)
-                self.failed_attempts.pop(key, None)
-            else:
-                self.down[key] = error
-                self.failed_attempts[key] = self.failed_attempts.get(key, 0) + 1
-            now_up = not self.down
-            self.metrics.consul_up = now_up
-            self.metrics.consul_error = "" if now_up else next(iter(self.down.values()))
-        if not up:
-            self._stand_in_for_other_dc(key, error)
-        if was_up and not now_up:
-            what = "consul refused a read (ACL)" if error.startswith("permission denied") else "consul unavailable"
-            log.warning("%s, keeping the last good output, will retry: %s", what, error)
-        elif now_up and not was_up:
-            log.info("consul available again")
-
-    def _stand_in_for_other_dc(self, loop_key: str, error: str) -> None:
-        """Another datacenter's catalog that cannot be read (a WAN partition, a dc that does not
-        exist) and has never been: templates render as if it had no services, with a warning,
-        rather than everything waiting for it. Its watch goes on and replaces this when it reads."""
-        source_key = loop_key.rsplit(".", 1)[0]
-        if not source_key.startswith("catalog(") or source_key == catalog_key(None):
-            return
-        dc = source_key[len("catalog(") : -1]
-        if not self.store.has_catalog(source_key):
-            self._warn(f"{source_key}: cannot be read ({error}); rendering as if datacenter {dc} had no services")
-            self.store.publish_catalog(source_key, Snapshot())
 
     def _warn(self, message: str) -> None:
 
@@ -193,43 +125,13 @@ class Runner:
 
     # -- sources
 
-    def _ensure_sources(self, state: TemplateState) -> None:
-        result = state.result
-        if result is None:
-            return
-        for key in sorted(result.used):
-            if key in result.catalogs:
-                self._watch_catalog(key, result.catalogs[key])
-            elif key not in self.sources:
-                req = result.kv[key]
-                self._start_source(key, kv_watch(
-                    key, req.path, req.recurse, req.dc, self.fetcher, self.store.publish_kv, self._on_state,
-                    self.watch_settings, self.supervisor,
-                ))  # fmt: skip
-
-    def _watch_catalog(self, key: str, dc: str) -> None:
-        """One watch per datacenter, shared by every template and the DNS sync."""
-        if key not in self.sources:
-            self._start_source(key, CatalogSource(
-                dc, self.fetcher, self.store.publish_catalog, self._on_state, self.watch_settings, self._warn,
-                self.supervisor,
-            ))  # fmt: skip
-
-    def _start_source(self, key: str, source: Source) -> None:
-        log.info("watching %s", key)
-        self.sources[key] = source
-        source.start()
-
     def _drop_unused_sources(self) -> None:
         if any(t.failed or t.result is None for t in self.templates):
             return  # a broken template may need its old dependencies again
         used = set().union(*(t.deps for t in self.templates))
         if self.dns is not None:
-            used.add(catalog_key(self.dns.dc))
-        for key in sorted(set(self.sources) - used):
-            log.info("no longer watching %s", key)
-            self.sources.pop(key).stop()
-            self.store.forget(key)
+            used.add(Catalog(self.dns.dc).key)
+        self.sources.keep_only(used)
 
     # -- rendering
 
@@ -267,132 +169,126 @@ class Runner:
             self._warn(f"template {spec.name}: {warning}")
         state.failed = False
         state.result = result
-        state.deps = set(result.used)
+        state.deps = {dep.key for dep in result.used}
         self.metrics.add(renders=1)
         return result
 
-    def _check_for(self, index: int) -> str | None:
-        if self.settings.check:
-            return self.settings.check
-        if self.proxy is not None and index == 0:
-            return self.proxy.kind.check
-        return None
+    # -- the cycle: render, write, hand what changed to its consumers
 
-    def cycle(self, changed: set[str]) -> tuple[bool, bool]:
-        """Render what changed, write, then one command/reload per batch. (all_done, any_failed)
-
-        self.wrote tells whether any destination changed in this cycle."""
-        self.wrote = False
-        commands: list[str] = []
-        reload_proxy = False
-        any_failed = False
-        new_proxy_text: str | None = None
-        old_proxy_text: str | None = None
+    def cycle(self, changed: set[str]) -> CycleResult:
+        """Render what changed, write it, then one command or proxy reload per batch."""
         view = self.store.view()
+        written: list[Written] = []
+        failed = False
         for index, state in enumerate(self.templates):
-            spec = state.spec
-            edited = TEMPLATE_KEY + str(spec.source) in changed
-            if edited:
+            if TEMPLATE_KEY + str(state.spec.source) in changed:
                 state.compiled = None
-            if state.done and not edited and not (state.deps & changed) and not state.failed:
+            elif state.done and not (state.deps & changed) and not state.failed:
                 continue
             started = time.perf_counter()
             result = self._render(state, view)
-            render_ms = (time.perf_counter() - started) * 1000
             if result is None:
-                any_failed = True
+                failed = True
                 continue
-            self._ensure_sources(state)
-            if not result.complete:
-                waiting = ", ".join(sorted(result.missing))
-                if waiting != state.waiting:
-                    log.info("template %s waiting for %s", spec.name, waiting)
-                state.waiting = waiting
-                continue
-            state.waiting = ""
-            content = result.text.encode()
-            if self.settings.dry:
-                if result.text != state.last_text:
-                    sys.stdout.write(f"> {spec.dest}\n{result.text}")
-                    sys.stdout.flush()
-                state.last_text = result.text
-                state.done = True
-                continue
-            runtime = False
-            outcome = Outcome.SKIPPED
-            try:
-                current = read_current(spec.dest)
-                check = self._check_for(index)
-                if index == 0 and check is not None and not self.settings.check:
-                    outcome = self._runtime_first(current, content)
-                    runtime = outcome == Outcome.APPLIED
-                    if runtime:
-                        # HAProxy parsed and took every changed server line; the rest of the
-                        # file is the structure it checked before: the check would only cost time
-                        check = None
-                changed_file = swap(spec.dest, content, current, spec.name, check, self.settings.backup)
-            except CheckFailed as err:
-                state.failed = True
-                any_failed = True
-                self.metrics.add(check_failures=1)
-                self.metrics.problem(f"check:{spec.name}", str(err).splitlines()[0])
-                log.error("%s; keeping the last good %s", err, spec.dest)
-                if outcome == Outcome.REFUSED:
-                    # part of the change may have reached the running proxy before the refusal:
-                    # reload it from the file on disk, the last good one
-                    log.warning("reloading %s from the last good file after a refused runtime update", spec.dest)
-                    any_failed |= not self._apply_proxy(None, current.decode(errors="replace") if current else None)
-                continue
-            except OSError as err:
-                state.failed = True
-                any_failed = True
-                log.error("cannot write %s for template %s: %s", spec.dest, spec.name, err)
-                continue
-            self.metrics.problem(f"check:{spec.name}", None)
-            state.done = True
-            state.last_text = result.text
-            if not changed_file:
-                continue
-            self.metrics.add(writes=1)
-            self.wrote = True
-            self.last_write = time.monotonic()
-            log.info("rendered %s -> %s render_ms=%.1f", spec.name, spec.dest, render_ms)
-            if spec.command:
-                if spec.command not in commands:
-                    commands.append(spec.command)
-            elif self.proxy is not None:
-                if runtime:
-                    self.metrics.add(runtime_updates=1)
-                    continue
-                reload_proxy = True
-                if index == 0:
-                    old_proxy_text = current.decode(errors="replace") if current is not None else None
-                    new_proxy_text = result.text
-        for command in commands:
+            for dep in sorted(result.used, key=lambda d: d.key):
+                self.sources.watch(dep)
+            step = self._write(index, state, result, (time.perf_counter() - started) * 1000)
+            failed |= step is False
+            if isinstance(step, Written):
+                written.append(step)
+        failed |= not self._hand_over(written)
+        return self._finish(view, changed, written, failed)
+
+    def _write(self, index: int, state: TemplateState, result: RenderResult, render_ms: float) -> Written | bool:
+        """One rendered template to its destination: Written when the file changed, True when it
+        did not (or --dry, or data is still missing), False when the write or its check failed."""
+        spec = state.spec
+        if not result.complete:
+            waiting = ", ".join(sorted(dep.key for dep in result.missing))
+            if waiting != state.waiting:
+                log.info("template %s waiting for %s", spec.name, waiting)
+            state.waiting = waiting
+            return True
+        state.waiting = ""
+        if self.settings.dry:
+            if result.text != state.last_text:
+                sys.stdout.write(f"> {spec.dest}\n{result.text}")
+                sys.stdout.flush()
+            state.last_text, state.done = result.text, True
+            return True
+        content = result.text.encode()
+        outcome, check = Outcome.SKIPPED, self.settings.check
+        current: bytes | None = None
+        try:
+            current = read_current(spec.dest)
+            if index == 0 and self.driver is not None:
+                outcome, check = self.driver.before_write(current, content)
+            changed_file = swap(spec.dest, content, current, spec.name, check, self.settings.backup)
+        except CheckFailed as err:
+            state.failed = True
+            self.metrics.add(check_failures=1)
+            self.metrics.problem(f"check:{spec.name}", str(err).splitlines()[0])
+            log.error("%s; keeping the last good %s", err, spec.dest)
+            if outcome == Outcome.REFUSED and self.driver is not None:
+                self.driver.after_refusal(current)
+            return False
+        except OSError as err:
+            state.failed = True
+            log.error("cannot write %s for template %s: %s", spec.dest, spec.name, err)
+            return False
+        self.metrics.problem(f"check:{spec.name}", None)
+        state.done, state.last_text = True, result.text
+        if not changed_file:
+            return True
+        self.metrics.add(writes=1)
+        self.last_write = time.monotonic()
+        log.info("rendered %s -> %s render_ms=%.1f", spec.name, spec.dest, render_ms)
+        old = current.decode(errors="replace") if current is not None and index == 0 else None
+        return Written(spec, outcome, old, result.text if index == 0 else None)
+
+    def _hand_over(self, written: list[Written]) -> bool:
+        """Each template's command once per batch; the proxy started or reloaded once, after its
+        files: any template without a command is the proxy's. False when one failed."""
+        ok = True
+        for command in dict.fromkeys(w.spec.command for w in written if w.spec.command):
             try:
                 run_command(command)
                 self.metrics.add(reloads=1)
                 log.info("command ran: %s", command)
             except CommandFailed as err:
-                any_failed = True
+                ok = False
                 self.metrics.add(reload_failures=1)
                 log.error("%s", err)
-        if reload_proxy:
-            any_failed |= not self._apply_proxy(old_proxy_text, new_proxy_text)
+        mine = [w for w in written if not w.spec.command]
+        if self.driver is None or not mine:
+            return ok
+        first = next((w for w in mine if w.new_text is not None), None)  # the proxy's own file
+        others = any(w is not first for w in mine)  # other files it reads: only a reload takes them
+        if first is not None and (first.outcome == Outcome.APPLIED or not others):
+            ok &= self.driver.after_write(first.old_text, first.new_text, first.outcome)
+            if others:
+                ok &= self.driver.after_write(None, None, Outcome.SKIPPED)
+        elif first is not None:
+            ok &= self.driver.after_write(first.old_text, first.new_text, Outcome.SKIPPED)
+        else:
+            ok &= self.driver.after_write(None, None, Outcome.SKIPPED)
+        return ok
+
+    def _finish(self, view: FrozenView, changed: set[str], written: list[Written], failed: bool) -> CycleResult:
         since = self.store.take_since()
-        if self.wrote and since is not None:
+        if written and since is not None:
             self.metrics.change_to_write.observe(time.monotonic() - since)
         all_done = all(t.done for t in self.templates)
         if self.dns is not None:
             dns_ok = self._dns_cycle(view, changed)
             all_done &= dns_ok is not None
-            any_failed |= dns_ok is False
-        if all_done and not any_failed:
+            failed |= dns_ok is False
+        if all_done and not failed:
             self.metrics.last_success = time.time()
         self._drop_unused_sources()
         self.metrics.watched = len(set().union(*((t.result.queries if t.result else set()) for t in self.templates)))
         self.metrics.held = self.store.held()
-        return all_done, any_failed
+        return CycleResult(all_done, failed, bool(written))
 
     def _dns_cycle(self, view: FrozenView, changed: set[str]) -> bool | None:
         """Offer the records the catalog now asks for to the DNS worker (--once: sync here).
@@ -401,59 +297,13 @@ class Runner:
         snapshot = view.catalog(self.dns.dc)
         if snapshot is None:
             return None
-        if self.dns.offered and catalog_key(self.dns.dc) not in changed:
+        if self.dns.offered and Catalog(self.dns.dc).key not in changed:
             return True
         want = desired(snapshot, self.dns.server.naming)
         if self.settings.once:
             return self.dns.sync_now(want)
         self.dns.offer(want)
         return True
-
-    def _runtime_first(self, current: bytes | None, content: bytes) -> str:
-        """Apply a server-only change to the running proxy before writing it. An Outcome."""
-        if self.proxy is None or self.proxy_hook is None or current is None or current == content:
-            return Outcome.SKIPPED
-        if self.proxy.master() is None:
-            return Outcome.SKIPPED
-        started = time.monotonic()
-        outcome = self.proxy_hook.apply(current.decode(errors="replace"), content.decode(errors="replace"))
-        if outcome == Outcome.APPLIED:
-            self.metrics.runtime_seconds.observe(time.monotonic() - started)
-        return outcome
-
-    def _apply_proxy(self, old: str | None, new: str | None) -> bool:
-        """Start the proxy, or reload it (the runtime API was tried before the write)."""
-        assert self.proxy is not None
-        key = f"reload:{self.proxy.key}"
-        try:
-            if self.proxy.master() is None:
-                pid = self.proxy.ensure_running()
-                if self.proxy_hook and new is not None:
-                    self.proxy_hook.after_reload(new, children(pid))
-                self.metrics.problem(key, None)
-                return True
-            if (
-                self.proxy_hook
-                and new is not None
-                and self.settings.check
-                and self.proxy_hook.apply(old, new) == Outcome.APPLIED
-            ):
-                # with the user's own --check the write came first; the runtime API comes after it
-                self.metrics.add(runtime_updates=1)
-                return True
-            started = time.monotonic()
-            workers = self.proxy.reload()
-            self.metrics.add(reloads=1)
-            if self.proxy_hook and new is not None:
-                self.proxy_hook.after_reload(new, workers)
-            self.metrics.reload_seconds.observe(time.monotonic() - started)
-            self.metrics.problem(key, None)
-            return True
-        except ProxyError as err:
-            self.metrics.add(reload_failures=1)
-            self.metrics.problem(key, str(err))
-            log.error("%s", err)
-            return False
 
     # -- the loop
 
@@ -507,14 +357,15 @@ class Runner:
         if not self.settings.once:
             self._watch_templates()
         if self.dns is not None:
-            self._watch_catalog(catalog_key(self.dns.dc), self.dns.dc)
+            self.sources.watch(Catalog(self.dns.dc))
             if not self.settings.once:
                 self.dns.start(self.supervisor)
         changed: set[str] = set()
         started_child = False
         try:
             while not stop.is_set():
-                all_done, failed = self.cycle(changed)
+                result = self.cycle(changed)
+                all_done, failed = result.all_done, result.failed
                 if self.settings.once and all_done:
                     return 1 if failed else 0
                 if self.settings.once and failed and all(t.done or t.failed for t in self.templates):
@@ -529,13 +380,13 @@ class Runner:
                         )
                         self.child.start()
                         started_child = True
-                    elif self.wrote and any(t.spec.command is None for t in self.templates):
+                    elif result.wrote and any(t.spec.command is None for t in self.templates):
                         assert self.child is not None
                         self.child.reload()
                 changed = set()
                 while not stop.is_set() and not changed:
                     changed = self.store.wait(0.5)
-                    if self._gave_up():
+                    if self.sources.gave_up():
                         return 1
                     if self.child is not None and not self.child.running():
                         code = self.child.exit_code()
@@ -549,101 +400,13 @@ class Runner:
 
     def _watchdog(self) -> None:
         """Twice a second: health of threads and watches for /health; the proxy still runs."""
-        now = time.monotonic()
         self.metrics.replace_problems("thread:", self.supervisor.problems())
-        if self.proxy_hook is not None and not self.proxy_hook.alive:
-            self.metrics.problem("thread:haproxy-drain", "not running")
-        stale = {
-            loop.key: f"no answer from Consul for {now - loop.last_ok:.0f} s"
-            for source in list(self.sources.values())
-            for loop in source.loops
-            if loop.stale(now)
-        }
-        self.metrics.replace_problems("watch:", stale)
-        self.metrics.consul_requests = self.fetcher.requests
-        self.metrics.consul_bytes = self.fetcher.bytes
-        self._report_staleness()
-        if self.proxy is None or not self.templates[0].done:
-            return
-        pid = self.proxy.master()
-        if pid is None:
-            self._report(None)  # the proxy's own check says so before the restart
-            pid = self._restart_proxy()
-        self._report(pid)
-
-    def _gave_up(self) -> bool:
-        """--once: a query failed --retry-attempts times in a row (consul-template's retry)."""
-        attempts = self.settings.retry_attempts
-        if not self.settings.once or attempts <= 0:
-            return False
-        with self.state_lock:
-            exhausted = [(k, self.down.get(k, "")) for k, n in self.failed_attempts.items() if n >= attempts]
-        if exhausted:
-            key, error = exhausted[0]
-            log.error("--once: giving up after %d failed attempts of %s: %s", attempts, key, error)
-        return bool(exhausted)
-
-    def _report_staleness(self) -> None:
-        """Stale reads (--max-stale) that a server answered without a leader, or long after it
-        heard from one: the output may lag the cluster. Said once in the log as it starts and
-        ends; /metrics and /health show the figures all along."""
-        last_contact = self.fetcher.last_contact_ms / 1000
-        known_leader = self.fetcher.known_leader
-        self.metrics.last_contact = last_contact
-        self.metrics.known_leader = known_leader
-        stale = not known_leader or last_contact > STALE_NOTICE
-        if stale and not self.stale_reported:
-            log.warning(
-                "rendering from stale reads: the Consul server answering has %s, last contact %.1f s ago "
-                "(accepted up to --max-stale %.0f s); the output may lag the cluster",
-                "no leader" if not known_leader else "a leader", last_contact, self.settings.max_stale_ms / 1000,
-            )  # fmt: skip
-        elif not stale and self.stale_reported:
-            log.info("reads are fresh again: the Consul servers have a leader")
-        self.stale_reported = stale
-
-    def _restart_proxy(self) -> int | None:
-        assert self.proxy is not None
-        key = f"proxy:{self.proxy.key}"
-        try:
-            pid = self.proxy.ensure_running()
-        except ProxyWaiting as err:
-            # twice a second while the backoff runs: /health shows it, the log said the failure
-            self.metrics.problem(key, str(err))
-            return None
-        except ProxyError as err:
-            self.metrics.problem(key, str(err))
-            log.error("%s", err)
-            return None
-        self.metrics.problem(key, None)
-        if self.proxy_hook is not None and self.templates[0].last_text is not None:
-            try:
-                self.proxy_hook.after_reload(self.templates[0].last_text, children(pid))
-            except ProxyError as err:
-                log.warning("%s", err)
-        return pid
-
-    def _report(self, master: int | None) -> None:
-        """The proxy's own Consul check: what a person reads in the UI about this host's proxy."""
-        if self.registration is None or self.proxy is None:
-            return
-        kind = self.proxy.kind.name
-        wrong = [(k, v) for k, v in self.metrics.problem_items() if k.split(":", 1)[0] in PROXY_PROBLEMS]
-        draining = self.proxy_hook.draining if self.proxy_hook is not None else 0
-        if master is None:
-            state = State(CRITICAL, f"{kind} is not running; the templater is starting it")
-        elif wrong:
-            state = State(CRITICAL, "; ".join(f"{k}: {v}" for k, v in wrong)[:2000])
-        elif draining:
-            state = State(WARNING, f"{kind} pid {master}: draining {draining} removed server(s)")
-        else:
-            state = State(PASSING, f"{kind} pid {master} serves {self.proxy.config}")
-        self.registration.update(state, master)
+        self.sources.watchdog()
+        if self.driver is not None:
+            self.driver.watchdog(self.templates[0].done)
 
     def close(self) -> None:
-        for source in self.sources.values():
-            source.stop()
-        self.sources.clear()
+        self.sources.close()
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(2)
@@ -651,11 +414,5 @@ class Runner:
             self.child.stop()
         if self.dns is not None:
             self.dns.stop()
-        if self.proxy_hook is not None:
-            self.proxy_hook.stop()
-        if self.registration is not None:
-            self.registration.deregister()
-        if self.proxy is not None and self.settings.stop_proxy:
-            self.proxy.stop()
-        elif self.proxy is not None and self.proxy.master() is not None:
-            log.info("leaving %s running pid=%s (--stop-proxy stops it too)", self.proxy.key, self.proxy.master())
+        if self.driver is not None:
+            self.driver.close()

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from templater.catalog import Grace, Snapshot
-from templater.render import catalog_key
+from templater.deps import catalog_key
 
 log = logging.getLogger("templater.store")
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from templater.catalog import Instance, Snapshot
+from templater.deps import Catalog
 from templater.fragments import Fragments
 from templater.render import compile_template, make_environment, render
 
@@ -60,7 +61,7 @@ def test_a_kept_block_replays_its_warnings_and_dependencies():
     again = render(template, "t.j2", View(snapshot(data)), {}, {}, (), fragments)
     assert fragments.hits == 2
     assert again.warnings == ["service a has no passing instance"]
-    assert "health.service(a||passing|)" in again.queries and again.used == {"catalog(local)"}
+    assert "health.service(a||passing|)" in again.queries and again.used == {Catalog()}
 
 
 def test_blocks_that_read_missing_data_are_not_kept_and_unused_ones_are_dropped():

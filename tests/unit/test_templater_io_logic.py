@@ -14,6 +14,7 @@ import pytest
 
 from templater.catalog import Instance, Snapshot
 from templater.consul_source import CatalogSource
+from templater.deps import Catalog
 from templater.errors import CheckFailed, ConsulUnavailable
 from templater.haproxy_runtime import add_command, diff, parse, session_counts
 from templater.output import swap
@@ -180,7 +181,7 @@ def test_catalog_source_follows_a_node_and_survives_a_bug_in_its_reads(monkeypat
     published: list[Snapshot] = []
     supervisor = Supervisor(backoff_base=0.01, backoff_cap=0.05)
     source = CatalogSource(
-        "", fake, lambda k, s: published.append(s), lambda *a: None, WatchSettings(), print, supervisor
+        Catalog(), fake, lambda k, s: published.append(s), lambda *a: None, WatchSettings(), print, supervisor
     )
     real = CatalogIndex.service_answer
     calls = {"n": 0}

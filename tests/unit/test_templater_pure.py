@@ -18,6 +18,8 @@ from templater.catalog import (
     valid_name,
 )
 from templater.catalog_index import CatalogIndex
+from templater.deps import KV as KVDep
+from templater.deps import Catalog
 from templater.errors import TemplateError
 from templater.render import (
     by_meta,
@@ -154,7 +156,7 @@ def test_missing_key_holds_the_render_back_and_key_or_default_does_not():
             return [] if "gone" in key else None if "later" in key else [{"Key": "a", "Value": "aGk="}]
 
     held = render(compile_template(env, "t.j2", "[{{ key('gone') }}]"), "t.j2", KV(Snapshot()), {}, {})
-    assert not held.complete and held.missing == {"kv.key(gone)"}
+    assert not held.complete and held.missing == {KVDep("gone")}
     default = render(compile_template(env, "t.j2", "[{{ key_or_default('gone', 'd') }}]"), "t.j2", KV(None), {}, {})
     assert default.complete and default.text == "[d]"
     later = render(compile_template(env, "t.j2", "[{{ key('later') }}]"), "t.j2", KV(None), {}, {})
@@ -172,9 +174,12 @@ def test_render_records_deps_missing_and_filters():
     )
     result = render(t, "t.j2", View(snap), {}, {})
     assert result.text == "1 2 hi" and result.complete
-    assert result.used == {"catalog(local)", "kv.key(cfg/a)"}
+    assert result.used == {Catalog(), KVDep("cfg/a")} and {d.key for d in result.used} == {
+        "catalog(local)",
+        "kv.key(cfg/a)",
+    }
     pending = render(t, "t.j2", View(None), {}, {})
-    assert not pending.complete and "catalog(local)" in pending.missing
+    assert not pending.complete and Catalog() in pending.missing
     # functions called in a loop and a block (Jinja passes them its loop variables), entries
     # read as attributes and items, and the shared services() list copied for each render
     looped = compile_template(

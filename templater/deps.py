@@ -1,0 +1,48 @@
+"""What a template can depend on, one frozen value per kind of Consul data.
+
+A render records the values it used; the runner starts a source per value and compares what
+renders used. Each has a stable `key` (`catalog(dc2)`, `kv.tree(app/cfg)`): the name in logs,
+in /health, and of the data in the store. Nothing is parsed back out of a key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class Catalog:
+    """A datacenter's catalog: services, instances with health, nodes. "" is the agent's own."""
+
+    dc: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"catalog({self.dc or 'local'})"
+
+
+@dataclass(frozen=True, order=True)
+class KV:
+    """A KV key, or with recurse a prefix (`tree`, `ls`), in a datacenter ("" the agent's)."""
+
+    path: str  # as in the URL: "app/cfg" for a key, "app/cfg/" for a prefix ("" for the root)
+    recurse: bool = False
+    dc: str = ""
+
+    @property
+    def key(self) -> str:
+        kind = "kv.tree" if self.recurse else "kv.key"
+        return f"{kind}({self.path.strip('/')}{'@' + self.dc if self.dc else ''})"
+
+
+Dependency = Catalog | KV
+
+
+def kv(path: str, recurse: bool, dc: str | None) -> KV:
+    """The dependency of `key()` (recurse False) or `tree()`/`ls()` (True) on path."""
+    stripped = path.strip("/")
+    return KV(stripped + ("/" if recurse and stripped else ""), recurse, dc or "")
+
+
+def catalog_key(dc: str | None) -> str:
+    return Catalog(dc or "").key

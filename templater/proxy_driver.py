@@ -1,0 +1,177 @@
+"""The proxy the first template configures (--proxy): one owner for its process, its runtime API,
+the state saved before a reload, and its own Consul check.
+
+The runner asks it, for each change of that file: before the write, whether the running proxy
+took the change at runtime (HAProxy's admin socket) and so which check the staged file still
+needs; after the write, to start or reload the proxy; after a refused check, to go back to the
+file on disk. Twice a second, to restart a proxy that died and to say how it is in Consul.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from templater.catalog import CRITICAL, PASSING, WARNING
+from templater.errors import ProxyError, ProxyWaiting
+from templater.haproxy_runtime import Outcome
+from templater.proxy import KINDS, Proxy, children
+from templater.registration import SelfRegistration, State
+from templater.settings import Settings
+from templater.status import Metrics
+
+log = logging.getLogger("templater")
+
+PROXY_PROBLEMS = ("render", "check", "reload", "proxy")  # what makes the proxy's own check critical
+
+
+class ProxyHook(Protocol):
+    """Applies a new proxy configuration without a reload when it can (HAProxy runtime API)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def draining(self) -> int: ...
+
+    def apply(self, old: str | None, new: str) -> str: ...  # an Outcome
+    def after_reload(self, new: str, workers: set[int]) -> None: ...
+    def stop(self) -> None: ...
+
+
+class ProxyDriver:
+    def __init__(self, settings: Settings, metrics: Metrics, hook: ProxyHook | None) -> None:
+        assert settings.proxy is not None
+        dest = settings.templates[0].dest
+        log_file = None if settings.stop_proxy else dest.with_name(dest.name + ".log")
+        self.proxy = Proxy(KINDS[settings.proxy], dest, settings.proxy_pid_file, log_file)
+        self.hook = hook
+        self._metrics = metrics
+        self._user_check = settings.check
+        self._stop_proxy = settings.stop_proxy
+        self.registration: SelfRegistration | None = None
+        if settings.register_service and not settings.once:
+            self.registration = SelfRegistration(
+                settings.consul, settings.register_service, self.proxy.kind.name, str(self.proxy.config),
+                settings.register_address,
+            )  # fmt: skip
+        self.running_text: str | None = None  # the configuration last written for it
+
+    # -- a change of its file
+
+    def before_write(self, current: bytes | None, content: bytes) -> tuple[str, str | None]:
+        """Offer the change to the running proxy first. (Outcome, check for the staged file):
+        a change HAProxy took needs no check (it parsed every changed server line, and the rest
+        is the structure it checked before); with the user's own --check, that check runs first
+        and the runtime API comes after the write."""
+        if self._user_check:
+            return Outcome.SKIPPED, self._user_check
+        outcome = Outcome.SKIPPED
+        if self.hook is not None and current is not None and current != content and self.proxy.master() is not None:
+            started = time.monotonic()
+            outcome = self.hook.apply(current.decode(errors="replace"), content.decode(errors="replace"))
+            if outcome == Outcome.APPLIED:
+                self._metrics.runtime_seconds.observe(time.monotonic() - started)
+        return outcome, None if outcome == Outcome.APPLIED else self.proxy.kind.check
+
+    def after_write(self, old: str | None, new: str | None, outcome: str) -> bool:
+        """The file changed: start the proxy, or reload it unless the runtime API took the change."""
+        if new is not None:
+            self.running_text = new
+        if outcome == Outcome.APPLIED:
+            self._metrics.add(runtime_updates=1)
+            return True
+        return self._start_or_reload(old, new)
+
+    def after_refusal(self, last_good: bytes | None) -> bool:
+        """Part of a change HAProxy refused may have reached it: reload from the last good file."""
+        log.warning("reloading %s from the last good file after a refused runtime update", self.proxy.config)
+        text = last_good.decode(errors="replace") if last_good is not None else None
+        return self._start_or_reload(None, text)
+
+    def _start_or_reload(self, old: str | None, new: str | None) -> bool:
+        key = f"reload:{self.proxy.key}"
+        try:
+            if self.proxy.master() is None:
+                pid = self.proxy.ensure_running()
+                if self.hook and new is not None:
+                    self.hook.after_reload(new, children(pid))
+            elif self.hook and new is not None and self._user_check and self.hook.apply(old, new) == Outcome.APPLIED:
+                self._metrics.add(runtime_updates=1)
+            else:
+                started = time.monotonic()
+                workers = self.proxy.reload()
+                self._metrics.add(reloads=1)
+                if self.hook and new is not None:
+                    self.hook.after_reload(new, workers)
+                self._metrics.reload_seconds.observe(time.monotonic() - started)
+        except ProxyError as err:
+            self._metrics.add(reload_failures=1)
+            self._metrics.problem(key, str(err))
+            log.error("%s", err)
+            return False
+        self._metrics.problem(key, None)
+        return True
+
+    # -- twice a second
+
+    def watchdog(self, written: bool) -> None:
+        """A hook thread that died is a problem; once the file was written, a proxy that is not
+        running is started again, and the proxy's own check says how it is."""
+        if self.hook is not None and not self.hook.alive:
+            self._metrics.problem("thread:haproxy-drain", "not running")
+        if not written:
+            return
+        pid = self.proxy.master()
+        if pid is None:
+            self._report(None)  # the proxy's own check says so before the restart
+            pid = self._restart()
+        self._report(pid)
+
+    def _restart(self) -> int | None:
+        key = f"proxy:{self.proxy.key}"
+        try:
+            pid = self.proxy.ensure_running()
+        except ProxyWaiting as err:
+            # twice a second while the backoff runs: /health shows it, the log said the failure
+            self._metrics.problem(key, str(err))
+            return None
+        except ProxyError as err:
+            self._metrics.problem(key, str(err))
+            log.error("%s", err)
+            return None
+        self._metrics.problem(key, None)
+        if self.hook is not None and self.running_text is not None:
+            try:
+                self.hook.after_reload(self.running_text, children(pid))
+            except ProxyError as err:
+                log.warning("%s", err)
+        return pid
+
+    def _report(self, master: int | None) -> None:
+        """The proxy's own Consul check: what a person reads in the UI about this host's proxy."""
+        if self.registration is None:
+            return
+        kind = self.proxy.kind.name
+        wrong = [(k, v) for k, v in self._metrics.problem_items() if k.split(":", 1)[0] in PROXY_PROBLEMS]
+        draining = self.hook.draining if self.hook is not None else 0
+        if master is None:
+            state = State(CRITICAL, f"{kind} is not running; the templater is starting it")
+        elif wrong:
+            state = State(CRITICAL, "; ".join(f"{k}: {v}" for k, v in wrong)[:2000])
+        elif draining:
+            state = State(WARNING, f"{kind} pid {master}: draining {draining} removed server(s)")
+        else:
+            state = State(PASSING, f"{kind} pid {master} serves {self.proxy.config}")
+        self.registration.update(state, master)
+
+    def close(self) -> None:
+        if self.hook is not None:
+            self.hook.stop()
+        if self.registration is not None:
+            self.registration.deregister()
+        if self._stop_proxy:
+            self.proxy.stop()
+        elif self.proxy.master() is not None:
+            log.info("leaving %s running pid=%s (--stop-proxy stops it too)", self.proxy.key, self.proxy.master())
