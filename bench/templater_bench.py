@@ -4,6 +4,7 @@ Prints: full render time, change-to-file latency (p50, p90, max) for single inst
 removed, open connections to Consul, CPU used while nothing changes, RSS.
 Run: .venv/bin/python bench/templater_bench.py [--services 1000] [--instances 3] [--changes 100]
      [--bundled: the bundled HAProxy template with --proxy haproxy, services routed by http_host]
+     [--nginx: the bundled NGINX template with --proxy nginx (reload time and workers' memory)]
      [--cached: the listing template with a {% cache %} block per service]
      [--checks: every instance with a TTL check, as the registrar registers SERVICE_CHECK_* containers]
      [--consul URL: an agent already holding the bench services]
@@ -32,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.figures import percentile
 from templater.errors import ProxyError
 from templater.haproxy_runtime import AdminSocket
-from tests.support import ConsulAgent, Process, free_port, tempdir
+from tests.support import ConsulAgent, Process, free_port, scrape, tempdir
 
 BUNDLED = Path(__file__).resolve().parents[1] / "templates" / "haproxy.cfg.j2"
+BUNDLED_NGINX = BUNDLED.with_name("nginx.conf.j2")
 
 TEMPLATE = """{% for s in services() if s.name != "consul" %}
 backend {{ s.name }}
@@ -134,6 +136,21 @@ def proxy_cpu(pid: int) -> float:
     return total
 
 
+def nginx_report(templater: psutil.Process, status_port: int) -> None:
+    """NGINX's reloads as the templater timed them, and its processes' memory."""
+    metrics = scrape(status_port)
+    count = metrics.get("templater_reload_seconds_count", 0)
+    total = metrics.get("templater_reload_seconds_sum", 0.0)
+    if count:
+        print(f"nginx reloads                  {count:.0f}, mean {total / count * 1000:.0f} ms (signal -> new worker)")
+    master = next((c for c in templater.children() if "nginx" in c.name()), None)
+    if master is not None:
+        workers = master.children()
+        rss = [w.memory_info().rss for w in workers]
+        print(f"nginx master RSS / workers     {master.memory_info().rss / 2**20:.1f} MiB / "
+              f"{len(workers)} x {max(rss, default=0) / 2**20:.1f} MiB")  # fmt: skip
+
+
 def wait_runtime(sock: Path, backend: str, port: int, present: bool = True) -> None:
     while not runtime_ready(sock, backend, port, present):
         time.sleep(0.001)
@@ -172,7 +189,13 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
     started = time.monotonic()
     argv = ["--consul", url, "--template", f"{src}:{dest}"]
     end = "\n"  # what follows an instance's address in the output
-    if args.bundled:
+    status_port = free_port()
+    if args.nginx:
+        argv = ["--consul", url, "--template", f"{BUNDLED_NGINX}:{dest}", "--proxy", "nginx", "--stop-proxy",
+                "--var", f"runtime_dir={out_dir}", "--var", f"http_port={free_port()}",
+                "--var", "bind_address=127.0.0.1", "--status-addr", f"127.0.0.1:{status_port}"]  # fmt: skip
+        end = " weight"
+    elif args.bundled:
         argv = ["--consul", url, "--template", f"{BUNDLED}:{dest}", "--proxy", "haproxy", "--stop-proxy",
                 "--var", f"runtime_dir={out_dir}", "--var", f"http_port={free_port()}",
                 "--var", "bind_address=127.0.0.1"]  # fmt: skip
@@ -222,7 +245,7 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
                 runtime_added.append((time.monotonic() - t) * 1000)
             wait_for(dest, f"127.0.0.1:{port}{end}")
             added.append((time.monotonic() - t) * 1000)
-            time.sleep(0.1)
+            time.sleep(args.gap)
         for n in range(args.changes):
             t = time.monotonic()
             put(url, f"/v1/agent/service/deregister/x{n}", None)
@@ -231,7 +254,7 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
                 runtime_removed.append((time.monotonic() - t) * 1000)
             wait_for(dest, f"127.0.0.1:{40000 + n}{end}", present=False)
             removed.append((time.monotonic() - t) * 1000)
-            time.sleep(0.1)
+            time.sleep(args.gap)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
@@ -246,6 +269,8 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
             haproxy_idle = proxy_cpu(haproxy_pid) - h0
         idle_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
         rss = ps.memory_info().rss
+        if args.nginx:
+            nginx_report(ps, status_port)
         output = proc.output()
     finally:
         proc.stop()
@@ -282,6 +307,8 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=3)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--bundled", action="store_true", help="templates/haproxy.cfg.j2 with --proxy haproxy")
+    parser.add_argument("--gap", type=float, default=0.1, help="seconds between changes (NGINX: 0.6)")
+    parser.add_argument("--nginx", action="store_true", help="templates/nginx.conf.j2 with --proxy nginx")
     parser.add_argument("--cached", action="store_true", help="the listing template with {% cache s.name %}")
     parser.add_argument("--checks", action="store_true", help="every instance with a TTL check (passing)")
     parser.add_argument("--py-spy", metavar="FILE", help="py-spy's collapsed stacks of the templater over the changes")
