@@ -7,6 +7,7 @@ value that could inject configuration into a proxy file. catalog_index keeps the
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -67,11 +68,13 @@ def listing(services: Mapping[str, tuple[str, ...]]) -> list[Mapping[str, Any]]:
     return [MappingProxyType({"name": name, "tags": tags}) for name, tags in sorted(services.items())]
 
 
+@functools.lru_cache(maxsize=65536)
 def valid_hostname(text: str) -> bool:
     """A DNS host name (no IP address, no wildcard)."""
     return bool(_HOSTNAME.match(text))
 
 
+@functools.lru_cache(maxsize=65536)  # a catalog has few addresses and many instances on them
 def valid_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
