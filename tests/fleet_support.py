@@ -11,6 +11,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
+
 from sidecar.fleet import Fleet, Host, Layout
 from tests.support import wait_until
 from tests.traffic import Load
@@ -59,9 +61,26 @@ def answered_by(h: Host, http_host: str, tries: int) -> set[str] | None:
     return seen
 
 
+def old_workers_gone(h: Host) -> bool:
+    """NGINX after a reload: until the worker of the configuration before has exited, it may
+    still take a connection and answer from that configuration (a 404 for a route just added),
+    however many requests the new one answered. HAProxy's old worker stops accepting at once."""
+    if h.proxy != "nginx":
+        return True
+    config = f"/host-{h.name}/nginx.cfg"
+    for proc in psutil.process_iter(["cmdline"]):
+        if config in " ".join(proc.info["cmdline"] or []) and "master" in " ".join(proc.info["cmdline"] or []):
+            try:
+                return len(proc.children()) == 1  # worker_processes 1: the new one alone
+            except psutil.NoSuchProcess:
+                return False
+    return False
+
+
 def only_served(h: Host, http_host: str, wanted: set[str], tries: int = 8) -> bool:
-    """Every request answered 200, by exactly the instances wanted."""
-    return answered_by(h, http_host, tries) == wanted
+    """Every request answered 200, by exactly the instances wanted, and no worker of an older
+    configuration is left to answer the next one."""
+    return old_workers_gone(h) and answered_by(h, http_host, tries) == wanted
 
 
 def serves_all(fleet: Fleet, proxy_host: Host, http_host: str, backends: list[tuple[Any, str]]) -> bool:
