@@ -200,6 +200,8 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
                 "--var", f"runtime_dir={out_dir}", "--var", f"http_port={free_port()}",
                 "--var", "bind_address=127.0.0.1"]  # fmt: skip
         end = " weight"
+    if not args.nginx:
+        argv += ["--status-addr", f"127.0.0.1:{status_port}"]
     listeners = Listeners([20000 + i for i in range(args.instances)]) if args.bundled else None
     proc = Process("templater", argv, work)
     haproxy_idle = None
@@ -228,6 +230,8 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)
+        time.sleep(0.6)  # the templater's counters are refreshed twice a second
+        counters0 = scrape(status_port)
         added, removed, runtime_added, runtime_removed = [], [], [], []
         sock = out_dir / "admin.sock"
         for n in range(args.changes):
@@ -255,11 +259,13 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
             wait_for(dest, f"127.0.0.1:{40000 + n}{end}", present=False)
             removed.append((time.monotonic() - t) * 1000)
             time.sleep(args.gap)
+        time.sleep(0.6)
+        counters1 = scrape(status_port)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
         conns = [c for c in ps.net_connections("tcp") if c.raddr and c.raddr.port == http_port]
-        time.sleep(5.0)  # past the last full read
+        time.sleep(5.0)  # past the last change
         cpu0 = ps.cpu_times()
         haproxy_pid = next((c.pid for c in ps.children() if "haproxy" in c.name()), None)
         h0 = proxy_cpu(haproxy_pid) if haproxy_pid else 0.0
@@ -277,7 +283,7 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
         if listeners is not None:
             listeners.close()
     render_ms = [float(m) for m in re.findall(r"render_ms=([0-9.]+)", output)]
-    missed = len(re.findall(r"full read found changes", output))
+    missed = len(re.findall(r"safety read found changes", output))
     checks = " (TTL check each)" if args.checks else ""
     print(f"services x instances           {args.services} x {args.instances}{checks}")
     print(f"templater start -> first file  {first * 1000:.0f} ms (fetch + render)")
@@ -293,7 +299,11 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
     print(
         f"any change -> file p50 / p90   {statistics.median(both):.1f} / {percentile(both, 90):.1f} ms (n={len(both)})"
     )
-    print(f"changes only a full read saw   {missed}")
+    changes = 2 * args.changes
+    requests = counters1["templater_consul_requests_total"] - counters0["templater_consul_requests_total"]
+    received = counters1["templater_consul_response_bytes_total"] - counters0["templater_consul_response_bytes_total"]
+    print(f"consul per change              {requests / changes:.1f} requests, {received / changes / 1024:.1f} KiB")
+    print(f"changes only a safety read saw {missed}")
     print(f"open connections to consul     {len(conns)}")
     print(f"CPU while idle (10 s)          {idle_cpu * 1000:.0f} ms")
     print(f"templater RSS                  {rss / 2**20:.1f} MiB")

@@ -16,6 +16,9 @@ class Catalog:
 
     dc: str = ""
 
+    def __hash__(self) -> int:  # cheap: a render's blocks add the same one to a set thousands of times
+        return hash(self.dc)
+
     @property
     def key(self) -> str:
         return f"catalog({self.dc or 'local'})"
@@ -44,5 +47,16 @@ def kv(path: str, recurse: bool, dc: str | None) -> KV:
     return KV(stripped + ("/" if recurse and stripped else ""), recurse, dc or "")
 
 
+_CATALOGS: dict[str, Catalog] = {}
+
+
+def catalog(dc: str | None) -> Catalog:
+    """The dependency on a dc's catalog, one object per dc (a render names it once per read)."""
+    found = _CATALOGS.get(dc or "")
+    if found is None:
+        found = _CATALOGS[dc or ""] = Catalog(dc or "")
+    return found
+
+
 def catalog_key(dc: str | None) -> str:
-    return Catalog(dc or "").key
+    return catalog(dc).key

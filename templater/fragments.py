@@ -58,11 +58,11 @@ class Fragments:
 class Scope:
     """One render's use of a template's Fragments: lookups, recording frames, eviction."""
 
-    def __init__(self, fragments: Fragments, lookup: Lookup, apply: Callable[[Effect], None]) -> None:
-        """lookup: an atom's value in this render's data; apply: an effect on its result."""
+    def __init__(self, fragments: Fragments, lookup: Lookup, apply_all: Callable[[tuple[Effect, ...]], None]) -> None:
+        """lookup: an atom's value in this render's data; apply_all: effects on its result."""
         self.fragments = fragments
         self._lookup = lookup
-        self._apply = apply
+        self._apply_all = apply_all
         self.frames: list[Frame] = []
         self._used: set[tuple[str, ...]] = set()
 
@@ -81,8 +81,7 @@ class Scope:
             for atom, seen in entry.atoms:
                 frame.atoms.setdefault(atom, seen)
             frame.effects.extend(entry.effects)
-        for effect in entry.effects:
-            self._apply(effect)
+        self._apply_all(entry.effects)
         return entry.text
 
     def render(self, key: tuple[str, ...], caller: Callable[[], str]) -> str:

@@ -22,7 +22,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from sidecar.logs import REDACTOR
 from templater.catalog import PASSING, Instance, Snapshot, listing
-from templater.deps import Catalog, Dependency, kv
+from templater.deps import Dependency, catalog, kv
 from templater.errors import TemplateError
 from templater.fragments import ACTIVE, Atom, Effect, FragmentCache, Fragments, Scope
 from templater.routes import Route, RouteMemo, Server, Table
@@ -64,7 +64,7 @@ class _Recorder:
         self.env_allow = env_allow
         self.result = RenderResult("")
         self._snapshots: dict[str, Any] = {}  # dc -> its snapshot in this render's view
-        self.scope = Scope(fragments, self._current, self._apply) if fragments is not None else None
+        self.scope = Scope(fragments, self._current, self._apply_all) if fragments is not None else None
 
     # -- what a read does to the result; a block being kept ({% cache %}) records it too
 
@@ -78,6 +78,17 @@ class _Recorder:
             self.result.missing.add(value)
         elif kind == "warning":
             self.result.warnings.append(value)
+
+    def _apply_all(self, effects: tuple[Effect, ...]) -> None:
+        """A kept block's effects (each once): most are a dependency and a query name."""
+        result = self.result
+        for kind, value in effects:
+            if kind == "used":
+                result.used.add(value)
+            elif kind == "query":
+                result.queries.add(value)
+            else:
+                self._apply((kind, value))
 
     def _effect(self, kind: str, value: Any) -> None:
         self._apply((kind, value))
@@ -105,7 +116,7 @@ class _Recorder:
     # -- the template functions
 
     def _catalog(self, dc: str | None) -> Snapshot:
-        dep = Catalog(dc or "")
+        dep = catalog(dc)
         self._effect("used", dep)
         snapshot = self.view.catalog(dep.dc)
         if snapshot is None:
