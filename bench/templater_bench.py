@@ -278,6 +278,8 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
         if args.nginx:
             nginx_report(ps, status_port)
         output = proc.output()
+        if args.keep_log:
+            Path(args.keep_log).write_text(output)
     finally:
         proc.stop()
         if listeners is not None:
@@ -317,6 +319,7 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=3)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--bundled", action="store_true", help="templates/haproxy.cfg.j2 with --proxy haproxy")
+    parser.add_argument("--keep-log", metavar="FILE", help="the templater's log, kept")
     parser.add_argument("--gap", type=float, default=0.1, help="seconds between changes (NGINX: 0.6)")
     parser.add_argument("--nginx", action="store_true", help="templates/nginx.conf.j2 with --proxy nginx")
     parser.add_argument("--cached", action="store_true", help="the listing template with {% cache s.name %}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import logging
 import os
 import re
@@ -43,16 +44,61 @@ class Parsed:
     default_server: dict[str, str] = field(default_factory=dict)
 
 
-def parse(config: str) -> Parsed:
-    """Split a configuration into everything but backend server lines, and those lines. Pure."""
+@dataclass(frozen=True)
+class _Piece:
+    """One section of a configuration, parsed."""
+
+    structure: tuple[str, ...]
+    servers: dict[str, dict[str, str]]
+    default_server: dict[str, str]
+    defaults_after: str  # the `default-server` settings of defaults sections, after this one
+    socket_path: str | None
+    state_file: str | None
+
+
+_STARTS = re.compile(r"(?m)^(?=(?:global|defaults|frontend|backend|listen|peers|resolvers|userlist|program|cache)\b)")
+PieceCache = dict[tuple[str, str], _Piece]
+
+
+def parse(config: str, cache: PieceCache | None = None) -> Parsed:
+    """Split a configuration into everything but backend server lines, and those lines. Pure.
+
+    cache: sections parsed before, by their text (and the defaults in force): a configuration
+    with thousands of backends where one changed parses one. It is left holding this one's."""
+    starts = [m.start() for m in _STARTS.finditer(config)]
+    bounds = [0, *(s for s in starts if s), len(config)]
+    structure: list[str] = []
+    servers: dict[str, dict[str, str]] = {}
+    default_server: dict[str, str] = {}
+    socket_path = state_file = None
+    defaults = ""
+    kept: PieceCache = {}
+    for start, end in itertools.pairwise(bounds):
+        chunk = config[start:end]
+        piece = cache.get((defaults, chunk)) if cache is not None else None
+        if piece is None:
+            piece = _parse_piece(chunk, defaults)
+        kept[(defaults, chunk)] = piece
+        structure.extend(piece.structure)
+        servers.update(piece.servers)
+        default_server.update(piece.default_server)
+        socket_path = piece.socket_path or socket_path
+        state_file = piece.state_file or state_file
+        defaults = piece.defaults_after
+    if cache is not None:
+        cache.clear()
+        cache.update(kept)
+    return Parsed(tuple(structure), servers, socket_path, state_file, default_server)
+
+
+def _parse_piece(chunk: str, defaults_params: str) -> _Piece:
     structure: list[str] = []
     servers: dict[str, dict[str, str]] = {}
     default_server: dict[str, str] = {}
     in_defaults = False
-    defaults_params = ""
     backend: str | None = None
     socket_path = state_file = None
-    for line in config.splitlines():
+    for line in chunk.splitlines():
         section = _SECTION.match(line)
         if section:
             in_defaults = section.group(1) == "defaults"
@@ -79,7 +125,7 @@ def parse(config: str) -> Parsed:
         if match := _STATE_FILE.match(line):
             state_file = match.group(1)
         structure.append(line)
-    return Parsed(tuple(structure), servers, socket_path, state_file, default_server)
+    return _Piece(tuple(structure), servers, default_server, defaults_params, socket_path, state_file)
 
 
 @dataclass
@@ -106,6 +152,8 @@ def diff(old: Parsed, new: Parsed, draining: set[tuple[str, str]]) -> Ops | None
     ops = Ops()
     for backend, wanted in new.servers.items():
         current = old.servers[backend]
+        if wanted is current:  # a section kept from the last parse: nothing in it moved
+            continue
         for name, rest in wanted.items():
             if name not in current:
                 if (backend, name) in draining:
@@ -191,6 +239,7 @@ class RuntimeHook:
         self._refused_deletes: set[tuple[str, str]] = set()
         self._socket: AdminSocket | None = None
         self._parsed: tuple[str, Parsed] | None = None
+        self._pieces: PieceCache = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain_loop, name="haproxy-drain", daemon=True)
         self._thread.start()
@@ -219,10 +268,11 @@ class RuntimeHook:
             raise ProxyError(f"haproxy refused {command!r}: {answer or 'no answer'}")
 
     def _parse(self, text: str) -> Parsed:
-        """parse(text), kept for the last text: the next change's old one is this change's new."""
+        """parse(text), kept for the last text: the next change's old one is this change's new;
+        its sections are kept too, so a new text parses only the sections that changed."""
         if self._parsed is not None and self._parsed[0] == text:
             return self._parsed[1]
-        parsed = parse(text)
+        parsed = parse(text, self._pieces)
         self._parsed = (text, parsed)
         return parsed
 

@@ -40,6 +40,21 @@ class ProxyHook(Protocol):
     def stop(self) -> None: ...
 
 
+WORKER_WAIT = 30.0  # a proxy with 10,000 servers forks its first worker seconds after it starts
+
+
+def first_workers(master: int) -> set[int]:
+    """The workers of a master just started: HAProxy forks them once it has parsed the whole
+    configuration, which takes a while with thousands of servers."""
+    deadline = time.monotonic() + WORKER_WAIT
+    while time.monotonic() < deadline:
+        workers = children(master)
+        if workers:
+            return workers
+        time.sleep(0.02)
+    raise ProxyError(f"proxy master pid={master} forked no worker within {WORKER_WAIT:.0f} s")
+
+
 class ProxyDriver:
     def __init__(self, settings: Settings, metrics: Metrics, hook: ProxyHook | None) -> None:
         assert settings.proxy is not None
@@ -96,7 +111,7 @@ class ProxyDriver:
             if self.proxy.master() is None:
                 pid = self.proxy.ensure_running()
                 if self.hook and new is not None:
-                    self.hook.after_reload(new, children(pid))
+                    self.hook.after_reload(new, first_workers(pid))
             elif self.hook and new is not None and self._user_check and self.hook.apply(old, new) == Outcome.APPLIED:
                 self._metrics.add(runtime_updates=1)
             else:
@@ -144,7 +159,7 @@ class ProxyDriver:
         self._metrics.problem(key, None)
         if self.hook is not None and self.running_text is not None:
             try:
-                self.hook.after_reload(self.running_text, children(pid))
+                self.hook.after_reload(self.running_text, first_workers(pid))
             except ProxyError as err:
                 log.warning("%s", err)
         return pid

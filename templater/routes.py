@@ -135,11 +135,12 @@ def claim(name: str, here: tuple[Instance, ...], there: tuple[Instance, ...]) ->
 
 
 def contest(claims: Iterable[Claim]) -> tuple[list[tuple[Claim, tuple[str, ...]]], list[str]]:
-    """The hosts each claim wins, in name order; claims that win nothing are left out. Pure."""
+    """The hosts each claim wins, claims taken in the order given (by name: the table's
+    callers sort); claims that win nothing are left out. Pure."""
     taken: dict[tuple[str, str], str] = {}
     won: list[tuple[Claim, tuple[str, ...]]] = []
     warnings: list[str] = []
-    for c in sorted(claims, key=lambda c: c.name):
+    for c in claims:
         warnings.extend(c.warnings)
         if not c.hosts and not c.path:
             continue

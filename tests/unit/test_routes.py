@@ -52,7 +52,7 @@ def test_contested_hosts_and_paths_go_to_the_first_service_by_name():
             ("e", {"http_host": "x.example.com", "http_path": "/api"}),
         ]
     ]
-    won, warnings = contest([c for c in claims if c is not None])
+    won, warnings = contest(sorted((c for c in claims if c is not None), key=lambda c: c.name))
     assert [(c.name, hosts) for c, hosts in won] == [
         ("a", ("x.example.com", "y.example.com")),
         ("c", ()),

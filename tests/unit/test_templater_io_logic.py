@@ -47,6 +47,25 @@ def test_parse_finds_servers_socket_state_and_default_server():
     assert not any(line.strip().startswith("server ") for line in parsed.structure)
 
 
+def test_parse_with_kept_sections_equals_a_fresh_parse_and_reuses_unchanged_ones():
+    cache: dict = {}
+    first = parse(CONFIG, cache)
+    assert first == parse(CONFIG)
+    edits = [
+        CONFIG.replace("server c 10.0.0.3:80 weight 1", "server c 10.0.0.3:81 weight 2"),
+        CONFIG.replace("    default-server inter 1s fall 2 rise 1\n", "    default-server inter 9s\n"),
+        CONFIG + "backend be_new\n    server n 10.0.0.9:80\n",
+        CONFIG.replace("backend be_api\n", ""),
+    ]
+    for edited in edits:
+        kept = parse(edited, cache)
+        assert kept == parse(edited)
+    again = parse(CONFIG, cache)
+    assert again == first
+    moved = parse(CONFIG.replace("10.0.0.3:80", "10.0.0.3:99"), cache)
+    assert moved.servers["be_web"] is again.servers["be_web"]  # that section was not parsed again
+
+
 def test_add_command_repeats_default_server_before_the_servers_own_settings():
     command = add_command("be_web", "n", "10.0.0.9:80 weight 3 check", "inter 1s fall 2 rise 1")
     assert command == "add server be_web/n 10.0.0.9:80 inter 1s fall 2 rise 1 weight 3 check"
