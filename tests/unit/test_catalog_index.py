@@ -35,23 +35,23 @@ class World:
             if old is None or old[:2] != value[:2]:
                 self.modified[key] = self.index  # the service entry itself changed
 
-    def node(self, node: str) -> dict[str, Any]:
+    def entry(self, node: str, sid: str) -> dict[str, Any]:
+        """One instance as Consul lists it (a node's services, a service's health)."""
+        name, port, _status = self.instances[(node, sid)]
+        tags, modified = [name[:1]], self.modified[(node, sid)]
         return {
-            "Node": {"Node": node, "Address": "10.0.0.1"},
-            "Services": {
-                sid: {
-                    "ID": sid,
-                    "Service": name,
-                    "Port": port,
-                    "Address": "",
-                    "Tags": [name[:1]],
-                    "Meta": {},
-                    "ModifyIndex": self.modified[(n, sid)],
-                }
-                for (n, sid), (name, port, _c) in self.instances.items()
-                if n == node
-            },
+            "ID": sid,
+            "Service": name,
+            "Port": port,
+            "Address": "",
+            "Tags": tags,
+            "Meta": {},
+            "ModifyIndex": modified,
         }
+
+    def node(self, node: str) -> dict[str, Any]:
+        services = {sid: self.entry(n, sid) for (n, sid) in self.instances if n == node}
+        return {"Node": {"Node": node, "Address": "10.0.0.1"}, "Services": services}
 
     def nodes(self) -> dict[str, Any]:
         names = {n for n, _ in self.instances} | set(self.node_checks) | {"n1", "n2", "n3"}
@@ -74,15 +74,7 @@ class World:
         return [
             {
                 "Node": {"Node": n, "Address": "10.0.0.1"},
-                "Service": {
-                    "ID": sid,
-                    "Service": name,
-                    "Port": port,
-                    "Address": "",
-                    "Tags": [name[:1]],
-                    "Meta": {},
-                    "ModifyIndex": self.modified[(n, sid)],
-                },
+                "Service": self.entry(n, sid),
                 "Checks": [
                     {"Node": n, "CheckID": f"service:{sid}", "ServiceID": sid, "ServiceName": name, "Status": status}
                 ]
