@@ -12,6 +12,7 @@ out is said in a warning that names the service and the value.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -163,43 +164,106 @@ def contest(claims: Iterable[Claim]) -> tuple[list[tuple[Claim, tuple[str, ...]]
     return won, warnings
 
 
+def claim_keys(c: Claim | None) -> tuple[tuple[str, str], ...]:
+    """The (host, path) pairs a claim asks for, each once, in its order. Pure."""
+    if c is None or (not c.hosts and not c.path):
+        return ()
+    return tuple(dict.fromkeys((host, c.path or "/") for host in c.hosts or (ANY_HOST,)))
+
+
+Claimed = tuple[tuple[Instance, ...], tuple[Instance, ...], Claim | None]
+
+
 class RouteMemo:
-    """Claims kept per service across renders (computed again only when the service's
-    instances are other objects), and the versions that key the fragment cache."""
+    """The routing table kept across renders: what `contest` gives, updated by what changed.
+
+    A service's claim is computed again only when its instances are other objects; the contest
+    is decided again only for the services whose claim changed and those that claim one of the
+    same host and path pairs; the versions key the fragment cache."""
 
     def __init__(self) -> None:
-        self._claims: dict[str, tuple[tuple[Instance, ...], tuple[Instance, ...], Claim | None]] = {}
-        self._routes: dict[str, Route] = {}
-        self._shape: tuple[object, ...] = ()
-        self._version = 0
+        self._claims: dict[str, Claimed] = {}
+        self._claimants: dict[tuple[str, str], list[str]] = {}  # sorted: the first one owns it
+        self._outcome: dict[str, tuple[Route | None, tuple[str, ...]]] = {}  # route, warnings
+        self._table = Table((), 0, ())
         self._counter = itertools.count(1)
 
     def table(
         self, names: Iterable[str], here: Mapping[str, tuple[Instance, ...]], there: Mapping[str, tuple[Instance, ...]]
     ) -> Table:
-        claims = []
-        kept: dict[str, tuple[tuple[Instance, ...], tuple[Instance, ...], Claim | None]] = {}
+        """names in order (sorted): the services of both datacenters."""
+        kept: dict[str, Claimed] = {}
+        changed = set()
         for name in names:
             mine, theirs = here.get(name, ()), there.get(name, ())
             memo = self._claims.get(name)
-            fresh = memo is None or memo[0] is not mine or memo[1] is not theirs
-            found = claim(name, mine, theirs) if fresh or memo is None else memo[2]
+            if memo is not None and memo[0] is mine and memo[1] is theirs:
+                kept[name] = memo
+                continue
+            found = claim(name, mine, theirs)
             kept[name] = (mine, theirs, found)
-            if found is not None:
-                claims.append(found)
-        self._claims = kept
-        won, warnings = contest(claims)
-        routes = tuple(self._route(c, hosts) for c, hosts in won)
-        self._routes = {r.name: r for r in routes}
-        shape = tuple((r.name, r.hosts, r.path, r.check, r.sticky) for r in routes)
-        if shape != self._shape:
-            self._shape, self._version = shape, next(self._counter)
-        return Table(routes, self._version, tuple(warnings))
+            if memo is None or memo[2] != found:
+                changed.add(name)
+        changed.update(self._claims.keys() - kept.keys())
+        old, self._claims = self._claims, kept
+        if not changed:
+            return self._table
+        affected = set(changed)
+        for name in changed:
+            for key in claim_keys(old.get(name, ((), (), None))[2]):
+                self._claimants[key].remove(name)
+                affected.update(self._claimants[key])
+                if not self._claimants[key]:
+                    del self._claimants[key]
+            for key in claim_keys(kept.get(name, ((), (), None))[2]):
+                bisect.insort(self._claimants.setdefault(key, []), name)
+                affected.update(self._claimants[key])
+        moved = False
+        for name in affected:
+            before = self._outcome.get(name, (None, ()))[0]
+            outcome = self._decide(kept[name][2], before) if name in kept else (None, ())
+            if outcome[0] is None and outcome[1] == ():
+                self._outcome.pop(name, None)
+            else:
+                self._outcome[name] = outcome
+            moved |= _shape(before) != _shape(outcome[0])
+        order = [n for n in kept if n in self._outcome]
+        routes = tuple(r for r in (self._outcome[n][0] for n in order) if r is not None)
+        warnings = tuple(w for n in order for w in self._outcome[n][1])
+        self._table = Table(routes, next(self._counter) if moved else self._table.version, warnings)
+        return self._table
 
-    def _route(self, c: Claim, hosts: tuple[str, ...]) -> Route:
-        old = self._routes.get(c.name)
+    def _decide(self, c: Claim | None, before: Route | None) -> tuple[Route | None, tuple[str, ...]]:
+        """One claim against the others: its route (the hosts it won) and its warnings."""
+        if c is None:
+            return None, ()
+        warnings = list(c.warnings)
+        if not c.hosts and not c.path:
+            return None, tuple(warnings)
+        mine: list[str] = []
+        for host in c.hosts or (ANY_HOST,):
+            owner = self._claimants[(host, c.path or "/")][0]
+            if owner == c.name:
+                if host not in mine:
+                    mine.append(host)
+            elif c.hosts:
+                where = f"host {host} path {c.path or '/'}"
+                warnings.append(f"service {c.name}: {where} is routed to {owner} already: left out")
+            else:
+                warnings.append(f"service {c.name}: path {c.path} is routed to {owner} already: left out")
+        if not mine:
+            return None, tuple(warnings)
+        warnings.extend(c.server_warnings)
+        return self._route(c, tuple(h for h in mine if h != ANY_HOST), before), tuple(warnings)
+
+    def _route(self, c: Claim, hosts: tuple[str, ...], old: Route | None) -> Route:
         fields = (c.name, ident(c.name), hosts, c.path, c.sticky, c.check, c.instances, c.servers, c.failover)
         if old is not None and (old.name, old.ident, old.hosts, old.path, old.sticky, old.check, old.instances,
                                 old.servers, old.failover) == fields:  # fmt: skip
             return old
         return Route(*fields, version=next(self._counter))
+
+
+def _shape(route: Route | None) -> tuple[object, ...] | None:
+    """What the frontend is built from: a change of it is a new table version."""
+    return None if route is None else (route.name, route.hosts, route.path, route.check, route.sticky)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -179,7 +180,7 @@ class Runner:
         """Render what changed, write it, then one command or proxy reload per batch."""
         view = self.store.view()
         written: list[Written] = []
-        failed = False
+        failed = rendered = False
         for index, state in enumerate(self.templates):
             if TEMPLATE_KEY + str(state.spec.source) in changed:
                 state.compiled = None
@@ -187,6 +188,7 @@ class Runner:
                 continue
             started = time.perf_counter()
             result = self._render(state, view)
+            rendered = True
             if result is None:
                 failed = True
                 continue
@@ -197,7 +199,7 @@ class Runner:
             if isinstance(step, Written):
                 written.append(step)
         failed |= not self._hand_over(written)
-        return self._finish(view, changed, written, failed)
+        return self._finish(view, changed, written, failed, rendered)
 
     def _write(self, index: int, state: TemplateState, result: RenderResult, render_ms: float) -> Written | bool:
         """One rendered template to its destination: Written when the file changed, True when it
@@ -274,7 +276,9 @@ class Runner:
             ok &= self.driver.after_write(None, None, Outcome.SKIPPED)
         return ok
 
-    def _finish(self, view: FrozenView, changed: set[str], written: list[Written], failed: bool) -> CycleResult:
+    def _finish(
+        self, view: FrozenView, changed: set[str], written: list[Written], failed: bool, rendered: bool
+    ) -> CycleResult:
         since = self.store.take_since()
         if written and since is not None:
             self.metrics.change_to_write.observe(time.monotonic() - since)
@@ -288,6 +292,12 @@ class Runner:
         self._drop_unused_sources()
         self.metrics.watched = len(set().union(*((t.result.queries if t.result else set()) for t in self.templates)))
         self.metrics.held = self.store.held()
+        if rendered:
+            # a render leaves its context and the block callers in reference cycles; collected
+            # only by the cyclic collector, a render's worth of them (a megabyte and more for a
+            # large template) piled up for several renders. Young ones only, after the write:
+            # a few ms, off the path of the change
+            gc.collect(1)
         return CycleResult(all_done, failed, bool(written))
 
     def _dns_cycle(self, view: FrozenView, changed: set[str]) -> bool | None:
