@@ -266,6 +266,12 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
             spy.wait(30)
         conns = [c for c in ps.net_connections("tcp") if c.raddr and c.raddr.port == http_port]
         time.sleep(5.0)  # past the last change
+        idle_spy = None
+        if args.py_spy_idle:
+            idle_spy = subprocess.Popen(
+                [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw", "--rate", "200", "-o",
+                 args.py_spy_idle, "-p", str(proc.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         cpu0 = ps.cpu_times()
         haproxy_pid = next((c.pid for c in ps.children() if "haproxy" in c.name()), None)
         h0 = proxy_cpu(haproxy_pid) if haproxy_pid else 0.0
@@ -273,6 +279,9 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
         cpu1 = ps.cpu_times()
         if haproxy_pid:
             haproxy_idle = proxy_cpu(haproxy_pid) - h0
+        if idle_spy is not None:
+            idle_spy.send_signal(signal.SIGINT)
+            idle_spy.wait(30)
         idle_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
         rss = ps.memory_info().rss
         if args.nginx:
@@ -319,6 +328,7 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=3)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--bundled", action="store_true", help="templates/haproxy.cfg.j2 with --proxy haproxy")
+    parser.add_argument("--py-spy-idle", metavar="FILE", help="py-spy's collapsed stacks over the idle window")
     parser.add_argument("--keep-log", metavar="FILE", help="the templater's log, kept")
     parser.add_argument("--gap", type=float, default=0.1, help="seconds between changes (NGINX: 0.6)")
     parser.add_argument("--nginx", action="store_true", help="templates/nginx.conf.j2 with --proxy nginx")

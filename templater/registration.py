@@ -20,6 +20,7 @@ from templater.errors import ConsulRejected, ConsulUnavailable
 
 log = logging.getLogger("templater.registration")
 
+PORTS_AGAIN = 60.0  # the proxy's listening ports are looked up again at least this often
 HEARTBEAT = 10.0  # the TTL is 30 s: three missed heartbeats (a dead templater) turn it critical
 
 
@@ -39,13 +40,18 @@ def proxy_version(binary: str) -> str:
     return match.group(1) if match else ""
 
 
-def listening_ports(pid: int) -> list[int]:
-    """TCP ports the proxy (its master and workers) listens on."""
-    ports: set[int] = set()
+def proxy_processes(pid: int) -> list[psutil.Process]:
+    """The proxy's master and its workers; [] when it is gone."""
     try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return []
+
+
+def listening_ports(procs: list[psutil.Process]) -> list[int]:
+    """TCP ports these processes listen on. Each look parses every TCP socket of the machine
+    (/proc/net/tcp): call it when the processes changed, not on every heartbeat."""
+    ports: set[int] = set()
     for proc in procs:
         try:
             for conn in proc.net_connections("tcp"):
@@ -68,6 +74,7 @@ class SelfRegistration:
         self._node = ""
         self.service_id = ""
         self._registered_ports: list[int] | None = None
+        self._ports_of: tuple[tuple[int, ...], list[int], float] = ((), [], 0.0)  # pids, ports, when
         self._sent: State | None = None
         self._sent_at = 0.0
         self._failing = False
@@ -109,12 +116,24 @@ class SelfRegistration:
         self._registered_ports = ports
         log.info("registered own service=%s id=%s ports=%s", self.name, self.service_id, ports)
 
+    def _ports(self, master: int) -> list[int]:
+        """The proxy's listening ports, looked up again only when its processes changed (a
+        start or a reload: new workers)."""
+        procs = proxy_processes(master)
+        pids = tuple(sorted(p.pid for p in procs))
+        now = time.monotonic()
+        known_pids, ports, looked = self._ports_of
+        # again at least every PORTS_AGAIN: a look during a reload may miss a port not bound yet
+        if pids != known_pids or not ports or now - looked > PORTS_AGAIN:
+            self._ports_of = (pids, listening_ports(procs), now)
+        return self._ports_of[1]
+
     def update(self, state: State, master: int | None) -> None:
         """Register when needed; send the state when it changed or every HEARTBEAT. Never raises."""
         now = time.monotonic()
         if state == self._sent and now - self._sent_at < HEARTBEAT:
             return
-        ports = listening_ports(master) if master else (self._registered_ports or [])
+        ports = self._ports(master) if master else (self._registered_ports or [])
         try:
             if self._registered_ports is None or (ports and ports != self._registered_ports):
                 self._register(state, ports)
