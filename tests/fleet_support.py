@@ -50,8 +50,10 @@ def seen_through(h: Host, http_host: str, tries: int = 12) -> set[str]:
 
 
 def answered_by(h: Host, http_host: str, tries: int) -> set[str] | None:
-    """Who answered `tries` requests through h, or None when any of them was not a 200 (a proxy
-    worker of the configuration before a reload may still answer for a moment)."""
+    """Who answered `tries` requests through h, or None when any of them was not a 200, or when
+    a worker of the configuration before a reload is still there to answer the next one."""
+    if not old_workers_gone(h):
+        return None
     seen = set()
     for _ in range(tries):
         status, served = ask(h, http_host)
@@ -80,7 +82,7 @@ def old_workers_gone(h: Host) -> bool:
 def only_served(h: Host, http_host: str, wanted: set[str], tries: int = 8) -> bool:
     """Every request answered 200, by exactly the instances wanted, and no worker of an older
     configuration is left to answer the next one."""
-    return old_workers_gone(h) and answered_by(h, http_host, tries) == wanted
+    return answered_by(h, http_host, tries) == wanted
 
 
 def serves_all(fleet: Fleet, proxy_host: Host, http_host: str, backends: list[tuple[Any, str]]) -> bool:
