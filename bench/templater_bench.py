@@ -136,6 +136,12 @@ def proxy_cpu(pid: int) -> float:
     return total
 
 
+def py_spy(pid: int, out: str) -> subprocess.Popen[bytes]:
+    """py-spy recording every thread of pid (cProfile sees only the main one) into out."""
+    argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw", "--rate", "200", "-o", out]
+    return subprocess.Popen([*argv, "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def nginx_report(templater: psutil.Process, status_port: int) -> None:
     """NGINX's reloads as the templater timed them, and its processes' memory."""
     metrics = scrape(status_port)
@@ -213,22 +219,7 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
         time.sleep(1.0)
         spy = None
         if args.py_spy:  # samples every thread (cProfile sees only the main one)
-            spy = subprocess.Popen(
-                [
-                    str(Path(sys.executable).with_name("py-spy")),
-                    "record",
-                    "--format",
-                    "raw",
-                    "--rate",
-                    "200",
-                    "-o",
-                    args.py_spy,
-                    "-p",
-                    str(proc.proc.pid),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            spy = py_spy(proc.proc.pid, args.py_spy)
             time.sleep(1.0)
         time.sleep(0.6)  # the templater's counters are refreshed twice a second
         counters0 = scrape(status_port)
@@ -268,10 +259,7 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
         time.sleep(5.0)  # past the last change
         idle_spy = None
         if args.py_spy_idle:
-            idle_spy = subprocess.Popen(
-                [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw", "--rate", "200", "-o",
-                 args.py_spy_idle, "-p", str(proc.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            idle_spy = py_spy(proc.proc.pid, args.py_spy_idle)
         cpu0 = ps.cpu_times()
         haproxy_pid = next((c.pid for c in ps.children() if "haproxy" in c.name()), None)
         h0 = proxy_cpu(haproxy_pid) if haproxy_pid else 0.0

@@ -144,10 +144,6 @@ def service_row(entry: dict[str, Any]) -> Row:
     return row
 
 
-def sorted_rows(rows: Iterable[Row]) -> list[Row]:
-    return sorted(rows, key=lambda r: (str(r.get("Node")), str(r.get("ServiceID"))))
-
-
 def rows_from_node(node_name: str, catalog: dict[str, Any] | None) -> list[Row]:
     """`/v1/catalog/node/<name>` output as rows in the `/v1/catalog/service/<name>` shape."""
     node_info: dict[str, Any] = (catalog or {}).get("Node") or {}

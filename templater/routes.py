@@ -135,35 +135,6 @@ def claim(name: str, here: tuple[Instance, ...], there: tuple[Instance, ...]) ->
     )  # fmt: skip
 
 
-def contest(claims: Iterable[Claim]) -> tuple[list[tuple[Claim, tuple[str, ...]]], list[str]]:
-    """The hosts each claim wins, claims taken in the order given (by name: the table's
-    callers sort); claims that win nothing are left out. Pure."""
-    taken: dict[tuple[str, str], str] = {}
-    won: list[tuple[Claim, tuple[str, ...]]] = []
-    warnings: list[str] = []
-    for c in claims:
-        warnings.extend(c.warnings)
-        if not c.hosts and not c.path:
-            continue
-        mine = []
-        for host in c.hosts or (ANY_HOST,):
-            key = (host, c.path or "/")
-            owner = taken.setdefault(key, c.name)
-            if owner == c.name:
-                if host not in mine:
-                    mine.append(host)
-            elif c.hosts:
-                warnings.append(
-                    f"service {c.name}: host {host} path {c.path or '/'} is routed to {owner} already: left out"
-                )
-            else:
-                warnings.append(f"service {c.name}: path {c.path} is routed to {owner} already: left out")
-        if mine:
-            won.append((c, tuple(h for h in mine if h != ANY_HOST)))
-            warnings.extend(c.server_warnings)
-    return won, warnings
-
-
 def claim_keys(c: Claim | None) -> tuple[tuple[str, str], ...]:
     """The (host, path) pairs a claim asks for, each once, in its order. Pure."""
     if c is None or (not c.hosts and not c.path):
@@ -175,7 +146,8 @@ Claimed = tuple[tuple[Instance, ...], tuple[Instance, ...], Claim | None]
 
 
 class RouteMemo:
-    """The routing table kept across renders: what `contest` gives, updated by what changed.
+    """The routing table kept across renders, updated by what changed: services in name order,
+    a host and path going to the first service (by name) that claims it.
 
     A service's claim is computed again only when its instances are other objects; the contest
     is decided again only for the services whose claim changed and those that claim one of the

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from templater.catalog import Instance
-from templater.routes import ANY_HOST, RouteMemo, claim, contest
+from templater.routes import ANY_HOST, Claim, RouteMemo, claim
 
 
 def inst(sid: str, name: str, port: int = 80, status: str = "passing", node: str = "n1", **meta: str) -> Instance:
@@ -28,8 +28,8 @@ def test_a_claim_takes_the_first_meta_and_leaves_out_bad_values_with_warnings():
     bad_path = claim("x", (inst("x1", "x", http_path="/a b"),), ())
     assert bad_path is not None and bad_path.hosts == () and bad_path.path == ""
     # hosts asked for and none valid: not routed, never widened to every host by its path
-    only_bad = claim("y", (inst("y1", "y", http_host="bad!", http_path="/y"),), ())
-    assert only_bad is not None and contest([only_bad])[0] == []
+    only_bad = {"y": (inst("y1", "y", http_host="bad!", http_path="/y"),)}
+    assert RouteMemo().table(["y"], only_bad, {}).routes == ()
 
 
 def test_failover_takes_the_other_dc_only_when_nothing_passes_here():
@@ -42,25 +42,23 @@ def test_failover_takes_the_other_dc_only_when_nothing_passes_here():
 
 
 def test_contested_hosts_and_paths_go_to_the_first_service_by_name():
-    claims = [
-        claim(n, (inst(f"{n}1", n, **meta),), ())
-        for n, meta in [
-            ("b", {"http_host": "x.example.com"}),
-            ("a", {"http_host": "x.example.com,y.example.com"}),
-            ("c", {"http_path": "/api"}),
-            ("d", {"http_path": "/api", "weight": "-1"}),
-            ("e", {"http_host": "x.example.com", "http_path": "/api"}),
-        ]
-    ]
-    won, warnings = contest(sorted((c for c in claims if c is not None), key=lambda c: c.name))
-    assert [(c.name, hosts) for c, hosts in won] == [
+    metas = {
+        "b": {"http_host": "x.example.com"},
+        "a": {"http_host": "x.example.com,y.example.com"},
+        "c": {"http_path": "/api"},
+        "d": {"http_path": "/api", "weight": "-1"},
+        "e": {"http_host": "x.example.com", "http_path": "/api"},
+    }
+    here = {n: (inst(f"{n}1", n, **meta),) for n, meta in metas.items()}
+    table = RouteMemo().table(sorted(here), here, {})
+    assert [(r.name, r.hosts) for r in table.routes] == [
         ("a", ("x.example.com", "y.example.com")),
         ("c", ()),
         ("e", ("x.example.com",)),
     ]
-    assert "service b: host x.example.com path / is routed to a already: left out" in warnings
-    assert "service d: path /api is routed to c already: left out" in warnings
-    assert not any("weight" in w for w in warnings)  # d won nothing: its weight is nobody's concern
+    assert "service b: host x.example.com path / is routed to a already: left out" in table.warnings
+    assert "service d: path /api is routed to c already: left out" in table.warnings
+    assert not any("weight" in w for w in table.warnings)  # d won nothing: its weight is nobody's concern
 
 
 def test_the_memo_keeps_unchanged_routes_and_their_versions():
@@ -86,6 +84,34 @@ def test_by_host_puts_path_only_routes_under_the_default_server():
     assert ANY_HOST == "_default" and table.routes[0].location == "/a"
 
 
+def contest(claims: list[Claim]) -> tuple[list[tuple[Claim, tuple[str, ...]]], list[str]]:
+    """The contest done plainly, from scratch, in name order: the oracle the memo must equal."""
+    taken: dict[tuple[str, str], str] = {}
+    won: list[tuple[Claim, tuple[str, ...]]] = []
+    warnings: list[str] = []
+    for c in claims:
+        warnings.extend(c.warnings)
+        if not c.hosts and not c.path:
+            continue
+        mine = []
+        for host in c.hosts or (ANY_HOST,):
+            key = (host, c.path or "/")
+            owner = taken.setdefault(key, c.name)
+            if owner == c.name:
+                if host not in mine:
+                    mine.append(host)
+            elif c.hosts:
+                warnings.append(
+                    f"service {c.name}: host {host} path {c.path or '/'} is routed to {owner} already: left out"
+                )
+            else:
+                warnings.append(f"service {c.name}: path {c.path} is routed to {owner} already: left out")
+        if mine:
+            won.append((c, tuple(h for h in mine if h != ANY_HOST)))
+            warnings.extend(c.server_warnings)
+    return won, warnings
+
+
 NAMES = st.sampled_from(["a", "b", "c", "d"])
 HOSTS = st.sampled_from(["", "x.example.com", "y.example.com", "x.example.com,y.example.com", "bad!"])
 PATHS = st.sampled_from(["", "/", "/api", "/api/v2"])
@@ -93,17 +119,18 @@ PATHS = st.sampled_from(["", "/", "/api", "/api/v2"])
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(NAMES, HOSTS, PATHS, st.integers(0, 2)), max_size=15))
-def test_the_memo_gives_what_a_fresh_table_gives_after_any_changes(steps):
+def test_the_memo_gives_what_a_plain_contest_gives_after_any_changes(steps):
     memo = RouteMemo()
     here: dict[str, tuple[Instance, ...]] = {}
     for name, host, path, count in steps:
         meta = {k: v for k, v in (("http_host", host), ("http_path", path)) if v}
         here[name] = tuple(inst(f"{name}{n}", name, port=80 + n, **meta) for n in range(count))
         kept = memo.table(sorted(here), here, {})
-        fresh = RouteMemo().table(sorted(here), here, {})
+        claims = [c for c in (claim(n, here[n], ()) for n in sorted(here)) if c is not None]
+        won, warnings = contest(claims)
         strip = [(r.name, r.hosts, r.path, r.instances, r.servers) for r in kept.routes]
-        assert strip == [(r.name, r.hosts, r.path, r.instances, r.servers) for r in fresh.routes]
-        assert kept.warnings == fresh.warnings
+        assert strip == [(c.name, hosts, c.path, c.instances, c.servers) for c, hosts in won]
+        assert list(kept.warnings) == warnings
         # each host and path is won once at most
         keys = [(h, r.location) for r in kept.routes for h in r.hosts or (ANY_HOST,)]
         assert len(keys) == len(set(keys))
