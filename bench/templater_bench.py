@@ -320,7 +320,7 @@ def main() -> int:
     parser.add_argument("--keep-log", metavar="FILE", help="the templater's log, kept")
     parser.add_argument("--gap", type=float, default=0.1, help="seconds between changes (NGINX: 0.6)")
     parser.add_argument("--nginx", action="store_true", help="templates/nginx.conf.j2 with --proxy nginx")
-    parser.add_argument("--cached", action="store_true", help="the listing template with {% cache s.name %}")
+    parser.add_argument("--cached", action="store_true", help="the listing template with {%% cache s.name %%}")
     parser.add_argument("--checks", action="store_true", help="every instance with a TTL check (passing)")
     parser.add_argument("--py-spy", metavar="FILE", help="py-spy's collapsed stacks of the templater over the changes")
     parser.add_argument("--consul", help="an agent already holding the bench services (skips registering)")

@@ -4,8 +4,8 @@ Three kinds of answer come in, each applied here without I/O:
 - a node's services (`/v1/catalog/node/<n>`, one blocking query per node): which instances
   exist on that node. It names the services to read again (an instance came, moved or changed)
   and removes instances that left at once.
-- the checks that are not passing (`/v1/health/state/any` filtered to `Status != "passing"`,
-  one blocking query per dc): per instance and per node, what is wrong now. A worse status is
+- the checks that are not passing (`/v1/health/state/critical` and `/v1/health/state/warning`,
+  a blocking query each per dc, taken together): per instance and per node, what is wrong now. A worse status is
   believed at once; a better one (a check that left the list: passing now, or deregistered
   with its instance) only after the service is read again, so an instance being removed is
   never routed to in between.

@@ -81,7 +81,8 @@ class Scope:
             for atom, seen in entry.atoms:
                 frame.atoms.setdefault(atom, seen)
             frame.effects.extend(entry.effects)
-        self._apply_all(entry.effects)
+        if entry.effects:
+            self._apply_all(entry.effects)
         return entry.text
 
     def render(self, key: tuple[str, ...], caller: Callable[[], str]) -> str:
@@ -119,6 +120,9 @@ class Scope:
 ACTIVE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("fragment_scope", default=None)
 
 
+_LOOKUP = "_fragment_cache_lookup"
+
+
 class _Miss:
     __slots__ = ("key",)
 
@@ -133,6 +137,12 @@ class FragmentCache(Extension):
 
     tags = {"cache"}  # noqa: RUF012 - Jinja's own class attribute
 
+    def __init__(self, environment: Any) -> None:
+        super().__init__(environment)
+        # a filter, not a method call: Jinja calls filters directly, a method through the
+        # sandbox's call (per block of a loop over thousands, that was a third of a kept render)
+        environment.filters[_LOOKUP] = self.lookup
+
     def parse(self, parser: Parser) -> list[nodes.Node]:
         lineno = next(parser.stream).lineno
         args = [parser.parse_expression()]
@@ -140,7 +150,7 @@ class FragmentCache(Extension):
             args.append(parser.parse_expression())
         body = parser.parse_statements(("name:endcache",), drop_needle=True)
         found = nodes.Name("_fragment", "store")
-        lookup = nodes.Assign(found, self.call_method("lookup", [nodes.List(args)])).set_lineno(lineno)
+        lookup = nodes.Assign(found, nodes.Filter(nodes.List(args), _LOOKUP, [], [], None, None)).set_lineno(lineno)
         loaded = nodes.Name("_fragment", "load")
         hit = nodes.Output([loaded]).set_lineno(lineno)
         miss = nodes.CallBlock(self.call_method("fill", [loaded]), [], [], body).set_lineno(lineno)

@@ -9,6 +9,7 @@ command HAProxy refuses, falls back to a graceful reload with the server state s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import csv
 import itertools
@@ -18,8 +19,11 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from templater.errors import ProxyError
 from templater.status import Metrics
@@ -34,17 +38,6 @@ _NOT_DYNAMIC = ("cookie", "track")
 
 
 @dataclass(frozen=True)
-class Parsed:
-    structure: tuple[str, ...]
-    servers: dict[str, dict[str, str]]  # backend -> server name -> the rest of its line
-    socket_path: str | None
-    state_file: str | None
-    # backend -> the `default-server` settings in force there (defaults section, then backend);
-    # HAProxy 2.6 does not apply them to servers added at runtime, so `add server` repeats them
-    default_server: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class _Piece:
     """One section of a configuration, parsed."""
 
@@ -56,39 +49,176 @@ class _Piece:
     state_file: str | None
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """A configuration section by section: everything but backend server lines, and those lines."""
+
+    pieces: tuple[_Piece, ...]
+    starts: tuple[int, ...]  # where each piece begins in the text; the first at 0
+    owner: dict[str, _Piece]  # backend -> the piece that defines it (the last one, if several do)
+    twice: bool = False  # a backend is defined more than once (HAProxy refuses the file)
+
+    def servers_of(self, backend: str) -> dict[str, str]:
+        piece = self.owner.get(backend)
+        return piece.servers[backend] if piece is not None else {}
+
+    @cached_property
+    def servers(self) -> dict[str, dict[str, str]]:  # backend -> server name -> the rest of its line
+        return _merged(self.pieces, "servers")
+
+    @cached_property
+    def default_server(self) -> dict[str, str]:
+        """backend -> the `default-server` settings in force there (defaults section, then
+        backend); HAProxy 2.6 does not apply them to servers added at runtime, so `add server`
+        repeats them."""
+        return _merged(self.pieces, "default_server")
+
+    @cached_property
+    def structure(self) -> tuple[str, ...]:
+        return _structure(self.pieces)
+
+    @cached_property
+    def socket_path(self) -> str | None:
+        return next((p.socket_path for p in reversed(self.pieces) if p.socket_path), None)
+
+    @cached_property
+    def state_file(self) -> str | None:
+        return next((p.state_file for p in reversed(self.pieces) if p.state_file), None)
+
+
+def _merged(pieces: Iterable[_Piece], name: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for piece in pieces:
+        merged.update(getattr(piece, name))
+    return merged
+
+
+def _structure(pieces: Iterable[_Piece]) -> tuple[str, ...]:
+    return tuple(itertools.chain.from_iterable(p.structure for p in pieces))
+
+
 _STARTS = re.compile(r"(?m)^(?=(?:global|defaults|frontend|backend|listen|peers|resolvers|userlist|program|cache)\b)")
-PieceCache = dict[tuple[str, str], _Piece]
+# a section starts where a line starts with a keyword and a word boundary: text[start - 1] and
+# text[start:start + _KEYWORD_SPAN] decide it
+_KEYWORD_SPAN = 10
 
 
-def parse(config: str, cache: PieceCache | None = None) -> Parsed:
-    """Split a configuration into everything but backend server lines, and those lines. Pure.
+def parse(config: str) -> Parsed:
+    """Split a configuration into everything but backend server lines, and those lines. Pure."""
+    pieces, starts = _parse_sections(config, "")
+    owner: dict[str, _Piece] = {}
+    return Parsed(pieces, starts, owner, not _add_owners(owner, pieces))
 
-    cache: sections parsed before, by their text (and the defaults in force): a configuration
-    with thousands of backends where one changed parses one. It is left holding this one's."""
-    starts = [m.start() for m in _STARTS.finditer(config)]
-    bounds = [0, *(s for s in starts if s), len(config)]
-    structure: list[str] = []
-    servers: dict[str, dict[str, str]] = {}
-    default_server: dict[str, str] = {}
-    socket_path = state_file = None
-    defaults = ""
-    kept: PieceCache = {}
+
+Known = dict[tuple[str, str], _Piece]  # (defaults in force, a section's text) -> its parse
+
+
+def _parse_sections(
+    config: str, defaults: str, known: Known | None = None
+) -> tuple[tuple[_Piece, ...], tuple[int, ...]]:
+    """The sections of a text that starts at a section (or at the start of the configuration);
+    defaults: the `default-server` settings in force before it; known: sections parsed before."""
+    bounds = [0, *(m.start() for m in _STARTS.finditer(config) if m.start()), len(config)]
+    pieces = []
     for start, end in itertools.pairwise(bounds):
         chunk = config[start:end]
-        piece = cache.get((defaults, chunk)) if cache is not None else None
+        piece = known.get((defaults, chunk)) if known else None
         if piece is None:
             piece = _parse_piece(chunk, defaults)
-        kept[(defaults, chunk)] = piece
-        structure.extend(piece.structure)
-        servers.update(piece.servers)
-        default_server.update(piece.default_server)
-        socket_path = piece.socket_path or socket_path
-        state_file = piece.state_file or state_file
+        pieces.append(piece)
         defaults = piece.defaults_after
-    if cache is not None:
-        cache.clear()
-        cache.update(kept)
-    return Parsed(tuple(structure), servers, socket_path, state_file, default_server)
+    return tuple(pieces), tuple(bounds[:-1])
+
+
+def _add_owners(owner: dict[str, _Piece], pieces: Iterable[_Piece]) -> bool:
+    """Record the pieces as their backends' owners; False when a backend already had one."""
+    unique = True
+    for piece in pieces:
+        for backend in piece.servers:
+            unique &= backend not in owner
+            owner[backend] = piece
+    return unique
+
+
+@dataclass(frozen=True)
+class Reparsed:
+    """A new configuration parsed from the old one's parse: the sections between the first and
+    the last changed character were parsed again, the others are the old ones (the same objects)."""
+
+    parsed: Parsed
+    old: tuple[_Piece, ...]  # the old sections that were replaced
+    new: tuple[_Piece, ...]  # what replaced them
+
+
+def reparse(old_text: str, old: Parsed, new_text: str) -> Reparsed:
+    """parse(new_text), given parse(old_text): the cost of the sections that changed, and of
+    comparing the texts (at the speed of memory). Equal to parse(new_text). Pure."""
+    prefix = common_prefix(old_text, new_text)
+    suffix = common_suffix(old_text, new_text, min(len(old_text), len(new_text)) - prefix)
+    first = max(0, bisect.bisect_right(old.starts, prefix - _KEYWORD_SPAN - 1) - 1)
+    last = bisect.bisect_right(old.starts, len(old_text) - suffix)  # the first section left as it was
+    begin, end, shift = old.starts[first], _end(old, last - 1, old_text), len(new_text) - len(old_text)
+    before = _defaults_before(old, first)
+    replaced = old.pieces[first:last]
+    # several changes far apart: the sections between them are kept, by their text
+    known = {
+        (_defaults_before(old, k), old_text[old.starts[k] : _end(old, k, old_text)]): old.pieces[k]
+        for k in range(first, last)
+    }
+    pieces, starts = _parse_sections(new_text[begin : end + shift], before, known if last - first > 1 else None)
+    owner = dict(old.owner)
+    for backend in _merged(replaced, "servers"):
+        del owner[backend]
+    inherited = last == len(old.pieces) or pieces[-1].defaults_after == replaced[-1].defaults_after
+    if old.twice or not inherited or not _add_owners(owner, pieces):
+        # a defaults section changed what the sections after it inherit, or a backend is
+        # defined twice: all of it parsed again
+        full = parse(new_text)
+        return Reparsed(full, old.pieces, full.pieces)
+    parsed = Parsed(
+        old.pieces[:first] + pieces + old.pieces[last:],
+        old.starts[:first] + tuple(begin + s for s in starts) + tuple(s + shift for s in old.starts[last:]),
+        owner,
+    )
+    return Reparsed(parsed, replaced, pieces)
+
+
+def _end(parsed: Parsed, k: int, text: str) -> int:
+    """Where section k of a parse of text ends."""
+    return parsed.starts[k + 1] if k + 1 < len(parsed.starts) else len(text)
+
+
+def _defaults_before(parsed: Parsed, k: int) -> str:
+    return parsed.pieces[k - 1].defaults_after if k else ""
+
+
+_BLOCK = 1 << 16
+
+
+def common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of two texts. Pure."""
+    return _common(lambda x, lo, hi: x[lo:hi], a, b, min(len(a), len(b)))
+
+
+def common_suffix(a: str, b: str, limit: int) -> int:
+    """The length of the longest common suffix of two texts, at most limit. Pure."""
+    return _common(lambda x, lo, hi: x[len(x) - hi : len(x) - lo], a, b, limit)
+
+
+def _common(part: Callable[[str, int, int], str], a: str, b: str, limit: int) -> int:
+    """How far part(a, 0, n) == part(b, 0, n) holds, n at most limit: compared a block at a
+    time (at the speed of memory), then within the first block that differs, halving."""
+    low = 0
+    while low < limit and part(a, low, min(low + _BLOCK, limit)) == part(b, low, min(low + _BLOCK, limit)):
+        low = min(low + _BLOCK, limit)
+    high = min(low + _BLOCK, limit)  # the first difference is before high, if there is one
+    while low < high:
+        middle = (low + high + 1) // 2
+        if part(a, low, middle) == part(b, low, middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def _parse_piece(chunk: str, defaults_params: str) -> _Piece:
@@ -145,13 +275,21 @@ def _without_weight(rest: str) -> list[str]:
     return re.sub(r"\bweight\s+\d+", "", rest).split()
 
 
-def diff(old: Parsed, new: Parsed, draining: set[tuple[str, str]]) -> Ops | None:
-    """The runtime operations that turn old into new, or None when a reload is needed. Pure."""
-    if old.structure != new.structure or set(old.servers) != set(new.servers):
+def diff(old: Parsed, new: Parsed, draining: set[tuple[str, str]], region: Reparsed | None = None) -> Ops | None:
+    """The runtime operations that turn old into new, or None when a reload is needed. Pure.
+
+    region: new as reparsed from old; only its replaced sections are compared (the others are
+    the same objects in both)."""
+    old_part, new_part = (region.old, region.new) if region is not None else (old.pieces, new.pieces)
+    if _structure(old_part) != _structure(new_part):
         return None
+    before, after = _merged(old_part, "servers"), _merged(new_part, "servers")
+    mine = {id(piece) for piece in new_part}
+    if set(before) != set(after) or any(id(new.owner[b]) not in mine for b in after):
+        return None  # backends added or removed, or one defined twice (HAProxy refuses that)
     ops = Ops()
-    for backend, wanted in new.servers.items():
-        current = old.servers[backend]
+    for backend, wanted in after.items():
+        current = before[backend]
         if wanted is current:  # a section kept from the last parse: nothing in it moved
             continue
         for name, rest in wanted.items():
@@ -170,6 +308,12 @@ def diff(old: Parsed, new: Parsed, draining: set[tuple[str, str]]) -> Ops | None
         for name in current:
             if name not in wanted:
                 ops.drain.append((backend, name))
+    # a draining server that both configurations list, in a section outside the region
+    ops.revive.extend(
+        (backend, name)
+        for backend, name in sorted(draining)
+        if backend not in after and name in new.servers_of(backend) and name in old.servers_of(backend)
+    )
     return ops
 
 
@@ -238,8 +382,7 @@ class RuntimeHook:
         self._draining: dict[tuple[str, str], float] = {}
         self._refused_deletes: set[tuple[str, str]] = set()
         self._socket: AdminSocket | None = None
-        self._parsed: tuple[str, Parsed] | None = None
-        self._pieces: PieceCache = {}
+        self._parsed: tuple[str, Parsed] | None = None  # the last text parsed, and its parse
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain_loop, name="haproxy-drain", daemon=True)
         self._thread.start()
@@ -268,39 +411,48 @@ class RuntimeHook:
             raise ProxyError(f"haproxy refused {command!r}: {answer or 'no answer'}")
 
     def _parse(self, text: str) -> Parsed:
-        """parse(text), kept for the last text: the next change's old one is this change's new;
-        its sections are kept too, so a new text parses only the sections that changed."""
         if self._parsed is not None and self._parsed[0] == text:
             return self._parsed[1]
-        parsed = parse(text, self._pieces)
+        parsed = parse(text)
         self._parsed = (text, parsed)
         return parsed
 
+    def _parse_change(self, old: str, new: str) -> tuple[Parsed, Reparsed]:
+        """old's parse (kept from the last change, whose new text it is) and new's, reparsed from
+        it: a configuration with thousands of backends where one changed parses one."""
+        parsed_old = self._parse(old)
+        change = reparse(old, parsed_old, new)
+        self._parsed = (new, change.parsed)
+        return parsed_old, change
+
     def apply(self, old: str | None, new: str) -> str:
         """Apply a server-only change on the admin socket. An Outcome."""
-        parsed_old = self._parse(old) if old is not None else None
-        parsed_new = self._parse(new)
+        if old is None:
+            parsed_new, parsed_old, change = self._parse(new), None, None
+        else:
+            parsed_old, change = self._parse_change(old, new)
+            parsed_new = change.parsed
         if parsed_new.socket_path:
             self._socket = AdminSocket(parsed_new.socket_path)
         if parsed_old is None or self._socket is None:
             self.save_state(parsed_new)
             return Outcome.SKIPPED
         with self._lock:
-            ops = diff(parsed_old, parsed_new, set(self._draining))
+            ops = diff(parsed_old, parsed_new, set(self._draining), change)
         if ops is None:
             self.save_state(parsed_new)
             return Outcome.SKIPPED
         try:
-            self._run(ops, parsed_new.default_server)
+            self._run(ops, parsed_new)
         except ProxyError as err:
             log.warning("runtime update refused, writing the checked file and reloading instead: %s", err)
             self.save_state(parsed_new)
             return Outcome.REFUSED
         return Outcome.APPLIED
 
-    def _run(self, ops: Ops, defaults: dict[str, str]) -> None:
+    def _run(self, ops: Ops, parsed: Parsed) -> None:
         for backend, name, rest in ops.add:
-            self._expect(add_command(backend, name, rest, defaults.get(backend, "")), _ADDED)
+            self._expect(add_command(backend, name, rest, parsed.owner[backend].default_server[backend]), _ADDED)
             if re.search(r"\bcheck\b", rest):
                 self._expect(f"enable health {backend}/{name}")
             self._expect(f"enable server {backend}/{name}")
@@ -343,7 +495,7 @@ class RuntimeHook:
         The reload is asynchronous: until the new worker has bound the admin socket, the old
         one answers, and it knows nothing of new backends. Raises ProxyError when it does not.
         """
-        parsed = parse(new)
+        parsed = self._parse(new)
         if parsed.socket_path:
             self._socket = AdminSocket(parsed.socket_path)
         if self._socket is None:

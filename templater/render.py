@@ -153,7 +153,7 @@ class _Recorder:
         here = self._catalog(dc)
         there = self._catalog(failover_dc) if failover_dc else Snapshot()
         self._atom(("routes", f"{dc or ''}|{failover_dc}", ""), _NOT_THERE)
-        names = sorted((set(here.services) | set(there.services)) - {"consul"})
+        names = self.route_memo.names(here.services, there.services)
         table = self.route_memo.table(names, here.instances, there.instances)
         for warning in table.warnings:
             self._effect("warning", warning)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable, Mapping
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from templater.catalog import PASSING, Instance, valid_hostname
 from templater.values import clamp_int, ident, is_url_path, server_names, split_list
@@ -72,9 +74,9 @@ class Table:
     version: int  # changes when a route's hosts, path, check, stickiness or the set of routes do
     warnings: tuple[str, ...]
 
-    @property
+    @cached_property
     def server_count(self) -> int:
-        return sum(len(r.servers) for r in self.routes)
+        return sum(map(len, map(operator.attrgetter("servers"), self.routes)))
 
     def check_interval_ms(self, rate: int, floor_ms: int = 2000) -> int:
         """The interval between active checks of a server so that all of them together make at
@@ -149,61 +151,87 @@ class RouteMemo:
     """The routing table kept across renders, updated by what changed: services in name order,
     a host and path going to the first service (by name) that claims it.
 
-    A service's claim is computed again only when its instances are other objects; the contest
+    A service's claim is computed again only when its instances are other objects (found by
+    comparing the maps at the speed of C while the set of services stays the same); the contest
     is decided again only for the services whose claim changed and those that claim one of the
     same host and path pairs; the versions key the fragment cache."""
 
     def __init__(self) -> None:
         self._claims: dict[str, Claimed] = {}
         self._claimants: dict[tuple[str, str], list[str]] = {}  # sorted: the first one owns it
-        self._outcome: dict[str, tuple[Route | None, tuple[str, ...]]] = {}  # route, warnings
+        self._outcome: dict[str, tuple[Route | None, tuple[str, ...]]] = {}  # name order: route, warnings
         self._table = Table((), 0, ())
         self._counter = itertools.count(1)
+        self._names: tuple[str, ...] = ()  # the last names(), and the key sets it was made from
+        self._names_of: tuple[set[str], set[str]] = (set(), set())
+        self._listed: set[str] = set()  # the names of the last table(), as a set
+        self._seen: tuple[object, dict[str, tuple[Instance, ...]], dict[str, tuple[Instance, ...]]] = (None, {}, {})
+
+    def names(self, here: Mapping[str, object], there: Mapping[str, object]) -> tuple[str, ...]:
+        """The services of both datacenters in name order: the same tuple while the set stays."""
+        if here.keys() != self._names_of[0] or there.keys() != self._names_of[1]:
+            self._names_of = (set(here), set(there))
+            self._names = tuple(sorted((self._names_of[0] | self._names_of[1]) - {"consul"}))
+        return self._names
 
     def table(
-        self, names: Iterable[str], here: Mapping[str, tuple[Instance, ...]], there: Mapping[str, tuple[Instance, ...]]
+        self, names: Sequence[str], here: Mapping[str, tuple[Instance, ...]], there: Mapping[str, tuple[Instance, ...]]
     ) -> Table:
         """names in order (sorted): the services of both datacenters."""
-        kept: dict[str, Claimed] = {}
+        old: dict[str, Claim | None] = {}
         changed = set()
-        for name in names:
-            mine, theirs = here.get(name, ()), there.get(name, ())
-            memo = self._claims.get(name)
-            if memo is not None and memo[0] is mine and memo[1] is theirs:
-                kept[name] = memo
-                continue
-            found = claim(name, mine, theirs)
-            kept[name] = (mine, theirs, found)
-            if memo is None or memo[2] != found:
+        for name in self._moved(names, here, there):
+            memo = self._claims.pop(name, None)
+            old[name] = memo[2] if memo is not None else None
+            if name in self._listed:
+                mine, theirs = here.get(name, ()), there.get(name, ())
+                self._claims[name] = (mine, theirs, claim(name, mine, theirs))
+            if memo is None or name not in self._claims or memo[2] != self._claims[name][2]:
                 changed.add(name)
-        changed.update(self._claims.keys() - kept.keys())
-        old, self._claims = self._claims, kept
         if not changed:
             return self._table
         affected = set(changed)
         for name in changed:
-            for key in claim_keys(old.get(name, ((), (), None))[2]):
+            for key in claim_keys(old[name]):
                 self._claimants[key].remove(name)
                 affected.update(self._claimants[key])
                 if not self._claimants[key]:
                     del self._claimants[key]
-            for key in claim_keys(kept.get(name, ((), (), None))[2]):
+            for key in claim_keys(self._claims[name][2] if name in self._claims else None):
                 bisect.insort(self._claimants.setdefault(key, []), name)
                 affected.update(self._claimants[key])
-        moved = False
+        moved = came = False
         for name in affected:
             before = self._outcome.get(name, (None, ()))[0]
-            outcome = self._decide(kept[name][2], before) if name in kept else (None, ())
+            outcome = self._decide(self._claims[name][2], before) if name in self._claims else (None, ())
             if outcome[0] is None and outcome[1] == ():
                 self._outcome.pop(name, None)
             else:
+                came |= name not in self._outcome
                 self._outcome[name] = outcome
             moved |= _shape(before) != _shape(outcome[0])
-        order = [n for n in kept if n in self._outcome]
-        routes = tuple(r for r in (self._outcome[n][0] for n in order) if r is not None)
-        warnings = tuple(w for n in order for w in self._outcome[n][1])
+        if came:  # a name added at the end: in name order again
+            self._outcome = dict(sorted(self._outcome.items()))
+        outcomes = self._outcome.values()
+        routes = tuple(filter(None, map(operator.itemgetter(0), outcomes)))
+        warnings = tuple(itertools.chain.from_iterable(map(operator.itemgetter(1), outcomes)))
         self._table = Table(routes, next(self._counter) if moved else self._table.version, warnings)
         return self._table
+
+    def _moved(
+        self, names: Sequence[str], here: Mapping[str, tuple[Instance, ...]], there: Mapping[str, tuple[Instance, ...]]
+    ) -> set[str]:
+        """The names whose instances are other objects than at the last call, or that came or went."""
+        last_names, last_here, last_there = self._seen
+        if names is last_names and isinstance(names, tuple):  # the same names: compare the maps
+            found = {n for m, b in ((here, last_here), (there, last_there)) for n in _other_objects(m, b)}
+            found &= self._listed
+        else:
+            self._listed = listed = set(names)
+            found = {n for n in listed if (m := self._claims.get(n)) is None or m[0] is not here.get(n, ())
+                     or m[1] is not there.get(n, ())} | (self._claims.keys() - listed)  # fmt: skip
+        self._seen = (names, dict(here), dict(there))  # copies: a caller may change its maps
+        return found
 
     def _decide(self, c: Claim | None, before: Route | None) -> tuple[Route | None, tuple[str, ...]]:
         """One claim against the others: its route (the hosts it won) and its warnings."""
@@ -234,6 +262,14 @@ class RouteMemo:
                                 old.servers, old.failover) == fields:  # fmt: skip
             return old
         return Route(*fields, version=next(self._counter))
+
+
+def _other_objects(now: Mapping[str, object], before: Mapping[str, object]) -> Iterable[str]:
+    """The keys whose values are other objects (or that came or went). At the speed of C when
+    both maps have the same keys in the same order, as copies of one map that moved on do."""
+    if list(now) == list(before):
+        return itertools.compress(now, map(operator.is_not, now.values(), before.values()))
+    return [k for k in now.keys() | before.keys() if now.get(k) is not before.get(k)]
 
 
 def _shape(route: Route | None) -> tuple[object, ...] | None:

@@ -58,7 +58,7 @@ class World:
         return {n: self.node(n) for n in sorted(names)}
 
     def checks(self) -> list[dict[str, Any]]:
-        """`/v1/health/state/any?filter=Status != "passing"`."""
+        """`/v1/health/state/critical` and `/v1/health/state/warning`, together."""
         found = [
             {"Node": n, "CheckID": f"service:{sid}", "ServiceID": sid, "ServiceName": name, "Status": status}
             for (n, sid), (name, _p, status) in self.instances.items()

@@ -117,15 +117,21 @@ HOSTS = st.sampled_from(["", "x.example.com", "y.example.com", "x.example.com,y.
 PATHS = st.sampled_from(["", "/", "/api", "/api/v2"])
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(NAMES, HOSTS, PATHS, st.integers(0, 2)), max_size=15))
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(NAMES, HOSTS, PATHS, st.integers(-1, 2), st.booleans()), max_size=15))
 def test_the_memo_gives_what_a_plain_contest_gives_after_any_changes(steps):
+    """Services come, change and go (-1), the map changed in place; the names are the memo's
+    own (the same tuple while the set stays, so the maps are compared as a whole) or a new
+    list each time."""
     memo = RouteMemo()
     here: dict[str, tuple[Instance, ...]] = {}
-    for name, host, path, count in steps:
+    for name, host, path, count, own_names in steps:
         meta = {k: v for k, v in (("http_host", host), ("http_path", path)) if v}
-        here[name] = tuple(inst(f"{name}{n}", name, port=80 + n, **meta) for n in range(count))
-        kept = memo.table(sorted(here), here, {})
+        if count < 0:
+            here.pop(name, None)
+        else:
+            here[name] = tuple(inst(f"{name}{n}", name, port=80 + n, **meta) for n in range(count))
+        kept = memo.table(memo.names(here, {}) if own_names else sorted(here), here, {})
         claims = [c for c in (claim(n, here[n], ()) for n in sorted(here)) if c is not None]
         won, warnings = contest(claims)
         strip = [(r.name, r.hosts, r.path, r.instances, r.servers) for r in kept.routes]

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from templater.catalog import Instance, Snapshot
 from templater.consul_source import CatalogSource
 from templater.deps import Catalog
 from templater.errors import CheckFailed, ConsulUnavailable
-from templater.haproxy_runtime import add_command, diff, parse, session_counts
+from templater.haproxy_runtime import add_command, diff, parse, reparse, session_counts
 from templater.output import swap
 from templater.store import Store
 from templater.watch import BlockingLoop, Response, WatchSettings
@@ -47,23 +49,76 @@ def test_parse_finds_servers_socket_state_and_default_server():
     assert not any(line.strip().startswith("server ") for line in parsed.structure)
 
 
-def test_parse_with_kept_sections_equals_a_fresh_parse_and_reuses_unchanged_ones():
-    cache: dict = {}
-    first = parse(CONFIG, cache)
-    assert first == parse(CONFIG)
+def test_reparse_equals_a_fresh_parse_and_keeps_the_sections_that_did_not_change():
+    first = parse(CONFIG)
     edits = [
         CONFIG.replace("server c 10.0.0.3:80 weight 1", "server c 10.0.0.3:81 weight 2"),
         CONFIG.replace("    default-server inter 1s fall 2 rise 1\n", "    default-server inter 9s\n"),
         CONFIG + "backend be_new\n    server n 10.0.0.9:80\n",
         CONFIG.replace("backend be_api\n", ""),
+        CONFIG.replace("backend be_api", "xbackend be_api"),
+        CONFIG.replace("backend be_api", "backend_api"),
+        CONFIG,
+        "",
     ]
     for edited in edits:
-        kept = parse(edited, cache)
-        assert kept == parse(edited)
-    again = parse(CONFIG, cache)
-    assert again == first
-    moved = parse(CONFIG.replace("10.0.0.3:80", "10.0.0.3:99"), cache)
-    assert moved.servers["be_web"] is again.servers["be_web"]  # that section was not parsed again
+        change = reparse(CONFIG, first, edited)
+        assert change.parsed == parse(edited), edited
+    # two changes far apart, the section between them kept only where it inherits the same defaults
+    old = "defaults\n    default-server inter 1s\n" + "".join(
+        f"backend be_{b}\n    server {b} 1.1.1.{n}:1\n" for n, b in enumerate("xy")
+    )
+    for new in (old.replace("1.1.1.1:1", "1.1.1.1:2").replace("default-server inter 1s", "mode tcp"),
+                old.replace("1.1.1.1:1", "1.1.1.1:2").replace("defaults\n", "defaults\n    mode tcp\n")):  # fmt: skip
+        kept = reparse(old, parse(old), new)
+        assert kept.parsed == parse(new) and len(kept.old) == 3
+    moved = reparse(CONFIG, first, CONFIG.replace("10.0.0.3:80", "10.0.0.3:99"))
+    assert moved.parsed.servers["be_web"] is first.servers["be_web"]  # that section was not parsed again
+    assert [p.servers for p in moved.old] == [{"be_api": {"c": "10.0.0.3:80 weight 1"}}]
+    assert diff(first, moved.parsed, set(), moved) is None  # moved to another port: a reload
+
+
+def test_a_server_draining_outside_the_changed_sections_is_revived_when_listed_again():
+    old = CONFIG.replace("    server b 10.0.0.2:80 weight 1 check\n", "")
+    new = old.replace("server c 10.0.0.3:80 weight 1", "server c 10.0.0.3:80 weight 3")
+    change = reparse(old, parse(old), new)
+    ops = diff(parse(old), change.parsed, {("be_web", "a")}, change)
+    assert ops is not None and ops.revive == [("be_web", "a")] and ops.weight == [("be_api", "c", "3")]
+
+
+SECTIONS = st.sampled_from([
+    "global\n    stats socket /run/a.sock\n",
+    "defaults\n    default-server inter 1s\n",
+    "defaults\n    mode tcp\n",
+    "frontend f\n    bind :80\n",
+    "# a comment\n",
+    *(f"backend be_{b}\n    default-server maxconn {b}\n" for b in "xyz"),
+    *(f"    server {n} 10.0.0.{i}:80 weight {i} check\n" for i, n in enumerate("abcd")),
+    "backend", "\n", " ", "ulist", "userlist u\n",
+])  # fmt: skip
+EDITS = st.lists(
+    st.tuples(st.integers(0, 12), st.integers(0, 3), st.lists(SECTIONS, max_size=3)), min_size=1, max_size=3
+)
+DRAINING = st.sets(st.tuples(st.sampled_from(["be_x", "be_y", "be_z"]), st.sampled_from("abcd")), max_size=3)
+
+
+def _ops(ops: Any) -> Any:
+    return None if ops is None else [sorted(ops.add), sorted(ops.drain), sorted(ops.weight), sorted(ops.revive)]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(SECTIONS, max_size=14), EDITS, DRAINING)
+def test_reparse_of_any_edit_equals_a_fresh_parse(old_parts, edits, draining):
+    """Whatever is inserted or removed wherever, in one place or several (even half a keyword,
+    or a line break before one), reparsing from the old parse gives what a fresh parse gives, and
+    the same runtime diff (servers still draining included, wherever they are)."""
+    new_parts = list(old_parts)
+    for at, removed, inserted in edits:
+        new_parts[at : at + removed] = inserted
+    old, new = "".join(old_parts), "".join(new_parts)
+    change = reparse(old, parse(old), new)
+    assert change.parsed == parse(new)
+    assert _ops(diff(parse(old), change.parsed, draining, change)) == _ops(diff(parse(old), parse(new), draining))
 
 
 def test_add_command_repeats_default_server_before_the_servers_own_settings():
@@ -185,7 +240,8 @@ def test_catalog_source_follows_a_node_and_survives_a_bug_in_its_reads(monkeypat
     fake.set("/v1/catalog/nodes", 2, [{"Node": "n1", "Address": "127.0.0.1"}])
     node = {"Node": {"Address": "127.0.0.1"}, "Services": {"w1": {"Service": "web", "Port": 80, "ModifyIndex": 2}}}
     fake.set("/v1/catalog/node/n1", 2, node)
-    fake.set("/v1/health/state/any", 2, [])
+    fake.set("/v1/health/state/critical", 2, [])
+    fake.set("/v1/health/state/warning", 2, [])
 
     def move(port: int, index: int) -> None:
         entry = {
@@ -230,6 +286,55 @@ def test_catalog_source_follows_a_node_and_survives_a_bug_in_its_reads(monkeypat
         assert published[-1].changed == {"web"}
         reads = [p for p, _ in fake.calls if p.startswith("/v1/health/service/")]
         assert set(reads) == {"/v1/health/service/web"}
+    finally:
+        source.stop()
+
+
+def test_a_check_moving_from_warning_to_critical_is_never_read_as_passing():
+    """The two watches of checks that are not passing answer apart: a check that moved from
+    warning to critical may be in neither for a moment. It is not taken as passing then: its
+    service is read again, and that read's status stands until the critical watch lists it."""
+    fake = Fake()
+    fake.set("/v1/catalog/nodes", 2, [{"Node": "n1", "Address": "127.0.0.1"}])
+    node = {"Node": {"Address": "127.0.0.1"}, "Services": {"w1": {"Service": "web", "Port": 80, "ModifyIndex": 2}}}
+    fake.set("/v1/catalog/node/n1", 2, node)
+
+    def check(status: str) -> dict[str, Any]:
+        return {"Node": "n1", "CheckID": "service:w1", "ServiceID": "w1", "ServiceName": "web", "Status": status}
+
+    def service(status: str, index: int) -> None:
+        entry = {
+            "Node": {"Node": "n1", "Address": "127.0.0.1"},
+            "Service": {"ID": "w1", "Service": "web", "Port": 80, "ModifyIndex": 2},
+            "Checks": [check(status)],
+        }
+        fake.set("/v1/health/service/web", index, [entry])
+
+    fake.set("/v1/health/state/critical", 2, [])
+    fake.set("/v1/health/state/warning", 2, [check("warning")])
+    service("warning", 2)
+    published: list[Snapshot] = []
+    source = CatalogSource(Catalog(), fake, lambda k, s: published.append(s), lambda *a: None, WatchSettings(), print)
+
+    def statuses() -> list[str]:
+        return [i.status for s in list(published) for i in s.instances.get("web", ())]
+
+    def wait_for(what: Any) -> None:
+        deadline = time.monotonic() + 5
+        while not what() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert what(), statuses()
+
+    source.start()
+    try:
+        wait_for(lambda: statuses() == ["warning"])
+        service("critical", 3)  # the truth: it moved
+        fake.set("/v1/health/state/warning", 3, [])  # this watch answers first
+        wait_for(lambda: statuses()[-1:] == ["critical"])  # from the read of its service
+        fake.set("/v1/health/state/critical", 4, [check("critical")])
+        time.sleep(0.3)
+        assert "passing" not in statuses() and statuses()[-1] == "critical"
+        assert ("/v1/health/service/web", {}) in [(p, {}) for p, _ in fake.calls]
     finally:
         source.stop()
 
