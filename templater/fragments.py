@@ -44,13 +44,19 @@ class Entry:
     text: str
     atoms: tuple[tuple[Atom, Any], ...]
     effects: tuple[Effect, ...]
+    # the same effects sorted for a quick replay: the dependencies (one set shared by every
+    # entry with the same ones), the query names, and the rest (warnings, missing data)
+    used: frozenset[Any]
+    queries: tuple[Any, ...]
+    rest: tuple[Effect, ...]
 
 
 class Fragments:
     """One template's kept blocks, across renders."""
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[str, ...], Entry] = {}
+        self.entries: dict[tuple[Any, ...], Entry] = {}
+        self.shared: dict[frozenset[Any], frozenset[Any]] = {}  # each set of dependencies once
         self.hits = 0
         self.misses = 0
 
@@ -58,15 +64,19 @@ class Fragments:
 class Scope:
     """One render's use of a template's Fragments: lookups, recording frames, eviction."""
 
-    def __init__(self, fragments: Fragments, lookup: Lookup, apply_all: Callable[[tuple[Effect, ...]], None]) -> None:
-        """lookup: an atom's value in this render's data; apply_all: effects on its result."""
+    def __init__(
+        self, fragments: Fragments, lookup: Lookup, used: set[Any], queries: set[str], apply: Callable[[Effect], None]
+    ) -> None:
+        """lookup: an atom's value in this render's data; used, queries: the render's sets of
+        dependencies and query names; apply: any other effect on its result."""
         self.fragments = fragments
         self._lookup = lookup
-        self._apply_all = apply_all
+        self._deps, self._queries, self._apply = used, queries, apply
+        self._last_deps: frozenset[Any] | None = None
         self.frames: list[Frame] = []
-        self._used: set[tuple[str, ...]] = set()
+        self._used: set[tuple[Any, ...]] = set()
 
-    def get(self, key: tuple[str, ...]) -> str | None:
+    def get(self, key: tuple[Any, ...]) -> str | None:
         """The kept text when everything it read is unchanged (its effects replayed), else None."""
         entry = self.fragments.entries.get(key)
         if entry is None:
@@ -77,15 +87,25 @@ class Scope:
                 return None
         self._used.add(key)
         self.fragments.hits += 1
+        if self.frames:
+            self._into_frames(entry)
+        if entry.used is not self._last_deps:  # most blocks share theirs with the block before
+            self._deps |= entry.used
+            self._last_deps = entry.used
+        if entry.queries:
+            self._queries.update(entry.queries)
+        if entry.rest:
+            for effect in entry.rest:
+                self._apply(effect)
+        return entry.text
+
+    def _into_frames(self, entry: Entry) -> None:
         for frame in self.frames:  # an outer block being rendered read what this one read
             for atom, seen in entry.atoms:
                 frame.atoms.setdefault(atom, seen)
             frame.effects.extend(entry.effects)
-        if entry.effects:
-            self._apply_all(entry.effects)
-        return entry.text
 
-    def render(self, key: tuple[str, ...], caller: Callable[[], str]) -> str:
+    def render(self, key: tuple[Any, ...], caller: Callable[[], str]) -> str:
         frame = Frame()
         self.frames.append(frame)
         try:
@@ -95,12 +115,20 @@ class Scope:
         self.fragments.misses += 1
         self._used.add(key)
         if not frame.missing:
-            # each effect once: a block reads the same catalog for every instance it lists
-            self.fragments.entries[key] = Entry(text, tuple(frame.atoms.items()), tuple(dict.fromkeys(frame.effects)))
+            self.fragments.entries[key] = self._entry(text, frame)
         for outer in self.frames:  # what an inner block read, its outer blocks read too
             outer.atoms.update(frame.atoms)
             outer.missing |= frame.missing
         return text
+
+    def _entry(self, text: str, frame: Frame) -> Entry:
+        effects = tuple(dict.fromkeys(frame.effects))  # each once: a block reads one catalog many times
+        used = frozenset(value for kind, value in effects if kind == "used")
+        return Entry(
+            text, tuple(frame.atoms.items()), effects, self.fragments.shared.setdefault(used, used),
+            tuple(value for kind, value in effects if kind == "query"),
+            tuple(e for e in effects if e[0] not in ("used", "query")),
+        )  # fmt: skip
 
     def record(self, atom: Atom | None, value: Any, effect: Effect | None, missing: bool = False) -> None:
         for frame in self.frames:
@@ -126,7 +154,7 @@ _LOOKUP = "_fragment_cache_lookup"
 class _Miss:
     __slots__ = ("key",)
 
-    def __init__(self, key: tuple[str, ...]) -> None:
+    def __init__(self, key: tuple[Any, ...]) -> None:
         self.key = key
 
 
@@ -158,9 +186,13 @@ class FragmentCache(Extension):
         return [lookup, nodes.If(test, [hit], [], [miss]).set_lineno(lineno)]
 
     def lookup(self, key: list[Any]) -> str | _Miss:
-        parts = tuple(map(str, key))
+        parts = tuple(key)  # names and versions, as they are: str() of each only when one is not hashable
         scope = ACTIVE.get()
-        found = scope.get(parts) if scope is not None else None
+        try:
+            found = scope.get(parts) if scope is not None else None
+        except TypeError:
+            parts = tuple(map(str, key))
+            found = scope.get(parts) if scope is not None else None
         return _Miss(parts) if found is None else found
 
     def fill(self, miss: _Miss, caller: Callable[[], str]) -> str:

@@ -64,7 +64,12 @@ class _Recorder:
         self.env_allow = env_allow
         self.result = RenderResult("")
         self._snapshots: dict[str, Any] = {}  # dc -> its snapshot in this render's view
-        self.scope = Scope(fragments, self._current, self._apply_all) if fragments is not None else None
+        self._instances: dict[str, Mapping[str, Any]] = {}  # dc -> its snapshot's instances
+        self.scope = (
+            Scope(fragments, self._current, self.result.used, self.result.queries, self._apply)
+            if fragments is not None
+            else None
+        )
 
     # -- what a read does to the result; a block being kept ({% cache %}) records it too
 
@@ -79,17 +84,6 @@ class _Recorder:
         elif kind == "warning":
             self.result.warnings.append(value)
 
-    def _apply_all(self, effects: tuple[Effect, ...]) -> None:
-        """A kept block's effects (each once): most are a dependency and a query name."""
-        result = self.result
-        for kind, value in effects:
-            if kind == "used":
-                result.used.add(value)
-            elif kind == "query":
-                result.queries.add(value)
-            else:
-                self._apply((kind, value))
-
     def _effect(self, kind: str, value: Any) -> None:
         self._apply((kind, value))
         if self.scope is not None and self.scope.frames:
@@ -102,6 +96,8 @@ class _Recorder:
     def _current(self, atom: Atom) -> Any:
         """An atom's value in this render's data (for a kept block's check)."""
         kind, where, name = atom
+        if kind == "service" and where in self._instances:  # most atoms: a service in a catalog seen
+            return self._instances[where].get(name)
         if kind == "kv":
             return self.view.kv(where)
         snapshot = self._snapshots.get(where, _NOT_THERE)
@@ -109,6 +105,7 @@ class _Recorder:
             snapshot = self._snapshots[where] = self.view.catalog(where)
         if snapshot is None:
             return _NOT_THERE
+        self._instances[where] = snapshot.instances
         if kind == "service":
             return snapshot.instances.get(name)
         return snapshot.services if kind == "services" else snapshot.nodes
