@@ -7,6 +7,7 @@ answers), then the registrar; Ctrl-C stops everything this process started, by P
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -34,11 +35,43 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
+class _Output:
+    """The main job's own lines: on its stdout while that is open; once writing fails (the pipe
+    to `tee` closed by Ctrl-C, the terminal gone), into its log file, so that stopping what it
+    started never fails on a message."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def say(self, text: str) -> None:
+        line = f"[sidecar] {text}\n"
+        if not self.closed:
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                return
+            except (OSError, ValueError):  # BrokenPipeError, EIO from a terminal gone, closed file
+                self.closed = True
+                with contextlib.suppress(OSError):  # and no error at exit flushing it again
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError), open(STATE_DIR / "main-job.log", "a") as log:
+            log.write(line)
+
+
+OUT = _Output()
+
+
+class _Stopped(Exception):
+    """A signal came while starting: stop what was started so far."""
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float, stop: dict[str, bool] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
+        if stop is not None and stop["now"]:
+            raise _Stopped
         time.sleep(0.2)
     raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
 
@@ -55,7 +88,7 @@ class Started:
         if out:
             out.close()
         self.procs.append((name, proc))
-        print(f"[sidecar] started {name} pid={proc.pid}" + (f" log={log}" if log else ""), flush=True)
+        OUT.say(f"started {name} pid={proc.pid}" + (f" log={log}" if log else ""))
         return proc
 
     def stop_all(self) -> None:
@@ -67,7 +100,7 @@ class Started:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-                print(f"[sidecar] stopped {name} pid={proc.pid}", flush=True)
+                OUT.say(f"stopped {name} pid={proc.pid}")
 
 
 def docker_answers() -> bool:
@@ -77,6 +110,8 @@ def docker_answers() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR", "http://127.0.0.1:8500"))
+    parser.add_argument("--templater-status", default="127.0.0.1:9200", metavar="ADDR", help="its /health")
+    parser.add_argument("--registrar-status", default="127.0.0.1:9201", metavar="ADDR", help="its /health")
     args = parser.parse_args(argv)
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     started = Started()
@@ -85,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         stop["now"] = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a stop, the terminal gone
+        signal.signal(signum, on_signal)
     python = sys.executable
     try:
         if not os.environ.get("DOCKER_HOST") and not docker_answers():
             started.spawn("dockerd", [shutil.which("dockerd") or "dockerd"], STATE_DIR / "dockerd.log")
-            _wait("dockerd", docker_answers, 60)
+            _wait("dockerd", docker_answers, 60, stop)
         consul_url = args.consul.rstrip("/")
         if not _answers(consul_url + "/v1/status/leader"):
             port = consul_url.rsplit(":", 1)[-1]
@@ -111,38 +146,45 @@ def main(argv: list[str] | None = None) -> int:
                 ],
                 STATE_DIR / "consul.log",
             )
-            _wait("consul", lambda: _answers(consul_url + "/v1/status/leader"), 60)
+            _wait("consul", lambda: _answers(consul_url + "/v1/status/leader"), 60, stop)
         started.spawn(
-            "registrar", [python, "-m", "registrar", "--consul", consul_url, "--status-addr", "127.0.0.1:9201"]
+            "registrar", [python, "-m", "registrar", "--consul", consul_url, "--status-addr", args.registrar_status]
         )
-        extra = _start_routing(started, consul_url, python)
+        extra = _start_routing(started, consul_url, python, args.templater_status)
         ui = f"{consul_url}/ui/dc1/services"
-        print(f"[sidecar] Consul UI: {ui}", flush=True)
-        print(f"[sidecar]   the demo service, its 3 instances and their meta: {ui}/demo/instances", flush=True)
-        print(f"[sidecar]   this host's proxy and its check: {ui}/ingress/instances", flush=True)
-        print(f"[sidecar]   the registrar and the Docker engine it follows: {ui}/registrar/instances", flush=True)
-        print("[sidecar] /health and /metrics: templater http://127.0.0.1:9200, registrar http://127.0.0.1:9201",
-              flush=True)  # fmt: skip
+        OUT.say(f"Consul UI: {ui}")
+        OUT.say(f"  the demo service, its 3 instances and their meta: {ui}/demo/instances")
+        OUT.say(f"  this host's proxy and its check: {ui}/ingress/instances")
+        OUT.say(f"  the registrar and the Docker engine it follows: {ui}/registrar/instances")
+        OUT.say(
+            f"/health and /metrics: templater http://{args.templater_status}, registrar http://{args.registrar_status}"
+        )
         for line in extra:
-            print(f"[sidecar] {line}", flush=True)
-        print("[sidecar] Ctrl-C stops everything listed above", flush=True)
+            OUT.say(line)
+        OUT.say("Ctrl-C stops everything listed above")
         while not stop["now"]:
             for name, proc in started.procs:
                 if proc.poll() is not None:
-                    print(f"[sidecar] {name} exited with {proc.returncode}; stopping", flush=True)
+                    OUT.say(f"{name} exited with {proc.returncode}; stopping")
                     return 1
             time.sleep(0.5)
         return 0
+    except _Stopped:
+        return 0
     finally:
-        _cleanup_routing()
+        try:
+            _cleanup_routing()
+        except Exception as err:  # the engine gone: what this process started is still stopped
+            OUT.say(f"could not remove the demo containers: {err}")
         started.stop_all()
+        OUT.say("stopped everything it started")
 
 
 DEMO_LABEL = "consul-sidecar.demo"
 HTTP_PORT = int(os.environ.get("SIDECAR_HTTP_PORT", "8080"))
 
 
-def _start_routing(started: Started, consul_url: str, python: str) -> list[str]:
+def _start_routing(started: Started, consul_url: str, python: str, status: str) -> list[str]:
     """The templater with HAProxy on the bundled template, and three demo containers."""
     root = Path(__file__).resolve().parents[1]
     runtime = STATE_DIR / "haproxy"
@@ -167,7 +209,7 @@ def _start_routing(started: Started, consul_url: str, python: str) -> list[str]:
             "--var",
             "bind_address=127.0.0.1",
             "--status-addr",
-            "127.0.0.1:9200",
+            status,
         ],
     )
     client = docker.from_env()
@@ -212,7 +254,7 @@ def _cleanup_routing() -> None:
     ids = out.stdout.split()
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
-        print(f"[sidecar] removed {len(ids)} demo containers", flush=True)
+        OUT.say(f"removed {len(ids)} demo containers")
 
 
 if __name__ == "__main__":

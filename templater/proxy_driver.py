@@ -72,6 +72,7 @@ class ProxyDriver:
                 settings.register_address,
             )  # fmt: skip
         self.running_text: str | None = None  # the configuration last written for it
+        self._applied: bytes | None = None  # the configuration last taken at runtime, until a reload
 
     # -- a change of its file
 
@@ -84,8 +85,11 @@ class ProxyDriver:
             return Outcome.SKIPPED, self._user_check
         outcome = Outcome.SKIPPED
         if self.hook is not None and current is not None and current != content and self.proxy.master() is not None:
+            if content == self._applied:  # taken at runtime before; only its write failed (a full disk)
+                return Outcome.APPLIED, None
             started = time.monotonic()
             outcome = self.hook.apply(current.decode(errors="replace"), content.decode(errors="replace"))
+            self._applied = content if outcome == Outcome.APPLIED else None
             if outcome == Outcome.APPLIED:
                 self._metrics.runtime_seconds.observe(time.monotonic() - started)
         return outcome, None if outcome == Outcome.APPLIED else self.proxy.kind.check
@@ -107,6 +111,7 @@ class ProxyDriver:
 
     def _start_or_reload(self, old: str | None, new: str | None) -> bool:
         key = f"reload:{self.proxy.key}"
+        self._applied = None  # from now on it runs a file
         try:
             if self.proxy.master() is None:
                 pid = self.proxy.ensure_running()
@@ -146,6 +151,7 @@ class ProxyDriver:
 
     def _restart(self) -> int | None:
         key = f"proxy:{self.proxy.key}"
+        self._applied = None
         try:
             pid = self.proxy.ensure_running()
         except ProxyWaiting as err:

@@ -16,6 +16,7 @@ import jinja2
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from sidecar.backoff import Backoff
 from sidecar.logs import REDACTOR
 from templater.child import Child
 from templater.deps import Catalog
@@ -38,7 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("templater")
 
 TEMPLATE_KEY = "template:"
+RETRY_KEY = "retry:writes"  # a cycle that tries again the destinations it could not write
 EDIT_SETTLE = 0.05
+WRITE_RETRY = (1.0, 30.0)  # a destination it cannot write (a full or read-only disk): backoff
 
 
 WARNED_MAX = 10_000  # distinct warnings remembered (said once each); the oldest are forgotten
@@ -73,6 +76,15 @@ class TemplateState:
     failed: bool = False
     last_text: str | None = None
     waiting: str = ""
+    write_error: str = ""  # why the last write of its destination failed, "" when it did not
+
+
+def _due(state: TemplateState, changed: set[str]) -> bool:
+    """Whether a cycle for these changes renders the template: its data changed, it was never
+    written, it failed; a cycle that only retries writes renders those whose write failed."""
+    if changed == {RETRY_KEY}:
+        return bool(state.write_error)
+    return not state.done or bool(state.deps & changed) or state.failed
 
 
 class _TemplateEvents(FileSystemEventHandler):
@@ -111,6 +123,8 @@ class Runner:
             self.dns = make_dns_sync(settings, self.metrics, self._warn)
         self._observer: Any = None
         self.last_write = 0.0  # when a destination last changed (--reload-interval)
+        self._write_backoff = Backoff(*WRITE_RETRY)
+        self._write_retry: float | None = None  # when to try the failed writes again
 
     # -- callbacks from watch threads
 
@@ -184,7 +198,7 @@ class Runner:
         for index, state in enumerate(self.templates):
             if TEMPLATE_KEY + str(state.spec.source) in changed:
                 state.compiled = None
-            elif state.done and not (state.deps & changed) and not state.failed:
+            elif not _due(state, changed):
                 continue
             started = time.perf_counter()
             result = self._render(state, view)
@@ -235,10 +249,16 @@ class Runner:
                 self.driver.after_refusal(current)
             return False
         except OSError as err:
-            state.failed = True
-            log.error("cannot write %s for template %s: %s", spec.dest, spec.name, err)
+            self._write_failed(state, f"cannot write {spec.dest} for template {spec.name}: {err}")
             return False
         self.metrics.problem(f"check:{spec.name}", None)
+        if state.write_error:
+            log.info("wrote %s again for template %s", spec.dest, spec.name)
+            state.write_error = ""
+            self.metrics.problem(f"write:{spec.name}", None)
+            if not any(t.write_error for t in self.templates):
+                self._write_retry = None
+                self._write_backoff.reset()
         state.done, state.last_text = True, result.text
         if not changed_file:
             return True
@@ -247,6 +267,19 @@ class Runner:
         log.info("rendered %s -> %s render_ms=%.1f", spec.name, spec.dest, render_ms)
         old = current.decode(errors="replace") if current is not None and index == 0 else None
         return Written(spec, outcome, old, result.text if index == 0 else None)
+
+    def _write_failed(self, state: TemplateState, message: str) -> None:
+        """The last good file stays; said once per different error, in /health until a write
+        succeeds, and tried again with a capped backoff (no change of data needed)."""
+        state.failed = True
+        if message != state.write_error:
+            log.error("%s; keeping the last good file, trying again", message)
+        state.write_error = message
+        self.metrics.problem(f"write:{state.spec.name}", message)
+        self._write_retry = time.monotonic() + self._write_backoff.next_delay()
+
+    def _retry_due(self) -> bool:
+        return self._write_retry is not None and time.monotonic() >= self._write_retry
 
     def _hand_over(self, written: list[Written]) -> bool:
         """Each template's command once per batch; the proxy started or reloaded once, after its
@@ -395,7 +428,10 @@ class Runner:
                         self.child.reload()
                 changed = set()
                 while not stop.is_set() and not changed:
-                    changed = self.store.wait(0.5)
+                    retry = self._write_retry
+                    changed = self.store.wait(0.5 if retry is None else max(0.0, min(0.5, retry - time.monotonic())))
+                    if not changed and self._retry_due():
+                        changed = {RETRY_KEY}
                     if self.sources.gave_up():
                         return 1
                     if self.child is not None and not self.child.running():
