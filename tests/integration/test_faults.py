@@ -6,6 +6,7 @@ import contextlib
 import errno
 import http.server
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -205,3 +206,42 @@ def test_a_slow_consul_that_cuts_its_connections_never_empties_the_output(consul
     wait_until(lambda: "slow5 9605" in dest.read_text(), timeout=10, what="a change after it healed")
     assert time.monotonic() - started < 2.5
     faulty.stop()
+
+
+def test_a_registrar_killed_while_containers_come_and_go_restores_the_catalog_at_start(
+    consul, containers, registrar, hostname
+):
+    """SIGKILL while containers start, stop and are removed about once a second; started again
+    10 s later: the agent lists exactly the running containers (ours) within 2 s of its start."""
+    proc = registrar("--cleanup")
+    running = [containers.run(labels={"SERVICE_NAME": "churn"}) for _ in range(3)]
+
+    def ours() -> set[str]:
+        return {sid for sid, s in consul.services().items() if s["Service"] == "churn" and sid.startswith(hostname)}
+
+    def want() -> set[str]:
+        return {f"{hostname}:{c.name}:8080" for c in running}
+
+    def churn(seconds: float) -> None:
+        """A container started, and one stopped (or removed) about every second."""
+        end = time.monotonic() + seconds
+        step = 0
+        while time.monotonic() < end:
+            step += 1
+            running.append(containers.run(labels={"SERVICE_NAME": "churn"}))
+            gone = running.pop(0)
+            if step % 2:
+                gone.stop(timeout=1)
+            else:
+                gone.remove(force=True)
+            time.sleep(0.5)
+
+    wait_until(lambda: ours() == want(), timeout=10, what="registered")
+    churn(3.0)
+    proc.stop(signal.SIGKILL)
+    churn(10.0)
+    started = time.monotonic()
+    registrar("--cleanup", ready=False)
+    wait_until(lambda: ours() == want(), timeout=10, what="the catalog equal to the running containers")
+    took = time.monotonic() - started
+    assert took < 2.0, f"{took:.2f} s after its start"
