@@ -16,6 +16,7 @@ from typing import Any
 from registrar.errors import LabelError
 from registrar.model import STATUSES, Check, Service
 from sidecar.durations import is_duration
+from sidecar.text import UNSAFE
 
 _DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _SERVICE_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}\Z")
@@ -23,7 +24,6 @@ _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 _URL_PATH = re.compile(r"^/[\x21-\x7e]*\Z")
 _URL = re.compile(r"^https?://[\x21-\x7e]+\Z")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.:\[\]-]+:\d{1,5}\Z")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _RESERVED = {"name", "tags", "id", "ignore"}
 OWNER_META = "registrar_host"  # which registrar made a registration: its --hostname
 # where an instance comes from, for whoever reads the Consul UI; set by the registrar only
@@ -181,7 +181,8 @@ def _ports(inspect: dict[str, Any]) -> list[_Port]:
             (binding or {}).get("HostIp", "") or "0.0.0.0",
             str((binding or {}).get("HostPort", "") or ""),
         )
-    return list(found.values())
+    # what the engine reports is a port number: anything else is no port of a service
+    return [p for p in found.values() if p.exposed.isdigit() and 0 < int(p.exposed) < 65536]
 
 
 def _first_binding(bindings: list[dict[str, str]]) -> dict[str, str] | None:
@@ -275,7 +276,7 @@ def _service(
             raise bad(key, "meta key must be letters, digits, '_' or '-' (and not consul-*)")
         if key in ORIGIN_META:
             raise bad(key, f"meta key {key} is set by the registrar itself")
-        if _CONTROL.search(value.value):
+        if UNSAFE.search(value.value):
             raise bad(key, "meta value contains a control character or newline")
         if len(value.value) > META_VALUE_MAX:
             raise bad(key, f"meta value longer than {META_VALUE_MAX} characters")
@@ -310,7 +311,7 @@ def _origin(inspect: dict[str, Any], container: str, hostname: str) -> dict[str,
         "image": image,
         OWNER_META: hostname,
     }
-    return {k: _CONTROL.sub("?", v)[:META_VALUE_MAX] for k, v in values.items()}
+    return {k: UNSAFE.sub("?", v)[:META_VALUE_MAX] for k, v in values.items()}
 
 
 def _tags(values: dict[str, _Value], settings: SpecSettings, container: str) -> list[str]:
@@ -319,7 +320,7 @@ def _tags(values: dict[str, _Value], settings: SpecSettings, container: str) -> 
     if raw:
         for tag in raw.value.split(","):
             tag = tag.strip()
-            if _CONTROL.search(tag):
+            if UNSAFE.search(tag):
                 raise LabelError(container, raw.label, raw.value, "tag contains a control character or newline")
             if tag and tag not in tags:
                 tags.append(tag)
@@ -369,7 +370,7 @@ def _check(values: dict[str, _Value], host: str, port: int, bad: Any, allow_scri
         else:
             raise bad(key, "expected true or a gRPC service name")
     elif kind == "script":
-        if not raw or _CONTROL.search(raw):
+        if not raw or UNSAFE.search(raw):
             raise bad(key, "script must be one non-empty line")
         target = raw.replace("$SERVICE_IP", host).replace("$SERVICE_PORT", str(port))
     elif kind == "ttl" and not is_duration(raw):

@@ -21,6 +21,7 @@ from jinja2 import pass_context
 from jinja2.sandbox import SandboxedEnvironment
 
 from sidecar.logs import REDACTOR
+from sidecar.text import UNSAFE
 from templater.catalog import PASSING, Instance, Snapshot, listing
 from templater.deps import Dependency, catalog, kv
 from templater.errors import TemplateError
@@ -265,14 +266,11 @@ def _context_warn(context: Any, message: str) -> None:
         warn(message)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def haproxy_quote(value: Any) -> str:
     """value as one double-quoted HAProxy argument: \\, \", $ and # cannot escape from it.
     Line breaks and control characters cannot be represented safely: the render fails."""
     text = str(value)
-    if _CONTROL.search(text):
+    if UNSAFE.search(text):
         raise ValueError(f"haproxy_quote: {text!r} holds a line break or control character")
     return '"' + re.sub(r'([\\"$#])', r"\\\1", text) + '"'
 
@@ -281,7 +279,7 @@ def nginx_quote(value: Any) -> str:
     """value as one double-quoted NGINX string. NGINX has no escape for `$` (variables), so a
     value with `$`, a line break or a control character fails the render rather than inject."""
     text = str(value)
-    if _CONTROL.search(text) or "$" in text:
+    if UNSAFE.search(text) or "$" in text:
         raise ValueError(f"nginx_quote: {text!r} holds $, a line break or a control character")
     return '"' + re.sub(r'([\\"])', r"\\\1", text) + '"'
 
