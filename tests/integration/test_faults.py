@@ -6,20 +6,25 @@ import contextlib
 import errno
 import http.server
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import docker
 import psutil
 import pytest
 
+from sidecar.demo_image import ensure_image
 from tests.integration.test_hardening import RAW_WEIGHT, admin, register
-from tests.support import TcpForwarder, free_port, health, wait_until
-from tests.traffic import get
+from tests.support import ROOT, Process, TcpForwarder, free_port, health, wait_until
+from tests.traffic import Load, get
 
 pytestmark = pytest.mark.integration
 
@@ -245,3 +250,140 @@ def test_a_registrar_killed_while_containers_come_and_go_restores_the_catalog_at
     wait_until(lambda: ours() == want(), timeout=10, what="the catalog equal to the running containers")
     took = time.monotonic() - started
     assert took < 2.0, f"{took:.2f} s after its start"
+
+
+BRIDGE = "csfault0"  # the private engine's own bridge: with `--bridge none` dockerd deletes docker0
+
+
+class PrivateEngine:
+    """A Docker engine of the test's own (its socket, data, exec root, containerd namespace and
+    bridge; no iptables), so it can be stopped and started again without touching the engine
+    the rest of the suite uses. Stopped by its PID."""
+
+    def __init__(self, root: Path, live_restore: bool) -> None:
+        self.root = root
+        self.socket = root / "docker.sock"
+        self.url = f"unix://{self.socket}"
+        self.live_restore = live_restore
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exec_root = Path("/run") / f"consul-sidecar-{self.root.name}"  # short: unix socket paths are short
+        argv = ["dockerd", "-H", self.url, "--data-root", str(DATA_ROOT), "--exec-root", str(exec_root),
+                "--pidfile", str(self.root / "dockerd.pid"), "--bridge", BRIDGE, "--iptables=false",
+                "--ip6tables=false", "--containerd-namespace", "consul-sidecar-faults",
+                "--containerd-plugins-namespace", "consul-sidecar-faults-plugins",
+                *(["--live-restore"] if self.live_restore else [])]  # fmt: skip
+        with open(self.root / "dockerd.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._answers, timeout=60, what="the private dockerd")
+
+    def _answers(self) -> bool:
+        """GET /_ping on its socket (a plain socket: nothing left open when it is not there yet)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            try:
+                sock.connect(str(self.socket))
+                sock.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+                return b" 200 " in sock.recv(64)
+            except OSError:
+                return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+    def client(self) -> docker.DockerClient:
+        return docker.DockerClient(base_url=self.url, timeout=30)
+
+
+DATA_ROOT = Path("/var/lib/consul-sidecar-faults-docker")
+DOCKER0_BEFORE = Path("/sys/class/net/docker0").exists()  # kept between runs: the image import is cached
+
+
+@pytest.fixture(params=[True, False], ids=["live-restore", "no-live-restore"])
+def private_engine(request, tmp_path: Path) -> Iterator[PrivateEngine]:
+    root = Path(tempfile.mkdtemp(prefix="eng", dir="/tmp"))
+    engine = PrivateEngine(root, request.param)
+    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)  # one a killed run left
+    subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", "10.231.0.1/24", "dev", BRIDGE], check=True)
+    subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        if engine.proc is None or engine.proc.poll() is not None:
+            engine.start()
+        client = engine.client()
+        try:
+            for container in client.containers.list(all=True):  # every container of this engine is ours
+                container.remove(force=True)
+        finally:
+            client.close()
+            engine.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+    assert Path("/sys/class/net/docker0").exists() or not DOCKER0_BEFORE, "the suite's engine lost docker0"
+
+
+def test_an_engine_restart_is_followed_by_a_resync(consul, templater, workdir, hostname, private_engine):
+    """The Docker engine stops and starts again. With live-restore its containers keep running:
+    nothing is deregistered and no request through the proxy fails. Without it they stop: the
+    registrar deregisters them when the engine is back, and registers again the one whose restart
+    policy brought it back."""
+    engine = private_engine
+    client = engine.client()
+    image = ensure_image(client)
+    ports = [free_port() for _ in range(3)]
+
+    def run(port: int, **host: Any) -> Any:
+        """A container on the host's network, its port exposed (docker-py's run() refuses ports there)."""
+        config = client.api.create_host_config(network_mode="host", **host)
+        labels = {"SERVICE_NAME": "engine", "SERVICE_HTTP_HOST": "engine.test"}
+        created = client.api.create_container(
+            image, ["sh", "-c", f"httpd -f -p 127.0.0.1:{port} -h /www"], ports=[port], labels=labels,
+            host_config=config,
+        )  # fmt: skip
+        client.api.start(created["Id"])
+        return client.containers.get(created["Id"])
+
+    running = [run(ports[0]), run(ports[1]), run(ports[2], restart_policy={"Name": "always", "MaximumRetryCount": 0})]
+    want = {f"{hostname}:{c.name}:{p}" for c, p in zip(running, ports, strict=True)}
+    registrar = Process("registrar", ["--consul", consul.url, "--hostname", hostname, "--docker", engine.url,
+                                      "--retry-interval", "500", "--cleanup"], workdir)  # fmt: skip
+    http = free_port()
+    templater(
+        "--template", f"{ROOT / 'templates' / 'haproxy.cfg.j2'}:{workdir / 'engine.cfg'}", "--proxy", "haproxy",
+        "--var", f"runtime_dir={workdir}", "--var", f"http_port={http}", "--var", "bind_address=127.0.0.1",
+        "--stop-proxy",
+    )  # fmt: skip
+
+    def ours() -> set[str]:
+        return {sid for sid, s in consul.services().items() if s["Service"] == "engine"}
+
+    try:
+        wait_until(lambda: ours() == want, timeout=20, what="registered")
+        wait_until(lambda: get(http, "engine.test")[0] == 200, timeout=20, what="routed")
+        with Load(http, "engine.test") as load:
+            time.sleep(1.0)
+            engine.stop()
+            time.sleep(2.0)  # the engine is gone; the registrar's event stream broke
+            assert registrar.alive()
+            engine.start()
+            wait_until(lambda: registrar.output().count("docker events connected") >= 2, timeout=20,
+                       what="the registrar reconnected")  # fmt: skip
+            if engine.live_restore:
+                time.sleep(2.0)  # its resync after reconnecting: nothing to change
+                assert ours() == want
+            else:
+                back = {f"{hostname}:{running[2].name}:{ports[2]}"}  # restart policy always
+                wait_until(lambda: ours() == back, timeout=30, what="the stopped ones deregistered, one back")
+            time.sleep(1.0)
+        assert registrar.alive()
+        if engine.live_restore:
+            assert load.ok > 50 and load.failures == [], load.failures[:5]
+    finally:
+        registrar.stop()
+        client.close()
