@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import re
 import signal
@@ -22,6 +21,7 @@ from sidecar.backoff import sleep
 from sidecar.consul_conn import warn_if_token_on_command_line
 from sidecar.status import StatusServer
 from sidecar.threads import Supervisor
+from sidecar.version import version
 
 log = logging.getLogger("registrar")
 
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_mod.parse(argv)
     logs.setup(settings.log_level)
     warn_if_token_on_command_line(argv, log)
+    for note in settings.notes:
+        log.info("registrator flag %s", note)
     stop = threading.Event()
     registry = ConsulRegistry(settings.consul)
     source = DockerSource(settings.docker_url)
@@ -115,16 +117,9 @@ def own_service(settings: settings_mod.Settings, docker: str) -> Service | None:
         container_name="",
         tags=("sidecar",),
         # meta values are tokens: the templater leaves out (with a warning) one with a space
-        meta={"registrar_host": hostname, "docker": re.sub(r"\s+", "-", docker)[:200], "version": _version()},
+        meta={"registrar_host": hostname, "docker": re.sub(r"\s+", "-", docker)[:200], "version": version()},
         checks=(check,),
     )
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("consul-sidecar")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def resync_loop(watcher: DockerWatcher, every: float, stop: threading.Event) -> None:

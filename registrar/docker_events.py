@@ -20,6 +20,16 @@ log = logging.getLogger("registrar.docker")
 EVENTS = {"start", "die", "kill", "pause", "unpause", "destroy", "rename", "health_status"}
 
 
+DOCKER_SOCKETS = ("/var/run/docker.sock", "/tmp/docker.sock")  # registrator's docs mount it at /tmp
+
+
+def default_docker_url(environ: dict[str, str], exists: Callable[[str], bool]) -> str | None:
+    """DOCKER_HOST, else the first Docker socket there is (None: docker-py's own default)."""
+    if environ.get("DOCKER_HOST"):
+        return environ["DOCKER_HOST"]
+    return next((f"unix://{path}" for path in DOCKER_SOCKETS if exists(path)), None)
+
+
 class DockerSource:
     """docker-py behind our error types. The stream is opened before any listing, so that
     nothing that happens between the two is missed (registrator's rule).

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from registrar.consul_registry import ConsulRegistry
-from registrar.docker_events import DockerSource
+from registrar.docker_events import DockerSource, default_docker_url
 from registrar.sync import now_text
 from sidecar.consul_conn import add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
@@ -49,7 +49,11 @@ def parser() -> argparse.ArgumentParser:
         description="Put a container's services in Consul maintenance, let every proxy drop them, then stop it.",
     )
     add_consul_arguments(p)
-    p.add_argument("--docker", default=os.environ.get("DOCKER_HOST"), help="Docker engine URL (DOCKER_HOST)")
+    p.add_argument(
+        "--docker",
+        default=default_docker_url(dict(os.environ), os.path.exists),
+        help="Docker engine URL (DOCKER_HOST; else /var/run/docker.sock, or /tmp/docker.sock as registrator mounts it)",
+    )
     p.add_argument("--drain", default="2s", help="wait this long between the maintenance and the stop signal")
     p.add_argument("-t", "--time", type=int, default=None, help="seconds to wait for it to stop before killing it")
     p.add_argument("containers", nargs="+", metavar="CONTAINER", help="name or ID")

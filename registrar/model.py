@@ -28,6 +28,7 @@ class Check:
     initial_status: str | None = None
     deregister_after: str | None = None
     tls_skip_verify: bool = False
+    method: str = "GET"  # HTTP(S): registrator's SERVICE_CHECK_HTTP_METHOD
     name: str = ""  # shown in the Consul UI; a description of what runs when empty
     notes: str = ""
 
@@ -42,7 +43,7 @@ class Check:
             url = urllib.parse.urlsplit(self.target)
             local = url.hostname in ("127.0.0.1", "::1", "localhost") or not url.hostname
             where = (url.path or "/") + (f"?{url.query}" if url.query else "") if local else self.target
-            return f"{self.kind.upper()} GET {where} every {self.interval}"
+            return f"{self.kind.upper()} {self.method} {where} every {self.interval}"
         if self.kind == "tcp":
             return f"TCP connect {self.target} every {self.interval}"
         if self.kind == "grpc":
@@ -71,6 +72,8 @@ class Check:
             body.update(HTTP=self.target, Interval=self.interval)
             if self.tls_skip_verify:
                 body["TLSSkipVerify"] = True
+            if self.method != "GET":
+                body["Method"] = self.method
         elif self.kind == "tcp":
             body.update(TCP=self.target, Interval=self.interval)
         elif self.kind == "grpc":

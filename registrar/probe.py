@@ -37,7 +37,7 @@ def probe_once(check: Check, timeout: float = 0.5) -> bool:
             path = url.path or "/"
             if url.query:
                 path += "?" + url.query
-            conn.request("GET", path, headers={"User-Agent": "registrar-readiness"})
+            conn.request(check.method, path, headers={"User-Agent": "registrar-readiness"})
             return 200 <= conn.getresponse().status < 300
         finally:
             conn.close()

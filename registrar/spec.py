@@ -18,18 +18,22 @@ from registrar.model import STATUSES, Check, Service
 from sidecar.durations import is_duration
 from sidecar.text import UNSAFE
 
+_YES = ("true", "1", "yes")
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")  # what Consul and registrator accept
 _DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _SERVICE_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}\Z")
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 _URL_PATH = re.compile(r"^/[\x21-\x7e]*\Z")
 _URL = re.compile(r"^https?://[\x21-\x7e]+\Z")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.:\[\]-]+:\d{1,5}\Z")
-_RESERVED = {"name", "tags", "id", "ignore"}
+_RESERVED = {"name", "tags", "id", "ignore", "register"}
 OWNER_META = "registrar_host"  # which registrar made a registration: its --hostname
 # where an instance comes from, for whoever reads the Consul UI; set by the registrar only
 ORIGIN_META = ("container_name", "container_id", "image", OWNER_META)
 _CHECK_KINDS = ("http", "https", "tcp", "grpc", "script", "ttl")
-_CHECK_OPTIONS = ("interval", "timeout", "initial_status", "deregister_after", "tls_skip_verify")
+_CHECK_OPTIONS = ("interval", "timeout", "initial_status", "deregister_after", "tls_skip_verify", "http_method",
+                  "https_method")  # fmt: skip
+_METHODS = ("GET", "HEAD", "POST", "PUT", "OPTIONS", "PATCH", "DELETE")
 _CHECK_KEYS = {f"check_{k}" for k in (*_CHECK_KINDS, *_CHECK_OPTIONS)}
 META_VALUE_MAX = 512
 META_KEYS_MAX = 64
@@ -44,6 +48,7 @@ class SpecSettings:
     force_tags: tuple[str, ...] = ()
     use_ip_from_label: str = ""
     allow_script_checks: bool = False  # SERVICE_CHECK_SCRIPT runs label text on the host, via the agent
+    require_label: bool = False  # registrator's -require-label: only containers with SERVICE_REGISTER=true
 
 
 @dataclass
@@ -51,6 +56,7 @@ class SpecResult:
     services: list[Service] = field(default_factory=list)
     errors: list[LabelError] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # registered, with something to know
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,9 @@ def services_for(inspect: dict[str, Any], settings: SpecSettings) -> SpecResult:
     if generic_values.get("ignore", _Value("", "")).value:
         result.skipped.append(f"container={name} SERVICE_IGNORE set")
         return result
+    if settings.require_label and generic_values.get("register", _Value("", "")).value.lower() not in _YES:
+        result.skipped.append(f"container={name} no SERVICE_REGISTER=true (--require-label)")
+        return result
 
     try:
         ip_override = _ip_from_label(config, settings, name)
@@ -109,7 +118,7 @@ def services_for(inspect: dict[str, Any], settings: SpecSettings) -> SpecResult:
         if settings.explicit and "name" not in values:
             continue
         try:
-            service = _service(inspect, port, values, settings, ip_override, group)
+            service = _service(inspect, port, values, settings, ip_override, group, result.warnings)
         except LabelError as err:
             result.errors.append(err)
             continue
@@ -230,7 +239,9 @@ def _service(
     settings: SpecSettings,
     ip_override: str,
     group: bool,
+    warnings: list[str],
 ) -> Service:
+    """warnings: what to say about a service registered all the same."""
     container = container_name(inspect)
     config = inspect.get("Config") or {}
 
@@ -240,8 +251,11 @@ def _service(
 
     if "name" in values:
         name = values["name"].value.strip()
+        if not _SERVICE_NAME.match(name):
+            raise bad("name", "service name may hold only letters, digits and '.', '_', '-' (max 255)")
         if not _DNS_LABEL.match(name):
-            raise bad("name", "service name must be a DNS label (letters, digits, '-', max 63)")
+            warnings.append(f"container={container} service={name}: not a DNS label, so not found through "
+                            "Consul DNS (registered all the same, as registrator does)")  # fmt: skip
     else:
         name = _default_name(str(config.get("Image") or ""), port, group)
 
@@ -390,6 +404,15 @@ def _check(values: dict[str, _Value], host: str, port: int, bad: Any, allow_scri
         if status not in STATUSES:
             raise bad("check_initial_status", "expected passing, warning or critical")
     skip_verify = values.get("check_tls_skip_verify", _Value("", "")).value.lower() in ("1", "true", "yes")
+    method = "GET"
+    for option in ("check_http_method", "check_https_method"):
+        if option in values:
+            if option != f"check_{kind}_method":
+                checked = option.removeprefix("check_").removesuffix("_method").upper()
+                raise bad(option, f"a method for SERVICE_CHECK_{checked}; this check is SERVICE_CHECK_{kind.upper()}")
+            method = values[option].value.strip().upper()
+            if method not in _METHODS:
+                raise bad(option, f"expected an HTTP method: {', '.join(_METHODS)}")
     return Check(
         kind=kind,
         target=target if kind != "ttl" else "",
@@ -399,6 +422,7 @@ def _check(values: dict[str, _Value], host: str, port: int, bad: Any, allow_scri
         initial_status=status,
         deregister_after=durations.get("deregister_after"),
         tls_skip_verify=skip_verify,
+        method=method,
     )
 
 

@@ -8,6 +8,7 @@ holds and restores anything it lost.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -226,9 +227,9 @@ class Syncer:
 
     def _handle(self, intent: Intent, seq: int = 0) -> None:
         if isinstance(intent, Died):
-            self._died_at[intent.container_id] = seq
+            _remember(self._died_at, intent.container_id, seq)
         elif isinstance(intent, Up) and intent.fresh:
-            self._up_at[str(intent.inspect.get("Id", ""))] = seq
+            _remember(self._up_at, str(intent.inspect.get("Id", "")), seq)
         try:
             if isinstance(intent, Up):
                 self._up(intent)
@@ -263,6 +264,8 @@ class Syncer:
             log.error("skipped %s", error)
         for note in result.skipped:
             log.info("ignored %s", note)
+        for warning in result.warnings:
+            log.warning("%s", warning)
         old = self._containers.get(container_id)
         if intent.fresh:
             # A restarted container is not ready because its previous run was.
@@ -372,10 +375,6 @@ class Syncer:
                 log.info("listing skipped %s: it died after the listing began", kv(container=container_name(inspect)))
                 continue
             self._up(Up(inspect, fresh=False))
-        for seen in (self._died_at, self._up_at):
-            if len(seen) > SEEN_MAX:
-                for container_id in sorted(seen, key=seen.__getitem__)[: SEEN_MAX // 2]:
-                    del seen[container_id]
         self._reconcile()
 
     def _ready(self, intent: Ready) -> None:
@@ -675,3 +674,13 @@ class Syncer:
 def now_text() -> str:
     """The time in maintenance reasons the Consul UI shows: 2026-11-30T05:00:00Z."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _remember(seen: dict[str, int], container_id: str, seq: int) -> None:
+    """A container's latest event sequence, for listings in flight; the oldest half goes once
+    there are SEEN_MAX (a host where containers come and go never stops adding to it)."""
+    seen.pop(container_id, None)  # the newest last: the dict is in event order
+    seen[container_id] = seq
+    if len(seen) > SEEN_MAX:
+        for old in list(itertools.islice(seen, SEEN_MAX // 2)):
+            del seen[old]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(settings.log_level)
     metrics = Metrics()
     warn_if_token_on_command_line(argv, log)
+    for note in settings.notes:
+        log.info("consul-template flag %s", note)
+    if settings.pid_file is not None:
+        settings.pid_file.write_text(f"{os.getpid()}\n")
     hook = None
     if settings.proxy == "haproxy" and not settings.dry:
         hook = RuntimeHook(settings.templates[0].dest, settings.drain_timeout, metrics)
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if status is not None:
             status.stop()
+        if settings.pid_file is not None:
+            settings.pid_file.unlink(missing_ok=True)
         log.info("templater stopped")
 
 

@@ -15,10 +15,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from sidecar.backoff import Backoff
 from sidecar.threads import Supervisor
+from templater.catalog import Snapshot
+from templater.deps import Catalog
 from templater.dns_records import Desired, Plan, Zone, applied, plan
+from templater.dns_records import desired as records_for
 from templater.dns_server import DnsConflict, DnsError, DnsServer, read_key_file
 from templater.settings import Settings
 from templater.status import Metrics
@@ -26,6 +30,10 @@ from templater.status import Metrics
 log = logging.getLogger("templater.dns")
 
 FULL_EVERY = 10  # periodic syncs per zone transfer while the SOA serial shows no other writer
+
+
+class CatalogView(Protocol):
+    def catalog(self, dc: str) -> Snapshot | None: ...
 
 
 class DnsSync:
@@ -61,6 +69,20 @@ class DnsSync:
     @property
     def dc(self) -> str:
         return self.server.naming.dc
+
+    def cycle(self, view: CatalogView, changed: set[str], once: bool) -> bool | None:
+        """After a render cycle: offer the records the catalog now asks for (--once: sync here).
+        None until the catalog has been read: nothing is ever sent before Consul answered."""
+        snapshot = view.catalog(self.dc)
+        if snapshot is None:
+            return None
+        if self.offered and Catalog(self.dc).key not in changed:
+            return True
+        want = records_for(snapshot, self.server.naming)
+        if once:
+            return self.sync_now(want)
+        self.offer(want)
+        return True
 
     def _take(self, desired: Desired) -> None:
         for warning in desired.warnings:

@@ -5,33 +5,27 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jinja2
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from sidecar.backoff import Backoff
 from sidecar.logs import REDACTOR
 from templater.child import Child
 from templater.deps import Catalog
-from templater.dns_records import desired
-from templater.errors import CheckFailed, CommandFailed, TemplateError
+from templater.errors import TemplateError
 from templater.fragments import Fragments
-from templater.haproxy_runtime import Outcome
-from templater.output import read_current, run_command, swap
 from templater.proxy_driver import ProxyDriver, ProxyHook
 from templater.render import RenderResult, compile_template, env_allowed, make_environment, render
-from templater.routes import RouteMemo
-from templater.settings import Settings, TemplateSpec
+from templater.settings import Settings
 from templater.sources import Sources
 from templater.status import Metrics
 from templater.store import FrozenView, Store
+from templater.writer import TemplateState, Writer, Written
 
 if TYPE_CHECKING:
     from templater.dns_sync import DnsSync
@@ -41,20 +35,9 @@ log = logging.getLogger("templater")
 TEMPLATE_KEY = "template:"
 RETRY_KEY = "retry:writes"  # a cycle that tries again the destinations it could not write
 EDIT_SETTLE = 0.05
-WRITE_RETRY = (1.0, 30.0)  # a destination it cannot write (a full or read-only disk): backoff
 
 
 WARNED_MAX = 10_000  # distinct warnings remembered (said once each); the oldest are forgotten
-
-
-@dataclass(frozen=True)
-class Written:
-    """A destination that changed in a cycle (old and new text for the proxy's own file)."""
-
-    spec: TemplateSpec
-    outcome: str  # what the proxy's runtime API did with it (Outcome)
-    old_text: str | None
-    new_text: str | None
 
 
 @dataclass(frozen=True)
@@ -62,21 +45,6 @@ class CycleResult:
     all_done: bool  # every template written (and the DNS sync offered its records)
     failed: bool
     wrote: bool  # a destination changed
-
-
-@dataclass
-class TemplateState:
-    spec: TemplateSpec
-    compiled: jinja2.Template | None = None
-    fragments: Fragments = field(default_factory=Fragments)  # its kept {% cache %} blocks
-    routes: RouteMemo = field(default_factory=RouteMemo)  # routes() per service, across renders
-    result: RenderResult | None = None
-    deps: set[str] = field(default_factory=set)
-    done: bool = False  # rendered completely and written at least once
-    failed: bool = False
-    last_text: str | None = None
-    waiting: str = ""
-    write_error: str = ""  # why the last write of its destination failed, "" when it did not
 
 
 def _due(state: TemplateState, changed: set[str]) -> bool:
@@ -122,9 +90,7 @@ class Runner:
 
             self.dns = make_dns_sync(settings, self.metrics, self._warn)
         self._observer: Any = None
-        self.last_write = 0.0  # when a destination last changed (--reload-interval)
-        self._write_backoff = Backoff(*WRITE_RETRY)
-        self._write_retry: float | None = None  # when to try the failed writes again
+        self.writer = Writer(settings, self.metrics, self.driver)
 
     # -- callbacks from watch threads
 
@@ -208,106 +174,12 @@ class Runner:
                 continue
             for dep in sorted(result.used, key=lambda d: d.key):
                 self.sources.watch(dep)
-            step = self._write(index, state, result, (time.perf_counter() - started) * 1000)
+            step = self.writer.write(index, state, result, (time.perf_counter() - started) * 1000)
             failed |= step is False
             if isinstance(step, Written):
                 written.append(step)
-        failed |= not self._hand_over(written)
+        failed |= not self.writer.hand_over(written)
         return self._finish(view, changed, written, failed, rendered)
-
-    def _write(self, index: int, state: TemplateState, result: RenderResult, render_ms: float) -> Written | bool:
-        """One rendered template to its destination: Written when the file changed, True when it
-        did not (or --dry, or data is still missing), False when the write or its check failed."""
-        spec = state.spec
-        if not result.complete:
-            waiting = ", ".join(sorted(dep.key for dep in result.missing))
-            if waiting != state.waiting:
-                log.info("template %s waiting for %s", spec.name, waiting)
-            state.waiting = waiting
-            return True
-        state.waiting = ""
-        if self.settings.dry:
-            if result.text != state.last_text:
-                sys.stdout.write(f"> {spec.dest}\n{result.text}")
-                sys.stdout.flush()
-            state.last_text, state.done = result.text, True
-            return True
-        content = result.text.encode()
-        outcome, check = Outcome.SKIPPED, self.settings.check
-        current: bytes | None = None
-        try:
-            current = read_current(spec.dest)
-            if index == 0 and self.driver is not None:
-                outcome, check = self.driver.before_write(current, content)
-            changed_file = swap(spec.dest, content, current, spec.name, check, self.settings.backup)
-        except CheckFailed as err:
-            state.failed = True
-            self.metrics.add(check_failures=1)
-            self.metrics.problem(f"check:{spec.name}", str(err).splitlines()[0])
-            log.error("%s; keeping the last good %s", err, spec.dest)
-            if outcome == Outcome.REFUSED and self.driver is not None:
-                self.driver.after_refusal(current)
-            return False
-        except OSError as err:
-            self._write_failed(state, f"cannot write {spec.dest} for template {spec.name}: {err}")
-            return False
-        self.metrics.problem(f"check:{spec.name}", None)
-        if state.write_error:
-            log.info("wrote %s again for template %s", spec.dest, spec.name)
-            state.write_error = ""
-            self.metrics.problem(f"write:{spec.name}", None)
-            if not any(t.write_error for t in self.templates):
-                self._write_retry = None
-                self._write_backoff.reset()
-        state.done, state.last_text = True, result.text
-        if not changed_file:
-            return True
-        self.metrics.add(writes=1)
-        self.last_write = time.monotonic()
-        log.info("rendered %s -> %s render_ms=%.1f", spec.name, spec.dest, render_ms)
-        old = current.decode(errors="replace") if current is not None and index == 0 else None
-        return Written(spec, outcome, old, result.text if index == 0 else None)
-
-    def _write_failed(self, state: TemplateState, message: str) -> None:
-        """The last good file stays; said once per different error, in /health until a write
-        succeeds, and tried again with a capped backoff (no change of data needed)."""
-        state.failed = True
-        if message != state.write_error:
-            log.error("%s; keeping the last good file, trying again", message)
-        state.write_error = message
-        self.metrics.problem(f"write:{state.spec.name}", message)
-        self._write_retry = time.monotonic() + self._write_backoff.next_delay()
-
-    def _retry_due(self) -> bool:
-        return self._write_retry is not None and time.monotonic() >= self._write_retry
-
-    def _hand_over(self, written: list[Written]) -> bool:
-        """Each template's command once per batch; the proxy started or reloaded once, after its
-        files: any template without a command is the proxy's. False when one failed."""
-        ok = True
-        for command in dict.fromkeys(w.spec.command for w in written if w.spec.command):
-            try:
-                run_command(command)
-                self.metrics.add(reloads=1)
-                log.info("command ran: %s", command)
-            except CommandFailed as err:
-                ok = False
-                self.metrics.add(reload_failures=1)
-                log.error("%s", err)
-        mine = [w for w in written if not w.spec.command]
-        if self.driver is None or not mine:
-            return ok
-        first = next((w for w in mine if w.new_text is not None), None)  # the proxy's own file
-        others = any(w is not first for w in mine)  # other files it reads: only a reload takes them
-        if first is not None and (first.outcome == Outcome.APPLIED or not others):
-            ok &= self.driver.after_write(first.old_text, first.new_text, first.outcome)
-            if others:
-                ok &= self.driver.after_write(None, None, Outcome.SKIPPED)
-        elif first is not None:
-            ok &= self.driver.after_write(first.old_text, first.new_text, Outcome.SKIPPED)
-        else:
-            ok &= self.driver.after_write(None, None, Outcome.SKIPPED)
-        return ok
 
     def _finish(
         self, view: FrozenView, changed: set[str], written: list[Written], failed: bool, rendered: bool
@@ -317,7 +189,7 @@ class Runner:
             self.metrics.change_to_write.observe(time.monotonic() - since)
         all_done = all(t.done for t in self.templates)
         if self.dns is not None:
-            dns_ok = self._dns_cycle(view, changed)
+            dns_ok = self.dns.cycle(view, changed, self.settings.once)
             all_done &= dns_ok is not None
             failed |= dns_ok is False
         if all_done and not failed:
@@ -332,21 +204,6 @@ class Runner:
             # a few ms, off the path of the change
             gc.collect(1)
         return CycleResult(all_done, failed, bool(written))
-
-    def _dns_cycle(self, view: FrozenView, changed: set[str]) -> bool | None:
-        """Offer the records the catalog now asks for to the DNS worker (--once: sync here).
-        None until the catalog has been read: nothing is ever sent before Consul answered."""
-        assert self.dns is not None
-        snapshot = view.catalog(self.dns.dc)
-        if snapshot is None:
-            return None
-        if self.dns.offered and Catalog(self.dns.dc).key not in changed:
-            return True
-        want = desired(snapshot, self.dns.server.naming)
-        if self.settings.once:
-            return self.dns.sync_now(want)
-        self.dns.offer(want)
-        return True
 
     # -- the loop
 
@@ -389,7 +246,7 @@ class Runner:
         if interval <= 0:
             return changed
         while not stop.is_set():
-            remaining = self.last_write + interval - time.monotonic()
+            remaining = self.writer.last_write + interval - time.monotonic()
             if remaining <= 0:
                 break
             changed |= self.store.wait(remaining)
@@ -428,9 +285,9 @@ class Runner:
                         self.child.reload()
                 changed = set()
                 while not stop.is_set() and not changed:
-                    retry = self._write_retry
+                    retry = self.writer.retry_at
                     changed = self.store.wait(0.5 if retry is None else max(0.0, min(0.5, retry - time.monotonic())))
-                    if not changed and self._retry_due():
+                    if not changed and self.writer.retry_due():
                         changed = {RETRY_KEY}
                     if self.sources.gave_up():
                         return 1

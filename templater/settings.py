@@ -6,12 +6,16 @@ import argparse
 import os
 import re
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sidecar import signals, status
 from sidecar.consul_conn import ConsulSettings, add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
+from sidecar.goflags import Flag, FlagError, Peer, consul_address, own_options, same, translate
+from sidecar.version import version
 from templater.dns_records import Naming, absolute, check_template, valid_domain
 
 
@@ -67,6 +71,8 @@ class Settings:
     register_service: str = ""
     register_address: str = ""
     log_level: str = "INFO"
+    pid_file: Path | None = None  # consul-template's -pid-file: this process's pid, while it runs
+    notes: tuple[str, ...] = ()  # consul-template flags accepted that mean something else here
     dns: DnsSettings | None = None
 
 
@@ -114,6 +120,60 @@ def parse_addr(text: str) -> tuple[str, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="templater", description="Render Consul data into proxy configuration.")
     add_consul_arguments(parser)
+    _consul_arguments(parser.add_argument_group("reading Consul", "how the data is read, and held"))
+    _template_arguments(parser.add_argument_group("templates", "what is rendered where, and when"))
+    _proxy_arguments(parser.add_argument_group("proxy", "the proxy the first template configures"))
+    _dns_arguments(parser.add_argument_group("external DNS", "keep an authoritative zone in step (RFC 2136 + TSIG)"))
+    parser.add_argument(
+        "--status-addr",
+        default=os.environ.get("TEMPLATER_STATUS_ADDR"),
+        help="HOST:PORT for /health and /metrics (TEMPLATER_STATUS_ADDR); loopback unless a host is given",
+    )
+    parser.add_argument("--log-level", default="INFO", type=_log_level)
+    parser.add_argument("--pid-file", help="write this process's pid here while it runs")
+    parser.add_argument("--consul-ssl", action="store_true", help=argparse.SUPPRESS)  # -consul-ssl: https
+    parser.add_argument("--version", action="version", version=f"templater {version()}")
+    return parser
+
+
+def _log_level(text: str) -> str:
+    """Ours (INFO) or consul-template's (info, warn, err, trace) as a logging level name."""
+    return {"WARN": "WARNING", "ERR": "ERROR", "TRACE": "DEBUG"}.get(text.upper(), text.upper())
+
+
+# consul-template's flags, as its users write them
+CONSUL_TEMPLATE = Peer(
+    "consul-template",
+    {
+        **same("template", "exec", "max-stale", "wait", "log-level", "pid-file"),
+        **same("once", "dry", "version", boolean=True),
+        "consul-addr": Flag("--consul", value=consul_address),
+        "consul-token": Flag("--token"),
+        "consul-ssl": Flag("--consul-ssl", boolean=True),
+        "consul-ssl-ca-cert": Flag("--ca-file"),
+        "consul-ssl-cert": Flag("--cert-file"),
+        "consul-ssl-key": Flag("--key-file"),
+        "consul-ssl-verify": Flag("", boolean=True, refuse_false="give the agent's CA with -consul-ssl-ca-cert"),
+        "consul-retry": Flag(
+            "", boolean=True, refuse_false="the templater always retries; -consul-retry-attempts bounds it with -once"
+        ),
+        "consul-retry-attempts": Flag("--retry-attempts"),
+        "consul-retry-backoff": Flag("--retry-backoff"),
+        "consul-retry-max-backoff": Flag("--retry-max-backoff"),
+        "exec-reload-signal": Flag("--reload-signal"),
+        "exec-kill-signal": Flag("--kill-signal"),
+        "exec-kill-timeout": Flag("--kill-timeout"),
+        "reload-signal": Flag("", note="accepted: templates are read again whenever their files change"),
+        "kill-signal": Flag("", note="accepted: the templater stops on SIGINT and SIGTERM"),
+    },
+    unsupported={
+        "config": "configuration files are not read yet; give each template as -template SRC:DEST[:COMMAND]",
+        "vault-addr": "Vault is not supported",
+    },
+)
+
+
+def _consul_arguments(parser: Any) -> None:
     parser.add_argument(
         "--max-stale",
         default="2s",
@@ -129,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--retry-backoff", default="250ms", help="first delay after a failed Consul query")
     parser.add_argument("--retry-max-backoff", default="2s", help="the delay doubles up to this")
+    parser.add_argument("--empty-grace", default="15s", help="hold a service whose instances all vanish at once")
+
+
+def _template_arguments(parser: Any) -> None:
     parser.add_argument(
         "--env-allow",
         default=os.environ.get("TEMPLATER_ENV_ALLOW", ""),
@@ -154,14 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reload-signal", help="signal the child gets when a template changed")
     parser.add_argument("--kill-signal", default="SIGTERM", help="signal that stops the child")
     parser.add_argument("--kill-timeout", default="30s", help="wait this long before SIGKILL")
+
+
+def _proxy_arguments(parser: Any) -> None:
     parser.add_argument("--proxy", choices=("haproxy", "nginx"), help="preset for the real proxies")
     parser.add_argument("--proxy-pid-file", help="where to find (or put) the proxy's master pid")
-    parser.add_argument(
-        "--status-addr",
-        default=os.environ.get("TEMPLATER_STATUS_ADDR"),
-        help="HOST:PORT for /health and /metrics (TEMPLATER_STATUS_ADDR); loopback unless a host is given",
-    )
-    parser.add_argument("--empty-grace", default="15s", help="hold a service whose instances all vanish at once")
     parser.add_argument("--drain-timeout", default="30s", help="HAProxy: remove a draining server after this long")
     parser.add_argument(
         "--stop-proxy",
@@ -177,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         "templater's state ('' to skip)",
     )
     parser.add_argument("--register-address", default="", help="its address (default: the agent's)")
-    dns = parser.add_argument_group("external DNS", "keep an authoritative zone in step (RFC 2136 + TSIG)")
+
+
+def _dns_arguments(dns: Any) -> None:
     dns.add_argument(
         "--dns-zone",
         default=os.environ.get("TEMPLATER_DNS_ZONE", ""),
@@ -217,8 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the service whose passing instances are the proxies (default: --register-service)",
     )
     dns.add_argument("--dns-dc", default="", help="the datacenter whose catalog is published (default: the agent's)")
-    parser.add_argument("--log-level", default="INFO")
-    return parser
 
 
 def dns_settings_from(args: argparse.Namespace) -> DnsSettings | None:
@@ -257,7 +318,15 @@ def dns_settings_from(args: argparse.Namespace) -> DnsSettings | None:
 
 
 def settings_from(argv: list[str] | None = None) -> Settings:
-    args = build_parser().parse_args(argv)
+    """Our options, and consul-template's command line as it is (single dashes, Go booleans)."""
+    parser = build_parser()
+    try:
+        translated = translate(sys.argv[1:] if argv is None else argv, CONSUL_TEMPLATE, own_options(parser))
+    except FlagError as err:
+        raise SettingsError(str(err)) from err
+    args = parser.parse_args(translated.argv)
+    if args.consul_ssl and args.consul.startswith("http://"):
+        args.consul = "https://" + args.consul.removeprefix("http://")
     dns = dns_settings_from(args)
     if not args.template and dns is None:
         raise SettingsError("at least one --template SRC:DEST[:COMMAND] (or --dns-zone) is needed")
@@ -313,4 +382,6 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         register_address=args.register_address,
         log_level=args.log_level,
         dns=dns,
+        pid_file=Path(args.pid_file) if args.pid_file else None,
+        notes=tuple(translated.notes),
     )

@@ -330,13 +330,17 @@ class _Forwarder:
                 self._server.shutdown(socket.SHUT_RDWR)
             self._server.close()
             self._server = None
+        self.cut()
+        self._cleanup()
+
+    def cut(self) -> None:
+        """Close every forwarded connection (the listener stays as it is)."""
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
-        self._cleanup()
 
 
 class UnixSocketForwarder(_Forwarder):

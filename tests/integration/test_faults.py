@@ -149,12 +149,7 @@ class FaultyConsul(TcpForwarder):
     def cut_every(self, every: float, until: threading.Event) -> threading.Thread:
         def run() -> None:
             while not until.wait(every):
-                with self._lock:
-                    conns, self._conns = self._conns, []
-                for conn in conns:
-                    with contextlib.suppress(OSError):
-                        conn.shutdown(socket.SHUT_RDWR)
-                    conn.close()
+                self.cut()
                 self.cuts += 1
 
         thread = threading.Thread(target=run, name="cutter", daemon=True)

@@ -71,7 +71,7 @@ def test_several_ports_udp_and_per_port_overrides(consul, containers, registrar,
         ("SERVICE_9999_NAME", "x", "port 9999 is not exposed"),
         ("SERVICE_CHECK_INTERVAL", "banana", "duration"),
         ("SERVICE_CHECK_HTTP", "/health check", "without spaces"),
-        ("SERVICE_NAME", "not_a.dns label", "DNS label"),
+        ("SERVICE_NAME", "not_a.dns label", "may hold only letters"),
         ("SERVICE_TAGS", "a,b\nbackend evil", "control character"),
         ("SERVICE_HTTP_HOST", "a.com\n  server evil 1.2.3.4:80", "control character"),
         # a typo used to be dropped silently: the instance passed at once, with no check at all

@@ -219,3 +219,37 @@ def test_sidecar_stop_helpers():
     assert stop_timeout({"Config": {"StopTimeout": 30}}, None) == 30
     assert stop_timeout({"Config": {}}, None) == 10
     assert stop_timeout({"Config": {"StopTimeout": 30}}, 3) == 3
+
+
+def test_require_label_registers_only_containers_labelled_service_register_true():
+    strict = replace(SETTINGS, require_label=True)
+    assert services_for(inspect(), strict).services == []
+    assert "SERVICE_REGISTER" in services_for(inspect(), strict).skipped[0]
+    [svc] = services_for(inspect(labels={"SERVICE_REGISTER": "true"}), strict).services
+    assert "register" not in svc.meta  # the switch is not a meta value
+    assert len(services_for(inspect(), SETTINGS).services) == 1  # without the flag: as before
+
+
+def test_check_http_method_as_registrator_reads_it():
+    [svc] = services_for(inspect(labels={"SERVICE_CHECK_HTTP": "/ping", "SERVICE_CHECK_HTTP_METHOD": "head"}),
+                         SETTINGS).services  # fmt: skip
+    [check] = svc.checks
+    assert check.method == "HEAD" and check.describe() == "HTTP HEAD /ping every 10s"
+    assert check.definition("c", None, None)["Method"] == "HEAD"
+    plain = services_for(inspect(labels={"SERVICE_CHECK_HTTP": "/ping"}), SETTINGS).services[0].checks[0]
+    assert "Method" not in plain.definition("c", None, None)  # GET: as before, nothing sent
+    bad_method = {"SERVICE_CHECK_HTTP": "/p", "SERVICE_CHECK_HTTP_METHOD": "GET /x"}
+    wrong_kind = {"SERVICE_CHECK_TCP": "true", "SERVICE_CHECK_HTTP_METHOD": "HEAD"}
+    for labels, reason in ((bad_method, "HTTP method"), (wrong_kind, "SERVICE_CHECK_TCP")):
+        result = services_for(inspect(labels=labels), SETTINGS)
+        assert result.services == [] and reason in str(result.errors[0]), result.errors
+
+
+def test_service_names_consul_accepts_are_registered_as_registrator_does():
+    """`billing.api_v2` is a name Consul and registrator take; Consul DNS cannot find it: said."""
+    result = services_for(inspect(labels={"SERVICE_NAME": "billing.api_v2"}), SETTINGS)
+    assert [s.name for s in result.services] == ["billing.api_v2"]
+    assert "not a DNS label" in result.warnings[0] and "billing.api_v2" in result.warnings[0]
+    assert services_for(inspect(labels={"SERVICE_NAME": "web"}), SETTINGS).warnings == []
+    for bad in ("a b", "a/b", "-a", "x" * 256):
+        assert services_for(inspect(labels={"SERVICE_NAME": bad}), SETTINGS).errors, bad

@@ -163,3 +163,17 @@ def test_a_registration_the_agent_could_not_pass_on_is_registered_again():
         assert "h1:web-1:80" not in registry.catalog
         registry.catalog_writable = True
         assert settle(syncer, lambda: "h1:web-1:80" in registry.catalog, timeout=3)
+
+
+def test_event_sequences_kept_for_listings_stay_bounded_without_listings():
+    """A host where containers come and go and no listing runs (no --resync) used to keep the
+    sequence of every container it ever saw (about 0.4 KB each: the soak's slow RSS slope)."""
+    from registrar.sync import SEEN_MAX, _remember
+
+    seen: dict[str, int] = {}
+    for seq in range(3 * SEEN_MAX):
+        _remember(seen, f"c{seq}", seq)
+    assert len(seen) <= SEEN_MAX
+    assert seen[f"c{3 * SEEN_MAX - 1}"] == 3 * SEEN_MAX - 1  # the newest are kept
+    _remember(seen, "c0", 10**9)  # one seen again is newest again
+    assert list(seen)[-1] == "c0"

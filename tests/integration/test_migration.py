@@ -1,0 +1,74 @@
+"""Drop-in for registrator and consul-template users (issue 22): their command lines, unchanged,
+on the real Docker engine and Consul agent."""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT, Process, wait_until
+from tests.traffic import SERVE
+
+pytestmark = pytest.mark.integration
+
+
+def test_registrators_documented_command_line(consul, containers, workdir):
+    """registrator's run documentation, as it is in people's unit files: single dashes, Go
+    booleans, the registry URI last. The -ttl flags are accepted and said to do nothing."""
+    address = consul.url.removeprefix("http://")
+    line = ("-ip 127.0.0.1 -internal=false -resync 30 -ttl 30 -ttl-refresh 15 -cleanup=true -deregister on-success "
+            f"-retry-attempts -1 -retry-interval=1000 -tags mig consul://{address}")  # fmt: skip
+    proc = Process("registrar", shlex.split(line), workdir, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        wait_until(lambda: "docker events connected" in proc.output() or not proc.alive(), what="registrar up")
+        assert proc.alive(), proc.output()
+        ok, failing = (containers.run(labels={"SERVICE_NAME": "migrated"}, command=SERVE) for _ in range(2))
+        sids = [f"{socket.gethostname()}:{c.name}:8080" for c in (ok, failing)]
+        wait_until(lambda: set(sids) <= set(consul.services()), what="registered under registrator's IDs")
+        service = consul.services()[sids[0]]
+        assert service["Address"] == "127.0.0.1" and "mig" in service["Tags"]
+        assert "registrator flag -ttl: with Consul it does nothing here" in proc.output()
+        ok.stop(timeout=5)  # exits 0 on SIGTERM
+        failing.kill()  # exit 137
+        wait_until(lambda: sids[0] not in consul.services(), what="deregistered: it exited 0")
+        # -deregister on-success keeps one that failed (until a listing finds it gone)
+        wait_until(lambda: f"kept container={failing.name} exit_code=137" in proc.output(), what="kept")
+    finally:
+        proc.stop()
+
+
+def test_registrators_labels_as_it_reads_them(consul, containers, registrar, hostname):
+    """A dotted, underscored name (Consul takes it; Consul DNS cannot find it: said once), and an
+    HTTP check with its method."""
+    proc = registrar()
+    c = containers.run(labels={"SERVICE_NAME": "billing.api_v2", "SERVICE_CHECK_HTTP": "/index.html",
+                               "SERVICE_CHECK_HTTP_METHOD": "HEAD"})  # fmt: skip
+    sid = f"{hostname}:{c.name}:8080"
+    wait_until(lambda: len(consul.health("billing.api_v2", passing=True)) == 1, timeout=15, what="passing")
+    assert consul.services()[sid]["Service"] == "billing.api_v2"
+    [check] = [ch for ch in consul.get("/v1/agent/checks").values() if ch["ServiceID"] == sid]
+    assert check["Name"] == "HTTP HEAD /index.html every 10s" and check["Status"] == "passing"
+    assert "billing.api_v2: not a DNS label" in proc.output()
+
+
+def test_consul_templates_command_line(consul, tmp_path):
+    """`consul-template -consul-addr ... -template in:out:cmd -once`, as people run it."""
+    consul.put("/v1/agent/service/register", {"ID": "ct1", "Name": "ctweb", "Port": 9701, "Address": "127.0.0.1"})
+    src, out, marker = tmp_path / "in.tmpl.j2", tmp_path / "out.txt", tmp_path / "ran"
+    src.write_text("{% for i in service('ctweb') %}{{ i.address }}:{{ i.port }}\n{% endfor %}")
+    address = consul.url.removeprefix("http://")
+    argv = ["-consul-addr", address, "-template", f"{src}:{out}:touch {marker}", "-once", "-log-level", "info",
+            "-wait", "0s", "-consul-retry-attempts", "3", "-pid-file", str(tmp_path / "ct.pid")]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "templater", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == "127.0.0.1:9701\n" and marker.exists()
+    assert not (tmp_path / "ct.pid").exists()  # there while it ran, gone once it stopped
+    refused = subprocess.run([sys.executable, "-m", "templater", "-config", str(tmp_path), "-once"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "-config is not supported" in refused.stderr
+    consul.put("/v1/agent/service/deregister/ct1")
