@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from sidecar.text import UNSAFE
+
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
 _SEVERITY = {PASSING: 0, WARNING: 1, CRITICAL: 2, MAINTENANCE: 3}
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")
-_TAG = re.compile(r"^[A-Za-z0-9._:=/@+-]{1,255}\Z")
+_ID = re.compile(r"^[A-Za-z0-9._:=/@+-]{1,255}\Z")  # an instance id: part of server names and logs
 _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
-# Values used as tokens in proxy files: host lists, paths, weights, flags.
-_META_VALUE = re.compile(r"^[A-Za-z0-9._:/,=@+*~%!&?()\[\]-]{0,512}\Z")
+TAG_MAX, META_VALUE_MAX = 1024, 512
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
 )
@@ -87,23 +88,37 @@ def valid_name(text: str) -> bool:
     return bool(_NAME.match(text))
 
 
+def _unwritable(value: Any, longest: int) -> str:
+    """Why a tag or meta value cannot reach a template ("" when it can). Text as Consul holds it
+    does (`urlprefix-/api strip=/api`, a rule with backticks, a description with spaces): what a
+    template writes into a proxy file is validated or quoted where it is written (routes(),
+    haproxy_quote, nginx_quote). A line break or control character never reaches one."""
+    if not isinstance(value, str):
+        return "not text"
+    if UNSAFE.search(value):
+        return "a control character or line break"
+    return f"longer than {longest} characters" if len(value) > longest else ""
+
+
 def clean_tags(tags: Iterable[Any] | None, where: str, warn: Any) -> tuple[str, ...]:
     kept = []
     for tag in tags or ():
-        if isinstance(tag, str) and _TAG.match(tag):
-            kept.append(tag)
+        why = _unwritable(tag, TAG_MAX) or ("empty" if tag == "" else "")
+        if why:
+            warn(f"left out tag {where} tag={tag!r}: {why}")
         else:
-            warn(f"left out tag {where} tag={tag!r}: not a safe token")
+            kept.append(tag)
     return tuple(kept)
 
 
 def clean_meta(meta: dict[str, Any] | None, where: str, warn: Any) -> Mapping[str, str]:
     kept = {}
-    for key, value in sorted((meta or {}).items()):
-        if isinstance(value, str) and _META_KEY.match(str(key)) and _META_VALUE.match(value):
-            kept[str(key)] = value
+    for key, value in sorted((meta or {}).items(), key=lambda item: str(item[0])):
+        why = _unwritable(value, META_VALUE_MAX) or ("" if _META_KEY.match(str(key)) else "not a meta key")
+        if why:
+            warn(f"left out meta {where} key={key!r} value={value!r}: {why}")
         else:
-            warn(f"left out meta {where} key={key!r} value={value!r}: not a safe token")
+            kept[str(key)] = value
     return MappingProxyType(kept)
 
 
@@ -188,7 +203,7 @@ def build_instances(name: str, rows: Iterable[Row], warn: Any) -> tuple[Instance
         if not valid_name(node_name) or not valid_address(node_address):
             warn(f"left out instance {where} node={node_name!r} address={node_address!r}: unsafe node")
             continue
-        if not isinstance(sid, str) or not _TAG.match(sid):
+        if not isinstance(sid, str) or not _ID.match(sid):
             warn(f"left out instance service={name} id={sid!r}: unsafe id")
             continue
         address = str(row.get("ServiceAddress") or node_address)

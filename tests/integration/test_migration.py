@@ -72,3 +72,23 @@ def test_consul_templates_command_line(consul, tmp_path):
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert refused.returncode == 2 and "-config is not supported" in refused.stderr
     consul.put("/v1/agent/service/deregister/ct1")
+
+
+def test_tags_and_meta_reach_templates_as_consul_holds_them(consul, tmp_path):
+    """fabio's and Traefik's tags and a meta description with spaces reach a template as they
+    are stored; a value with a line break is still left out, with a warning naming it."""
+    tags = ["urlprefix-/api strip=/api", "traefik.http.routers.api.rule=Host(`a.test`)", "bad\nserver evil 1.2.3.4:80"]
+    meta = {"description": "the billing API, v2", "note": "x\ny"}
+    registration = {"ID": "as1", "Name": "asis", "Port": 9702, "Address": "127.0.0.1", "Tags": tags, "Meta": meta}
+    consul.put("/v1/agent/service/register", registration)
+    src, out = tmp_path / "t.j2", tmp_path / "out.txt"
+    src.write_text("{% for i in service('asis') %}{{ i.tags | join('|') }}\n{{ i.meta | dictsort }}\n{% endfor %}")
+    done = subprocess.run([sys.executable, "-m", "templater", "--consul", consul.url, "--template", f"{src}:{out}",
+                           "--once"], cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    consul.put("/v1/agent/service/deregister/as1")
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == (
+        "urlprefix-/api strip=/api|traefik.http.routers.api.rule=Host(`a.test`)\n"
+        "[('description', 'the billing API, v2')]\n"
+    )
+    assert "left out tag" in done.stderr and "left out meta" in done.stderr and "line break" in done.stderr

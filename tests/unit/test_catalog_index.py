@@ -211,14 +211,23 @@ def test_unsafe_values_are_left_out_with_a_warning_the_rest_is_kept():
     node = {
         "Node": {"Node": "n1", "Address": "10.0.0.1"},
         "Services": {
-            "w1": {"Service": "web", "Port": 80, "Address": "", "Tags": ["v1", "bad tag"], "Meta": {"x": "a b"}},
+            "w1": {
+                "Service": "web",
+                "Port": 80,
+                "Address": "",
+                "Tags": ["v1", "bad\ntag", "urlprefix-/api strip=/api"],
+                "Meta": {"x": "a\u2028b", "description": "the billing API, v2", "rule": "Host(`a.test`)"},
+            },
             "w2": {"Service": "web", "Port": 0, "Address": "", "Tags": [], "Meta": {}},
             "e1": {"Service": "evil\nname", "Port": 81, "Address": "", "Tags": [], "Meta": {}},
         },
     }
     index.load({"n1": node}, [])
     index.take_changed()
-    assert list(index.services) == ["web"] and index.services["web"] == ("v1",)
+    # text as Consul holds it reaches templates; a line break or control character never does
+    assert list(index.services) == ["web"] and index.services["web"] == ("urlprefix-/api strip=/api", "v1")
+    [w1] = index.instances["web"]
+    assert dict(w1.meta) == {"description": "the billing API, v2", "rule": "Host(`a.test`)"}
     assert [i.id for i in index.instances["web"]] == ["w1"]
-    assert any("bad tag" in w for w in warnings) and any("port=0" in w for w in warnings)
-    assert any("evil" in w for w in warnings) and any("'a b'" in w for w in warnings)
+    assert any("'bad\\ntag'" in w and "line break" in w for w in warnings) and any("port=0" in w for w in warnings)
+    assert any("evil" in w for w in warnings) and any("'a\\u2028b'" in w for w in warnings)
