@@ -317,8 +317,8 @@ def dns_settings_from(args: argparse.Namespace) -> DnsSettings | None:
     )
 
 
-def settings_from(argv: list[str] | None = None) -> Settings:
-    """Our options, and consul-template's command line as it is (single dashes, Go booleans)."""
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, tuple[str, ...]]:
+    """Our options, and consul-template's spellings turned into ours; the notes to log."""
     parser = build_parser()
     try:
         translated = translate(sys.argv[1:] if argv is None else argv, CONSUL_TEMPLATE, own_options(parser))
@@ -327,17 +327,28 @@ def settings_from(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(translated.argv)
     if args.consul_ssl and args.consul.startswith("http://"):
         args.consul = "https://" + args.consul.removeprefix("http://")
+    return args, tuple(translated.notes)
+
+
+def _variables(items: list[str]) -> dict[str, str]:
+    variables = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SettingsError(f"--var {item!r}: expected KEY=VALUE with KEY an identifier")
+        variables[key] = value
+    return variables
+
+
+def settings_from(argv: list[str] | None = None) -> Settings:
+    """Our options, and consul-template's command line as it is (single dashes, Go booleans)."""
+    args, notes = _parse_args(argv)
     dns = dns_settings_from(args)
     if not args.template and dns is None:
         raise SettingsError("at least one --template SRC:DEST[:COMMAND] (or --dns-zone) is needed")
     if args.proxy and not args.template:
         raise SettingsError("--proxy needs a --template for the proxy's configuration")
-    variables = {}
-    for item in args.var:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise SettingsError(f"--var {item!r}: expected KEY=VALUE with KEY an identifier")
-        variables[key] = value
+    variables = _variables(args.var)
     wait_min, wait_max = parse_wait(args.wait)
     if args.retry_attempts < 0:
         raise SettingsError(f"--retry-attempts {args.retry_attempts}: 0 (never give up) or more")
@@ -383,5 +394,5 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         log_level=args.log_level,
         dns=dns,
         pid_file=Path(args.pid_file) if args.pid_file else None,
-        notes=tuple(translated.notes),
+        notes=notes,
     )
