@@ -28,7 +28,6 @@ class Flag:
 
     option: str  # our option, "--ip"; "" for one that is only noted
     boolean: bool = False  # Go boolean: `-flag` alone is true
-    when_false: tuple[str, ...] = ()  # what `-flag=false` becomes (a store_true option: nothing)
     value: Callable[[str], str] = str  # the peer's value as ours
     note: str = ""  # said once when the flag is given (accepted, with this meaning here)
     refuse_false: str = ""  # `-flag=false` is not supported: what to use instead
@@ -93,7 +92,7 @@ def translate(argv: Sequence[str], peer: Peer, ours: set[str]) -> Translated:
                 raise FlagError(f"{peer.name}'s -{name}: {inline!r} is not a boolean (true or false)")
             if not state and flag.refuse_false:
                 raise FlagError(f"{peer.name}'s -{name}=false is not supported: {flag.refuse_false}")
-            words = [flag.option] if state and flag.option else ([] if state else list(flag.when_false))
+            words = [flag.option] if state and flag.option else []  # false: a store_true option left out
         else:
             if inline is None:
                 if i >= len(items):

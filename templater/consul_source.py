@@ -310,7 +310,7 @@ class CatalogSource:
         loop.start()
 
     def _all_not_passing(self) -> list[dict[str, Any]]:
-        return [check for state in NOT_PASSING for check in self._not_passing.get(state, [])]
+        return _flatten(self._not_passing)
 
     # -- service reads
 
@@ -367,7 +367,7 @@ class CatalogSource:
         answers = self._read_nodes(names)
         checks = self._read_not_passing()
         fresh = CatalogIndex(lambda _message: None)
-        fresh.load({n: r.data for n, r in answers.items()}, [c for r in checks.values() for c in _checks(r.data)])
+        fresh.load({n: r.data for n, r in answers.items()}, _flatten({s: _checks(r.data) for s, r in checks.items()}))
         fresh.take_changed()
         with self._lock:
             self.safety_reads += 1
@@ -385,6 +385,11 @@ class CatalogSource:
         changed = self._index.take_changed()
         if changed or first or self._index.nodes_changed():
             self._publish(self.key, self._index.snapshot(None if first else changed))
+
+
+def _flatten(by_state: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The checks of every state that is not passing, in one list."""
+    return [check for state in NOT_PASSING for check in by_state.get(state, [])]
 
 
 def _checks(data: Any) -> list[dict[str, Any]]:
