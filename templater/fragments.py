@@ -43,6 +43,10 @@ class Frame:
 class Entry:
     text: str
     atoms: tuple[tuple[Atom, Any], ...]
+    # the same atoms for the check of a kept block: a service's (dc, name, value seen), which
+    # most atoms are, looked up without a call; the others through the render's lookup
+    services: tuple[tuple[str, str, Any], ...]
+    others: tuple[tuple[Atom, Any], ...]
     effects: tuple[Effect, ...]
     # the same effects sorted for a quick replay: the dependencies (one set shared by every
     # entry with the same ones), the query names, and the rest (warnings, missing data)
@@ -56,7 +60,7 @@ class Fragments:
 
     def __init__(self) -> None:
         self.entries: dict[tuple[Any, ...], Entry] = {}
-        self.shared: dict[frozenset[Any], frozenset[Any]] = {}  # each set of dependencies once
+        self.shared: dict[Any, Any] = {}  # each set of dependencies and of query names once
         self.hits = 0
         self.misses = 0
 
@@ -65,23 +69,37 @@ class Scope:
     """One render's use of a template's Fragments: lookups, recording frames, eviction."""
 
     def __init__(
-        self, fragments: Fragments, lookup: Lookup, used: set[Any], queries: set[str], apply: Callable[[Effect], None]
+        self,
+        fragments: Fragments,
+        lookup: Lookup,
+        instances: dict[str, Any],
+        result: tuple[set[Any], set[str], Callable[[Effect], None]],
     ) -> None:
-        """lookup: an atom's value in this render's data; used, queries: the render's sets of
-        dependencies and query names; apply: any other effect on its result."""
+        """lookup: an atom's value in this render's data; instances: the render's instances by
+        service name of each datacenter it has looked at (filled by lookup); result: the
+        render's sets of dependencies and query names, and what applies any other effect."""
         self.fragments = fragments
+        self._entries = fragments.entries
         self._lookup = lookup
-        self._deps, self._queries, self._apply = used, queries, apply
+        self._instances = instances
+        self._deps, self._queries, self._apply = result
         self._last_deps: frozenset[Any] | None = None
+        self._last_queries: tuple[Any, ...] = ()
         self.frames: list[Frame] = []
         self._used: set[tuple[Any, ...]] = set()
 
     def get(self, key: tuple[Any, ...]) -> str | None:
         """The kept text when everything it read is unchanged (its effects replayed), else None."""
-        entry = self.fragments.entries.get(key)
+        entry = self._entries.get(key)
         if entry is None:
             return None
-        for atom, seen in entry.atoms:
+        instances = self._instances
+        for dc, name, seen in entry.services:
+            found = instances.get(dc)
+            now = found.get(name) if found is not None else self._lookup(("service", dc, name))
+            if now is not seen and now != seen:
+                return None
+        for atom, seen in entry.others:
             now = self._lookup(atom)
             if now is not seen and now != seen:
                 return None
@@ -92,8 +110,9 @@ class Scope:
         if entry.used is not self._last_deps:  # most blocks share theirs with the block before
             self._deps |= entry.used
             self._last_deps = entry.used
-        if entry.queries:
+        if entry.queries and entry.queries is not self._last_queries:
             self._queries.update(entry.queries)
+            self._last_queries = entry.queries
         if entry.rest:
             for effect in entry.rest:
                 self._apply(effect)
@@ -123,10 +142,15 @@ class Scope:
 
     def _entry(self, text: str, frame: Frame) -> Entry:
         effects = tuple(dict.fromkeys(frame.effects))  # each once: a block reads one catalog many times
+        shared = self.fragments.shared
         used = frozenset(value for kind, value in effects if kind == "used")
+        queries = tuple(value for kind, value in effects if kind == "query")
+        atoms = tuple(frame.atoms.items())
         return Entry(
-            text, tuple(frame.atoms.items()), effects, self.fragments.shared.setdefault(used, used),
-            tuple(value for kind, value in effects if kind == "query"),
+            text, atoms,
+            tuple((atom[1], atom[2], seen) for atom, seen in atoms if atom[0] == "service"),
+            tuple((atom, seen) for atom, seen in atoms if atom[0] != "service"),
+            effects, shared.setdefault(used, used), shared.setdefault(queries, queries),
             tuple(e for e in effects if e[0] not in ("used", "query")),
         )  # fmt: skip
 
@@ -151,17 +175,20 @@ ACTIVE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("fragment_
 _LOOKUP = "_fragment_cache_lookup"
 
 
-class _Miss:
-    __slots__ = ("key",)
-
-    def __init__(self, key: tuple[Any, ...]) -> None:
-        self.key = key
+def _parts(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The key as it is (names and versions), or str() of each part when one is not hashable."""
+    try:
+        hash(key)
+    except TypeError:
+        return tuple(map(str, key))
+    return key
 
 
 class FragmentCache(Extension):
     """The `cache` tag. It compiles to: look the key up; on a hit output the kept text; on a
     miss render the block (the caller macro is built only then: building one costs more than
-    the lookup)."""
+    the lookup). Per kept block of a loop over thousands, every call counts: the lookup is a
+    filter taking the key's parts as its arguments, and a miss is None, compared inline."""
 
     tags = {"cache"}  # noqa: RUF012 - Jinja's own class attribute
 
@@ -178,25 +205,24 @@ class FragmentCache(Extension):
             args.append(parser.parse_expression())
         body = parser.parse_statements(("name:endcache",), drop_needle=True)
         found = nodes.Name("_fragment", "store")
-        lookup = nodes.Assign(found, nodes.Filter(nodes.List(args), _LOOKUP, [], [], None, None)).set_lineno(lineno)
+        lookup = nodes.Assign(found, nodes.Filter(args[0], _LOOKUP, args[1:], [], None, None)).set_lineno(lineno)
         loaded = nodes.Name("_fragment", "load")
         hit = nodes.Output([loaded]).set_lineno(lineno)
-        miss = nodes.CallBlock(self.call_method("fill", [loaded]), [], [], body).set_lineno(lineno)
-        test = nodes.Test(loaded, "string", [], [], None, None)
+        miss = nodes.CallBlock(self.call_method("fill", [nodes.List(args)]), [], [], body).set_lineno(lineno)
+        test = nodes.Compare(loaded, [nodes.Operand("ne", nodes.Const(None))])
         return [lookup, nodes.If(test, [hit], [], [miss]).set_lineno(lineno)]
 
-    def lookup(self, key: list[Any]) -> str | _Miss:
-        parts = tuple(key)  # names and versions, as they are: str() of each only when one is not hashable
+    def lookup(self, *key: Any) -> str | None:
         scope = ACTIVE.get()
+        if scope is None:
+            return None
         try:
-            found = scope.get(parts) if scope is not None else None
-        except TypeError:
-            parts = tuple(map(str, key))
-            found = scope.get(parts) if scope is not None else None
-        return _Miss(parts) if found is None else found
+            return scope.get(key)
+        except TypeError:  # a part that is not hashable
+            return scope.get(_parts(key))
 
-    def fill(self, miss: _Miss, caller: Callable[[], str]) -> str:
+    def fill(self, key: list[Any], caller: Callable[[], str]) -> str:
         scope = ACTIVE.get()
         if scope is None:
             return caller()
-        return scope.render(miss.key, caller)
+        return scope.render(_parts(tuple(key)), caller)

@@ -67,10 +67,21 @@ class _Recorder:
         self._snapshots: dict[str, Any] = {}  # dc -> its snapshot in this render's view
         self._instances: dict[str, Mapping[str, Any]] = {}  # dc -> its snapshot's instances
         self.scope = (
-            Scope(fragments, self._current, self.result.used, self.result.queries, self._apply)
+            Scope(fragments, self._current, self._instances, (self.result.used, self.result.queries, self._apply))
             if fragments is not None
             else None
         )
+
+    def release(self) -> None:
+        """Drop this render's data. The recorder ends in reference cycles (its scope holds its
+        methods, Jinja's context its functions), freed only by the cyclic collector, often
+        after a render's objects reached the oldest generation: each kept this render's
+        snapshot copies and text (3 MB at 10,000 services), 65 MiB of RSS over 30 renders."""
+        self.view = _RELEASED
+        self._snapshots.clear()
+        self._instances.clear()
+        self.scope = None
+        self.result = RenderResult("")
 
     # -- what a read does to the result; a block being kept ({% cache %}) records it too
 
@@ -304,6 +315,20 @@ _PROXY_ATTRIBUTES = frozenset(dir(MappingProxyType))
 _NOT_THERE = object()  # a catalog not fetched yet: never equal to what a kept block saw
 
 
+class _Released:
+    """The view of a finished render: a template function called after it (a macro kept by
+    the template, say) finds no data."""
+
+    def catalog(self, dc: str) -> Snapshot | None:
+        return None
+
+    def kv(self, key: str) -> list[dict[str, Any]] | None:
+        return None
+
+
+_RELEASED = _Released()
+
+
 class _Environment(SandboxedEnvironment):
     """The sandbox, with a fast path for the fields of an Instance.
 
@@ -414,8 +439,10 @@ def render(
         ACTIVE.reset(token)
     if recorder.scope is not None and recorder.result.complete:
         recorder.scope.finish()
-    recorder.result.text = text
-    return recorder.result
+    result = recorder.result
+    result.text = text
+    recorder.release()
+    return result
 
 
 def _template_line(err: BaseException) -> int | None:

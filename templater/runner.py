@@ -15,6 +15,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from sidecar.logs import REDACTOR
+from sidecar.memory import give_back
 from templater.child import Child
 from templater.deps import Catalog
 from templater.errors import TemplateError
@@ -201,8 +202,9 @@ class Runner:
             # a render leaves its context and the block callers in reference cycles; collected
             # only by the cyclic collector, a render's worth of them (a megabyte and more for a
             # large template) piled up for several renders. Young ones only, after the write:
-            # a few ms, off the path of the change
+            # a few ms, off the path of the change; then what was freed goes back to the system
             gc.collect(1)
+            give_back()
         return CycleResult(all_done, failed, bool(written))
 
     # -- the loop
