@@ -73,18 +73,18 @@ class Scope:
         fragments: Fragments,
         lookup: Lookup,
         instances: dict[str, Any],
-        result: tuple[set[Any], set[str], Callable[[Effect], None]],
+        result: tuple[set[Any], list[tuple[str, ...]], Callable[[Effect], None]],
     ) -> None:
         """lookup: an atom's value in this render's data; instances: the render's instances by
         service name of each datacenter it has looked at (filled by lookup); result: the
-        render's sets of dependencies and query names, and what applies any other effect."""
+        render's set of dependencies, its list of kept blocks' query names, and what applies any
+        other effect."""
         self.fragments = fragments
         self._entries = fragments.entries
         self._lookup = lookup
         self._instances = instances
         self._deps, self._queries, self._apply = result
         self._last_deps: frozenset[Any] | None = None
-        self._last_queries: tuple[Any, ...] = ()
         self.frames: list[Frame] = []
         self._used: set[tuple[Any, ...]] = set()
 
@@ -110,9 +110,8 @@ class Scope:
         if entry.used is not self._last_deps:  # most blocks share theirs with the block before
             self._deps |= entry.used
             self._last_deps = entry.used
-        if entry.queries and entry.queries is not self._last_queries:
-            self._queries.update(entry.queries)
-            self._last_queries = entry.queries
+        if entry.queries:
+            self._queries.append(entry.queries)
         if entry.rest:
             for effect in entry.rest:
                 self._apply(effect)

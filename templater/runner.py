@@ -75,6 +75,7 @@ class Runner:
     def __init__(self, settings: Settings, metrics: Metrics | None = None, proxy_hook: ProxyHook | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.metrics.watched = self._watched
         self.store = Store(settings.empty_grace)
         self.env = make_environment()
         self.templates = [TemplateState(spec) for spec in settings.templates]
@@ -196,7 +197,6 @@ class Runner:
         if all_done and not failed:
             self.metrics.last_success = time.time()
         self._drop_unused_sources()
-        self.metrics.watched = len(set().union(*((t.result.queries if t.result else set()) for t in self.templates)))
         self.metrics.held = self.store.held()
         if rendered:
             # a render leaves its context and the block callers in reference cycles; collected
@@ -206,6 +206,9 @@ class Runner:
             gc.collect(1)
             give_back()
         return CycleResult(all_done, failed, bool(written))
+
+    def _watched(self) -> int:
+        return len(set().union(*(t.result.queries for t in self.templates if t.result is not None)))
 
     # -- the loop
 

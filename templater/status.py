@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,8 @@ class Metrics:
     check_failures: int = 0
     runtime_updates: int = 0
     last_success: float = 0.0
-    watched: int = 0
+    # the number of consul-template style queries the templates use, counted when asked
+    watched: Callable[[], int] = lambda: 0
     consul_up: bool = False
     consul_error: str = ""
     held: list[str] = field(default_factory=list)
@@ -109,7 +111,8 @@ class Metrics:
                 ("templater_consul_response_bytes_total", "counter", "bytes of Consul's answers", self.consul_bytes),
                 ("templater_last_success_timestamp_seconds", "gauge", "end of the last cycle with no failure",
                  self.last_success),
-                ("templater_watched_queries", "gauge", "consul-template style queries the templates use", self.watched),
+                ("templater_watched_queries", "gauge", "consul-template style queries the templates use",
+                 self.watched()),
                 ("templater_consul_up", "gauge", "1 while every watch reaches Consul", int(self.consul_up)),
                 ("templater_consul_last_contact_seconds", "gauge",
                  "stale reads: how long since the answering server last heard from a leader", self.last_contact),
