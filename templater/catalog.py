@@ -7,6 +7,7 @@ value that could inject configuration into a proxy file. catalog_index keeps the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import re
@@ -257,7 +258,7 @@ class Grace:
             return new, None
         held_before = set(self.held_since)
         names = set(previous.instances) if new.changed is None else set(new.changed) | held_before
-        result = Snapshot(dict(new.services), dict(new.instances), new.nodes)
+        holds: dict[str, tuple[Instance, ...]] = {}
         next_deadline: float | None = None
         for name in sorted(names):
             old_instances = previous.instances.get(name)
@@ -271,14 +272,18 @@ class Grace:
                 # and the rest as it was, until all are back or the grace ends
                 keys = {(i.node, i.id) for i in back}
                 kept = [*back, *(i for i in old_instances if (i.node, i.id) not in keys)]
-                result.instances[name] = tuple(sorted(kept, key=lambda i: (i.node, i.id)))
-                result.services.setdefault(name, previous.services.get(name, ()))
+                holds[name] = tuple(sorted(kept, key=lambda i: (i.node, i.id)))
                 deadline = since + self.seconds
                 next_deadline = deadline if next_deadline is None else min(next_deadline, deadline)
             else:
                 self.held_since.pop(name, None)
-        if new.changed is not None:
-            result.changed = new.changed | held_before | set(self.held_since)
+        changed = None if new.changed is None else new.changed | held_before | set(self.held_since)
+        if not holds:  # nothing held: new as it is (no copy of its 10,000-entry maps per change)
+            return (new if changed == new.changed else dataclasses.replace(new, changed=changed)), None
+        result = Snapshot(dict(new.services), dict(new.instances), new.nodes, changed)
+        for name, instances in holds.items():
+            result.instances[name] = instances
+            result.services.setdefault(name, previous.services.get(name, ()))
         if result.services.keys() == new.services.keys():  # nothing held in: the same listing
             result.listing = new.listing
         return result, next_deadline
