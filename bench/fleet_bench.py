@@ -1,5 +1,5 @@
 """Fleet figures (issue 11): what the sidecar costs the Consul servers, and what host and leader
-loss do to traffic, on the fleet of sidecar/fleet.py (3 servers, hosts A with HAProxy and B with
+loss do to traffic, on the fleet of devtools/fleet.py (3 servers, hosts A with HAProxy and B with
 NGINX, on 127.0.3.x unless --net says otherwise).
 
 - servers' load: RPCs each server handled (Consul's own consul_rpc_request / consul_rpc_query
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sidecar.fleet import Fleet, Layout
+from devtools.fleet import Fleet, Layout
 from tests.fleet_support import healthy_voters, marker, metric, seen_through, serves_all
 from tests.support import wait_until
 from tests.traffic import Load

@@ -8,7 +8,7 @@ For each proxy, prints:
   while backends are killed abruptly, and while the Consul agent restarts and loses its state:
   requests, failed GET / POST, latency p50 / p99, proxy reloads and runtime-API updates; with
   busybox backends (no keep-alive) and with keep-alive backends that close idle connections on
-  SIGTERM (sidecar/keepalive_backend.py), replaced with docker stop and with sidecar-stop (drain
+  SIGTERM (devtools/keepalive_backend.py), replaced with docker stop and with sidecar-stop (drain
   first: "sidecar-stop (keep-alive)");
 - a burst of 20 containers started at once: time until all serve, reloads it cost;
 - NGINX only, with 500 routed services: time for a reload to be taken, old workers left after
@@ -37,11 +37,11 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.figures import percentile
+from devtools.demo_image import ensure_keepalive_image
 from registrar.consul_registry import ConsulRegistry
 from registrar.docker_events import DockerSource
 from registrar.drain import drain_and_stop
 from sidecar.consul_conn import ConsulSettings
-from sidecar.demo_image import ensure_keepalive_image
 from tests.support import (
     ROOT,
     ConsulAgent,

@@ -9,4 +9,4 @@ if [[ "${1:-}" == "up" ]]; then
     "$ROOT/scripts/install-deps.sh"
 fi
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m sidecar.fleet "$@"
+exec "$ROOT/.venv/bin/python" -m devtools.fleet "$@"

@@ -5,4 +5,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/install-deps.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m sidecar.main_job "$@"
+exec "$ROOT/.venv/bin/python" -m devtools.main_job "$@"

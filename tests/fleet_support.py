@@ -1,4 +1,4 @@
-"""Looking at a running fleet (sidecar/fleet.py) from outside, for its tests and bench/."""
+"""Looking at a running fleet (devtools/fleet.py) from outside, for its tests and bench/."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from sidecar.fleet import Fleet, Host, Layout
+from devtools.fleet import Fleet, Host, Layout
 from tests.support import wait_until
 from tests.traffic import Load
 

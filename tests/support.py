@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import docker
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.demo_image import IMAGE, ensure_image  # noqa: F401 - re-exported for tests and bench
+from devtools.demo_image import IMAGE, ensure_image  # noqa: F401 - re-exported for tests and bench
 from sidecar.signals import terminate
 
 T = TypeVar("T")

@@ -94,7 +94,7 @@ def web(containers: Any, name: str | None = None, **labels: str) -> Any:
 
 def web_keepalive(containers: Any, image: str, **labels: str) -> Any:
     """A web backend that keeps connections alive and, on SIGTERM, finishes in-flight requests
-    and exits, closing its idle keep-alive connections (sidecar/keepalive_backend.py)."""
+    and exits, closing its idle keep-alive connections (devtools/keepalive_backend.py)."""
     return containers.run(labels={**WEB_LABELS, **labels}, command=None, image=image, stop_signal="SIGTERM")
 
 

@@ -21,7 +21,7 @@ import docker
 import psutil
 import pytest
 
-from sidecar.demo_image import ensure_image
+from devtools.demo_image import ensure_image
 from tests.integration.test_hardening import RAW_WEIGHT, admin, register
 from tests.support import ROOT, Process, TcpForwarder, free_port, health, wait_until
 from tests.traffic import Load, get

@@ -1,5 +1,5 @@
 """A fleet on loopback addresses (issue 11): 3 Consul servers, a dc2 server, hosts A (HAProxy)
-and B (NGINX) with their own agents, engines, registrars and templaters (sidecar/fleet.py, the
+and B (NGINX) with their own agents, engines, registrars and templaters (devtools/fleet.py, the
 code behind scripts/fleet.sh). Load: a new connection per request, a quarter POST."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.fleet import Fleet, Host, Layout
+from devtools.fleet import Fleet, Host, Layout
 from tests.dns_support import BindServer, dig
 from tests.fleet_support import (
     catalog,

@@ -1,7 +1,7 @@
 """The fleet as production runs it (issue 12): every Consul agent with ACLs in default-deny mode
 and TLS (verify incoming and outgoing, server host names), the registrars and templaters on
 HTTPS with client certificates and the least-privilege tokens of deploy/consul-policies, read
-from files (sidecar/fleet.py with secure=True)."""
+from files (devtools/fleet.py with secure=True)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from sidecar.fleet import Fleet, Layout
+from devtools.fleet import Fleet, Layout
 from tests.fleet_support import catalog, leader_loss, marker, running_fleet, seen_through
 from tests.support import wait_until
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sidecar.main_job import DEMO_LABEL
+from devtools.main_job import DEMO_LABEL
 from tests.support import ROOT, docker_client, free_port, wait_until
 from tests.traffic import get
 
@@ -39,7 +39,7 @@ def test_the_main_job_stops_all_it_started_after_its_pipe_closed(tmp_path: Path,
     demo containers all go (SIGTERM and SIGHUP, a closed terminal, the same)."""
     http_port = free_port()
     env = dict(os.environ, SIDECAR_STATE_DIR=str(tmp_path), SIDECAR_HTTP_PORT=str(http_port))
-    argv = [sys.executable, "-m", "sidecar.main_job", "--consul", f"http://127.0.0.1:{free_port()}",
+    argv = [sys.executable, "-m", "devtools.main_job", "--consul", f"http://127.0.0.1:{free_port()}",
             "--templater-status", f"127.0.0.1:{free_port()}",
             "--registrar-status", f"127.0.0.1:{free_port()}"]  # fmt: skip
     job = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

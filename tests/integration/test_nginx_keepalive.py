@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sidecar.demo_image import ensure_keepalive_image
+from devtools.demo_image import ensure_keepalive_image
 from tests.support import ROOT, wait_until
 from tests.traffic import Load, served_by, serving_web, web, web_keepalive
 

@@ -36,11 +36,11 @@ from typing import Any
 import docker
 import psutil
 
-from sidecar.demo_image import ensure_image
+from devtools.demo_image import ensure_image
 from templater.proxy import KINDS, find_master
 
 ROOT = Path(__file__).resolve().parents[1]
-FLEET_LABEL = "consul-sidecar.fleet"
+FLEET_LABEL = "consul-devtools.fleet"
 HTTP_PORT = 8080
 # a busybox backend that finishes in-flight requests on SIGTERM (docker stop)
 SERVE = "trap 'sleep 1; kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait"

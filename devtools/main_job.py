@@ -22,7 +22,7 @@ from pathlib import Path
 
 import docker
 
-from sidecar.demo_image import ensure_image
+from devtools.demo_image import ensure_image
 
 STATE_DIR = Path(os.environ.get("SIDECAR_STATE_DIR", "/tmp/consul-sidecar"))
 

@@ -61,7 +61,7 @@ KEEPALIVE_IMAGE = "consul-sidecar-test:keepalive"
 
 
 def ensure_keepalive_image(client: docker.DockerClient, base: str) -> str:
-    """A Python keep-alive backend (sidecar/keepalive_backend.py) on the local Debian base.
+    """A Python keep-alive backend (devtools/keepalive_backend.py) on the local Debian base.
 
     The tag carries a hash of the script, so an edit makes a new image."""
     import hashlib
