@@ -23,7 +23,7 @@ from typing import Any
 
 from registrar.consul_registry import ConsulRegistry
 from registrar.docker_events import DockerSource, default_docker_url
-from registrar.sync import now_text
+from registrar.model import now_text
 from sidecar.consul_conn import add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
 from sidecar.errors import SidecarError

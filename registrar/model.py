@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 PASSING = "passing"
@@ -150,3 +151,8 @@ class Service:
             and list(agent_view.get("Tags") or []) == list(self.tags)
             and dict(agent_view.get("Meta") or {}) == dict(self.meta)
         )
+
+
+def now_text() -> str:
+    """The time in maintenance reasons the Consul UI shows: 2026-11-30T05:00:00Z."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

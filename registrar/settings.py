@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from registrar.docker_events import default_docker_url
 from registrar.spec import SpecSettings
-from registrar.sync import SyncSettings
 from sidecar.consul_conn import ConsulSettings, add_consul_arguments, consul_settings_from
 from sidecar.goflags import Flag, FlagError, Peer, own_options, same, translate
 from sidecar.status import parse_addr
@@ -29,6 +28,15 @@ REGISTRATOR = Peer(
         "ttl-refresh": Flag("", note=_NO_TTL),
     },
 )
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    spec: SpecSettings
+    deregister: str = "always"  # or on-success
+    cleanup: bool = False  # registrator compatibility: dangling services are always removed
+    retry_interval: float = 2.0
+    probe_window: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from registrar.consul_registry import MAINTENANCE_MARK, Registry, is_ours
@@ -32,9 +31,10 @@ from registrar.intents import (
     Stopping,
     Up,
 )
-from registrar.model import CRITICAL, PASSING, Service
+from registrar.model import CRITICAL, PASSING, Service, now_text
 from registrar.probe import Prober
-from registrar.spec import OWNER_META, SpecSettings, container_name, docker_health_status, services_for
+from registrar.settings import SyncSettings
+from registrar.spec import OWNER_META, container_name, docker_health_status, services_for
 from sidecar.backoff import Backoff
 from sidecar.logs import kv
 from sidecar.signals import parse_signal, signal_name
@@ -61,15 +61,6 @@ class _Unconfirmed:
 OWN_HEARTBEAT = 10.0  # the own check's TTL is 30 s
 SEEN_MAX = 10_000  # containers remembered for listings in flight
 TTL_HEARTBEAT = 60.0
-
-
-@dataclass(frozen=True)
-class SyncSettings:
-    spec: SpecSettings
-    deregister: str = "always"  # or on-success
-    cleanup: bool = False  # registrator compatibility: dangling services are always removed
-    retry_interval: float = 2.0
-    probe_window: float = 60.0
 
 
 @dataclass
@@ -669,11 +660,6 @@ class Syncer:
             log.info("consul available again")
         self._consul_up = True
         self._backoff.reset()
-
-
-def now_text() -> str:
-    """The time in maintenance reasons the Consul UI shows: 2026-11-30T05:00:00Z."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _remember(seen: dict[str, int], container_id: str, seq: int) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 from registrar.errors import ConsulUnavailable
 from registrar.intents import Died, Listing, Up
 from registrar.model import Service
+from registrar.settings import SyncSettings
 from registrar.spec import SpecSettings
-from registrar.sync import Syncer, SyncSettings
+from registrar.sync import Syncer
 
 
 class Registry:
