@@ -37,6 +37,7 @@ from registrar.settings import SyncSettings
 from registrar.spec import OWNER_META, container_name, docker_health_status, services_for
 from sidecar.backoff import Backoff
 from sidecar.logs import kv
+from sidecar.once import SayOnce
 from sidecar.signals import parse_signal, signal_name
 
 log = logging.getLogger("registrar.sync")
@@ -144,9 +145,9 @@ class Syncer:
         self._agent_maintenance: set[str] = set()
         self._known_status: dict[str, str] = {}
         self._unconfirmed: dict[str, _Unconfirmed] = {}  # service -> when to look for it in the catalog
-        self._said: dict[str, str] = {}  # operation -> the refusal logged for it, said once until it changes
+        self._said = SayOnce()  # operation -> the refusal logged for it
+        self._plan_said = SayOnce()  # the reconcile summary: the same plan retried every second is said once
         self._denied: dict[str, str] = {}  # operation -> permission denied, until it succeeds (/health)
-        self._last_plan = ""
         self._consul_up: bool | None = None
         self._backoff = Backoff(base=0.1, cap=settings.retry_interval)
         self._generation = 0
@@ -423,15 +424,14 @@ class Syncer:
         """A refusal: logged once until its text changes (the tick retries it every second); a
         permission denial also shows in /health until the same operation succeeds."""
         text = str(err)
-        if self._said.get(operation) != text:
-            self._said[operation] = text
+        if self._said.new(operation, text):
             log.error("%s refused, will retry: %s", operation, text)
         if isinstance(err, ConsulForbidden):
             self._denied[operation] = text
 
     def _accepted(self, operation: str) -> None:
         self._denied.pop(operation, None)
-        if self._said.pop(operation, None) is not None:  # every denial was said first
+        if self._said.over(operation):  # every denial was said first
             log.info("%s accepted again", operation)
 
     def _unconfirmed_after_write(self, service_id: str) -> None:
@@ -579,12 +579,11 @@ class Syncer:
 
         todo = plan(desired, self._want_maintenance, agent, self._agent_maintenance, owned)
         if todo.empty():
-            self._last_plan = ""
+            self._plan_said.over("plan")
             return
         summary = kv(register=len(todo.register), deregister=len(todo.deregister), maintenance=len(todo.maintenance_on))
-        if summary != self._last_plan:  # the same plan retried every second is said once
+        if self._plan_said.new("plan", summary):
             log.info("reconcile %s", summary)
-            self._last_plan = summary
         for service in todo.register:
             if service is self._own:
                 self._register_own()

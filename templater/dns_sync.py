@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sidecar.backoff import Backoff
+from sidecar.once import SayOnce
 from sidecar.threads import Supervisor
 from templater.catalog import Snapshot
 from templater.deps import Catalog
@@ -59,10 +60,9 @@ class DnsSync:
         self._want: Zone | None = None
         self._pending = False
         self._offered_at: float | None = None  # the oldest offer not yet in the zone
-        self._error = ""
+        self._said = SayOnce()  # the last error, and the last --dry plan printed
         self.problem_key = f"dns:{server.naming.zone}"
         self.offered = False
-        self._printed = ""
         self._periodic = 0  # periodic syncs done
         self._copy: tuple[Zone, int] | None = None  # the zone as last read or written, its serial
 
@@ -153,10 +153,9 @@ class DnsSync:
             self._warn(f"dns: {name} holds records this templater did not write (no ownership TXT): left alone")
         if changes and self._dry:
             lines = "".join(f"> dns {change.text()}\n" for change in changes.changes)
-            if lines != self._printed:  # --dry: each plan once, not at every sync
+            if self._said.new("dry", lines):  # --dry: each plan once, not at every sync
                 sys.stdout.write(lines)
                 sys.stdout.flush()
-            self._printed = lines
         elif changes:
             messages = self.server.update(changes.changes, self._ttl)
             # the serial read right after our update is the one our copy matches; a change by
@@ -198,9 +197,8 @@ class DnsSync:
                 self.sync(want, full=periodic and self._periodic % FULL_EVERY == 0)
             except DnsError as err:
                 delay = self._backoff.next_delay()
-                if str(err) != self._error:
+                if self._said.new("error", str(err)):
                     log.error("%s; keeping what the zone holds, will retry", err)
-                self._error = str(err)
                 self._metrics.add(dns_failures=1)
                 self._metrics.problem(self.problem_key, str(err))
                 with self._cond:
@@ -209,9 +207,8 @@ class DnsSync:
                         self._offered_at = offered
                 not_before = next_sync = time.monotonic() + delay
                 continue
-            if self._error:
+            if self._said.over("error"):
                 log.info("dns: %s answers and takes updates again", self.server.where)
-            self._error = ""
             self._backoff.reset()
             self._metrics.problem(self.problem_key, None)
             if offered is not None:

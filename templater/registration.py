@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import psutil
 
 from sidecar.consul_conn import AgentAPI, ConsulSettings, agent_self
+from sidecar.once import SayOnce
 from templater.errors import ConsulRejected, ConsulUnavailable
 
 log = logging.getLogger("templater.registration")
@@ -77,7 +78,7 @@ class SelfRegistration:
         self._ports_of: tuple[tuple[int, ...], list[int], float] = ((), [], 0.0)  # pids, ports, when
         self._sent: State | None = None
         self._sent_at = 0.0
-        self._failing = False
+        self._said = SayOnce()
 
     @property
     def check_id(self) -> str:
@@ -143,14 +144,12 @@ class SelfRegistration:
                 self._register(state, ports)  # the agent lost it (a restart): register again
                 self._send(state)
         except (ConsulUnavailable, ConsulRejected) as err:
-            if not self._failing:
+            if self._said.new("failing"):
                 log.warning("own registration %s not updated, will retry: %s", self.name, err)
-            self._failing = True
             self._registered_ports = None
             return
-        if self._failing:
+        if self._said.over("failing"):
             log.info("own registration %s updated again", self.name)
-        self._failing = False
         if state != self._sent:
             log.info("own check %s %s: %s", self.name, state.status, state.output)
         self._sent, self._sent_at = state, now

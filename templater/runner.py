@@ -16,6 +16,7 @@ from watchdog.observers import Observer
 
 from sidecar.logs import REDACTOR
 from sidecar.memory import give_back
+from sidecar.once import SayOnce
 from templater.child import Child
 from templater.deps import Catalog
 from templater.errors import TemplateError
@@ -36,9 +37,6 @@ log = logging.getLogger("templater")
 TEMPLATE_KEY = "template:"
 RETRY_KEY = "retry:writes"  # a cycle that tries again the destinations it could not write
 EDIT_SETTLE = 0.05
-
-
-WARNED_MAX = 10_000  # distinct warnings remembered (said once each); the oldest are forgotten
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,7 @@ class Runner:
         self.state_lock = threading.Lock()
         self.sources = Sources(settings, self.store, self.metrics, self._warn)
         self.supervisor = self.sources.supervisor
-        self.warned: dict[str, None] = {}  # insertion-ordered, capped at WARNED_MAX
+        self.warned = SayOnce()  # each distinct warning once (the oldest of 10,000 forgotten)
         self.child: Child | None = None
         self.driver = ProxyDriver(settings, self.metrics, proxy_hook) if settings.proxy and not settings.dry else None
         self.dns: DnsSync | None = None
@@ -99,12 +97,9 @@ class Runner:
     def _warn(self, message: str) -> None:
 
         with self.state_lock:
-            if message in self.warned:
-                return
-            self.warned[message] = None
-            if len(self.warned) > WARNED_MAX:
-                del self.warned[next(iter(self.warned))]
-        log.warning("%s", message)
+            fresh = self.warned.new(message)
+        if fresh:
+            log.warning("%s", message)
 
     # -- sources
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from sidecar.once import SayOnce
 from sidecar.threads import Supervisor
 from templater.catalog import Snapshot
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
@@ -51,7 +52,7 @@ class Sources:
         self.down: dict[str, str] = {}
         self.failed_attempts: dict[str, int] = {}  # query -> failed attempts in a row
         self._lock = threading.Lock()
-        self._stale_reported = False
+        self._said = SayOnce()
 
     def watch(self, dep: Dependency) -> None:
         """A source for dep, unless one runs."""
@@ -143,15 +144,14 @@ class Sources:
         self._metrics.last_contact = last_contact
         self._metrics.known_leader = known_leader
         stale = not known_leader or last_contact > STALE_NOTICE
-        if stale and not self._stale_reported:
+        if stale and self._said.new("stale"):
             log.warning(
                 "rendering from stale reads: the Consul server answering has %s, last contact %.1f s ago "
                 "(accepted up to --max-stale %.0f s); the output may lag the cluster",
                 "no leader" if not known_leader else "a leader", last_contact, self._settings.max_stale_ms / 1000,
             )  # fmt: skip
-        elif not stale and self._stale_reported:
+        elif not stale and self._said.over("stale"):
             log.info("reads are fresh again: the Consul servers have a leader")
-        self._stale_reported = stale
 
     def close(self) -> None:
         for source in self.by_key.values():
