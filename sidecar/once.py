@@ -32,3 +32,6 @@ class SayOnce:
 
     def __contains__(self, key: str) -> bool:
         return key in self._said
+
+    def __len__(self) -> int:
+        return len(self._said)

@@ -39,6 +39,9 @@ RETRY_KEY = "retry:writes"  # a cycle that tries again the destinations it could
 EDIT_SETTLE = 0.05
 
 
+WARNED_MAX = 10_000  # distinct warnings remembered (said once each); the oldest are forgotten
+
+
 @dataclass(frozen=True)
 class CycleResult:
     all_done: bool  # every template written (and the DNS sync offered its records)
@@ -80,7 +83,7 @@ class Runner:
         self.state_lock = threading.Lock()
         self.sources = Sources(settings, self.store, self.metrics, self._warn)
         self.supervisor = self.sources.supervisor
-        self.warned = SayOnce()  # each distinct warning once (the oldest of 10,000 forgotten)
+        self.warned = SayOnce(WARNED_MAX)  # each distinct warning once
         self.child: Child | None = None
         self.driver = ProxyDriver(settings, self.metrics, proxy_hook) if settings.proxy and not settings.dry else None
         self.dns: DnsSync | None = None
