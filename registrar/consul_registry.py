@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 from typing import Any, Protocol
 
-import consul
-
 from registrar.errors import ConsulRejected
 from registrar.model import Check, Service
-from sidecar.consul_conn import AgentAPI, ConsulSettings, agent_self
+from sidecar.consul_conn import ConsulSettings
+from sidecar.consul_http import Answer, ConsulHTTP, Params
 
 MAINTENANCE_MARK = "[registrar]"  # ends the reason of every maintenance the registrar sets
 _OLD_REASON = "registrar: container stopping or paused"  # what earlier versions set
@@ -34,15 +32,21 @@ class Registry(Protocol):
 
 
 class ConsulRegistry:
-    """Agent API calls; every failure comes out as ConsulUnavailable or ConsulRejected.
+    """Agent API calls through the shared HTTP layer; every failure comes out as
+    ConsulUnavailable or ConsulRejected (ConsulForbidden naming the permission).
 
-    One py-consul client per thread: the registrar's sync loop and probes call concurrently.
+    One connection per thread: the registrar's sync loop and probes call concurrently.
     """
 
     def __init__(self, settings: ConsulSettings, timeout: float = 5.0) -> None:
-        api = AgentAPI(settings, timeout)
-        self._call, self._put = api.call, api.put
+        self._http = ConsulHTTP(settings, timeout)
         self._node = ""
+
+    def _put(self, what: str, path: str, body: Any = None, params: Params = (), needs: str = "") -> None:
+        self._http.put(path, body, params, doing=f"during {what}", needs=needs)
+
+    def _get(self, what: str, path: str, params: Params = (), needs: str = "") -> Answer:
+        return self._http.get(path, params, doing=f"during {what}", needs=needs)
 
     def register(self, service: Service, statuses: dict[str, str]) -> None:
         self._put(f"register {service.id}", "/v1/agent/service/register", service.registration(statuses),
@@ -75,49 +79,36 @@ class ConsulRegistry:
                   needs="service:write on its service")  # fmt: skip
 
     def maintenance(self, service_id: str, enable: bool, reason: str | None = None) -> None:
-        params: list[Any] = [("enable", "true" if enable else "false")]
+        params = [("enable", "true" if enable else "false")]
         if enable:
             params.append(("reason", reason or f"Draining {MAINTENANCE_MARK}"))
         self._put(f"maintenance {service_id}", f"/v1/agent/service/maintenance/{service_id}", params=params,
                   needs="service:write on its name")  # fmt: skip
 
     def services(self) -> dict[str, dict[str, Any]]:
-        result: dict[str, dict[str, Any]] = self._call("list services", lambda c: c.agent.services(),
-                                                       needs="service:read")  # fmt: skip
-        return result
+        return _mapping(self._get("list services", "/v1/agent/services", needs="service:read").data)
 
     def checks(self) -> dict[str, dict[str, Any]]:
-        result: dict[str, dict[str, Any]] = self._call("list checks", lambda c: c.agent.checks(),
-                                                       needs="service:read, node:read")  # fmt: skip
-        return result
+        return _mapping(self._get("list checks", "/v1/agent/checks", needs="service:read, node:read").data)
 
     def ping(self) -> None:
-        self._call("ping", agent_self, needs="agent:read on this node")
+        self._get("ping", "/v1/agent/self", needs="agent:read on this node")
 
     def node_in_catalog(self) -> tuple[set[str], dict[str, str], bool]:
         """This agent's node as the catalog has it, read stale (any server answers, with or
         without a leader): its service IDs, the status of each of its checks, and whether the
         answering server knows a leader (without one, nothing can be written yet)."""
         if not self._node:
-            me = self._call("agent self", agent_self, needs="agent:read on this node")
-            self._node = str(me["Config"]["NodeName"])
+            me = _mapping(self._get("agent self", "/v1/agent/self", needs="agent:read on this node").data)
+            self._node = str((me.get("Config") or {}).get("NodeName") or "")
         path = urllib.parse.quote(self._node, safe="")
-        services_raw = self._call("catalog node", lambda c: _stale_get(c, f"/v1/catalog/node/{path}"),
-                                  needs="node:read on this node")  # fmt: skip
-        checks_raw = self._call("health node", lambda c: _stale_get(c, f"/v1/health/node/{path}"),
-                                needs="node:read on this node")  # fmt: skip
-        services = set(((services_raw[0] or {}).get("Services") or {}).keys())
-        statuses = {str(c["CheckID"]): str(c["Status"]) for c in checks_raw[0] or []}
-        return services, statuses, services_raw[1] and checks_raw[1]
+        stale = [("stale", "")]
+        services_raw = self._get("catalog node", f"/v1/catalog/node/{path}", stale, needs="node:read on this node")
+        checks_raw = self._get("health node", f"/v1/health/node/{path}", stale, needs="node:read on this node")
+        services = set(((services_raw.data or {}).get("Services") or {}).keys())
+        statuses = {str(c["CheckID"]): str(c["Status"]) for c in checks_raw.data or [] if isinstance(c, dict)}
+        return services, statuses, services_raw.known_leader and checks_raw.known_leader
 
 
-def _stale_get(client: consul.Consul, path: str) -> tuple[Any, bool]:
-    """GET path with ?stale: the JSON body and X-Consul-KnownLeader."""
-
-    def answer(response: Any) -> tuple[Any, bool]:
-        consul.callback.CB._status(response)
-        known = str(response.headers.get("X-Consul-KnownLeader", "true")).lower() == "true"
-        return (json.loads(response.body) if response.body else None), known
-
-    result: tuple[Any, bool] = client.http.get(answer, path, params=[("stale", "")], headers=client.prepare_headers())
-    return result
+def _mapping(data: Any) -> dict[str, Any]:
+    return data if isinstance(data, dict) else {}

@@ -1,23 +1,16 @@
-"""Consul connection flags shared by both programs, and the client built from them."""
+"""Consul connection flags shared by both programs (address, token, TLS files), the token file
+read again when it changes, and scrubbing of secrets; the HTTP layer itself is consul_http."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import sys
 import threading
-import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-import consul
-import requests
-
-from sidecar.errors import ConsulForbidden, ConsulRejected, ConsulUnavailable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -142,94 +135,3 @@ def warn_if_token_on_command_line(argv: list[str] | None, logger: logging.Logger
     if any(a == "--token" or a.startswith("--token=") for a in args):
         logger.warning("--token on the command line is visible to every user of this host (ps): "
                        "use --token-file or CONSUL_HTTP_TOKEN_FILE")  # fmt: skip
-
-
-def make_client(settings: ConsulSettings, timeout: float = 10.0) -> consul.Consul:
-    """A py-consul client for the agent in settings.
-
-    The token is passed per request rather than through py-consul's constructor, which lets
-    CONSUL_HTTP_TOKEN override an explicit --token.
-    """
-    parsed = urllib.parse.urlparse(settings.url)
-    scheme = parsed.scheme or "http"
-    port = parsed.port or (443 if scheme == "https" else 8500)
-    verify: bool | str = settings.ca_file or True
-    cert = (settings.cert_file, settings.key_file) if settings.cert_file and settings.key_file else None
-    client = consul.Consul(
-        host=parsed.hostname or "127.0.0.1",
-        port=port,
-        scheme=scheme,
-        verify=verify,
-        cert=cert,
-    )
-    client.token = settings.current_token()
-    client.http.connections_timeout = timeout
-    return client
-
-
-class ClientPerThread:
-    """One py-consul client (one keep-alive connection) per calling thread.
-
-    A requests session is not safe to share between threads, and both daemons call Consul
-    from several threads (sync loop and probes; watch loops and the node pool).
-    """
-
-    def __init__(self, settings: ConsulSettings, timeout: float) -> None:
-        self.settings = settings
-        self._timeout = timeout
-        self._local = threading.local()
-
-    def get(self) -> consul.Consul:
-        client: consul.Consul | None = getattr(self._local, "client", None)
-        if client is None:
-            client = make_client(self.settings, self._timeout)
-            self._local.client = client
-        else:
-            client.token = self.settings.current_token()  # a token file may have changed
-        return client
-
-
-class AgentAPI:
-    """Agent API calls with every failure mapped to ConsulUnavailable or ConsulRejected, the
-    token scrubbed from the message. Shared by the registrar and the templater's own
-    registration."""
-
-    def __init__(self, settings: ConsulSettings, timeout: float = 5.0) -> None:
-        self._settings = settings
-        self._clients = ClientPerThread(settings, timeout)
-
-    def call(self, what: str, fn: Callable[[consul.Consul], T], needs: str = "") -> T:
-        """fn(client) with Consul's failures mapped; needs: the ACL permission the call needs,
-        named in a permission-denied error."""
-        scrub = self._settings.scrub
-        try:
-            return fn(self._clients.get())
-        except (requests.RequestException, consul.Timeout, OSError) as err:
-            raise ConsulUnavailable(scrub(f"consul {self._settings.url} unreachable during {what}: {err}")) from None
-        except consul.ACLPermissionDenied as err:
-            raise ConsulForbidden(
-                scrub(f"permission denied during {what}{' (needs ' + needs + ')' if needs else ''}: {err}")
-            ) from None
-        except consul.ConsulException as err:
-            text = scrub(str(err))
-            if text.startswith("500") and ("connection refused" in text or "No cluster leader" in text):
-                raise ConsulUnavailable(f"consul not ready during {what}: {text}") from None
-            raise ConsulRejected(f"consul refused {what}: {text}") from None
-
-    def put(self, what: str, path: str, body: Any = None, params: list[Any] | None = None, needs: str = "") -> None:
-        def run(client: consul.Consul) -> None:
-            data = json.dumps(body) if body is not None else ""
-            client.http.put(
-                consul.callback.CB.boolean(), path, params=params or [], data=data, headers=client.prepare_headers()
-            )
-
-        self.call(what, run, needs)
-
-
-def agent_self(client: consul.Consul) -> dict[str, Any]:
-    """/v1/agent/self with the token: py-consul's agent.self() sends none, which an agent with
-    ACLs in default-deny mode refuses."""
-    result: dict[str, Any] = client.http.get(
-        consul.callback.CB.json(), "/v1/agent/self", headers=client.prepare_headers()
-    )
-    return result

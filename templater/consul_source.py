@@ -9,7 +9,6 @@ reads has its own blocking query.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -19,17 +18,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import consul
-import consul.exceptions
-import requests
-
 from sidecar.backoff import Backoff
-from sidecar.consul_conn import ClientPerThread, ConsulSettings
+from sidecar.consul_conn import ConsulSettings
+from sidecar.consul_http import ConsulHTTP
 from sidecar.threads import Supervisor
 from templater.catalog import Snapshot
 from templater.catalog_index import CatalogIndex
 from templater.deps import KV, Catalog
-from templater.errors import ConsulForbidden, ConsulRejected, ConsulUnavailable
+from templater.errors import ConsulRejected, ConsulUnavailable
 from templater.watch import BlockingLoop, Response, WatchSettings
 
 log = logging.getLogger("templater.consul")
@@ -38,53 +34,33 @@ NODE_POOL = 4
 
 
 class ConsulFetcher:
-    """GET requests with one py-consul client (one keep-alive connection) per thread."""
+    """The templater's reads, through the shared HTTP layer (one connection per thread)."""
 
     def __init__(self, settings: ConsulSettings, timeout: float = 10.0) -> None:
-        self._settings = settings
-        self._clients = ClientPerThread(settings, timeout)
-        self.requests = 0  # for /metrics and the bench: requests per change, per idle minute
-        self.bytes = 0  # the answers' bodies, as decoded JSON text
+        self._http = ConsulHTTP(settings, timeout)
         # what the last stale read said about the servers: ms since the answering server last
         # heard from a leader, and whether it knows one (X-Consul-LastContact, -KnownLeader)
         self.last_contact_ms = 0
         self.known_leader = True
 
+    @property
+    def requests(self) -> int:  # for /metrics and the bench: requests per change, per idle minute
+        return self._http.requests
+
+    @property
+    def bytes(self) -> int:  # the answers' bodies
+        return self._http.bytes
+
     def get(self, path: str, params: dict[str, str]) -> Response:
         """A GET; with `index` in params it blocks, and py-consul sizes the read timeout to `wait`.
-
-        The token goes in the X-Consul-Token header, never in the URL, and every error text is
-        scrubbed: requests quotes the URL it failed on."""
-        client = self._clients.get()
-        scrub = self._settings.scrub
-        self.requests += 1
-        try:
-            raw = client.http.get(lambda r: r, path, params=list(params.items()), headers=client.prepare_headers())
-        except (requests.RequestException, consul.exceptions.Timeout, OSError) as err:
-            raise ConsulUnavailable(scrub(f"consul {self._settings.url}{path}: {err}")) from None
-        self.bytes += len(raw.body or "")
-        if raw.code >= 500:
-            raise ConsulUnavailable(scrub(f"consul {path}: {raw.code} {raw.body[:200]}"))
-        if raw.code == 404:
-            return Response(int(raw.headers.get("X-Consul-Index", "1")), None)
-        if raw.code == 403:
-            raise ConsulForbidden(scrub(f"permission denied reading {path} (needs {read_permission(path)}): "
-                                        f"{raw.body[:200]}"))  # fmt: skip
-        if raw.code >= 400:
-            raise ConsulRejected(scrub(f"consul {path}: {raw.code} {raw.body[:200]}"))
-        try:
-            data = json.loads(raw.body) if raw.body else None
-        except ValueError as err:
-            raise ConsulUnavailable(f"consul {path}: bad JSON: {err}") from None
-        last_contact_ms = int(raw.headers.get("X-Consul-LastContact", "0") or 0)
+        A 404 is no data (a KV key not there yet)."""
+        answer = self._http.get(path, list(params.items()), doing=f"reading {path}", needs=read_permission(path))
+        if not answer.found:
+            return Response(answer.index, None)
         if "stale" in params:
-            self.last_contact_ms = last_contact_ms
-            self.known_leader = raw.headers.get("X-Consul-KnownLeader", "true") == "true"
-        return Response(
-            index=int(raw.headers.get("X-Consul-Index", "0") or 0),
-            data=data,
-            last_contact_ms=last_contact_ms,
-        )
+            self.last_contact_ms = answer.last_contact_ms
+            self.known_leader = answer.known_leader
+        return Response(answer.index, answer.data, answer.last_contact_ms)
 
 
 def read_permission(path: str) -> str:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import psutil
 
-from sidecar.consul_conn import AgentAPI, ConsulSettings, agent_self
+from sidecar.consul_conn import ConsulSettings
+from sidecar.consul_http import ConsulHTTP
 from sidecar.once import SayOnce
 from templater.errors import ConsulRejected, ConsulUnavailable
 
@@ -65,8 +66,7 @@ def listening_ports(procs: list[psutil.Process]) -> list[int]:
 
 class SelfRegistration:
     def __init__(self, consul_settings: ConsulSettings, name: str, kind: str, config: str, address: str) -> None:
-        api = AgentAPI(consul_settings, 5.0)
-        self._call, self._put = api.call, api.put
+        self._http = ConsulHTTP(consul_settings, 5.0)
         self.name = name
         self._kind = kind
         self._config = config
@@ -86,7 +86,9 @@ class SelfRegistration:
 
     def _register(self, state: State, ports: list[int]) -> None:
         if not self._node:
-            agent = self._call("agent self", agent_self, needs="agent:read on this node")
+            agent = (
+                self._http.get("/v1/agent/self", doing="during agent self", needs="agent:read on this node").data or {}
+            )
             self._node = str((agent.get("Config") or {}).get("NodeName") or "")
             self._address = self._address or str(((agent.get("Member") or {}).get("Addr")) or "")
             self.service_id = f"{self.name}:{self._node}"
@@ -112,8 +114,8 @@ class SelfRegistration:
                 "Status": state.status,
             },
         }
-        self._put(f"register {self.service_id}", "/v1/agent/service/register", body,
-                  needs=f'service:write on "{self.name}"')  # fmt: skip
+        self._http.put("/v1/agent/service/register", body, doing=f"during register {self.service_id}",
+                       needs=f'service:write on "{self.name}"')  # fmt: skip
         self._registered_ports = ports
         log.info("registered own service=%s id=%s ports=%s", self.name, self.service_id, ports)
 
@@ -156,14 +158,16 @@ class SelfRegistration:
 
     def _send(self, state: State) -> None:
         body = {"Status": state.status, "Output": state.output}
-        self._put(f"check update {self.check_id}", f"/v1/agent/check/update/{self.check_id}", body,
-                  needs=f'service:write on "{self.name}"')  # fmt: skip
+        self._http.put(f"/v1/agent/check/update/{self.check_id}", body, doing=f"during check update {self.check_id}",
+                       needs=f'service:write on "{self.name}"')  # fmt: skip
 
     def deregister(self) -> None:
         if not self.service_id:
             return
         try:
-            self._put(f"deregister {self.service_id}", f"/v1/agent/service/deregister/{self.service_id}")
+            self._http.put(
+                f"/v1/agent/service/deregister/{self.service_id}", doing=f"during deregister {self.service_id}"
+            )
             log.info("deregistered own service=%s id=%s", self.name, self.service_id)
         except (ConsulUnavailable, ConsulRejected) as err:
             log.warning("own registration %s left in Consul: %s", self.service_id, err)
