@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from registrar.confirm import CatalogConfirmer
 from registrar.consul_registry import MAINTENANCE_MARK, Registry, is_ours
-from registrar.errors import ConsulForbidden, ConsulRejected, ConsulUnavailable
+from registrar.errors import ConsulRejected, ConsulUnavailable
 from registrar.intents import (
     TERMINATING,
     Destroyed,
@@ -33,6 +34,7 @@ from registrar.intents import (
 )
 from registrar.model import CRITICAL, PASSING, Service, now_text
 from registrar.probe import Prober
+from registrar.refusals import Refusals
 from registrar.settings import SyncSettings
 from registrar.spec import OWNER_META, container_name, docker_health_status, services_for
 from sidecar.backoff import Backoff
@@ -43,22 +45,6 @@ from sidecar.signals import parse_signal, signal_name
 log = logging.getLogger("registrar.sync")
 
 TICK = 1.0
-# A change the agent could not pass on to the servers (an election, no quorum) is retried by
-# its anti-entropy only some seconds later: confirm each change in the catalog, and while it
-# is missing there, register again (which makes the agent sync everything pending) at these
-# intervals, for this long; after that the agent's own anti-entropy is left to it.
-CONFIRM_FIRST = 0.25
-CONFIRM_CAP = 0.5
-CONFIRM_FOR = 120.0
-
-
-@dataclass
-class _Unconfirmed:
-    next_at: float
-    delay: float
-    until: float
-
-
 OWN_HEARTBEAT = 10.0  # the own check's TTL is 30 s
 SEEN_MAX = 10_000  # containers remembered for listings in flight
 TTL_HEARTBEAT = 60.0
@@ -144,10 +130,9 @@ class Syncer:
         self._maintenance_reason: dict[str, str] = {}  # what the Consul UI shows as the reason
         self._agent_maintenance: set[str] = set()
         self._known_status: dict[str, str] = {}
-        self._unconfirmed: dict[str, _Unconfirmed] = {}  # service -> when to look for it in the catalog
-        self._said = SayOnce()  # operation -> the refusal logged for it
+        self._confirmer = CatalogConfirmer(registry, self._registration_of)
+        self._refusals = Refusals()
         self._plan_said = SayOnce()  # the reconcile summary: the same plan retried every second is said once
-        self._denied: dict[str, str] = {}  # operation -> permission denied, until it succeeds (/health)
         self._consul_up: bool | None = None
         self._backoff = Backoff(base=0.1, cap=settings.retry_interval)
         self._generation = 0
@@ -171,7 +156,7 @@ class Syncer:
     @property
     def denied(self) -> dict[str, str]:
         """Operations the ACL token may not do now (permission denied), with Consul's answer."""
-        return dict(self._denied)
+        return self._refusals.denied
 
     @property
     def counts(self) -> dict[str, int]:
@@ -201,13 +186,13 @@ class Syncer:
     def run(self, stop: threading.Event) -> None:
         next_tick = time.monotonic()
         while not stop.is_set():
-            wake = min([next_tick, *(u.next_at for u in self._unconfirmed.values())])
+            wake = min(next_tick, self._confirmer.next_at() or next_tick)
             try:
                 seq, intent = self._queue.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick()
-                self._confirm_due()
+                self._confirmer.confirm_due()
                 continue
             if intent is None:
                 if stop.is_set():
@@ -350,7 +335,7 @@ class Syncer:
                     check_id = service.check_id(index)
                     self._known_status[check_id] = intent.status
                     self._ttl(check_id, intent.status)
-                    self._unconfirmed_after_write(service.id)
+                    self._confirmer.wrote(service.id)
                     log.info("health %s", kv(id=service.id, status=intent.status))
 
     def _listing(self, intent: Listing) -> None:
@@ -381,7 +366,7 @@ class Syncer:
             return
         self._registry.set_check_status(service, intent.check_index, PASSING)
         self._known_status[check_id] = PASSING
-        self._unconfirmed_after_write(service.id)
+        self._confirmer.wrote(service.id)
         log.info("ready %s", kv(id=service.id, check=check_id))
 
     # -- Consul calls, each logging what it did
@@ -402,12 +387,12 @@ class Syncer:
         try:
             self._registry.register(service, self._statuses(service, tracked))
         except ConsulRejected as err:
-            self._refused(f"register {service.id} (container {tracked.name})", err)
+            self._refusals.refused(f"register {service.id} (container {tracked.name})", err)
             return
-        self._accepted(f"register {service.id} (container {tracked.name})")
+        self._refusals.accepted(f"register {service.id} (container {tracked.name})")
         self._pending_deregister.discard(service.id)
         self._counts["registered"] += 1
-        self._unconfirmed_after_write(service.id)
+        self._confirmer.wrote(service.id)
         facts: dict[str, object] = {"service": service.name, "id": service.id, "port": service.port}
         if event_ns:
             seconds = (time.time_ns() - int(event_ns)) / 1e9
@@ -420,73 +405,10 @@ class Syncer:
             if check.probeable and self._known_status.get(service.check_id(index)) != PASSING:
                 self._prober.start(service.id, index, check, generation)
 
-    def _refused(self, operation: str, err: ConsulRejected) -> None:
-        """A refusal: logged once until its text changes (the tick retries it every second); a
-        permission denial also shows in /health until the same operation succeeds."""
-        text = str(err)
-        if self._said.new(operation, text):
-            log.error("%s refused, will retry: %s", operation, text)
-        if isinstance(err, ConsulForbidden):
-            self._denied[operation] = text
-
-    def _accepted(self, operation: str) -> None:
-        self._denied.pop(operation, None)
-        if self._said.over(operation):  # every denial was said first
-            log.info("%s accepted again", operation)
-
-    def _unconfirmed_after_write(self, service_id: str) -> None:
-        now = time.monotonic()
-        self._unconfirmed[service_id] = _Unconfirmed(now + CONFIRM_FIRST, CONFIRM_FIRST, now + CONFIRM_FOR)
-
-    def _confirm_due(self) -> None:
-        """Look for the services changed lately in the catalog (one stale read of this node for
-        all of them); register again each one the catalog does not show as the agent has it."""
-        now = time.monotonic()
-        due = [sid for sid, u in self._unconfirmed.items() if u.next_at <= now]
-        if not due:
-            return
-        try:
-            services, statuses, known_leader = self._registry.node_in_catalog()
-            local = self._registry.checks()
-        except (ConsulUnavailable, ConsulRejected) as err:
-            log.debug("catalog confirmation postponed: %s", err)
-            for sid in due:
-                self._postpone(sid, now)
-            return
-        for sid in due:
-            service = self._service(sid)
-            mine = {cid: c.get("Status") for cid, c in local.items() if c.get("ServiceID") == sid}
-            if service is None or (sid in services and all(statuses.get(c) == st for c, st in mine.items())):
-                del self._unconfirmed[sid]
-                continue
-            if now > self._unconfirmed[sid].until:
-                log.warning("not in the catalog as the agent has it after %.0f s; left to the agent's "
-                            "anti-entropy %s", CONFIRM_FOR, kv(id=sid))  # fmt: skip
-                del self._unconfirmed[sid]
-                continue
-            if not known_leader:
-                # nothing can reach the catalog before there is a leader: look again soon, and
-                # register again the moment one is known
-                self._unconfirmed[sid].next_at = now + CONFIRM_FIRST
-                continue
-            tracked = self._containers[service.container_id]
-            try:
-                self._registry.register(service, self._statuses(service, tracked))
-            except (ConsulUnavailable, ConsulRejected) as err:
-                log.debug("register again postponed %s: %s", kv(id=sid), err)
-            else:
-                log.info("registered again: the catalog did not show the agent's state yet %s", kv(id=sid))
-            self._postpone(sid, now)
-
-    def _postpone(self, service_id: str, now: float) -> None:
-        u = self._unconfirmed[service_id]
-        u.next_at = now + u.delay
-        u.delay = min(CONFIRM_CAP, u.delay * 2)
-
     def _deregister(self, service_id: str) -> None:
         """Deregister, or leave it pending: the tick retries until the agent has it gone."""
         self._pending_deregister.add(service_id)
-        self._unconfirmed.pop(service_id, None)
+        self._confirmer.forget(service_id)
         self._prober.cancel(service_id)
         self._want_maintenance.discard(service_id)
         self._agent_maintenance.discard(service_id)
@@ -498,9 +420,9 @@ class Syncer:
         try:
             self._registry.deregister(service_id)
         except ConsulRejected as err:
-            self._refused(f"deregister {service_id}", err)
+            self._refusals.refused(f"deregister {service_id}", err)
             return
-        self._accepted(f"deregister {service_id}")
+        self._refusals.accepted(f"deregister {service_id}")
         self._pending_deregister.discard(service_id)
         self._counts["deregistered"] += 1
         log.info("deregistered %s", kv(id=service_id))
@@ -512,20 +434,27 @@ class Syncer:
         try:
             self._registry.maintenance(service_id, enable, f"{reason} {MAINTENANCE_MARK}" if enable else None)
         except ConsulRejected as err:
-            self._refused(f"maintenance {'on' if enable else 'off'} {service_id}", err)
+            self._refusals.refused(f"maintenance {'on' if enable else 'off'} {service_id}", err)
             return
-        self._accepted(f"maintenance {'on' if enable else 'off'} {service_id}")
+        self._refusals.accepted(f"maintenance {'on' if enable else 'off'} {service_id}")
         if enable:
             self._agent_maintenance.add(service_id)
         else:
             self._agent_maintenance.discard(service_id)
-        self._unconfirmed_after_write(service_id)
+        self._confirmer.wrote(service_id)
 
     def _ttl(self, check_id: str, status: str) -> None:
         try:
             self._registry.ttl_update(check_id, status, f"docker health: {status}")
         except ConsulRejected as err:
-            self._refused(f"check update {check_id}", err)
+            self._refusals.refused(f"check update {check_id}", err)
+
+    def _registration_of(self, service_id: str) -> tuple[Service, dict[str, str]] | None:
+        """For the confirmer: the service and its statuses as registered now, None once gone."""
+        service = self._service(service_id)
+        if service is None:
+            return None
+        return service, self._statuses(service, self._containers[service.container_id])
 
     def _service(self, service_id: str) -> Service | None:
         for tracked in self._containers.values():
@@ -545,9 +474,9 @@ class Syncer:
             self._consul_down(err)
             return self._backoff.next_delay()
         except ConsulRejected as err:  # the token may not list this agent's services (or was revoked)
-            self._refused("list this agent's services and checks", err)
+            self._refusals.refused("list this agent's services and checks", err)
             return self._backoff.next_delay()
-        self._accepted("list this agent's services and checks")
+        self._refusals.accepted("list this agent's services and checks")
         return TICK
 
     def _reconcile(self) -> None:
@@ -610,7 +539,7 @@ class Syncer:
         try:
             self._registry.register(self._own, {self._own.check_id(0): status})
         except ConsulRejected as err:
-            self._refused(f"own registration {self._own.id}", err)
+            self._refusals.refused(f"own registration {self._own.id}", err)
             return
         self._own_status = None  # the output goes with the next update
         log.info("registered %s", kv(service=self._own.name, id=self._own.id, own=True))
@@ -624,7 +553,7 @@ class Syncer:
         try:
             self._registry.ttl_update(self._own.check_id(0), state[0], state[1])
         except ConsulRejected as err:
-            self._refused(f"own check update {self._own.id}", err)
+            self._refusals.refused(f"own check update {self._own.id}", err)
             return
         self._own_status = state
         self._own_updated = time.monotonic()
