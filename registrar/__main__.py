@@ -13,12 +13,13 @@ from registrar import settings as settings_mod
 from registrar.consul_registry import ConsulRegistry
 from registrar.docker_events import DockerSource, DockerWatcher
 from registrar.errors import ConsulRejected, Unavailable
-from registrar.model import Check, Service
 from registrar.status import RegistrarStatus
 from registrar.sync import Syncer
 from sidecar import logs
 from sidecar.backoff import sleep
 from sidecar.consul_conn import warn_if_token_on_command_line
+from sidecar.consul_http import ConsulHTTP
+from sidecar.own_registration import OwnRegistration, OwnService
 from sidecar.status import StatusServer
 from sidecar.threads import Supervisor
 from sidecar.version import version
@@ -56,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     supervisor = Supervisor()
     # the syncer registers what the watcher sees; the watcher's state is the syncer's own check
     view = RegistrarStatus(supervisor)
+    own = own_service(settings, source.describe())
+    own_registration = OwnRegistration(ConsulHTTP(settings.consul, 5.0))
     syncer = Syncer(
-        registry, settings.sync, own_service(settings, source.describe()), view.docker_state, view.registered
+        registry, settings.sync, (own, own_registration) if own else None, view.docker_state, view.registered
     )
     watcher = DockerWatcher(source, syncer.submit, syncer.mark, settings.sync.retry_interval)
     view.follow(watcher, syncer)
@@ -101,24 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def own_service(settings: settings_mod.Settings, docker: str) -> Service | None:
+def own_service(settings: settings_mod.Settings, docker: str) -> OwnService | None:
     """The registrar's own registration, shown in the Consul UI beside the containers'."""
     if not settings.register_self:
         return None
     hostname = settings.sync.spec.hostname
-    notes = f"The registrar on {hostname}: passing while it follows the Docker engine's events"
-    check = Check(kind="ttl", ttl="30s", name="Follows the Docker engine (event stream connected)", notes=notes)
-    return Service(
+    return OwnService(
         id=f"{settings.register_self}:{hostname}",
         name=settings.register_self,
         port=settings.status_addr[1] if settings.status_addr else 0,
         address=settings.sync.spec.ip,
-        container_id="",
-        container_name="",
         tags=("sidecar",),
         # meta values are tokens: the templater leaves out (with a warning) one with a space
-        meta={"registrar_host": hostname, "docker": re.sub(r"\s+", "-", docker)[:200], "version": version()},
-        checks=(check,),
+        meta=(("registrar_host", hostname), ("docker", re.sub(r"\s+", "-", docker)[:200]), ("version", version())),
+        check_name="Follows the Docker engine (event stream connected)",
+        check_notes=f"The registrar on {hostname}: passing while it follows the Docker engine's events",
     )
 
 

@@ -40,12 +40,12 @@ from registrar.spec import OWNER_META, container_name, docker_health_status, ser
 from sidecar.backoff import Backoff
 from sidecar.logs import kv
 from sidecar.once import SayOnce
+from sidecar.own_registration import OwnRegistration, OwnService
 from sidecar.signals import parse_signal, signal_name
 
 log = logging.getLogger("registrar.sync")
 
 TICK = 1.0
-OWN_HEARTBEAT = 10.0  # the own check's TTL is 30 s
 SEEN_MAX = 10_000  # containers remembered for listings in flight
 TTL_HEARTBEAT = 60.0
 
@@ -104,20 +104,19 @@ class Syncer:
         self,
         registry: Registry,
         settings: SyncSettings,
-        own: Service | None = None,
+        own: tuple[OwnService, OwnRegistration] | None = None,
         docker_state: Callable[[], tuple[bool, str]] = lambda: (True, ""),
         on_registered: Callable[[float], None] = lambda seconds: None,
     ) -> None:
-        """own: the registrar's own registration (its TTL check follows docker_state(), which
-        says whether the Docker engine's events are followed and why not)."""
+        """own: the registrar's own service and what registers it (its TTL check follows
+        docker_state(), which says whether the Docker engine's events are followed and why not)."""
         self._registry = registry
         self._settings = settings
-        self._own = own
+        self._own: OwnService | None = own[0] if own is not None else None
+        self._own_registration: OwnRegistration | None = own[1] if own is not None else None
         self._docker_state = docker_state
         self._on_registered = on_registered  # seconds from the Docker event, for the histogram
         self._counts = {"registered": 0, "deregistered": 0}
-        self._own_status: tuple[str, str] | None = None
-        self._own_updated = 0.0
         self._queue: queue.Queue[tuple[int, Intent | None]] = queue.Queue()
         self._submit_lock = threading.Lock()
         self._submitted = 0  # sequence of the last intent queued; the queue keeps this order
@@ -493,15 +492,17 @@ class Syncer:
             if check_id.startswith("service:") and check.get("Status"):
                 self._known_status[check_id] = str(check["Status"])
         desired = {sid: s for t in self._containers.values() for sid, s in t.services.items()}
-        if self._own is not None:
-            desired[self._own.id] = self._own
+        own_id = self._own.id if self._own is not None else None
+        if own_id is not None and own_id not in agent:
+            assert self._own_registration is not None
+            self._own_registration.lost()  # the agent lost it (a restart): registered at the next update
         lingering = {sid for ids in self._lingering.values() for sid in ids}
         hostname = self._settings.spec.hostname
         # gone from the agent by other means (a restart that lost its state): nothing to retry
         self._pending_deregister &= set(agent)
 
         def owned(sid: str, view: dict[str, Any]) -> bool:
-            if sid in lingering:
+            if sid in lingering or sid == own_id:
                 return False
             ours = sid.startswith(f"{hostname}:") or (view.get("Meta") or {}).get(OWNER_META) == hostname
             return ours or sid in self._pending_deregister
@@ -514,9 +515,6 @@ class Syncer:
         if self._plan_said.new("plan", summary):
             log.info("reconcile %s", summary)
         for service in todo.register:
-            if service is self._own:
-                self._register_own()
-                continue
             self._register(service, self._containers[service.container_id])
             if service.id not in agent:
                 self._start_probes(service, self._containers[service.container_id].generation)
@@ -533,40 +531,28 @@ class Syncer:
         up, detail = self._docker_state()
         return (PASSING if up else CRITICAL), detail
 
-    def _register_own(self) -> None:
-        assert self._own is not None
-        status, _ = self._own_check()
-        try:
-            self._registry.register(self._own, {self._own.check_id(0): status})
-        except ConsulRejected as err:
-            self._refusals.refused(f"own registration {self._own.id}", err)
-            return
-        self._own_status = None  # the output goes with the next update
-        log.info("registered %s", kv(service=self._own.name, id=self._own.id, own=True))
-
     def _update_own(self) -> None:
-        if self._own is None:
+        """Registered when the agent lacks it; its check sent when the state changes and every
+        heartbeat. Consul down is the tick's to handle; a refusal is said once."""
+        if self._own is None or self._own_registration is None:
             return
-        state = self._own_check()
-        if state == self._own_status and time.monotonic() - self._own_updated < OWN_HEARTBEAT:
-            return
+        status, output = self._own_check()
+        operation = f"own registration {self._own.id}"
         try:
-            self._registry.ttl_update(self._own.check_id(0), state[0], state[1])
+            self._own_registration.update(self._own, status, output)
         except ConsulRejected as err:
-            self._refusals.refused(f"own check update {self._own.id}", err)
+            self._refusals.refused(operation, err)
             return
-        self._own_status = state
-        self._own_updated = time.monotonic()
+        self._refusals.accepted(operation)
 
     def _deregister_own(self) -> None:
         """A clean stop takes the registrar's own registration with it."""
-        if self._own is None:
+        if self._own_registration is None:
             return
         try:
-            self._registry.deregister(self._own.id)
-            log.info("deregistered %s", kv(id=self._own.id, own=True))
+            self._own_registration.deregister()
         except (ConsulUnavailable, ConsulRejected) as err:
-            log.warning("own registration left in Consul %s: %s", kv(id=self._own.id), err)
+            log.warning("own registration left in Consul %s: %s", kv(id=self._own.id if self._own else ""), err)
 
     def _heartbeat(self) -> None:
         for tracked in self._containers.values():

@@ -18,6 +18,7 @@ import psutil
 from sidecar.consul_conn import ConsulSettings
 from sidecar.consul_http import ConsulHTTP
 from sidecar.once import SayOnce
+from sidecar.own_registration import OwnRegistration, OwnService
 from templater.errors import ConsulRejected, ConsulUnavailable
 
 log = logging.getLogger("templater.registration")
@@ -65,61 +66,48 @@ def listening_ports(procs: list[psutil.Process]) -> list[int]:
 
 
 class SelfRegistration:
+    """The proxy's own service (sidecar/own_registration.py does the agent's part): its ID
+    `NAME:NODE`, its port the proxy's first listening port, its meta what proxy serves what."""
+
     def __init__(self, consul_settings: ConsulSettings, name: str, kind: str, config: str, address: str) -> None:
         self._http = ConsulHTTP(consul_settings, 5.0)
+        self._own = OwnRegistration(self._http, HEARTBEAT)
         self.name = name
         self._kind = kind
         self._config = config
         self._address = address
         self._version = proxy_version(kind)
         self._node = ""
-        self.service_id = ""
-        self._registered_ports: list[int] | None = None
+        self._ports: list[int] = []  # the last ports seen (a proxy between two masters has none)
         self._ports_of: tuple[tuple[int, ...], list[int], float] = ((), [], 0.0)  # pids, ports, when
-        self._sent: State | None = None
-        self._sent_at = 0.0
         self._said = SayOnce()
 
-    @property
-    def check_id(self) -> str:
-        return f"service:{self.service_id}"
-
-    def _register(self, state: State, ports: list[int]) -> None:
+    def _service(self) -> OwnService:
         if not self._node:
-            agent = (
-                self._http.get("/v1/agent/self", doing="during agent self", needs="agent:read on this node").data or {}
-            )
+            me = self._http.get("/v1/agent/self", doing="during agent self", needs="agent:read on this node")
+            agent = me.data if isinstance(me.data, dict) else {}
             self._node = str((agent.get("Config") or {}).get("NodeName") or "")
             self._address = self._address or str(((agent.get("Member") or {}).get("Addr")) or "")
-            self.service_id = f"{self.name}:{self._node}"
-        body = {
-            "ID": self.service_id,
-            "Name": self.name,
-            "Port": ports[0] if ports else 0,
-            "Address": self._address,
-            "Tags": ["sidecar", self._kind],
-            "Meta": {
-                "proxy": self._kind,
-                "proxy_version": self._version or "unknown",
-                "ports": ",".join(map(str, ports)),
-                "config": self._config[:200],
-                "templater_host": self._node,
-            },
-            "Check": {
-                "CheckID": self.check_id,
-                "Name": f"Proxy {self._kind} serves the rendered configuration",
-                "Notes": "The templater's state: critical when the proxy is not running or the last render, "
-                "check or reload failed; warning while servers drain",
-                "TTL": "30s",
-                "Status": state.status,
-            },
-        }
-        self._http.put("/v1/agent/service/register", body, doing=f"during register {self.service_id}",
-                       needs=f'service:write on "{self.name}"')  # fmt: skip
-        self._registered_ports = ports
-        log.info("registered own service=%s id=%s ports=%s", self.name, self.service_id, ports)
+        ports = self._ports
+        return OwnService(
+            id=f"{self.name}:{self._node}",
+            name=self.name,
+            port=ports[0] if ports else 0,
+            address=self._address,
+            tags=("sidecar", self._kind),
+            meta=(
+                ("proxy", self._kind),
+                ("proxy_version", self._version or "unknown"),
+                ("ports", ",".join(map(str, ports))),
+                ("config", self._config[:200]),
+                ("templater_host", self._node),
+            ),
+            check_name=f"Proxy {self._kind} serves the rendered configuration",
+            check_notes="The templater's state: critical when the proxy is not running or the last render, "
+            "check or reload failed; warning while servers drain",
+        )
 
-    def _ports(self, master: int) -> list[int]:
+    def _listening(self, master: int) -> list[int]:
         """The proxy's listening ports, looked up again only when its processes changed (a
         start or a reload: new workers)."""
         procs = proxy_processes(master)
@@ -133,41 +121,21 @@ class SelfRegistration:
 
     def update(self, state: State, master: int | None) -> None:
         """Register when needed; send the state when it changed or every HEARTBEAT. Never raises."""
-        now = time.monotonic()
-        if state == self._sent and now - self._sent_at < HEARTBEAT:
-            return
-        ports = self._ports(master) if master else (self._registered_ports or [])
+        if self._own.settled(state.status, state.output):
+            return  # twice a second: no look at the proxy's processes and ports
+        if master:
+            self._ports = self._listening(master) or self._ports
         try:
-            if self._registered_ports is None or (ports and ports != self._registered_ports):
-                self._register(state, ports)
-            try:
-                self._send(state)
-            except ConsulRejected:
-                self._register(state, ports)  # the agent lost it (a restart): register again
-                self._send(state)
+            self._own.update(self._service(), state.status, state.output)
         except (ConsulUnavailable, ConsulRejected) as err:
             if self._said.new("failing"):
                 log.warning("own registration %s not updated, will retry: %s", self.name, err)
-            self._registered_ports = None
             return
         if self._said.over("failing"):
             log.info("own registration %s updated again", self.name)
-        if state != self._sent:
-            log.info("own check %s %s: %s", self.name, state.status, state.output)
-        self._sent, self._sent_at = state, now
-
-    def _send(self, state: State) -> None:
-        body = {"Status": state.status, "Output": state.output}
-        self._http.put(f"/v1/agent/check/update/{self.check_id}", body, doing=f"during check update {self.check_id}",
-                       needs=f'service:write on "{self.name}"')  # fmt: skip
 
     def deregister(self) -> None:
-        if not self.service_id:
-            return
         try:
-            self._http.put(
-                f"/v1/agent/service/deregister/{self.service_id}", doing=f"during deregister {self.service_id}"
-            )
-            log.info("deregistered own service=%s id=%s", self.name, self.service_id)
+            self._own.deregister()
         except (ConsulUnavailable, ConsulRejected) as err:
-            log.warning("own registration %s left in Consul: %s", self.service_id, err)
+            log.warning("own registration %s left in Consul: %s", self.name, err)

@@ -10,12 +10,12 @@ from devtools.demo_image import IMAGE, ensure_image
 from tests.support.consul import ConsulAgent
 from tests.support.containers import HTTPD, TEST_LABEL, Containers, docker_client, remove_test_containers
 from tests.support.forwarders import TcpForwarder, UnixSocketForwarder
-from tests.support.polling import free_port, tempdir, wait_until
+from tests.support.polling import free_port, free_ports, tempdir, wait_until
 from tests.support.processes import ROOT, Process
 from tests.support.status import health, scrape
 
 __all__ = [
     "HTTPD", "IMAGE", "ROOT", "TEST_LABEL", "ConsulAgent", "Containers", "Process", "TcpForwarder",
-    "UnixSocketForwarder", "docker_client", "ensure_image", "free_port", "health", "remove_test_containers",
-    "scrape", "tempdir", "wait_until",
+    "UnixSocketForwarder", "docker_client", "ensure_image", "free_port", "free_ports", "health",
+    "remove_test_containers", "scrape", "tempdir", "wait_until",
 ]  # fmt: skip

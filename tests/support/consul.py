@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.signals import terminate
-from tests.support.polling import free_port, wait_until
+from tests.support.polling import free_ports, wait_until
 
 
 class ConsulAgent:
@@ -20,16 +20,13 @@ class ConsulAgent:
     def __init__(self, workdir: Path, extra: dict[str, Any] | None = None, https: bool = False) -> None:
         """extra: merged into the configuration (ACLs, TLS files); https: serve HTTPS too."""
         self.workdir = workdir
-        self.https_port = free_port() if https else None
+        http, dns, serf_lan, serf_wan, server, https_port = free_ports(6)  # all distinct
+        self.https_port = https_port if https else None
         self.extra = extra or {}  # merged into the agent's configuration (ACLs, TLS)
         self.token: str | None = None  # sent by get() and put() when set
-        self.http_port = free_port()
-        self.dns_port = free_port()  # Consul's DNS interface (TCP and UDP)
-        self._ports = {
-            "serf_lan": free_port(),
-            "serf_wan": free_port(),
-            "server": free_port(),
-        }
+        self.http_port = http
+        self.dns_port = dns  # Consul's DNS interface (TCP and UDP)
+        self._ports = {"serf_lan": serf_lan, "serf_wan": serf_wan, "server": server}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "consul.log"
 

@@ -203,7 +203,7 @@ def test_own_registration_meta_passes_the_templaters_sanitizer():
     assert service is not None
     warnings: list[str] = []
     assert dict(clean_meta(dict(service.meta), "own", warnings.append)) == dict(service.meta)
-    assert warnings == [] and service.meta["docker"] == "default-socket"
+    assert warnings == [] and dict(service.meta)["docker"] == "default-socket"
 
 
 def test_sidecar_stop_helpers():
