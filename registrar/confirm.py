@@ -66,7 +66,7 @@ class CatalogConfirmer:
             return
         try:
             services, statuses, known_leader = self._registry.node_in_catalog()
-            local = self._registry.checks()
+            local = self._registry.agent_state()
         except (ConsulUnavailable, ConsulRejected) as err:
             log.debug("catalog confirmation postponed: %s", err)
             for sid in due:
@@ -74,7 +74,7 @@ class CatalogConfirmer:
             return
         for sid in due:
             registration = self._registration(sid)
-            mine = {cid: c.get("Status") for cid, c in local.items() if c.get("ServiceID") == sid}
+            mine = local.statuses_of(sid)
             if registration is None or (sid in services and all(statuses.get(c) == st for c, st in mine.items())):
                 del self._unconfirmed[sid]
                 continue

@@ -6,7 +6,7 @@ import urllib.parse
 from typing import Any, Protocol
 
 from registrar.errors import ConsulRejected
-from registrar.model import Check, Service
+from registrar.model import AgentState, Check, Held, Service
 from sidecar.consul_conn import ConsulSettings
 from sidecar.consul_http import Answer, ConsulHTTP, Params
 
@@ -25,8 +25,7 @@ class Registry(Protocol):
     def set_check_status(self, service: Service, index: int, status: str) -> None: ...
     def ttl_update(self, check_id: str, status: str, note: str) -> None: ...
     def maintenance(self, service_id: str, enable: bool, reason: str | None = None) -> None: ...
-    def services(self) -> dict[str, dict[str, Any]]: ...
-    def checks(self) -> dict[str, dict[str, Any]]: ...
+    def agent_state(self) -> AgentState: ...
     def ping(self) -> None: ...
     def node_in_catalog(self) -> tuple[set[str], dict[str, str], bool]: ...
 
@@ -85,11 +84,11 @@ class ConsulRegistry:
         self._put(f"maintenance {service_id}", f"/v1/agent/service/maintenance/{service_id}", params=params,
                   needs="service:write on its name")  # fmt: skip
 
-    def services(self) -> dict[str, dict[str, Any]]:
-        return _mapping(self._get("list services", "/v1/agent/services", needs="service:read").data)
-
-    def checks(self) -> dict[str, dict[str, Any]]:
-        return _mapping(self._get("list checks", "/v1/agent/checks", needs="service:read, node:read").data)
+    def agent_state(self) -> AgentState:
+        """The agent's services and checks, as neutral values."""
+        services = _mapping(self._get("list services", "/v1/agent/services", needs="service:read").data)
+        checks = _mapping(self._get("list checks", "/v1/agent/checks", needs="service:read, node:read").data)
+        return agent_state_from(services, checks)
 
     def ping(self) -> None:
         self._get("ping", "/v1/agent/self", needs="agent:read on this node")
@@ -108,6 +107,35 @@ class ConsulRegistry:
         services = set(((services_raw.data or {}).get("Services") or {}).keys())
         statuses = {str(c["CheckID"]): str(c["Status"]) for c in checks_raw.data or [] if isinstance(c, dict)}
         return services, statuses, services_raw.known_leader and checks_raw.known_leader
+
+
+def agent_state_from(services: dict[str, Any], checks: dict[str, Any]) -> AgentState:
+    """The agent's /v1/agent/services and /v1/agent/checks answers as an AgentState. Pure."""
+    held = {
+        str(sid): Held(
+            id=str(sid),
+            name=str(view.get("Service") or ""),
+            port=int(view.get("Port") or 0),
+            address=str(view.get("Address") or ""),
+            tags=tuple(str(t) for t in view.get("Tags") or []),
+            meta={str(k): str(v) for k, v in (view.get("Meta") or {}).items()},
+        )
+        for sid, view in services.items()
+        if isinstance(view, dict)
+    }
+    statuses: dict[str, tuple[str, str]] = {}
+    maintenance: dict[str, str] = {}
+    for cid, check in checks.items():
+        if not isinstance(check, dict):
+            continue
+        if str(cid).startswith(_MAINTENANCE_PREFIX):
+            maintenance[str(cid)[len(_MAINTENANCE_PREFIX) :]] = str(check.get("Notes") or "")
+        elif check.get("Status"):
+            statuses[str(cid)] = (str(check.get("ServiceID") or ""), str(check["Status"]))
+    return AgentState(held, statuses, maintenance)
+
+
+_MAINTENANCE_PREFIX = "_service_maintenance:"  # the check ID Consul gives a service's maintenance
 
 
 def _mapping(data: Any) -> dict[str, Any]:

@@ -23,16 +23,16 @@ from typing import Any
 
 from registrar.consul_registry import ConsulRegistry
 from registrar.docker_events import DockerSource, default_docker_url
-from registrar.model import now_text
+from registrar.model import Held, now_text
 from sidecar.consul_conn import add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
 from sidecar.errors import SidecarError
 
 
-def services_of(agent_services: Mapping[str, Mapping[str, Any]], container_id: str) -> list[str]:
+def services_of(agent_services: Mapping[str, Held], container_id: str) -> list[str]:
     """The IDs of the services the registrar registered for this container (meta container_id)."""
     short = container_id[:12]
-    return sorted(sid for sid, svc in agent_services.items() if (svc.get("Meta") or {}).get("container_id") == short)
+    return sorted(sid for sid, held in agent_services.items() if held.meta.get("container_id") == short)
 
 
 def stop_timeout(inspect: Mapping[str, Any], flag: int | None) -> int:
@@ -68,7 +68,7 @@ def drain_and_stop(consul: ConsulRegistry, docker: DockerSource, name: str, drai
     container_id, shown = str(info["Id"]), str(info.get("Name", name)).lstrip("/")
     if not (info.get("State") or {}).get("Running"):
         return f"{shown}: not running"
-    sids = services_of(consul.services(), container_id)
+    sids = services_of(consul.agent_state().services, container_id)
     reason = f"Draining: sidecar-stop at {now_text()}"
     for sid in sids:
         consul.maintenance(sid, True, reason)

@@ -142,15 +142,40 @@ class Service:
         host = self.meta.get("registrar_host", "")
         return f"Registered by the registrar on {host} for container {self.container_name}"
 
-    def same_registration(self, agent_view: dict[str, Any]) -> bool:
-        """Whether the agent's view of this service matches what we would register."""
+    def same_registration(self, held: Held) -> bool:
+        """Whether the agent holds this service as we would register it."""
         return (
-            agent_view.get("Service") == self.name
-            and int(agent_view.get("Port") or 0) == self.port
-            and (agent_view.get("Address") or "") == self.address
-            and list(agent_view.get("Tags") or []) == list(self.tags)
-            and dict(agent_view.get("Meta") or {}) == dict(self.meta)
+            held.name == self.name
+            and held.port == self.port
+            and held.address == self.address
+            and held.tags == tuple(self.tags)
+            and held.meta == dict(self.meta)
         )
+
+
+@dataclass(frozen=True)
+class Held:
+    """A service as the local agent holds it (the adapter reads the agent's JSON into this)."""
+
+    id: str
+    name: str
+    port: int = 0
+    address: str = ""
+    tags: tuple[str, ...] = ()
+    meta: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """What the local agent holds: its services, the status of each check (with its service),
+    and the services in maintenance with the reason shown."""
+
+    services: dict[str, Held] = field(default_factory=dict)
+    checks: dict[str, tuple[str, str]] = field(default_factory=dict)  # check id -> (service id, status)
+    maintenance: dict[str, str] = field(default_factory=dict)  # service id -> reason
+
+    def statuses_of(self, service_id: str) -> dict[str, str]:
+        return {cid: status for cid, (sid, status) in self.checks.items() if sid == service_id}
 
 
 def now_text() -> str:

@@ -71,6 +71,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", default=socket.gethostname(), help="first part of every service ID")
     p.add_argument("--ip", default="", help="IP address to register services with")
     p.add_argument("--internal", action="store_true", help="register container IPs and exposed ports")
+    p.add_argument(
+        "--network",
+        default="",
+        help="with --internal: a container's address on this network, where it has one (a SERVICE_NETWORK "
+        "label chooses per container)",
+    )
     p.add_argument("--explicit", action="store_true", help="only register containers with SERVICE_NAME")
     p.add_argument(
         "--require-label", action="store_true", help="only register containers labelled SERVICE_REGISTER=true"
@@ -140,6 +146,7 @@ def parse(argv: list[str] | None = None) -> Settings:
         use_ip_from_label=args.use_ip_from_label,
         allow_script_checks=args.allow_script_checks,
         require_label=args.require_label,
+        network=args.network.strip(),
     )
     interval = max(0.05, args.retry_interval / 1000)
     sync = SyncSettings(

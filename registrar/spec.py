@@ -26,7 +26,7 @@ _META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 _URL_PATH = re.compile(r"^/[\x21-\x7e]*\Z")
 _URL = re.compile(r"^https?://[\x21-\x7e]+\Z")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9.:\[\]-]+:\d{1,5}\Z")
-_RESERVED = {"name", "tags", "id", "ignore", "register"}
+_RESERVED = {"name", "tags", "id", "ignore", "register", "network"}
 OWNER_META = "registrar_host"  # which registrar made a registration: its --hostname
 # where an instance comes from, for whoever reads the Consul UI; set by the registrar only
 ORIGIN_META = ("container_name", "container_id", "image", OWNER_META)
@@ -49,6 +49,7 @@ class SpecSettings:
     use_ip_from_label: str = ""
     allow_script_checks: bool = False  # SERVICE_CHECK_SCRIPT runs label text on the host, via the agent
     require_label: bool = False  # registrator's -require-label: only containers with SERVICE_REGISTER=true
+    network: str = ""  # --network: with --internal, the address on this network where the container has it
 
 
 @dataclass
@@ -202,13 +203,26 @@ def _first_binding(bindings: list[dict[str, str]]) -> dict[str, str] | None:
     return bindings[0] if bindings else None
 
 
-def _container_ip(inspect: dict[str, Any]) -> str:
-    network = inspect.get("NetworkSettings") or {}
-    if network.get("IPAddress"):
-        return str(network["IPAddress"])
-    for net in (network.get("Networks") or {}).values():
-        if net and net.get("IPAddress"):
-            return str(net["IPAddress"])
+def _container_ip(inspect: dict[str, Any], label: _Value | None, preferred: str, container: str) -> str:
+    """The container's address: on the network its SERVICE_NETWORK label names (an error when
+    it is not on it), else on the one --network names where it is on that one, else the default
+    bridge's, else its first network's by name (the engine lists them in name order)."""
+    settings = inspect.get("NetworkSettings") or {}
+    networks = {str(k): v for k, v in (settings.get("Networks") or {}).items() if isinstance(v, dict)}
+    if label is not None and label.value.strip():
+        wanted = label.value.strip()
+        found = networks.get(wanted)
+        if not found or not found.get("IPAddress"):
+            on = ", ".join(sorted(n for n, v in networks.items() if v.get("IPAddress"))) or "none with an address"
+            raise LabelError(container, label.label, label.value, f"not one of the container's networks ({on})")
+        return str(found["IPAddress"])
+    if preferred and (networks.get(preferred) or {}).get("IPAddress"):
+        return str(networks[preferred]["IPAddress"])
+    if settings.get("IPAddress"):
+        return str(settings["IPAddress"])
+    for name in sorted(networks):
+        if networks[name].get("IPAddress"):
+            return str(networks[name]["IPAddress"])
     return ""
 
 
@@ -260,7 +274,7 @@ def _service(
         name = _default_name(str(config.get("Image") or ""), port, group)
 
     if settings.internal:
-        address = _container_ip(inspect) or settings.ip
+        address = _container_ip(inspect, values.get("network"), settings.network, container) or settings.ip
         number = int(port.exposed)
     else:
         address = port.host_ip if port.host_ip not in ("", "0.0.0.0", "::") else ""

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from registrar.confirm import CatalogConfirmer
 from registrar.consul_registry import MAINTENANCE_MARK, Registry, is_ours
@@ -32,7 +31,7 @@ from registrar.intents import (
     Stopping,
     Up,
 )
-from registrar.model import CRITICAL, PASSING, Service, now_text
+from registrar.model import CRITICAL, PASSING, Held, Service, now_text
 from registrar.probe import Prober
 from registrar.refusals import Refusals
 from registrar.settings import SyncSettings
@@ -64,9 +63,9 @@ class Plan:
 def plan(
     desired: dict[str, Service],
     want_maintenance: set[str],
-    agent: dict[str, dict[str, Any]],
+    agent: dict[str, Held],
     agent_maintenance: set[str],
-    owned: Callable[[str, dict[str, Any]], bool],
+    owned: Callable[[str, Held], bool],
 ) -> Plan:
     """What to do so that the agent holds the desired services. Pure.
 
@@ -479,18 +478,13 @@ class Syncer:
         return TICK
 
     def _reconcile(self) -> None:
-        agent = self._registry.services()
-        checks = self._registry.checks()
+        state = self._registry.agent_state()
+        agent = state.services
         self._consul_back()
-        prefix = "_service_maintenance:"
-        self._agent_maintenance = {
-            cid[len(prefix) :]
-            for cid, c in checks.items()
-            if cid.startswith(prefix) and is_ours(str(c.get("Notes") or ""))
-        }
-        for check_id, check in checks.items():
-            if check_id.startswith("service:") and check.get("Status"):
-                self._known_status[check_id] = str(check["Status"])
+        self._agent_maintenance = {sid for sid, reason in state.maintenance.items() if is_ours(reason)}
+        for check_id, (_, status) in state.checks.items():
+            if check_id.startswith("service:"):
+                self._known_status[check_id] = status
         desired = {sid: s for t in self._containers.values() for sid, s in t.services.items()}
         own_id = self._own.id if self._own is not None else None
         if own_id is not None and own_id not in agent:
@@ -501,10 +495,10 @@ class Syncer:
         # gone from the agent by other means (a restart that lost its state): nothing to retry
         self._pending_deregister &= set(agent)
 
-        def owned(sid: str, view: dict[str, Any]) -> bool:
+        def owned(sid: str, view: Held) -> bool:
             if sid in lingering or sid == own_id:
                 return False
-            ours = sid.startswith(f"{hostname}:") or (view.get("Meta") or {}).get(OWNER_META) == hostname
+            ours = sid.startswith(f"{hostname}:") or view.meta.get(OWNER_META) == hostname
             return ours or sid in self._pending_deregister
 
         todo = plan(desired, self._want_maintenance, agent, self._agent_maintenance, owned)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.support import ROOT, Process, wait_until
+from tests.support import HTTPD, IMAGE, ROOT, TEST_LABEL, Process, wait_until
 from tests.traffic import SERVE
 
 pytestmark = pytest.mark.integration
@@ -92,3 +92,42 @@ def test_tags_and_meta_reach_templates_as_consul_holds_them(consul, tmp_path):
         "[('description', 'the billing API, v2')]\n"
     )
     assert "left out tag" in done.stderr and "left out meta" in done.stderr and "line break" in done.stderr
+
+
+def test_the_network_choice_for_a_container_on_two_networks(consul, containers, registrar, hostname):
+    """registrator #498: with -internal, a container on two networks got the first one's
+    address. A SERVICE_NETWORK label chooses per container, --network for all that are on it."""
+    client = containers.client
+    nets = [client.networks.create(f"t{containers.session}-{n}", labels={TEST_LABEL: containers.session})
+            for n in ("front", "back")]  # fmt: skip
+    front, back = nets
+    try:
+        # back sorts first: what a container on both gets without a choice
+        registrar("--internal", "--network", front.name)
+        made = []
+        for labels in ({"SERVICE_NAME": "twonet", "SERVICE_NETWORK": back.name}, {"SERVICE_NAME": "twonet"}):
+            containers.count += 1
+            c = client.containers.create(
+                IMAGE, ["sh", "-c", HTTPD], name=f"t{containers.session}-{containers.count}",
+                labels={TEST_LABEL: containers.session, **labels}, network=front.name, stop_signal="SIGTERM",
+                ports={"8080/tcp": ("127.0.0.1", None)},
+            )  # fmt: skip
+            back.connect(c)
+            c.start()
+            made.append(c)
+        addresses = {}
+        for c in made:
+            c.reload()
+            addresses[c.name] = {n: v["IPAddress"] for n, v in c.attrs["NetworkSettings"]["Networks"].items()}
+        sids = {c.name: f"{hostname}:{c.name}:8080" for c in made}
+        wait_until(lambda: set(sids.values()) <= set(consul.services()), timeout=15, what="both registered")
+        services = consul.services()
+        labelled, flagged = made
+        assert services[sids[labelled.name]]["Address"] == addresses[labelled.name][back.name]  # the label wins
+        assert services[sids[flagged.name]]["Address"] == addresses[flagged.name][front.name]  # the flag
+        assert addresses[flagged.name][front.name] != addresses[flagged.name][back.name]
+    finally:
+        for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={containers.session}"}):
+            c.remove(force=True)
+        for net in nets:
+            net.remove()

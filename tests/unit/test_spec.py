@@ -207,15 +207,16 @@ def test_own_registration_meta_passes_the_templaters_sanitizer():
 
 
 def test_sidecar_stop_helpers():
+    from registrar.consul_registry import agent_state_from
     from registrar.drain import services_of, stop_timeout
 
-    services = {
-        "h:a:80": {"Meta": {"container_id": "abcdef123456"}},
-        "h:a:81": {"Meta": {"container_id": "abcdef123456"}},
-        "h:b:80": {"Meta": {"container_id": "999999999999"}},
-        "other": {"Meta": None},
+    services = {  # the agent's answer, through the adapter
+        "h:a:80": {"Service": "a", "Meta": {"container_id": "abcdef123456"}},
+        "h:a:81": {"Service": "a", "Meta": {"container_id": "abcdef123456"}},
+        "h:b:80": {"Service": "b", "Meta": {"container_id": "999999999999"}},
+        "other": {"Service": "other", "Meta": None},
     }
-    assert services_of(services, "abcdef1234567890") == ["h:a:80", "h:a:81"]
+    assert services_of(agent_state_from(services, {}).services, "abcdef1234567890") == ["h:a:80", "h:a:81"]
     assert stop_timeout({"Config": {"StopTimeout": 30}}, None) == 30
     assert stop_timeout({"Config": {}}, None) == 10
     assert stop_timeout({"Config": {"StopTimeout": 30}}, 3) == 3
@@ -253,3 +254,34 @@ def test_service_names_consul_accepts_are_registered_as_registrator_does():
     assert services_for(inspect(labels={"SERVICE_NAME": "web"}), SETTINGS).warnings == []
     for bad in ("a b", "a/b", "-a", "x" * 256):
         assert services_for(inspect(labels={"SERVICE_NAME": bad}), SETTINGS).errors, bad
+
+
+def on_two_networks(labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A container on two user-defined networks (no default bridge), as the engine reports it."""
+    data = inspect(labels=labels, ports={"8080/tcp": None}, network_mode="front")
+    data["NetworkSettings"] = {
+        "Ports": {"8080/tcp": None},
+        "IPAddress": "",
+        "Networks": {"front": {"IPAddress": "10.1.0.5"}, "back": {"IPAddress": "10.2.0.5"}},
+    }
+    return data
+
+
+def test_the_network_choice_label_and_flag_with_internal():
+    internal = replace(SETTINGS, internal=True)
+    [first] = services_for(on_two_networks(), internal).services
+    assert first.address == "10.2.0.5"  # no choice: the first network by name, as the engine lists them
+    [chosen] = services_for(on_two_networks({"SERVICE_NETWORK": "front"}), internal).services
+    assert chosen.address == "10.1.0.5" and "network" not in chosen.meta
+    [flag] = services_for(on_two_networks(), replace(internal, network="front")).services
+    assert flag.address == "10.1.0.5"
+    [label_wins] = services_for(
+        on_two_networks({"SERVICE_NETWORK": "back"}), replace(internal, network="front")
+    ).services
+    assert label_wins.address == "10.2.0.5"
+    [elsewhere] = services_for(inspect(ports={"8080/tcp": None}), replace(internal, network="front")).services
+    assert elsewhere.address == "172.17.0.5"  # the flag is a preference: not on it, the default bridge
+    bad = services_for(on_two_networks({"SERVICE_NETWORK": "nope"}), internal)
+    assert bad.services == [] and len(bad.errors) == 1
+    assert str(bad.errors[0]) == ("bad label container=web-1 label=SERVICE_NETWORK value=nope: not one of the "
+                                  "container's networks (back, front)")  # fmt: skip

@@ -9,9 +9,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from registrar.consul_registry import agent_state_from
 from registrar.errors import ConsulUnavailable
 from registrar.intents import Died, Listing, Up
-from registrar.model import Service
+from registrar.model import AgentState, Service
 from registrar.settings import SyncSettings
 from registrar.spec import SpecSettings
 from registrar.sync import Syncer
@@ -53,13 +54,9 @@ class Registry:
     def maintenance(self, service_id: str, enable: bool, reason: str | None = None) -> None:
         self._guard()
 
-    def services(self) -> dict[str, dict[str, Any]]:
+    def agent_state(self) -> AgentState:
         self._guard()
-        return dict(self.services_)
-
-    def checks(self) -> dict[str, dict[str, Any]]:
-        self._guard()
-        return {}
+        return agent_state_from(dict(self.services_), {})
 
     def ping(self) -> None:
         self._guard()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 from registrar.intents import Died, Health, Paused, Stopping, Up, from_event, parse_signal
-from registrar.model import Service
+from registrar.model import Held, Service
 from registrar.sync import plan
 
 
@@ -13,12 +13,12 @@ def svc(sid: str, name: str = "web", port: int = 1000) -> Service:
     return Service(id=sid, name=name, port=port, address="127.0.0.1", container_id="c", container_name="n")
 
 
-def agent_view(s: Service) -> dict:
-    return {"ID": s.id, "Service": s.name, "Port": s.port, "Address": s.address, "Tags": [], "Meta": {}}
+def agent_view(s: Service, meta: dict[str, str] | None = None) -> Held:
+    return Held(s.id, s.name, s.port, s.address, (), meta or {})
 
 
-def owned(sid: str, view: dict) -> bool:
-    return sid.startswith("h1:") or (view.get("Meta") or {}).get("registrar_host") == "h1"
+def owned(sid: str, view: Held) -> bool:
+    return sid.startswith("h1:") or view.meta.get("registrar_host") == "h1"
 
 
 def test_registers_missing_and_changed_only():
@@ -31,12 +31,12 @@ def test_registers_missing_and_changed_only():
 
 def test_dangling_services_of_this_host_always_removed_others_never():
     a = svc("h1:a:1")
-    custom = {**agent_view(svc("custom-id")), "Meta": {"registrar_host": "h1"}}  # SERVICE_ID, ours by meta
+    custom = agent_view(svc("custom-id"), {"registrar_host": "h1"})  # SERVICE_ID, ours by meta
     agent = {
         "h1:gone:1": agent_view(svc("h1:gone:1")),
         "h2:other:1": agent_view(svc("h2:other:1")),
         "custom-id": custom,
-        "consul": {},
+        "consul": Held("consul", "consul"),
     }
     result = plan({a.id: a}, set(), agent, set(), owned)
     assert result.deregister == ["custom-id", "h1:gone:1"]
@@ -72,3 +72,27 @@ def test_parse_signal():
     assert parse_signal("9") == 9
     assert parse_signal("NOPE") is None
     assert parse_signal(None) is None
+
+
+def test_the_adapter_reads_the_agents_answers_into_neutral_values():
+    from registrar.consul_registry import agent_state_from
+
+    services = {
+        "h1:web:80": {"ID": "h1:web:80", "Service": "web", "Port": 80, "Address": "10.0.0.5", "Tags": ["a"],
+                      "Meta": {"registrar_host": "h1"}},
+        "consul": {"ID": "consul", "Service": "consul", "Port": 8300, "Address": "", "Tags": [], "Meta": {}},
+    }  # fmt: skip
+    checks = {
+        "service:h1:web:80": {"ServiceID": "h1:web:80", "Status": "passing", "Notes": ""},
+        "_service_maintenance:h1:web:80": {"ServiceID": "h1:web:80", "Status": "critical",
+                                           "Notes": "Draining: docker stop [registrar]"},
+        "serfHealth": {"ServiceID": "", "Status": "passing"},
+    }  # fmt: skip
+    state = agent_state_from(services, checks)
+    assert state.services["h1:web:80"] == Held("h1:web:80", "web", 80, "10.0.0.5", ("a",), {"registrar_host": "h1"})
+    assert state.maintenance == {"h1:web:80": "Draining: docker stop [registrar]"}
+    assert state.statuses_of("h1:web:80") == {"service:h1:web:80": "passing"}
+    assert "_service_maintenance:h1:web:80" not in state.checks and state.checks["serfHealth"] == ("", "passing")
+    web = Service(id="h1:web:80", name="web", port=80, address="10.0.0.5", container_id="c", container_name="n",
+                  tags=("a",), meta={"registrar_host": "h1"})  # fmt: skip
+    assert web.same_registration(state.services["h1:web:80"])
