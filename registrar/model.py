@@ -32,6 +32,8 @@ class Check:
     method: str = "GET"  # HTTP(S): registrator's SERVICE_CHECK_HTTP_METHOD
     name: str = ""  # shown in the Consul UI; a description of what runs when empty
     notes: str = ""
+    args: tuple[str, ...] = ()  # cmd: registrator's `check-cmd CONTAINER PORT COMMAND`
+    grpc_tls: bool = False  # grpc: SERVICE_CHECK_GRPC_USE_TLS
 
     @property
     def probeable(self) -> bool:
@@ -51,6 +53,8 @@ class Check:
             return f"gRPC health {self.target} every {self.interval}"
         if self.kind == "script":
             return f"Script (SERVICE_CHECK_SCRIPT) every {self.interval}"
+        if self.kind == "cmd":
+            return f"check-cmd in the container (SERVICE_CHECK_CMD) every {self.interval}"
         if self.kind == "docker":
             return "Docker HEALTHCHECK (follows health_status)"
         return f"TTL {self.ttl} (the application reports its own status)"
@@ -79,8 +83,12 @@ class Check:
             body.update(TCP=self.target, Interval=self.interval)
         elif self.kind == "grpc":
             body.update(GRPC=self.target, Interval=self.interval)
+            if self.grpc_tls:
+                body["GRPCUseTLS"] = True
         elif self.kind == "script":
             body.update(Args=["sh", "-c", self.target], Interval=self.interval)
+        elif self.kind == "cmd":
+            body.update(Args=list(self.args), Interval=self.interval)
         elif self.kind in ("ttl", "docker"):
             body["TTL"] = self.ttl or "10m"
         if self.timeout:

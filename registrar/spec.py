@@ -30,9 +30,10 @@ _RESERVED = {"name", "tags", "id", "ignore", "register", "network"}
 OWNER_META = "registrar_host"  # which registrar made a registration: its --hostname
 # where an instance comes from, for whoever reads the Consul UI; set by the registrar only
 ORIGIN_META = ("container_name", "container_id", "image", OWNER_META)
-_CHECK_KINDS = ("http", "https", "tcp", "grpc", "script", "ttl")
+_CHECK_KINDS = ("http", "https", "tcp", "grpc", "script", "cmd", "ttl")
 _CHECK_OPTIONS = ("interval", "timeout", "initial_status", "deregister_after", "tls_skip_verify", "http_method",
-                  "https_method")  # fmt: skip
+                  "https_method", "grpc_use_tls")  # fmt: skip
+_YES_VALUES = ("1", "true", "yes")
 _METHODS = ("GET", "HEAD", "POST", "PUT", "OPTIONS", "PATCH", "DELETE")
 _CHECK_KEYS = {f"check_{k}" for k in (*_CHECK_KINDS, *_CHECK_OPTIONS)}
 META_VALUE_MAX = 512
@@ -313,7 +314,8 @@ def _service(
         raise LabelError(container, "SERVICE_*", str(len(meta)), f"more than {META_KEYS_MAX} meta keys")
     meta.update(_origin(inspect, container, settings.hostname))
 
-    check = _check(values, address or "127.0.0.1", number, bad, settings.allow_script_checks)
+    check = _check(values, address or "127.0.0.1", number, bad, settings.allow_script_checks,
+                   str(inspect.get("Id", "")), port.exposed)  # fmt: skip
     if check is not None and check.kind in ("http", "https") and "check_http" in values:
         # proxies that check actively (the HAProxy template) use the same path
         meta["check_http"] = values["check_http"].value.strip()
@@ -358,11 +360,12 @@ def _tags(values: dict[str, _Value], settings: SpecSettings, container: str) -> 
     return tags
 
 
-def _check(values: dict[str, _Value], host: str, port: int, bad: Any, allow_script: bool) -> Check | None:
+def _check(
+    values: dict[str, _Value], host: str, port: int, bad: Any, allow_script: bool, container_id: str, exposed: str
+) -> Check | None:
+    """port: where the check reaches the service; exposed: the container's own port (check-cmd)."""
+    args: tuple[str, ...] = ()
     for key in sorted(values):
-        if key == "check_cmd":
-            raise bad(key, "registrator's docker-exec check is not supported: use SERVICE_CHECK_HTTP, _TCP, "
-                      "_GRPC, _TTL or a Docker HEALTHCHECK")  # fmt: skip
         if key.startswith("check_") and key not in _CHECK_KEYS:
             known = ", ".join(f"SERVICE_{k.upper()}" for k in sorted(_CHECK_KEYS))
             raise bad(key, f"unknown check setting (known: {known})")
@@ -373,7 +376,7 @@ def _check(values: dict[str, _Value], host: str, port: int, bad: Any, allow_scri
         return None
     kind = kinds[0]
     key = f"check_{kind}"
-    if kind == "script" and not allow_script:
+    if kind in ("script", "cmd") and not allow_script:
         raise bad(key, "script checks run label text on the host: the registrar needs --allow-script-checks")
     raw = values[key].value.strip()
     host_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -397,10 +400,12 @@ def _check(values: dict[str, _Value], host: str, port: int, bad: Any, allow_scri
             target = f"{host_port}/{raw}"
         else:
             raise bad(key, "expected true or a gRPC service name")
-    elif kind == "script":
+    elif kind in ("script", "cmd"):
         if not raw or UNSAFE.search(raw):
             raise bad(key, "script must be one non-empty line")
         target = raw.replace("$SERVICE_IP", host).replace("$SERVICE_PORT", str(port))
+        if kind == "cmd":  # registrator's: the agent's `check-cmd` helper runs it in the container
+            args = ("check-cmd", container_id[:12], str(exposed), raw)
     elif kind == "ttl" and not is_duration(raw):
         raise bad(key, "TTL must be a duration such as 30s")
 
@@ -417,7 +422,10 @@ def _check(values: dict[str, _Value], host: str, port: int, bad: Any, allow_scri
         status = values["check_initial_status"].value.strip().lower()
         if status not in STATUSES:
             raise bad("check_initial_status", "expected passing, warning or critical")
-    skip_verify = values.get("check_tls_skip_verify", _Value("", "")).value.lower() in ("1", "true", "yes")
+    skip_verify = values.get("check_tls_skip_verify", _Value("", "")).value.lower() in _YES_VALUES
+    grpc_tls = values.get("check_grpc_use_tls", _Value("", "")).value.strip().lower() in _YES_VALUES
+    if "check_grpc_use_tls" in values and kind != "grpc":
+        raise bad("check_grpc_use_tls", f"a setting of SERVICE_CHECK_GRPC; this check is SERVICE_CHECK_{kind.upper()}")
     method = "GET"
     for option in ("check_http_method", "check_https_method"):
         if option in values:
@@ -437,6 +445,8 @@ def _check(values: dict[str, _Value], host: str, port: int, bad: Any, allow_scri
         deregister_after=durations.get("deregister_after"),
         tls_skip_verify=skip_verify,
         method=method,
+        args=args,
+        grpc_tls=grpc_tls,
     )
 
 

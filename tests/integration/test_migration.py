@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.support import HTTPD, IMAGE, ROOT, TEST_LABEL, Process, wait_until
+from tests.support import HTTPD, IMAGE, ROOT, TEST_LABEL, ConsulAgent, Process, wait_until
 from tests.traffic import SERVE
 
 pytestmark = pytest.mark.integration
@@ -131,3 +131,30 @@ def test_the_network_choice_for_a_container_on_two_networks(consul, containers, 
             c.remove(force=True)
         for net in nets:
             net.remove()
+
+
+def test_registrators_check_cmd_behind_the_script_flag(containers, hostname, tmp_path):
+    """SERVICE_CHECK_CMD registers as registrator registers it: a script check running
+    `check-cmd CONTAINER PORT COMMAND` on the agent (registrator's Consul image ships that helper,
+    which runs the command in the container), only with --allow-script-checks, and only where the
+    agent takes script checks over its API (`enable_script_checks`)."""
+    agent = ConsulAgent(tmp_path, extra={"enable_script_checks": True})
+    agent.start()
+    proc = Process("registrar", ["--consul", agent.url, "--hostname", hostname, "--allow-script-checks"], tmp_path,
+                   env={"PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        wait_until(lambda: "docker events connected" in proc.output(), what="registrar up")
+        c = containers.run(labels={"SERVICE_NAME": "cmdcheck", "SERVICE_CHECK_CMD": "/bin/true"})
+        sid = f"{hostname}:{c.name}:8080"
+
+        def check() -> dict | None:
+            return next((ch for ch in agent.get("/v1/agent/checks").values() if ch["ServiceID"] == sid), None)
+
+        assert wait_until(check, timeout=15, what="the check registered")["Name"] == (
+            "check-cmd in the container (SERVICE_CHECK_CMD) every 10s"
+        )
+        # this agent has no check-cmd helper (registrator's Consul image has one): it ran it, found none
+        assert "check-cmd" in wait_until(lambda: (check() or {}).get("Output"), timeout=15, what="the agent ran it")
+    finally:
+        proc.stop()
+        agent.stop()

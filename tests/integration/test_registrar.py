@@ -76,13 +76,15 @@ def test_several_ports_udp_and_per_port_overrides(consul, containers, registrar,
         ("SERVICE_HTTP_HOST", "a.com\n  server evil 1.2.3.4:80", "control character"),
         # a typo used to be dropped silently: the instance passed at once, with no check at all
         ("SERVICE_CHECK_HTPP", "/health", "unknown check setting"),
-        ("SERVICE_CHECK_CMD", "/bin/healthcheck", "not supported"),
+        ("SERVICE_CHECK_CMD", "/bin/healthcheck", "needs --allow-script-checks"),
     ],
 )
 def test_bad_label_skips_that_container_only(consul, containers, registrar, hostname, label, value, reason):
     proc = registrar()
     bad = containers.run(
-        labels={label: value, "SERVICE_CHECK_HTTP": "/"} if label != "SERVICE_CHECK_HTTP" else {label: value}
+        labels={label: value}
+        if label in ("SERVICE_CHECK_HTTP", "SERVICE_CHECK_CMD")
+        else {label: value, "SERVICE_CHECK_HTTP": "/"}
     )
     good = containers.run(labels={"SERVICE_NAME": "good"})
     wait_until(lambda: f"{hostname}:{good.name}:8080" in consul.services(), what="good container")

@@ -285,3 +285,20 @@ def test_the_network_choice_label_and_flag_with_internal():
     assert bad.services == [] and len(bad.errors) == 1
     assert str(bad.errors[0]) == ("bad label container=web-1 label=SERVICE_NETWORK value=nope: not one of the "
                                   "container's networks (back, front)")  # fmt: skip
+
+
+def test_registrators_check_cmd_and_grpc_tls():
+    """SERVICE_CHECK_CMD as registrator registers it (the agent's check-cmd helper runs the
+    command in the container), behind --allow-script-checks; SERVICE_CHECK_GRPC_USE_TLS."""
+    allowed = replace(SETTINGS, allow_script_checks=True)
+    [svc] = services_for(inspect(labels={"SERVICE_CHECK_CMD": "/bin/healthcheck --quick"}), allowed).services
+    body = svc.check(0).definition("c1", None, None)
+    assert body["Args"] == ["check-cmd", ("c0ffee" * 10)[:12], "8080", "/bin/healthcheck --quick"]
+    assert body["Interval"] == "10s" and "SERVICE_CHECK_CMD" in body["Name"]
+    [grpc] = services_for(inspect(labels={"SERVICE_CHECK_GRPC": "true", "SERVICE_CHECK_GRPC_USE_TLS": "true"}),
+                          SETTINGS).services  # fmt: skip
+    assert grpc.check(0).definition("c1", None, None)["GRPCUseTLS"] is True
+    [plain] = services_for(inspect(labels={"SERVICE_CHECK_GRPC": "true"}), SETTINGS).services
+    assert "GRPCUseTLS" not in plain.check(0).definition("c1", None, None)
+    wrong = services_for(inspect(labels={"SERVICE_CHECK_TCP": "true", "SERVICE_CHECK_GRPC_USE_TLS": "true"}), SETTINGS)
+    assert wrong.services == [] and wrong.errors[0].label == "SERVICE_CHECK_GRPC_USE_TLS"
