@@ -13,6 +13,7 @@ import requests
 
 from registrar.errors import DockerUnavailable
 from registrar.intents import Intent, Listing, from_event, needs_inspect
+from registrar.spec import network_owner, with_network_of
 from sidecar.backoff import Backoff, sleep
 
 log = logging.getLogger("registrar.docker")
@@ -172,11 +173,21 @@ class DockerWatcher:
     def stop(self) -> None:
         self._source.close_events()
 
+    def _inspect(self, container_id: str) -> dict[str, Any] | None:
+        """The container's inspect data; for one in another's network namespace, with that
+        one's addresses and published ports."""
+        data = self._source.inspect(container_id)
+        owner = network_owner(data) if data is not None else None
+        if data is None or owner is None:
+            return data
+        shared = self._source.inspect(owner)
+        return with_network_of(data, shared) if shared is not None else data
+
     def list_all(self) -> None:
         since = self._mark()
         inspects = []
         for container_id in self._source.running():
-            data = self._source.inspect(container_id)
+            data = self._inspect(container_id)
             if data is not None and (data.get("State") or {}).get("Running"):
                 inspects.append(data)
         self._submit(Listing(inspects, since=since))
@@ -184,7 +195,7 @@ class DockerWatcher:
     def _event(self, event: dict[str, Any]) -> None:
         action = str(event.get("Action") or event.get("status") or "")
         container_id = str((event.get("Actor") or {}).get("ID") or event.get("id") or "")
-        inspect = self._source.inspect(container_id) if needs_inspect(action) else None
+        inspect = self._inspect(container_id) if needs_inspect(action) else None
         intent = from_event(event, inspect)
         if intent is not None:
             self._submit(intent)

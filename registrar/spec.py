@@ -75,6 +75,23 @@ class _Value:
     value: str
 
 
+def network_owner(inspect: dict[str, Any]) -> str | None:
+    """The container whose network namespace this one shares (`--net container:X`), if any."""
+    mode = str((inspect.get("HostConfig") or {}).get("NetworkMode") or "")
+    owner = mode.partition(":")[2] if mode.startswith("container:") else ""
+    return owner or None
+
+
+def with_network_of(inspect: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+    """A container in another's network namespace has no address or published port of its own:
+    the owner's addresses are its, and so is the owner's binding of a port this one exposes
+    (the owner's other ports are the owner's services). A copy; inspect is left as it is."""
+    settings = dict(owner.get("NetworkSettings") or {})
+    exposed = set((inspect.get("Config") or {}).get("ExposedPorts") or {})
+    settings["Ports"] = {spec: b for spec, b in (settings.get("Ports") or {}).items() if spec in exposed}
+    return {**inspect, "NetworkSettings": settings}
+
+
 def container_name(inspect: dict[str, Any]) -> str:
     return str(inspect.get("Name") or inspect.get("Id", "")[:12]).lstrip("/")
 

@@ -158,3 +158,32 @@ def test_registrators_check_cmd_behind_the_script_flag(containers, hostname, tmp
     finally:
         proc.stop()
         agent.stop()
+
+
+def test_a_container_in_anothers_network_namespace(consul, containers, registrar, hostname):
+    """`docker run --net container:X` (a sidecar in a pod, say): registered with X's address, as
+    registrator does, where it used to get none. Docker refuses exposing a port in that mode:
+    the port comes from the image's EXPOSE."""
+    client = containers.client
+    base = client.containers.create(IMAGE, ["true"], labels={TEST_LABEL: containers.session})
+    image = base.commit("consul-sidecar-test", f"expose9090-{containers.session}", changes=["EXPOSE 9090"])
+    base.remove()
+    try:
+        registrar("--internal")
+        owner = containers.run(labels={"SERVICE_IGNORE": "true"}, command="sleep 600", ports=())
+        containers.count += 1
+        pod = client.containers.run(
+            image.id, ["sh", "-c", "httpd -f -p 9090 -h /www"], name=f"t{containers.session}-{containers.count}",
+            labels={TEST_LABEL: containers.session, "SERVICE_NAME": "inpod"}, network_mode=f"container:{owner.id}",
+            detach=True,
+        )  # fmt: skip
+        owner.reload()
+        address = owner.attrs["NetworkSettings"]["IPAddress"]
+        sid = f"{hostname}:{pod.name}:9090"
+        wait_until(lambda: sid in consul.services(), timeout=15, what="registered")
+        service = consul.services()[sid]
+        assert address and (service["Address"], service["Port"]) == (address, 9090)
+    finally:
+        for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={containers.session}"}):
+            c.remove(force=True)
+        client.images.remove(image.id, force=True)

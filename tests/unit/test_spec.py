@@ -302,3 +302,17 @@ def test_registrators_check_cmd_and_grpc_tls():
     assert "GRPCUseTLS" not in plain.check(0).definition("c1", None, None)
     wrong = services_for(inspect(labels={"SERVICE_CHECK_TCP": "true", "SERVICE_CHECK_GRPC_USE_TLS": "true"}), SETTINGS)
     assert wrong.services == [] and wrong.errors[0].label == "SERVICE_CHECK_GRPC_USE_TLS"
+
+
+def test_a_container_in_anothers_network_namespace_gets_its_address():
+    """`docker run --net container:X`: no address of its own; registered with X's (registrator)."""
+    from registrar.spec import network_owner, with_network_of
+
+    sidecar = inspect(ports={"9090/tcp": None}, network_mode="container:abc123")
+    sidecar["NetworkSettings"] = {"Ports": {}, "IPAddress": "", "Networks": {}}
+    owner = on_two_networks()
+    assert network_owner(sidecar) == "abc123" and network_owner(owner) is None
+    joined = with_network_of(sidecar, owner)
+    assert joined["Config"] is sidecar["Config"] and sidecar["NetworkSettings"]["IPAddress"] == ""
+    [svc] = services_for(joined, replace(SETTINGS, internal=True, network="front")).services
+    assert (svc.address, svc.port) == ("10.1.0.5", 9090)
