@@ -14,10 +14,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from registrar.confirm import CatalogConfirmer
-from registrar.consul_registry import MAINTENANCE_MARK, Registry, is_ours
+from registrar.agent_book import AgentBook
+from registrar.consul_registry import Registry
 from registrar.errors import ConsulRejected, ConsulUnavailable
 from registrar.intents import (
     TERMINATING,
@@ -31,14 +31,12 @@ from registrar.intents import (
     Stopping,
     Up,
 )
-from registrar.model import CRITICAL, PASSING, Held, Service, now_text
+from registrar.model import CRITICAL, PASSING, Service, now_text
 from registrar.probe import Prober
-from registrar.refusals import Refusals
 from registrar.settings import SyncSettings
-from registrar.spec import OWNER_META, container_name, docker_health_status, services_for
+from registrar.spec import container_name, docker_health_status, services_for
 from sidecar.backoff import Backoff
 from sidecar.logs import kv
-from sidecar.once import SayOnce
 from sidecar.own_registration import OwnRegistration, OwnService
 from sidecar.signals import parse_signal, signal_name
 
@@ -47,45 +45,6 @@ log = logging.getLogger("registrar.sync")
 TICK = 1.0
 SEEN_MAX = 10_000  # containers remembered for listings in flight
 TTL_HEARTBEAT = 60.0
-
-
-@dataclass
-class Plan:
-    register: list[Service] = field(default_factory=list)
-    deregister: list[str] = field(default_factory=list)
-    maintenance_on: list[str] = field(default_factory=list)
-    maintenance_off: list[str] = field(default_factory=list)
-
-    def empty(self) -> bool:
-        return not (self.register or self.deregister or self.maintenance_on or self.maintenance_off)
-
-
-def plan(
-    desired: dict[str, Service],
-    want_maintenance: set[str],
-    agent: dict[str, Held],
-    agent_maintenance: set[str],
-    owned: Callable[[str, Held], bool],
-) -> Plan:
-    """What to do so that the agent holds the desired services. Pure.
-
-    Every service of ours (owned(id, agent view)) without a container is removed, whether
-    its deregistration failed before or it was left by an earlier run. agent_maintenance holds
-    the services in maintenance that we put there; maintenance set by an operator is never
-    lifted.
-    """
-    result = Plan()
-    for service_id, service in sorted(desired.items()):
-        view = agent.get(service_id)
-        if view is None or not service.same_registration(view):
-            result.register.append(service)
-    result.deregister = sorted(sid for sid, view in agent.items() if sid not in desired and owned(sid, view))
-    missing = {s.id for s in result.register if s.id not in agent}
-    result.maintenance_on = sorted(
-        sid for sid in want_maintenance if sid in desired and (sid not in agent_maintenance or sid in missing)
-    )
-    result.maintenance_off = sorted(sid for sid in agent_maintenance if sid in desired and sid not in want_maintenance)
-    return result
 
 
 @dataclass
@@ -114,28 +73,19 @@ class Syncer:
         self._own: OwnService | None = own[0] if own is not None else None
         self._own_registration: OwnRegistration | None = own[1] if own is not None else None
         self._docker_state = docker_state
-        self._on_registered = on_registered  # seconds from the Docker event, for the histogram
-        self._counts = {"registered": 0, "deregistered": 0}
         self._queue: queue.Queue[tuple[int, Intent | None]] = queue.Queue()
         self._submit_lock = threading.Lock()
         self._submitted = 0  # sequence of the last intent queued; the queue keeps this order
         self._died_at: dict[str, int] = {}  # container -> sequence of its Died, for listings in flight
         self._up_at: dict[str, int] = {}  # container -> sequence of its last fresh Up
-        self._pending_deregister: set[str] = set()  # retried until the agent has them gone
         self._containers: dict[str, Tracked] = {}
         self._lingering: dict[str, list[str]] = {}  # died, kept by --deregister on-success
-        self._want_maintenance: set[str] = set()
-        self._maintenance_reason: dict[str, str] = {}  # what the Consul UI shows as the reason
-        self._agent_maintenance: set[str] = set()
-        self._known_status: dict[str, str] = {}
-        self._confirmer = CatalogConfirmer(registry, self._registration_of)
-        self._refusals = Refusals()
-        self._plan_said = SayOnce()  # the reconcile summary: the same plan retried every second is said once
         self._consul_up: bool | None = None
         self._backoff = Backoff(base=0.1, cap=settings.retry_interval)
         self._generation = 0
         self._last_heartbeat = 0.0
         self._prober = Prober(self._on_ready, window=settings.probe_window)
+        self._book = AgentBook(registry, self._containers, settings.spec.hostname, self._prober, on_registered)
 
     # -- state for /health and /metrics (read from another thread: plain reads of small values)
 
@@ -149,16 +99,16 @@ class Syncer:
 
     @property
     def pending_deregistrations(self) -> int:
-        return len(self._pending_deregister)
+        return len(self._book.pending_deregister)
 
     @property
     def denied(self) -> dict[str, str]:
         """Operations the ACL token may not do now (permission denied), with Consul's answer."""
-        return self._refusals.denied
+        return self._book.refusals.denied
 
     @property
     def counts(self) -> dict[str, int]:
-        return dict(self._counts)
+        return dict(self._book.counts)
 
     # -- inputs, from any thread
 
@@ -184,13 +134,13 @@ class Syncer:
     def run(self, stop: threading.Event) -> None:
         next_tick = time.monotonic()
         while not stop.is_set():
-            wake = min(next_tick, self._confirmer.next_at() or next_tick)
+            wake = min(next_tick, self._book.confirmer.next_at() or next_tick)
             try:
                 seq, intent = self._queue.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick()
-                self._confirmer.confirm_due()
+                self._book.confirmer.confirm_due()
                 continue
             if intent is None:
                 if stop.is_set():
@@ -247,7 +197,7 @@ class Syncer:
             for service in result.services:
                 for index, check in enumerate(service.checks):
                     if check.kind != "docker":
-                        self._known_status.pop(service.check_id(index), None)
+                        self._book.known_status.pop(service.check_id(index), None)
         if intent.fresh or old is None:
             self._generation += 1
         generation = self._generation if intent.fresh or old is None else old.generation
@@ -263,20 +213,20 @@ class Syncer:
         self._lingering.pop(container_id, None)
         stale = set(old.services) - set(tracked.services) if old else set()
         for service_id in sorted(stale):
-            self._deregister(service_id)
+            self._book.deregister(service_id)
         paused = bool((inspect.get("State") or {}).get("Paused"))
         for service in tracked.services.values():
             if intent.fresh or old is None or old.services.get(service.id) != service:
-                self._register(service, tracked, intent.event_ns)
+                self._book.register(service, tracked, intent.event_ns)
                 if intent.fresh or old is None:  # also containers found running at start
                     self._start_probes(service, generation)
-            if intent.fresh and not paused and service.id in self._want_maintenance | self._agent_maintenance:
-                self._want_maintenance.discard(service.id)
-                self._maintenance(service.id, False)
-            elif paused and service.id not in self._want_maintenance:
-                self._want_maintenance.add(service.id)
-                self._maintenance_reason[service.id] = f"Paused: found paused at {now_text()}"
-                self._maintenance(service.id, True)
+            if intent.fresh and not paused and service.id in self._book.want_maintenance | self._book.agent_maintenance:
+                self._book.want_maintenance.discard(service.id)
+                self._book.maintenance(service.id, False)
+            elif paused and service.id not in self._book.want_maintenance:
+                self._book.want_maintenance.add(service.id)
+                self._book.maintenance_reason[service.id] = f"Paused: found paused at {now_text()}"
+                self._book.maintenance(service.id, True)
 
     def _stopping(self, intent: Stopping) -> None:
         tracked = self._containers.get(intent.container_id)
@@ -293,11 +243,11 @@ class Syncer:
             return
         for service_id in sorted(tracked.services):
             if enable:
-                self._want_maintenance.add(service_id)
-                self._maintenance_reason[service_id] = why
+                self._book.want_maintenance.add(service_id)
+                self._book.maintenance_reason[service_id] = why
             else:
-                self._want_maintenance.discard(service_id)
-            self._maintenance(service_id, enable)
+                self._book.want_maintenance.discard(service_id)
+            self._book.maintenance(service_id, enable)
             log.info("%s %s", "draining" if enable else "undraining", kv(id=service_id, reason=why))
 
     def _died(self, container_id: str, exit_code: int | None) -> None:
@@ -311,16 +261,16 @@ class Syncer:
             log.info("kept %s", kv(container=tracked.name, exit_code=exit_code, deregister="on-success"))
             return
         # pending first: if Consul fails half-way, the tick retries every one of them
-        self._pending_deregister.update(tracked.services)
+        self._book.pending_deregister.update(tracked.services)
         for service_id in sorted(tracked.services):
-            self._deregister(service_id)
+            self._book.deregister(service_id)
 
     def _destroyed(self, container_id: str) -> None:
         self._died(container_id, None)
         lingering = self._lingering.pop(container_id, [])
-        self._pending_deregister.update(lingering)
+        self._book.pending_deregister.update(lingering)
         for service_id in lingering:
-            self._deregister(service_id)
+            self._book.deregister(service_id)
 
     def _health(self, intent: Health) -> None:
         tracked = self._containers.get(intent.container_id)
@@ -331,9 +281,9 @@ class Syncer:
             for index, check in enumerate(service.checks):
                 if check.kind == "docker":
                     check_id = service.check_id(index)
-                    self._known_status[check_id] = intent.status
-                    self._ttl(check_id, intent.status)
-                    self._confirmer.wrote(service.id)
+                    self._book.known_status[check_id] = intent.status
+                    self._book.ttl(check_id, intent.status)
+                    self._book.confirmer.wrote(service.id)
                     log.info("health %s", kv(id=service.id, status=intent.status))
 
     def _listing(self, intent: Listing) -> None:
@@ -353,112 +303,26 @@ class Syncer:
         self._reconcile()
 
     def _ready(self, intent: Ready) -> None:
-        service = self._service(intent.service_id)
+        service = self._book.service(intent.service_id)
         if service is None:
             return
         tracked = self._containers[service.container_id]
         if tracked.generation != intent.generation:
             return
         check_id = service.check_id(intent.check_index)
-        if self._known_status.get(check_id) == PASSING:
+        if self._book.known_status.get(check_id) == PASSING:
             return
         self._registry.set_check_status(service, intent.check_index, PASSING)
-        self._known_status[check_id] = PASSING
-        self._confirmer.wrote(service.id)
+        self._book.known_status[check_id] = PASSING
+        self._book.confirmer.wrote(service.id)
         log.info("ready %s", kv(id=service.id, check=check_id))
 
     # -- Consul calls, each logging what it did
 
-    def _statuses(self, service: Service, tracked: Tracked) -> dict[str, str]:
-        statuses = {}
-        for index, check in enumerate(service.checks):
-            check_id = service.check_id(index)
-            if check.kind == "docker":
-                statuses[check_id] = tracked.docker_status or CRITICAL
-            elif check_id in self._known_status:
-                statuses[check_id] = self._known_status[check_id]
-            elif check.initial_status is None:
-                statuses[check_id] = CRITICAL
-        return statuses
-
-    def _register(self, service: Service, tracked: Tracked, event_ns: int | None = None) -> None:
-        try:
-            self._registry.register(service, self._statuses(service, tracked))
-        except ConsulRejected as err:
-            self._refusals.refused(f"register {service.id} (container {tracked.name})", err)
-            return
-        self._refusals.accepted(f"register {service.id} (container {tracked.name})")
-        self._pending_deregister.discard(service.id)
-        self._counts["registered"] += 1
-        self._confirmer.wrote(service.id)
-        facts: dict[str, object] = {"service": service.name, "id": service.id, "port": service.port}
-        if event_ns:
-            seconds = (time.time_ns() - int(event_ns)) / 1e9
-            facts["latency_ms"] = round(seconds * 1000, 1)
-            self._on_registered(seconds)
-        log.info("registered %s", kv(**facts))
-
     def _start_probes(self, service: Service, generation: int) -> None:
         for index, check in enumerate(service.checks):
-            if check.probeable and self._known_status.get(service.check_id(index)) != PASSING:
+            if check.probeable and self._book.known_status.get(service.check_id(index)) != PASSING:
                 self._prober.start(service.id, index, check, generation)
-
-    def _deregister(self, service_id: str) -> None:
-        """Deregister, or leave it pending: the tick retries until the agent has it gone."""
-        self._pending_deregister.add(service_id)
-        self._confirmer.forget(service_id)
-        self._prober.cancel(service_id)
-        self._want_maintenance.discard(service_id)
-        self._agent_maintenance.discard(service_id)
-        self._maintenance_reason.pop(service_id, None)
-        for check_id in [
-            c for c in self._known_status if c == f"service:{service_id}" or c.startswith(f"service:{service_id}:")
-        ]:
-            del self._known_status[check_id]
-        try:
-            self._registry.deregister(service_id)
-        except ConsulRejected as err:
-            self._refusals.refused(f"deregister {service_id}", err)
-            return
-        self._refusals.accepted(f"deregister {service_id}")
-        self._pending_deregister.discard(service_id)
-        self._counts["deregistered"] += 1
-        log.info("deregistered %s", kv(id=service_id))
-
-    def _maintenance(self, service_id: str, enable: bool) -> None:
-        reason = self._maintenance_reason.get(service_id, "Draining") if enable else ""
-        if not enable:
-            self._maintenance_reason.pop(service_id, None)
-        try:
-            self._registry.maintenance(service_id, enable, f"{reason} {MAINTENANCE_MARK}" if enable else None)
-        except ConsulRejected as err:
-            self._refusals.refused(f"maintenance {'on' if enable else 'off'} {service_id}", err)
-            return
-        self._refusals.accepted(f"maintenance {'on' if enable else 'off'} {service_id}")
-        if enable:
-            self._agent_maintenance.add(service_id)
-        else:
-            self._agent_maintenance.discard(service_id)
-        self._confirmer.wrote(service_id)
-
-    def _ttl(self, check_id: str, status: str) -> None:
-        try:
-            self._registry.ttl_update(check_id, status, f"docker health: {status}")
-        except ConsulRejected as err:
-            self._refusals.refused(f"check update {check_id}", err)
-
-    def _registration_of(self, service_id: str) -> tuple[Service, dict[str, str]] | None:
-        """For the confirmer: the service and its statuses as registered now, None once gone."""
-        service = self._service(service_id)
-        if service is None:
-            return None
-        return service, self._statuses(service, self._containers[service.container_id])
-
-    def _service(self, service_id: str) -> Service | None:
-        for tracked in self._containers.values():
-            if service_id in tracked.services:
-                return tracked.services[service_id]
-        return None
 
     # -- the tick: notice a lost or restarted agent and restore
 
@@ -472,52 +336,20 @@ class Syncer:
             self._consul_down(err)
             return self._backoff.next_delay()
         except ConsulRejected as err:  # the token may not list this agent's services (or was revoked)
-            self._refusals.refused("list this agent's services and checks", err)
+            self._book.refusals.refused("list this agent's services and checks", err)
             return self._backoff.next_delay()
-        self._refusals.accepted("list this agent's services and checks")
+        self._book.refusals.accepted("list this agent's services and checks")
         return TICK
 
     def _reconcile(self) -> None:
         state = self._registry.agent_state()
-        agent = state.services
         self._consul_back()
-        self._agent_maintenance = {sid for sid, reason in state.maintenance.items() if is_ours(reason)}
-        for check_id, (_, status) in state.checks.items():
-            if check_id.startswith("service:"):
-                self._known_status[check_id] = status
-        desired = {sid: s for t in self._containers.values() for sid, s in t.services.items()}
         own_id = self._own.id if self._own is not None else None
-        if own_id is not None and own_id not in agent:
-            assert self._own_registration is not None
+        if own_id is not None and own_id not in state.services and self._own_registration is not None:
             self._own_registration.lost()  # the agent lost it (a restart): registered at the next update
         lingering = {sid for ids in self._lingering.values() for sid in ids}
-        hostname = self._settings.spec.hostname
-        # gone from the agent by other means (a restart that lost its state): nothing to retry
-        self._pending_deregister &= set(agent)
-
-        def owned(sid: str, view: Held) -> bool:
-            if sid in lingering or sid == own_id:
-                return False
-            ours = sid.startswith(f"{hostname}:") or view.meta.get(OWNER_META) == hostname
-            return ours or sid in self._pending_deregister
-
-        todo = plan(desired, self._want_maintenance, agent, self._agent_maintenance, owned)
-        if todo.empty():
-            self._plan_said.over("plan")
-            return
-        summary = kv(register=len(todo.register), deregister=len(todo.deregister), maintenance=len(todo.maintenance_on))
-        if self._plan_said.new("plan", summary):
-            log.info("reconcile %s", summary)
-        for service in todo.register:
-            self._register(service, self._containers[service.container_id])
-            if service.id not in agent:
-                self._start_probes(service, self._containers[service.container_id].generation)
-        for service_id in todo.deregister:
-            self._deregister(service_id)
-        for service_id in todo.maintenance_on:
-            self._maintenance(service_id, True)
-        for service_id in todo.maintenance_off:
-            self._maintenance(service_id, False)
+        for service in self._book.reconcile(state, lingering, own_id):
+            self._start_probes(service, self._containers[service.container_id].generation)
 
     # -- the registrar's own registration: a TTL check that follows the Docker engine
 
@@ -535,9 +367,9 @@ class Syncer:
         try:
             self._own_registration.update(self._own, status, output)
         except ConsulRejected as err:
-            self._refusals.refused(operation, err)
+            self._book.refusals.refused(operation, err)
             return
-        self._refusals.accepted(operation)
+        self._book.refusals.accepted(operation)
 
     def _deregister_own(self) -> None:
         """A clean stop takes the registrar's own registration with it."""
@@ -555,7 +387,7 @@ class Syncer:
             for service in tracked.services.values():
                 for index, check in enumerate(service.checks):
                     if check.kind == "docker":
-                        self._ttl(service.check_id(index), tracked.docker_status)
+                        self._book.ttl(service.check_id(index), tracked.docker_status)
         self._last_heartbeat = time.monotonic()
 
     def _consul_down(self, err: Exception) -> None:

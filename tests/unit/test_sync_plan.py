@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import signal
 
+from registrar.agent_book import plan
 from registrar.intents import Died, Health, Paused, Stopping, Up, from_event, parse_signal
 from registrar.model import Held, Service
-from registrar.sync import plan
 
 
 def svc(sid: str, name: str = "web", port: int = 1000) -> Service:
