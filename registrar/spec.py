@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -290,15 +291,7 @@ def _service(
                             "Consul DNS (registered all the same, as registrator does)")  # fmt: skip
     else:
         name = _default_name(str(config.get("Image") or ""), port, group)
-
-    if settings.internal:
-        address = _container_ip(inspect, values.get("network"), settings.network, container) or settings.ip
-        number = int(port.exposed)
-    else:
-        address = port.host_ip if port.host_ip not in ("", "0.0.0.0", "::") else ""
-        if settings.ip:
-            address = settings.ip
-        number = int(port.host_port)
+    address, number = _where(inspect, port, values.get("network"), settings, container)
     if ip_override:
         address = ip_override
 
@@ -314,22 +307,7 @@ def _service(
     if port.proto == "udp" and "udp" not in tags:
         tags.append("udp")
 
-    meta: dict[str, str] = {}
-    for key, value in sorted(values.items()):
-        if key in _RESERVED or key.startswith("check_"):
-            continue
-        if not _META_KEY.match(key) or key.startswith("consul-"):
-            raise bad(key, "meta key must be letters, digits, '_' or '-' (and not consul-*)")
-        if key in ORIGIN_META:
-            raise bad(key, f"meta key {key} is set by the registrar itself")
-        if UNSAFE.search(value.value):
-            raise bad(key, "meta value contains a control character or newline")
-        if len(value.value) > META_VALUE_MAX:
-            raise bad(key, f"meta value longer than {META_VALUE_MAX} characters")
-        meta[key] = value.value
-    if len(meta) > META_KEYS_MAX:
-        raise LabelError(container, "SERVICE_*", str(len(meta)), f"more than {META_KEYS_MAX} meta keys")
-    meta.update(_origin(inspect, container, settings.hostname))
+    meta = {**_meta(values, bad, container), **_origin(inspect, container, settings.hostname)}
 
     check = _check(values, address or "127.0.0.1", number, bad, settings.allow_script_checks,
                    str(inspect.get("Id", "")), port.exposed)  # fmt: skip
@@ -347,6 +325,37 @@ def _service(
         meta=meta,
         checks=(check,) if check else (),
     )
+
+
+def _where(
+    inspect: dict[str, Any], port: _Port, network: _Value | None, settings: SpecSettings, container: str
+) -> tuple[str, int]:
+    """The address and port to register: the container's own with --internal, else the host's
+    binding (--ip wins over the binding's address)."""
+    if settings.internal:
+        return _container_ip(inspect, network, settings.network, container) or settings.ip, int(port.exposed)
+    address = port.host_ip if port.host_ip not in ("", "0.0.0.0", "::") else ""
+    return settings.ip or address, int(port.host_port)
+
+
+def _meta(values: dict[str, _Value], bad: Callable[[str, str], LabelError], container: str) -> dict[str, str]:
+    """Every other SERVICE_<KEY> as meta <key>, each key and value checked."""
+    meta: dict[str, str] = {}
+    for key, value in sorted(values.items()):
+        if key in _RESERVED or key.startswith("check_"):
+            continue
+        if not _META_KEY.match(key) or key.startswith("consul-"):
+            raise bad(key, "meta key must be letters, digits, '_' or '-' (and not consul-*)")
+        if key in ORIGIN_META:
+            raise bad(key, f"meta key {key} is set by the registrar itself")
+        if UNSAFE.search(value.value):
+            raise bad(key, "meta value contains a control character or newline")
+        if len(value.value) > META_VALUE_MAX:
+            raise bad(key, f"meta value longer than {META_VALUE_MAX} characters")
+        meta[key] = value.value
+    if len(meta) > META_KEYS_MAX:
+        raise LabelError(container, "SERVICE_*", str(len(meta)), f"more than {META_KEYS_MAX} meta keys")
+    return meta
 
 
 def _origin(inspect: dict[str, Any], container: str, hostname: str) -> dict[str, str]:
@@ -380,8 +389,8 @@ def _tags(values: dict[str, _Value], settings: SpecSettings, container: str) -> 
 def _check(
     values: dict[str, _Value], host: str, port: int, bad: Any, allow_script: bool, container_id: str, exposed: str
 ) -> Check | None:
-    """port: where the check reaches the service; exposed: the container's own port (check-cmd)."""
-    args: tuple[str, ...] = ()
+    """The service's check from its SERVICE_CHECK_* values; port: where the check reaches the
+    service; exposed: the container's own port (registrator's check-cmd takes it)."""
     for key in sorted(values):
         if key.startswith("check_") and key not in _CHECK_KEYS:
             known = ", ".join(f"SERVICE_{k.upper()}" for k in sorted(_CHECK_KEYS))
@@ -396,54 +405,58 @@ def _check(
     if kind in ("script", "cmd") and not allow_script:
         raise bad(key, "script checks run label text on the host: the registrar needs --allow-script-checks")
     raw = values[key].value.strip()
+    target = _check_target(kind, raw, host, port, lambda reason: bad(key, reason))
+    args = ("check-cmd", container_id[:12], exposed, raw) if kind == "cmd" else ()
+    options = _check_options(values, kind, bad)
+    return Check(kind=kind, target=target if kind != "ttl" else "", ttl=raw if kind == "ttl" else None, args=args,
+                 **options)  # fmt: skip
+
+
+def _check_target(kind: str, raw: str, host: str, port: int, bad: Callable[[str], LabelError]) -> str:
+    """What the check runs against: a URL, host:port, a gRPC target or the script's line."""
     host_port = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    target = raw
     if kind in ("http", "https"):
         if _URL.match(raw):
-            target = raw
-        elif _URL_PATH.match(raw):
-            target = f"{kind}://{host_port}{raw}"
-        else:
-            raise bad(key, "expected a path such as /health or a URL, without spaces")
-    elif kind == "tcp":
+            return raw
+        if _URL_PATH.match(raw):
+            return f"{kind}://{host_port}{raw}"
+        raise bad("expected a path such as /health or a URL, without spaces")
+    if kind in ("tcp", "grpc"):
         if raw.lower() in ("", "true", "1", "yes"):
-            target = host_port
-        elif not _HOST_PORT.match(raw):
-            raise bad(key, "expected true or host:port")
-    elif kind == "grpc":
-        if raw.lower() in ("", "true", "1", "yes"):
-            target = host_port
-        elif re.fullmatch(r"[A-Za-z0-9_.-]+", raw):
-            target = f"{host_port}/{raw}"
-        else:
-            raise bad(key, "expected true or a gRPC service name")
-    elif kind in ("script", "cmd"):
+            return host_port
+        if kind == "tcp" and _HOST_PORT.match(raw):
+            return raw
+        if kind == "grpc" and re.fullmatch(r"[A-Za-z0-9_.-]+", raw):
+            return f"{host_port}/{raw}"
+        raise bad("expected true or host:port" if kind == "tcp" else "expected true or a gRPC service name")
+    if kind in ("script", "cmd"):
         if not raw or UNSAFE.search(raw):
-            raise bad(key, "script must be one non-empty line")
-        target = raw.replace("$SERVICE_IP", host).replace("$SERVICE_PORT", str(port))
-        if kind == "cmd":  # registrator's: the agent's `check-cmd` helper runs it in the container
-            args = ("check-cmd", container_id[:12], str(exposed), raw)
-    elif kind == "ttl" and not is_duration(raw):
-        raise bad(key, "TTL must be a duration such as 30s")
+            raise bad("script must be one non-empty line")
+        return raw.replace("$SERVICE_IP", host).replace("$SERVICE_PORT", str(port))
+    if kind == "ttl" and not is_duration(raw):
+        raise bad("TTL must be a duration such as 30s")
+    return raw
 
-    durations = {}
+
+def _check_options(values: dict[str, _Value], kind: str, bad: Any) -> dict[str, Any]:
+    """The check's settings besides its kind: durations, initial status, TLS, HTTP method."""
+    options: dict[str, Any] = {"interval": "10s"}
     for name in ("interval", "timeout", "deregister_after"):
         label = f"check_{name}"
         if label in values:
             text = values[label].value.strip()
             if not is_duration(text):
                 raise bad(label, "expected a duration such as 10s, 500ms or 1m")
-            durations[name] = text
-    status = None
+            options[name] = text
     if "check_initial_status" in values:
         status = values["check_initial_status"].value.strip().lower()
         if status not in STATUSES:
             raise bad("check_initial_status", "expected passing, warning or critical")
-    skip_verify = values.get("check_tls_skip_verify", _Value("", "")).value.lower() in _YES_VALUES
-    grpc_tls = values.get("check_grpc_use_tls", _Value("", "")).value.strip().lower() in _YES_VALUES
+        options["initial_status"] = status
+    options["tls_skip_verify"] = values.get("check_tls_skip_verify", _Value("", "")).value.lower() in _YES_VALUES
     if "check_grpc_use_tls" in values and kind != "grpc":
         raise bad("check_grpc_use_tls", f"a setting of SERVICE_CHECK_GRPC; this check is SERVICE_CHECK_{kind.upper()}")
-    method = "GET"
+    options["grpc_tls"] = values.get("check_grpc_use_tls", _Value("", "")).value.strip().lower() in _YES_VALUES
     for option in ("check_http_method", "check_https_method"):
         if option in values:
             if option != f"check_{kind}_method":
@@ -452,19 +465,8 @@ def _check(
             method = values[option].value.strip().upper()
             if method not in _METHODS:
                 raise bad(option, f"expected an HTTP method: {', '.join(_METHODS)}")
-    return Check(
-        kind=kind,
-        target=target if kind != "ttl" else "",
-        interval=durations.get("interval", "10s"),
-        timeout=durations.get("timeout"),
-        ttl=raw if kind == "ttl" else None,
-        initial_status=status,
-        deregister_after=durations.get("deregister_after"),
-        tls_skip_verify=skip_verify,
-        method=method,
-        args=args,
-        grpc_tls=grpc_tls,
-    )
+            options["method"] = method
+    return options
 
 
 def _docker_health_check(config: dict[str, Any]) -> Check | None:
