@@ -59,9 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     view = RegistrarStatus(supervisor)
     own = own_service(settings, source.describe())
     own_registration = OwnRegistration(ConsulHTTP(settings.consul, 5.0))
-    syncer = Syncer(
-        registry, settings.sync, (own, own_registration) if own else None, view.docker_state, view.registered
-    )
+    watcher: DockerWatcher | None = None
+
+    def docker_state() -> tuple[bool, str]:
+        return watcher.state() if watcher is not None else (False, "starting")
+
+    syncer = Syncer(registry, settings.sync, (own, own_registration) if own else None, docker_state, view.registered)
     watcher = DockerWatcher(source, syncer.submit, syncer.mark, settings.sync.retry_interval)
     view.follow(watcher, syncer)
 

@@ -26,7 +26,7 @@ from sidecar.logs import kv
 from sidecar.once import SayOnce
 
 if TYPE_CHECKING:
-    from registrar.sync import Tracked
+    from registrar.lifecycle import Tracked
 
 log = logging.getLogger("registrar.sync")
 

@@ -49,9 +49,6 @@ class RegistrarStatus:
     def follow(self, watcher: Watching, syncer: Syncing) -> None:
         self._watcher, self._syncer = watcher, syncer
 
-    def docker_state(self) -> tuple[bool, str]:
-        return self._watcher.state() if self._watcher else (False, "starting")
-
     def registered(self, seconds: float) -> None:
         self.event_to_registered.observe(seconds)
 

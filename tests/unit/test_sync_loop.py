@@ -166,7 +166,7 @@ def test_a_registration_the_agent_could_not_pass_on_is_registered_again():
 def test_event_sequences_kept_for_listings_stay_bounded_without_listings():
     """A host where containers come and go and no listing runs (no --resync) used to keep the
     sequence of every container it ever saw (about 0.4 KB each: the soak's slow RSS slope)."""
-    from registrar.sync import SEEN_MAX, _remember
+    from registrar.lifecycle import SEEN_MAX, _remember
 
     seen: dict[str, int] = {}
     for seq in range(3 * SEEN_MAX):
