@@ -430,4 +430,7 @@ def test_reload_interval_writes_a_lone_change_at_once_and_spaces_a_burst(consul,
     burst = time.monotonic() - started
     assert lone < 0.5, lone
     assert burst >= 0.95, burst  # not before the interval since the lone change's write
+    # the line of a write is logged just after the file is swapped in: wait for the burst's,
+    # then count (a burst written in parts would have logged its earlier writes before it)
+    wait_until(lambda: proc.output().count("rendered") >= 3, timeout=5, what="the burst's log line")
     assert proc.output().count("rendered") == 3, proc.output()[-2000:]  # first, lone change, burst
