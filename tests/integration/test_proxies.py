@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import http.client
 import http.server
+import os
 import socket
 import ssl
 import statistics
@@ -317,3 +321,118 @@ def test_templater_reloads_a_proxy_it_did_not_start(templater, tmp_path, find_by
     finally:
         ours.terminate()
         ours.wait(10)
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+
+
+class _EchoSocket(threading.Thread):
+    """A WebSocket echo backend on loopback (RFC 6455: the handshake, then each text frame sent
+    back), enough to see an upgrade pass through a proxy and a tunnel stay open."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._served: list[threading.Thread] = []
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            served = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._served.append(served)
+            served.start()
+
+    def stop(self) -> None:
+        """Wake the accept and end every thread (a connection's ends when its client closes)."""
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        for thread in [self, *self._served]:
+            thread.join(timeout=5)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            lines = head.split(b"\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:] if line)}
+            if headers.get(b"upgrade", b"").lower() != b"websocket":  # a proxy's health check, say
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                return
+            accept = base64.b64encode(hashlib.sha1(headers[b"sec-websocket-key"] + _WS_GUID).digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")  # fmt: skip
+            while True:
+                first = _recv_exactly(conn, 2)
+                if not first or first[0] & 0x0F == 0x8:  # closed, or a close frame
+                    return
+                length = first[1] & 0x7F
+                mask = _recv_exactly(conn, 4)
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(_recv_exactly(conn, length)))
+                conn.sendall(bytes([0x81, len(payload)]) + payload)
+
+
+def _recv_exactly(conn: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = conn.recv(count - len(data))
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
+def _ws_text(conn: socket.socket, text: str) -> str:
+    """Send a masked text frame, return the echo's text."""
+    payload, mask = text.encode(), os.urandom(4)
+    conn.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    head = _recv_exactly(conn, 2)
+    assert head and head[0] == 0x81, head
+    return _recv_exactly(conn, head[1] & 0x7F).decode()
+
+
+@pytest.mark.parametrize(("kind", "idle"), [("haproxy", 32.0), ("nginx", 2.0)])
+def test_a_websocket_upgrades_and_an_idle_tunnel_stays_open(consul, proxy_stack, kind, idle):
+    """Issue 24: through NGINX the upgrade failed (no Upgrade or Connection header went to the
+    backend); through HAProxy an idle WebSocket was cut after 30 s (timeout client / server,
+    no timeout tunnel). HAProxy idles past those 30 s here."""
+    echo = _EchoSocket()
+    echo.start()
+    try:
+        _websocket_through(consul, proxy_stack, kind, idle, echo.port)
+    finally:
+        echo.stop()
+
+
+def _websocket_through(consul, proxy_stack, kind: str, idle: float, backend: int) -> None:
+    register(consul, "ws-1", "wsecho", backend, http_host="ws.test")
+    port, _ = proxy_stack(kind)
+    wait_until(lambda: get(port, "ws.test")[0] == 200, timeout=15, what="the route to the echo backend")
+    key = base64.b64encode(os.urandom(16))
+    with socket.create_connection(("127.0.0.1", port), timeout=idle + 10) as conn:
+        conn.sendall(b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(4096)
+            assert chunk, f"closed during the handshake: {head!r}"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        expected = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+        accepts = [
+            v.strip()
+            for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n"))
+            if k.lower() == b"sec-websocket-accept"
+        ]
+        assert accepts == [expected], head
+        assert _ws_text(conn, "hello") == "hello"
+        time.sleep(idle)
+        assert _ws_text(conn, "still there") == "still there"
