@@ -66,7 +66,7 @@ class CatalogConfirmer:
             return
         try:
             services, statuses, known_leader = self._registry.node_in_catalog()
-            local = self._registry.agent_state()
+            local = self._registry.agent_state(services=False)
         except (ConsulUnavailable, ConsulRejected) as err:
             log.debug("catalog confirmation postponed: %s", err)
             for sid in due:

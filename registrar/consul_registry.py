@@ -25,7 +25,7 @@ class Registry(Protocol):
     def set_check_status(self, service: Service, index: int, status: str) -> None: ...
     def ttl_update(self, check_id: str, status: str, note: str) -> None: ...
     def maintenance(self, service_id: str, enable: bool, reason: str | None = None) -> None: ...
-    def agent_state(self) -> AgentState: ...
+    def agent_state(self, services: bool = True, checks: bool = True) -> AgentState: ...
     def ping(self) -> None: ...
     def node_in_catalog(self) -> tuple[set[str], dict[str, str], bool]: ...
 
@@ -84,11 +84,11 @@ class ConsulRegistry:
         self._put(f"maintenance {service_id}", f"/v1/agent/service/maintenance/{service_id}", params=params,
                   needs="service:write on its name")  # fmt: skip
 
-    def agent_state(self) -> AgentState:
-        """The agent's services and checks, as neutral values."""
-        services = _mapping(self._get("list services", "/v1/agent/services", needs="service:read").data)
-        checks = _mapping(self._get("list checks", "/v1/agent/checks", needs="service:read, node:read").data)
-        return agent_state_from(services, checks)
+    def agent_state(self, services: bool = True, checks: bool = True) -> AgentState:
+        """The agent's services and checks, as neutral values; one request for each asked for."""
+        listed = self._get("list services", "/v1/agent/services", needs="service:read").mapping() if services else {}
+        held = self._get("list checks", "/v1/agent/checks", needs="service:read, node:read").mapping() if checks else {}
+        return agent_state_from(listed, held)
 
     def ping(self) -> None:
         self._get("ping", "/v1/agent/self", needs="agent:read on this node")
@@ -98,7 +98,7 @@ class ConsulRegistry:
         without a leader): its service IDs, the status of each of its checks, and whether the
         answering server knows a leader (without one, nothing can be written yet)."""
         if not self._node:
-            me = _mapping(self._get("agent self", "/v1/agent/self", needs="agent:read on this node").data)
+            me = self._get("agent self", "/v1/agent/self", needs="agent:read on this node").mapping()
             self._node = str((me.get("Config") or {}).get("NodeName") or "")
         path = urllib.parse.quote(self._node, safe="")
         stale = [("stale", "")]
@@ -136,7 +136,3 @@ def agent_state_from(services: dict[str, Any], checks: dict[str, Any]) -> AgentS
 
 
 _MAINTENANCE_PREFIX = "_service_maintenance:"  # the check ID Consul gives a service's maintenance
-
-
-def _mapping(data: Any) -> dict[str, Any]:
-    return data if isinstance(data, dict) else {}

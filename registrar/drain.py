@@ -68,7 +68,7 @@ def drain_and_stop(consul: ConsulRegistry, docker: DockerSource, name: str, drai
     container_id, shown = str(info["Id"]), str(info.get("Name", name)).lstrip("/")
     if not (info.get("State") or {}).get("Running"):
         return f"{shown}: not running"
-    sids = services_of(consul.agent_state().services, container_id)
+    sids = services_of(consul.agent_state(checks=False).services, container_id)
     reason = f"Draining: sidecar-stop at {now_text()}"
     for sid in sids:
         consul.maintenance(sid, True, reason)

@@ -91,6 +91,10 @@ class Answer:
     known_leader: bool = True  # X-Consul-KnownLeader
     found: bool = True  # False: 404
 
+    def mapping(self) -> dict[str, Any]:
+        """The body when it is a JSON object, else an empty one."""
+        return self.data if isinstance(self.data, dict) else {}
+
 
 class ConsulHTTP:
     """Requests to one Consul agent, counted (for /metrics and the bench)."""

@@ -74,9 +74,9 @@ class OwnRegistration:
     def update(self, service: OwnService, status: str, output: str) -> None:
         """Register when needed, then send the state when it changed or the heartbeat is due.
         Raises ConsulUnavailable or ConsulRejected (then the next call registers again)."""
-        now = time.monotonic()
-        if service == self._registered and (status, output) == self._sent and now - self._sent_at < self._heartbeat:
+        if service == self._registered and self.settled(status, output):
             return
+        now = time.monotonic()
         try:
             if service != self._registered:
                 self._register(service, status)

@@ -85,7 +85,7 @@ class SelfRegistration:
     def _service(self) -> OwnService:
         if not self._node:
             me = self._http.get("/v1/agent/self", doing="during agent self", needs="agent:read on this node")
-            agent = me.data if isinstance(me.data, dict) else {}
+            agent = me.mapping()
             self._node = str((agent.get("Config") or {}).get("NodeName") or "")
             self._address = self._address or str(((agent.get("Member") or {}).get("Addr")) or "")
         ports = self._ports

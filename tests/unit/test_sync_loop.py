@@ -54,9 +54,9 @@ class Registry:
     def maintenance(self, service_id: str, enable: bool, reason: str | None = None) -> None:
         self._guard()
 
-    def agent_state(self) -> AgentState:
+    def agent_state(self, services: bool = True, checks: bool = True) -> AgentState:
         self._guard()
-        return agent_state_from(dict(self.services_), {})
+        return agent_state_from(dict(self.services_) if services else {}, {})
 
     def ping(self) -> None:
         self._guard()
