@@ -1,7 +1,7 @@
 """A dc's catalog kept up to date by what changed: the pure half of the catalog source.
 
 Three kinds of answer come in, each applied here without I/O:
-- a node's services (`/v1/catalog/node/<n>`, one blocking query per node): which instances
+- a node's services (`/v1/catalog/node-services/<n>`, one blocking query per node): which instances
   exist on that node. It names the services to read again (an instance came, moved or changed)
   and removes instances that left at once.
 - the checks that are not passing (`/v1/health/state/critical` and `/v1/health/state/warning`,
@@ -34,6 +34,7 @@ from templater.catalog import (
     build_instances,
     clean_nodes,
     listing,
+    node_services,
     rows_from_node,
     service_row,
     severity,
@@ -76,12 +77,9 @@ def bad_statuses(checks: Iterable[Mapping[str, Any]]) -> tuple[dict[str, dict[In
 
 
 def node_entries(data: Mapping[str, Any] | None) -> dict[str, NodeEntry]:
-    """A `/v1/catalog/node/<n>` answer as service id -> (service name, ModifyIndex). Pure."""
-    services = (data or {}).get("Services") or {}
+    """A node's answer (node_services) as service id -> (service name, ModifyIndex). Pure."""
     return {
-        str(sid): (str(svc.get("Service", "")), int(svc.get("ModifyIndex") or 0))
-        for sid, svc in services.items()
-        if isinstance(svc, dict)
+        str(sid): (str(svc.get("Service", "")), int(svc.get("ModifyIndex") or 0)) for sid, svc in node_services(data)
     }
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from sidecar.backoff import Backoff
 from sidecar.consul_conn import ConsulSettings
 from sidecar.consul_http import ConsulHTTP
+from sidecar.memory import gc_paused
 from sidecar.threads import Supervisor
 from templater.catalog import Snapshot
 from templater.catalog_index import CatalogIndex
@@ -127,7 +128,7 @@ class ReadQueue:
 class CatalogSource:
     """A dc's catalog: services, instances with health, nodes; published as one Snapshot.
 
-    Watches: `/v1/catalog/nodes` (which nodes there are), one `/v1/catalog/node/<n>` per node
+    Watches: `/v1/catalog/nodes` (which nodes there are), one `/v1/catalog/node-services/<n>` per node
     (that node's instances: a blocking query that wakes only when they change), and the checks
     that are not passing (`/v1/health/state/critical` and `.../warning`). A service an answer names is
     read on its own (`/v1/health/service/<name>`) on a small pool. So a change costs the
@@ -189,12 +190,12 @@ class CatalogSource:
     # -- reads
 
     def _loop(
-        self, key: str, path: str, on_change: Callable[[Any, int], None], params: dict[str, str] | None = None,
-        start: Response | None = None,
+        self, key: str, path: str, on_change: Callable[[Any, int], None], start: Response | None = None,
+        skip_equal: bool = True,
     ) -> BlockingLoop:  # fmt: skip
         return BlockingLoop(
-            key, path, dict(self._params, **(params or {})), self._fetcher, on_change, self._on_state,
-            self._settings, supervisor=self._supervisor, start=start,
+            key, path, dict(self._params), self._fetcher, on_change, self._on_state,
+            self._settings, skip_equal=skip_equal, supervisor=self._supervisor, start=start,
         )  # fmt: skip
 
     def _map(self, fn: Callable[[str], Response], items: list[str]) -> list[Response]:
@@ -206,7 +207,7 @@ class CatalogSource:
             raise ConsulUnavailable(f"{self.key}: reads stopped ({err})") from None
 
     def _read_nodes(self, names: list[str]) -> dict[str, Response]:
-        paths = [f"/v1/catalog/node/{urllib.parse.quote(n, safe='')}" for n in names]
+        paths = [f"/v1/catalog/node-services/{urllib.parse.quote(n, safe='')}" for n in names]
         return dict(zip(names, self._map(lambda p: self._fetcher.get(p, self._read_params), paths), strict=True))
 
     def _read_not_passing(self) -> dict[str, Response]:
@@ -240,6 +241,11 @@ class CatalogSource:
     def _load(self, nodes: list[dict[str, Any]], names: list[str]) -> None:
         """The first read: every node, then the checks; then the watches go on from there."""
         started = time.perf_counter()
+        with gc_paused:
+            self._load_all(nodes, names)
+        log.info("%s: read %d nodes in %.0f ms", self.key, len(names), (time.perf_counter() - started) * 1000)
+
+    def _load_all(self, nodes: list[dict[str, Any]], names: list[str]) -> None:
         answers = self._read_nodes(names)
         checks = self._read_not_passing()
         with self._lock:
@@ -252,7 +258,6 @@ class CatalogSource:
                 self._watch_checks(state, answer)
             self._loaded = True
             self._publish_changes(first=True)
-        log.info("%s: read %d nodes in %.0f ms", self.key, len(names), (time.perf_counter() - started) * 1000)
 
     def _watch_node(self, name: str, start: Response | None) -> None:
         quoted = urllib.parse.quote(name, safe="")
@@ -266,7 +271,10 @@ class CatalogSource:
                 self._publish_changes()
                 self._lock.notify_all()
 
-        loop = self._loop(f"{self.key}.node({name})", f"/v1/catalog/node/{quoted}", changed, start=start)
+        # node_answer compares the node's entries itself: the loop neither compares nor keeps the
+        # answer (the decoded list of a node with 30,000 instances is about 48 MiB)
+        path = f"/v1/catalog/node-services/{quoted}"
+        loop = self._loop(f"{self.key}.node({name})", path, changed, start, skip_equal=False)
         self._node_loops[name] = loop
         loop.start()
 
@@ -340,11 +348,14 @@ class CatalogSource:
         started = time.perf_counter()
         with self._lock:
             names = sorted(self._node_loops)
-        answers = self._read_nodes(names)
-        checks = self._read_not_passing()
-        fresh = CatalogIndex(lambda _message: None)
-        fresh.load({n: r.data for n, r in answers.items()}, _flatten({s: _checks(r.data) for s, r in checks.items()}))
-        fresh.take_changed()
+        with gc_paused:
+            answers = self._read_nodes(names)
+            checks = self._read_not_passing()
+            fresh = CatalogIndex(lambda _message: None)
+            not_passing = _flatten({state: _checks(r.data) for state, r in checks.items()})
+            fresh.load({n: r.data for n, r in answers.items()}, not_passing)
+            del answers
+            fresh.take_changed()
         with self._lock:
             self.safety_reads += 1
             kept = self._index.instances

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from jinja2 import nodes
 from jinja2.ext import Extension
@@ -30,17 +29,18 @@ Effect = tuple[str, Any]  # what a read did to the render's result: ("used", key
 Lookup = Callable[[Atom], Any]
 
 
-@dataclass
 class Frame:
     """What one block read and did while it rendered."""
 
-    atoms: dict[Atom, Any] = field(default_factory=dict)
-    effects: list[Effect] = field(default_factory=list)
-    missing: bool = False
+    __slots__ = ("atoms", "effects", "missing")
+
+    def __init__(self) -> None:  # one per block rendered: a first render makes thousands
+        self.atoms: dict[Atom, Any] = {}
+        self.effects: list[Effect] = []
+        self.missing = False
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):  # a tuple: made once per block rendered, thousands in a first render
     text: str
     atoms: tuple[tuple[Atom, Any], ...]
     # the same atoms for the check of a kept block: a service's (dc, name, value seen), which
@@ -123,13 +123,14 @@ class Scope:
                 frame.atoms.setdefault(atom, seen)
             frame.effects.extend(entry.effects)
 
-    def render(self, key: tuple[Any, ...], caller: Callable[[], str]) -> str:
-        frame = Frame()
-        self.frames.append(frame)
-        try:
-            text = caller()
-        finally:
-            self.frames.pop()
+    def begin(self) -> None:
+        """A block not kept starts rendering: what it reads from here is recorded."""
+        self.frames.append(Frame())
+
+    def end(self, key: tuple[Any, ...], text: str) -> str:
+        """The block rendered as text: kept under key unless it read data not there yet. (A
+        render that raises midway leaves its frames: the scope is dropped with the render.)"""
+        frame = self.frames.pop()
         self.fragments.misses += 1
         self._used.add(key)
         if not frame.missing:
@@ -141,16 +142,26 @@ class Scope:
 
     def _entry(self, text: str, frame: Frame) -> Entry:
         effects = tuple(dict.fromkeys(frame.effects))  # each once: a block reads one catalog many times
+        used, queries, rest = [], [], []
+        for effect in effects:
+            kind = effect[0]
+            if kind == "used":
+                used.append(effect[1])
+            elif kind == "query":
+                queries.append(effect[1])
+            else:
+                rest.append(effect)
+        services, others = [], []
+        for atom, seen in frame.atoms.items():
+            if atom[0] == "service":
+                services.append((atom[1], atom[2], seen))
+            else:
+                others.append((atom, seen))
         shared = self.fragments.shared
-        used = frozenset(value for kind, value in effects if kind == "used")
-        queries = tuple(value for kind, value in effects if kind == "query")
-        atoms = tuple(frame.atoms.items())
+        deps, names = frozenset(used), tuple(queries)
         return Entry(
-            text, atoms,
-            tuple((atom[1], atom[2], seen) for atom, seen in atoms if atom[0] == "service"),
-            tuple((atom, seen) for atom, seen in atoms if atom[0] != "service"),
-            effects, shared.setdefault(used, used), shared.setdefault(queries, queries),
-            tuple(e for e in effects if e[0] not in ("used", "query")),
+            text, tuple(frame.atoms.items()), tuple(services), tuple(others), effects,
+            shared.setdefault(deps, deps), shared.setdefault(names, names), tuple(rest),
         )  # fmt: skip
 
     def record(self, atom: Atom | None, value: Any, effect: Effect | None, missing: bool = False) -> None:
@@ -183,11 +194,17 @@ def _parts(key: tuple[Any, ...]) -> tuple[Any, ...]:
     return key
 
 
+_BEGIN = "_fragment_cache_begin"
+_END = "_fragment_cache_end"
+
+
 class FragmentCache(Extension):
     """The `cache` tag. It compiles to: look the key up; on a hit output the kept text; on a
-    miss render the block (the caller macro is built only then: building one costs more than
-    the lookup). Per kept block of a loop over thousands, every call counts: the lookup is a
-    filter taking the key's parts as its arguments, and a miss is None, compared inline."""
+    miss render the block in place into a variable (`{% set %}...{% endset %}`, as if it were
+    not cached: no macro to build and call) between a begin and an end that record what it read
+    and keep its text. Per block of a loop over thousands, every call counts: the lookup, the
+    begin and the end are filters (Jinja calls those directly, a method through the sandbox's
+    call), the key's parts are the lookup's arguments, and a miss is None, compared inline."""
 
     tags = {"cache"}  # noqa: RUF012 - Jinja's own class attribute
 
@@ -196,6 +213,8 @@ class FragmentCache(Extension):
         # a filter, not a method call: Jinja calls filters directly, a method through the
         # sandbox's call (per block of a loop over thousands, that was a third of a kept render)
         environment.filters[_LOOKUP] = self.lookup
+        environment.filters[_BEGIN] = self.begin
+        environment.filters[_END] = self.end
 
     def parse(self, parser: Parser) -> list[nodes.Node]:
         lineno = next(parser.stream).lineno
@@ -207,9 +226,17 @@ class FragmentCache(Extension):
         lookup = nodes.Assign(found, nodes.Filter(args[0], _LOOKUP, args[1:], [], None, None)).set_lineno(lineno)
         loaded = nodes.Name("_fragment", "load")
         hit = nodes.Output([loaded]).set_lineno(lineno)
-        miss = nodes.CallBlock(self.call_method("fill", [nodes.List(args)]), [], [], body).set_lineno(lineno)
+        text = nodes.Name("_fragment_text", "store")
+        miss = [
+            # on the lookup's None, not a constant: Jinja would call a filter of a constant once, when compiling
+            nodes.Output([nodes.Filter(loaded, _BEGIN, [], [], None, None)]).set_lineno(lineno),
+            nodes.AssignBlock(text, None, body).set_lineno(lineno),
+            nodes.Output([
+                nodes.Filter(nodes.Name("_fragment_text", "load"), _END, args, [], None, None)
+            ]).set_lineno(lineno),
+        ]  # fmt: skip
         test = nodes.Compare(loaded, [nodes.Operand("ne", nodes.Const(None))])
-        return [lookup, nodes.If(test, [hit], [], [miss]).set_lineno(lineno)]
+        return [lookup, nodes.If(test, [hit], [], miss).set_lineno(lineno)]
 
     def lookup(self, *key: Any) -> str | None:
         scope = ACTIVE.get()
@@ -220,8 +247,16 @@ class FragmentCache(Extension):
         except TypeError:  # a part that is not hashable
             return scope.get(_parts(key))
 
-    def fill(self, key: list[Any], caller: Callable[[], str]) -> str:
+    @staticmethod
+    def begin(_nothing: None) -> str:
+        scope = ACTIVE.get()
+        if scope is not None:
+            scope.begin()
+        return ""
+
+    @staticmethod
+    def end(text: str, *key: Any) -> str:
         scope = ACTIVE.get()
         if scope is None:
-            return caller()
-        return scope.render(_parts(tuple(key)), caller)
+            return text
+        return scope.end(_parts(key), text)

@@ -15,7 +15,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from sidecar.logs import REDACTOR
-from sidecar.memory import give_back
+from sidecar.memory import gc_paused, give_back
 from sidecar.once import SayOnce
 from templater.child import Child
 from templater.deps import Catalog
@@ -136,9 +136,11 @@ class Runner:
             assert state.compiled is not None
             allow = self.settings.env_allow
             env_vars = {k: v for k, v in os.environ.items() if env_allowed(k, allow)}
-            result = render(
-                state.compiled, spec.name, view, self.settings.variables, env_vars, allow, state.fragments, state.routes
-            )
+            with gc_paused:  # its reference cycles are collected after the write (_finish)
+                result = render(
+                    state.compiled, spec.name, view, self.settings.variables, env_vars, allow, state.fragments,
+                    state.routes,
+                )  # fmt: skip
         except TemplateError as err:
             state.failed = True
             self.metrics.add(render_failures=1)

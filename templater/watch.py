@@ -127,13 +127,17 @@ class BlockingLoop:
         last: Any = _UNSET
         if self._start is not None:
             index, last = next_index(0, self._start.index), self._start.data
+            self._start = None  # a node's first answer can be tens of megabytes decoded
+        if not self._skip_equal:
+            last = _UNSET  # nothing to compare with: not kept
         while not self._stop.is_set():
             try:
                 response = self._fetch(index)
                 moved = response.index != index
-                if moved and (response.data != last or not self._skip_equal):
+                if moved and (not self._skip_equal or response.data != last):
                     self._on_change(response.data, response.index)  # may fetch more (a service's instances)
-                    last = response.data
+                    if self._skip_equal:
+                        last = response.data
             except (ConsulUnavailable, ConsulRejected) as err:
                 if self._stop.is_set():
                     return  # stopping: whatever broke on the way out is no news

@@ -12,7 +12,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from templater.catalog_index import CatalogIndex, bad_statuses, check_status
+from templater.catalog import node_services, rows_from_node
+from templater.catalog_index import CatalogIndex, bad_statuses, check_status, node_entries
 
 
 @dataclass
@@ -50,7 +51,8 @@ class World:
         }
 
     def node(self, node: str) -> dict[str, Any]:
-        services = {sid: self.entry(n, sid) for (n, sid) in self.instances if n == node}
+        """`/v1/catalog/node-services/<node>`, what the templater reads."""
+        services = [self.entry(n, sid) for (n, sid) in self.instances if n == node]
         return {"Node": {"Node": node, "Address": "10.0.0.1"}, "Services": services}
 
     def nodes(self) -> dict[str, Any]:
@@ -231,3 +233,17 @@ def test_unsafe_values_are_left_out_with_a_warning_the_rest_is_kept():
     assert [i.id for i in index.instances["web"]] == ["w1"]
     assert any("'bad\\ntag'" in w and "line break" in w for w in warnings) and any("port=0" in w for w in warnings)
     assert any("evil" in w for w in warnings) and any("'a\\u2028b'" in w for w in warnings)
+
+
+def test_both_shapes_of_a_nodes_services_give_the_same_rows():
+    """`/v1/catalog/node-services/<n>` lists a node's services, `/v1/catalog/node/<n>` maps them
+    by id: the same rows and entries either way, and a node Consul does not know is empty."""
+    world = World()
+    world.write(("n1", "web-1"), ("web", 80, None))
+    world.write(("n1", "api-1"), ("api", 81, "critical"))
+    listed = world.node("n1")
+    mapped = {"Node": listed["Node"], "Services": {svc["ID"]: svc for svc in listed["Services"]}}
+    assert rows_from_node("n1", listed) == rows_from_node("n1", mapped)
+    assert [r["ServiceID"] for r in rows_from_node("n1", listed)] == ["web-1", "api-1"]
+    assert node_entries(listed) == node_entries(mapped) == {"web-1": ("web", 11), "api-1": ("api", 12)}
+    assert rows_from_node("gone", {"Node": None, "Services": None}) == [] == list(node_services(None))

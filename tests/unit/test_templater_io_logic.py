@@ -238,8 +238,9 @@ def test_catalog_source_follows_a_node_and_survives_a_bug_in_its_reads(monkeypat
 
     fake = Fake()
     fake.set("/v1/catalog/nodes", 2, [{"Node": "n1", "Address": "127.0.0.1"}])
-    node = {"Node": {"Address": "127.0.0.1"}, "Services": {"w1": {"Service": "web", "Port": 80, "ModifyIndex": 2}}}
-    fake.set("/v1/catalog/node/n1", 2, node)
+    w1 = {"ID": "w1", "Service": "web", "Port": 80, "ModifyIndex": 2}
+    node = {"Node": {"Address": "127.0.0.1"}, "Services": [w1]}
+    fake.set("/v1/catalog/node-services/n1", 2, node)
     fake.set("/v1/health/state/critical", 2, [])
     fake.set("/v1/health/state/warning", 2, [])
 
@@ -250,8 +251,8 @@ def test_catalog_source_follows_a_node_and_survives_a_bug_in_its_reads(monkeypat
             "Checks": [],
         }
         fake.set("/v1/health/service/web", index, [entry])
-        services = {"w1": {"Service": "web", "Port": port, "ModifyIndex": index}}
-        fake.set("/v1/catalog/node/n1", index, {"Node": node["Node"], "Services": services})
+        services = [{"ID": "w1", "Service": "web", "Port": port, "ModifyIndex": index}]
+        fake.set("/v1/catalog/node-services/n1", index, {"Node": node["Node"], "Services": services})
 
     published: list[Snapshot] = []
     supervisor = Supervisor(backoff_base=0.01, backoff_cap=0.05)
@@ -296,8 +297,9 @@ def test_a_check_moving_from_warning_to_critical_is_never_read_as_passing():
     service is read again, and that read's status stands until the critical watch lists it."""
     fake = Fake()
     fake.set("/v1/catalog/nodes", 2, [{"Node": "n1", "Address": "127.0.0.1"}])
-    node = {"Node": {"Address": "127.0.0.1"}, "Services": {"w1": {"Service": "web", "Port": 80, "ModifyIndex": 2}}}
-    fake.set("/v1/catalog/node/n1", 2, node)
+    w1 = {"ID": "w1", "Service": "web", "Port": 80, "ModifyIndex": 2}
+    node = {"Node": {"Address": "127.0.0.1"}, "Services": [w1]}
+    fake.set("/v1/catalog/node-services/n1", 2, node)
 
     def check(status: str) -> dict[str, Any]:
         return {"Node": "n1", "CheckID": "service:w1", "ServiceID": "w1", "ServiceName": "web", "Status": status}

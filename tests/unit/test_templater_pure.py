@@ -12,6 +12,7 @@ from templater.catalog import (
     Instance,
     Snapshot,
     aggregate,
+    build_instances,
     clean_nodes,
     valid_address,
     valid_hostname,
@@ -316,3 +317,22 @@ def test_hostname_and_url_path_tests():
         ("a.example.com\n", "/a\n", "False False"),
     ]:
         assert t.render(h=h, p=p) == want, (h, p)
+
+
+def test_built_instances_are_the_instances_the_dataclass_makes():
+    """build_instances makes its Instances without the frozen dataclass's __init__ (a third of
+    building a node's answer at 30,000 instances): equal, with the same hash, and frozen."""
+    import dataclasses
+
+    row = {
+        "Node": "n1", "Address": "10.0.0.1", "ServiceID": "web-1", "ServiceName": "web", "ServiceAddress": "",
+        "ServicePort": 8080, "ServiceTags": ["b", "a"], "ServiceMeta": {"z": "1", "http_host": "a.test"},
+    }  # fmt: skip
+    (built,) = build_instances("web", [row], print)
+    meta = MappingProxyType({"http_host": "a.test", "z": "1"})
+    made = Instance("web-1", "web", "10.0.0.1", 8080, "n1", "10.0.0.1", ("b", "a"), meta)
+    assert built == made and hash(built) == hash(made) and repr(built) == repr(made)
+    assert list(built.meta) == ["http_host", "z"] and built.status == "passing"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.port = 1  # type: ignore[misc]
+    assert replace(built, status="critical").status == "critical"
