@@ -200,8 +200,8 @@ _END = "_fragment_cache_end"
 
 class FragmentCache(Extension):
     """The `cache` tag. It compiles to: look the key up; on a hit output the kept text; on a
-    miss render the block in place into a variable (`{% set %}...{% endset %}`, as if it were
-    not cached: no macro to build and call) between a begin and an end that record what it read
+    miss render the block in place (`{% filter %}...{% endfilter %}`, as if it were not
+    cached: no macro to build and call) between a begin and an end that record what it read
     and keep its text. Per block of a loop over thousands, every call counts: the lookup, the
     begin and the end are filters (Jinja calls those directly, a method through the sandbox's
     call), the key's parts are the lookup's arguments, and a miss is None, compared inline."""
@@ -226,15 +226,12 @@ class FragmentCache(Extension):
         lookup = nodes.Assign(found, nodes.Filter(args[0], _LOOKUP, args[1:], [], None, None)).set_lineno(lineno)
         loaded = nodes.Name("_fragment", "load")
         hit = nodes.Output([loaded]).set_lineno(lineno)
-        text = nodes.Name("_fragment_text", "store")
         miss = [
             # on the lookup's None, not a constant: Jinja would call a filter of a constant once, when compiling
             nodes.Output([nodes.Filter(loaded, _BEGIN, [], [], None, None)]).set_lineno(lineno),
-            nodes.AssignBlock(text, None, body).set_lineno(lineno),
-            nodes.Output([
-                nodes.Filter(nodes.Name("_fragment_text", "load"), _END, args, [], None, None)
-            ]).set_lineno(lineno),
-        ]  # fmt: skip
+            # {% filter end(key) %}body{% endfilter %}: the body in its own scope, its text to end()
+            nodes.FilterBlock(body, nodes.Filter(None, _END, args, [], None, None)).set_lineno(lineno),
+        ]
         test = nodes.Compare(loaded, [nodes.Operand("ne", nodes.Const(None))])
         return [lookup, nodes.If(test, [hit], [], miss).set_lineno(lineno)]
 
