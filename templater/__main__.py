@@ -14,7 +14,7 @@ from sidecar.consul_conn import warn_if_token_on_command_line
 from sidecar.errors import SidecarError
 from sidecar.status import StatusServer
 from templater.haproxy_runtime import RuntimeHook
-from templater.runner import Runner
+from templater.runner import RELOAD_KEY, Runner
 from templater.settings import SettingsError, settings_from
 from templater.status import Metrics
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.proxy == "haproxy" and not settings.dry:
         hook = RuntimeHook(settings.templates[0].dest, settings.drain_timeout, metrics)
     try:
-        runner = Runner(settings, metrics, hook)
+        runner = Runner(settings, metrics, hook, reread=(lambda: settings_from(argv)) if settings.config else None)
     except SidecarError as err:
         print(f"templater: {err}", file=sys.stderr)
         return 2
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         runner.store.touch("stop")
 
     def on_forward(signum: int, _frame: FrameType | None) -> None:
-        if runner.child is not None and runner.child.running():
+        if signum == signal.SIGHUP and settings.config:  # consul-template's reload: the files again
+            runner.store.touch(RELOAD_KEY)
+        elif runner.child is not None and runner.child.running():
             runner.child.signal(signum)
         else:
             runner.store.touch(f"signal:{signum}")

@@ -376,10 +376,15 @@ def env_allowed(name: str, allow: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in allow)
 
 
-def make_environment() -> SandboxedEnvironment:
+def make_environment(delimiters: tuple[str, str] = ("{{", "}}"), strict: bool = True) -> SandboxedEnvironment:
+    """delimiters: around expressions (consul-template's left_delimiter and right_delimiter);
+    strict: an undefined variable or attribute fails the render, else it renders as nothing
+    (error_on_missing_key = false)."""
     env = _Environment(
         extensions=[FragmentCache],
-        undefined=jinja2.StrictUndefined,
+        variable_start_string=delimiters[0],
+        variable_end_string=delimiters[1],
+        undefined=jinja2.StrictUndefined if strict else jinja2.Undefined,
         autoescape=False,
         keep_trailing_newline=True,
         trim_blocks=True,

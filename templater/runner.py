@@ -7,10 +7,12 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jinja2.sandbox import SandboxedEnvironment
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -22,8 +24,10 @@ from templater.deps import Catalog
 from templater.errors import TemplateError
 from templater.fragments import Fragments
 from templater.proxy_driver import ProxyDriver, ProxyHook
+from templater.quiesce import TemplateWaits
+from templater.reload import reloaded
 from templater.render import RenderResult, compile_template, env_allowed, make_environment, render
-from templater.settings import Settings
+from templater.settings import Settings, SettingsError
 from templater.sources import Sources
 from templater.status import Metrics
 from templater.store import FrozenView, Store
@@ -36,6 +40,8 @@ log = logging.getLogger("templater")
 
 TEMPLATE_KEY = "template:"
 RETRY_KEY = "retry:writes"  # a cycle that tries again the destinations it could not write
+WAIT_KEY = "wait:template"  # a cycle for a template whose own wait has run out
+RELOAD_KEY = "reload:config"  # SIGHUP with -config: the files are read again
 EDIT_SETTLE = 0.05
 
 
@@ -73,12 +79,17 @@ class _TemplateEvents(FileSystemEventHandler):
 
 
 class Runner:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None, proxy_hook: ProxyHook | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics | None = None, proxy_hook: ProxyHook | None = None,
+        reread: Callable[[], Settings] | None = None,
+    ) -> None:  # fmt: skip
+        """reread: the settings read again from the same command line (SIGHUP with -config)."""
         self.settings = settings
+        self._reread = reread
         self.metrics = metrics or Metrics()
         self.metrics.watched = self._watched
         self.store = Store(settings.empty_grace)
-        self.env = make_environment()
+        self._envs: dict[tuple[tuple[str, str], bool], SandboxedEnvironment] = {}  # by delimiters, strictness
         self.templates = [TemplateState(spec) for spec in settings.templates]
         self.state_lock = threading.Lock()
         self.sources = Sources(settings, self.store, self.metrics, self._warn)
@@ -94,6 +105,7 @@ class Runner:
             self.dns = make_dns_sync(settings, self.metrics, self._warn)
         self._observer: Any = None
         self.writer = Writer(settings, self.metrics, self.driver)
+        self.waits = TemplateWaits()
 
     # -- callbacks from watch threads
 
@@ -119,13 +131,16 @@ class Runner:
     def _load(self, state: TemplateState) -> None:
         spec = state.spec
         try:
-            source = spec.source.read_text()
+            source = spec.source.read_text() if spec.contents is None else spec.contents
         except OSError as err:
             raise TemplateError(spec.name, None, f"cannot read: {err}") from err
         if not source.strip():
             # an empty source is a file caught mid-write, never a config anyone wants
             raise TemplateError(spec.name, None, "template file is empty")
-        state.compiled = compile_template(self.env, spec.name, source)
+        options = (spec.delimiters, spec.strict)
+        if options not in self._envs:
+            self._envs[options] = make_environment(*options)
+        state.compiled = compile_template(self._envs[options], spec.name, source)
         state.fragments = Fragments()  # blocks of the old source mean nothing to the new one
 
     def _render(self, state: TemplateState, view: FrozenView) -> RenderResult | None:
@@ -166,6 +181,10 @@ class Runner:
         for index, state in enumerate(self.templates):
             if TEMPLATE_KEY + str(state.spec.source) in changed:
                 state.compiled = None
+            elif state.spec.wait and state.done and not state.failed and changed != {RETRY_KEY}:
+                # its own wait: rendered once its data has been quiet long enough
+                if not self.waits.ready(index, state.spec.wait, bool(state.deps & changed), time.monotonic()):
+                    continue
             elif not _due(state, changed):
                 continue
             started = time.perf_counter()
@@ -213,7 +232,7 @@ class Runner:
     # -- the loop
 
     def _watch_templates(self) -> None:
-        paths = {str(t.spec.source) for t in self.templates}
+        paths = {str(t.spec.source) for t in self.templates if t.spec.contents is None}
         observer = Observer()
         handler = _TemplateEvents(paths, self.store)
         for directory in sorted({str(Path(p).parent) for p in paths}):
@@ -221,6 +240,33 @@ class Runner:
         observer.daemon = True
         observer.start()
         self._observer = observer
+
+    def _reload(self) -> None:
+        """The -config files read again; a broken one keeps the running configuration."""
+        if self._reread is None:
+            return
+        try:
+            fresh = self._reread()
+        except SettingsError as err:
+            log.error("configuration not reloaded, the running one stays: %s", err)
+            return
+        done = reloaded(self.settings, self.templates, fresh)
+        self.settings = self.writer.settings = done.settings
+        self.templates = done.templates
+        for name in done.removed + done.changed:  # what they said on /health is no longer so
+            for kind in ("render", "check", "write"):
+                self.metrics.problem(f"{kind}:{name}", None)
+            self.writer.forget(name)
+        logging.getLogger().setLevel(done.settings.log_level)
+        if self._observer is not None:
+            self._observer.stop()
+            self._watch_templates()
+        log.info(
+            "configuration reloaded: %d templates (added %s, removed %s, changed %s)", len(self.templates),
+            done.added or "none", done.removed or "none", done.changed or "none",
+        )  # fmt: skip
+        if done.restart:
+            log.warning("changed in the configuration, taken only on a restart: %s", ", ".join(done.restart))
 
     def _quiesce(self, changed: set[str], stop: threading.Event) -> set[str]:
         while any(k.startswith(TEMPLATE_KEY) for k in changed) and not stop.is_set():
@@ -269,6 +315,8 @@ class Runner:
         started_child = False
         try:
             while not stop.is_set():
+                if RELOAD_KEY in changed:
+                    self._reload()
                 result = self.cycle(changed)
                 all_done, failed = result.all_done, result.failed
                 if self.settings.once and all_done:
@@ -290,10 +338,13 @@ class Runner:
                         self.child.reload()
                 changed = set()
                 while not stop.is_set() and not changed:
-                    retry = self.writer.retry_at
-                    changed = self.store.wait(0.5 if retry is None else max(0.0, min(0.5, retry - time.monotonic())))
+                    next_at = [t for t in (self.writer.retry_at, self.waits.next_due()) if t is not None]
+                    changed = self.store.wait(max(0.0, min([0.5, *(t - time.monotonic() for t in next_at)])))
                     if not changed and self.writer.retry_due():
                         changed = {RETRY_KEY}
+                    due = self.waits.next_due()
+                    if not changed and due is not None and time.monotonic() >= due:
+                        changed = {WAIT_KEY}
                     if self.sources.gave_up():
                         return 1
                     if self.child is not None and not self.child.running():

@@ -16,18 +16,9 @@ from sidecar.consul_conn import ConsulSettings, add_consul_arguments, consul_set
 from sidecar.durations import parse_duration
 from sidecar.goflags import Flag, FlagError, Peer, consul_address, own_options, same, translate
 from sidecar.version import version
+from templater import ct_config
 from templater.dns_records import Naming, absolute, check_template, valid_domain
-
-
-@dataclass(frozen=True)
-class TemplateSpec:
-    source: Path
-    dest: Path
-    command: str | None = None
-
-    @property
-    def name(self) -> str:
-        return str(self.source)
+from templater.template_spec import TemplateSpec
 
 
 @dataclass(frozen=True)
@@ -73,6 +64,7 @@ class Settings:
     log_level: str = "INFO"
     pid_file: Path | None = None  # consul-template's -pid-file: this process's pid, while it runs
     notes: tuple[str, ...] = ()  # consul-template flags accepted that mean something else here
+    config: tuple[str, ...] = ()  # the -config paths, read again on SIGHUP
     dns: DnsSettings | None = None
 
 
@@ -145,7 +137,7 @@ def _log_level(text: str) -> str:
 CONSUL_TEMPLATE = Peer(
     "consul-template",
     {
-        **same("template", "exec", "max-stale", "wait", "log-level", "pid-file"),
+        **same("template", "config", "exec", "max-stale", "wait", "log-level", "pid-file"),
         **same("once", "dry", "version", boolean=True),
         "consul-addr": Flag("--consul", value=consul_address),
         "consul-token": Flag("--token"),
@@ -166,10 +158,7 @@ CONSUL_TEMPLATE = Peer(
         "reload-signal": Flag("", note="accepted: templates are read again whenever their files change"),
         "kill-signal": Flag("", note="accepted: the templater stops on SIGINT and SIGTERM"),
     },
-    unsupported={
-        "config": "configuration files are not read yet; give each template as -template SRC:DEST[:COMMAND]",
-        "vault-addr": "Vault is not supported",
-    },
+    unsupported={"vault-addr": "Vault is not supported"},
 )
 
 
@@ -201,6 +190,14 @@ def _template_arguments(parser: Any) -> None:
         "TEMPLATER_ENV_ALLOW); any other name fails the render",
     )
     parser.add_argument("--template", action="append", default=[], metavar="SRC:DEST[:COMMAND]")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE|DIR",
+        help="consul-template configuration files (HCL or JSON; a directory's files in lexical order), "
+        "read again on SIGHUP; the command line wins over them",
+    )
     parser.add_argument("--var", action="append", default=[], metavar="KEY=VALUE", help="templates see vars.KEY")
     parser.add_argument("--wait", default="0s", metavar="MIN[:MAX]", help="quiescence before rendering")
     parser.add_argument(
@@ -317,17 +314,27 @@ def dns_settings_from(args: argparse.Namespace) -> DnsSettings | None:
     )
 
 
-def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, tuple[str, ...]]:
-    """Our options, and consul-template's spellings turned into ours; the notes to log."""
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, tuple[str, ...], list[TemplateSpec]]:
+    """Our options, and consul-template's spellings turned into ours, after what the -config
+    files say; the notes to log; the files' templates."""
     parser = build_parser()
     try:
         translated = translate(sys.argv[1:] if argv is None else argv, CONSUL_TEMPLATE, own_options(parser))
     except FlagError as err:
         raise SettingsError(str(err)) from err
     args = parser.parse_args(translated.argv)
+    notes, templates = list(translated.notes), []
+    if args.config:
+        try:
+            files = ct_config.load(args.config)
+        except ct_config.ConfigError as err:
+            raise SettingsError(str(err)) from err
+        args = parser.parse_args(files.argv + translated.argv)  # the command line wins
+        notes += files.notes
+        templates = files.templates
     if args.consul_ssl and args.consul.startswith("http://"):
         args.consul = "https://" + args.consul.removeprefix("http://")
-    return args, tuple(translated.notes)
+    return args, tuple(notes), templates
 
 
 def _variables(items: list[str]) -> dict[str, str]:
@@ -342,11 +349,12 @@ def _variables(items: list[str]) -> dict[str, str]:
 
 def settings_from(argv: list[str] | None = None) -> Settings:
     """Our options, and consul-template's command line as it is (single dashes, Go booleans)."""
-    args, notes = _parse_args(argv)
+    args, notes, file_templates = _parse_args(argv)
+    templates = (*file_templates, *(parse_template(t) for t in args.template))
     dns = dns_settings_from(args)
-    if not args.template and dns is None:
+    if not templates and dns is None:
         raise SettingsError("at least one --template SRC:DEST[:COMMAND] (or --dns-zone) is needed")
-    if args.proxy and not args.template:
+    if args.proxy and not templates:
         raise SettingsError("--proxy needs a --template for the proxy's configuration")
     variables = _variables(args.var)
     wait_min, wait_max = parse_wait(args.wait)
@@ -365,7 +373,8 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         raise SettingsError(str(err)) from err
     return Settings(
         consul=consul_settings_from(args),
-        templates=tuple(parse_template(t) for t in args.template),
+        templates=templates,
+        config=tuple(args.config),
         variables=variables,
         wait_min=wait_min,
         wait_max=wait_max,

@@ -19,12 +19,13 @@ from sidecar.backoff import Backoff
 from templater.errors import CheckFailed, CommandFailed
 from templater.fragments import Fragments
 from templater.haproxy_runtime import Outcome
-from templater.output import read_current, run_command, swap
+from templater.output import FileOptions, owner_ids, read_current, run_command, swap
 from templater.proxy_driver import ProxyDriver
 from templater.render import RenderResult
 from templater.routes import RouteMemo
-from templater.settings import Settings, TemplateSpec
+from templater.settings import Settings
 from templater.status import Metrics
+from templater.template_spec import TemplateSpec
 
 log = logging.getLogger("templater")
 
@@ -66,6 +67,12 @@ class Writer:
         self._failing: set[str] = set()  # templates whose destination could not be written
         self.retry_at: float | None = None  # when to try those again
 
+    def forget(self, name: str) -> None:
+        """A template that is gone (a configuration reload): no more retries of its file."""
+        self._failing.discard(name)
+        if not self._failing:
+            self.retry_at = None
+
     def retry_due(self) -> bool:
         return self.retry_at is not None and time.monotonic() >= self.retry_at
 
@@ -93,7 +100,7 @@ class Writer:
             current = read_current(spec.dest)
             if index == 0 and self.driver is not None:
                 outcome, check = self.driver.before_write(current, content)
-            changed_file = swap(spec.dest, content, current, spec.name, check, self.settings.backup)
+            changed_file = swap(spec.dest, content, current, spec.name, check, self._file_options(spec))
         except CheckFailed as err:
             state.failed = True
             self.metrics.add(check_failures=1)
@@ -102,7 +109,7 @@ class Writer:
             if outcome == Outcome.REFUSED and self.driver is not None:
                 self.driver.after_refusal(current)
             return False
-        except OSError as err:
+        except (OSError, LookupError) as err:  # LookupError: its user or group does not exist
             self._failed(state, f"cannot write {spec.dest} for template {spec.name}: {err}")
             return False
         self.metrics.problem(f"check:{spec.name}", None)
@@ -134,13 +141,25 @@ class Writer:
         self._failing.add(state.spec.name)
         self.retry_at = time.monotonic() + self._backoff.next_delay()
 
+    def _file_options(self, spec: TemplateSpec) -> FileOptions:
+        return FileOptions(
+            backup=self.settings.backup if spec.backup is None else spec.backup,
+            mode=spec.perms,
+            owner=owner_ids(spec.user, spec.group),
+            make_dirs=spec.create_dest_dirs,
+        )
+
     def hand_over(self, written: list[Written]) -> bool:
         """Each template's command once per batch; the proxy started or reloaded once, after its
         files: any template without a command is the proxy's. False when one failed."""
         ok = True
-        for command in dict.fromkeys(w.spec.command for w in written if w.spec.command):
+        timeouts: dict[str, float] = {}  # each command once, with the longest of its templates' timeouts
+        for w in written:
+            if w.spec.command:
+                timeouts[w.spec.command] = max(timeouts.get(w.spec.command, 0.0), w.spec.command_timeout)
+        for command, timeout in timeouts.items():
             try:
-                run_command(command)
+                run_command(command, timeout)
                 self.metrics.add(reloads=1)
                 log.info("command ran: %s", command)
             except CommandFailed as err:

@@ -3,14 +3,17 @@ on the real Docker engine and Consul agent."""
 
 from __future__ import annotations
 
+import json
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.support import HTTPD, IMAGE, ROOT, TEST_LABEL, ConsulAgent, Process, wait_until
+from tests.support import HTTPD, IMAGE, ROOT, TEST_LABEL, ConsulAgent, Process, free_port, wait_until
 from tests.traffic import SERVE
 
 pytestmark = pytest.mark.integration
@@ -68,10 +71,102 @@ def test_consul_templates_command_line(consul, tmp_path):
     assert done.returncode == 0, done.stderr
     assert out.read_text() == "127.0.0.1:9701\n" and marker.exists()
     assert not (tmp_path / "ct.pid").exists()  # there while it ran, gone once it stopped
-    refused = subprocess.run([sys.executable, "-m", "templater", "-config", str(tmp_path), "-once"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert refused.returncode == 2 and "-config is not supported" in refused.stderr
+    refused = subprocess.run([sys.executable, "-m", "templater", "-vault-addr", "https://127.0.0.1:8200", "-once"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "-vault-addr is not supported" in refused.stderr
     consul.put("/v1/agent/service/deregister/ct1")
+
+
+CONFIG = """
+consul {
+  address = "%(address)s"
+  retry {
+    attempts    = 0
+    backoff     = "100ms"
+    max_backoff = "1s"
+  }
+}
+log_level = "info"
+reload_signal = "SIGHUP"
+wait {
+  min = "0s"
+  max = "0s"
+}
+"""
+
+WEB = """
+template {
+  source      = "%(src)s"
+  destination = "%(out)s/web.conf"
+  command     = "touch %(out)s/web.ran"
+  command_timeout = "10s"
+  perms       = 0600
+  backup      = true
+}
+"""
+
+
+def test_a_consul_template_config_directory_and_sighup(consul, tmp_path):
+    """-config DIR written after consul-template's documented examples, HCL and JSON: the agent,
+    retry and wait from the files; per template perms, backup, command, inline contents and its
+    own wait. SIGHUP reads the files again: a template added, one changed, one removed take
+    effect; a broken file keeps the running configuration and says why."""
+    consul.put("/v1/agent/service/register", {"ID": "cf1", "Name": "cfweb", "Port": 9711, "Address": "127.0.0.1"})
+    consul.kv_put("cf/motd", "hello")
+    conf, out = tmp_path / "ct.d", tmp_path / "out"
+    conf.mkdir()
+    out.mkdir()
+    src = tmp_path / "web.j2"
+    src.write_text("{% for i in service('cfweb') %}server {{ i.address }}:{{ i.port }}\n{% endfor %}")
+    (conf / "10-consul.hcl").write_text(CONFIG % {"address": consul.url.removeprefix("http://")})
+    (conf / "20-web.hcl").write_text(WEB % {"src": src, "out": out})
+    own_wait = {"min": "1500ms", "max": "4s"}
+    motd = {"template": [{"contents": "[[ key('cf/motd') ]]", "destination": f"{out}/motd.txt",
+                          "left_delimiter": "[[", "right_delimiter": "]]", "wait": own_wait}]}  # fmt: skip
+    (conf / "30-motd.json").write_text(json.dumps(motd))
+    proc = Process("templater", ["-config", str(conf), "--status-addr", f"127.0.0.1:{free_port()}"], tmp_path)
+    try:
+        web, motd_file = out / "web.conf", out / "motd.txt"
+        wait_until(lambda: web.exists() and motd_file.exists(), 15, what="first files")
+        assert web.read_text() == "server 127.0.0.1:9711\n" and motd_file.read_text() == "hello"
+        wait_until(lambda: (out / "web.ran").exists(), 5, what="web's command")  # it runs after the writes
+        assert oct(web.stat().st_mode & 0o777) == "0o600"
+        # the inline template's own wait: the change is held about 1.5 s; web's arrives at once
+        consul.kv_put("cf/motd", "hi")
+        consul.put("/v1/agent/service/register", {"ID": "cf2", "Name": "cfweb", "Port": 9712, "Address": "127.0.0.1"})
+        changed = time.monotonic()
+        wait_until(lambda: "9712" in web.read_text(), 5, what="web's change")
+        assert motd_file.read_text() == "hello", "the wait of motd's template did not hold its change"
+        wait_until(lambda: motd_file.read_text() == "hi", 6, what="motd's change after its wait")
+        assert 1.3 < time.monotonic() - changed < 4.5
+        assert (out / "web.conf.bak").read_text() == "server 127.0.0.1:9711\n"
+        # SIGHUP: web's template changed (a new destination), motd's removed, a new one added
+        (conf / "20-web.hcl").write_text((WEB % {"src": src, "out": out}).replace("web.conf", "web2.conf"))
+        (conf / "30-motd.json").unlink()
+        (conf / "40-new.hcl").write_text(
+            f'template {{\n  contents = "n={{{{ key(\'cf/motd\') }}}}"\n  destination = "{out}/new.txt"\n}}\n'
+        )
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: (out / "web2.conf").exists() and (out / "new.txt").exists(), 10, what="the reloaded templates"
+        )
+        assert (out / "new.txt").read_text() == "n=hi"
+        wait_until(lambda: "configuration reloaded: 2 templates" in proc.output(), 5, what="the reload's log line")
+        consul.kv_put("cf/motd", "gone")
+        wait_until(lambda: (out / "new.txt").read_text() == "n=gone", 5, what="the new template follows its key")
+        assert motd_file.read_text() == "hi"  # removed: no longer written
+        # a broken file: the running configuration stays, and the log says why
+        (conf / "50-broken.hcl").write_text('template {\n  source = "/x"\n  destination = "/y"\n  perm = 0600\n}\n')
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "configuration not reloaded" in proc.output(), 5, what="the refusal")
+        assert f"{conf / '50-broken.hcl'}:4: unknown key template.perm" in proc.output()
+        consul.put("/v1/agent/service/register", {"ID": "cf3", "Name": "cfweb", "Port": 9713, "Address": "127.0.0.1"})
+        wait_until(lambda: "9713" in (out / "web2.conf").read_text(), 5, what="a change after the refused reload")
+        assert proc.alive()
+    finally:
+        proc.stop()
+        for sid in ("cf1", "cf2", "cf3"):
+            consul.put(f"/v1/agent/service/deregister/{sid}")
 
 
 def test_tags_and_meta_reach_templates_as_consul_holds_them(consul, tmp_path):

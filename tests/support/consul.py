@@ -98,6 +98,14 @@ class ConsulAgent:
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read() or b"null")
 
+    def kv_put(self, key: str, value: str) -> None:
+        """A KV value as the text given (put() would send it as JSON, quotes and all)."""
+        request = urllib.request.Request(
+            f"{self.url}/v1/kv/{key}", data=value.encode(), method="PUT", headers=self._headers()
+        )
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+
     def services(self) -> dict[str, Any]:
         return dict(self.get("/v1/agent/services"))
 

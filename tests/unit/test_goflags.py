@@ -86,8 +86,10 @@ def test_consul_templates_command_line_runs_with_its_meaning(tmp_path):
     assert settings.pid_file == tmp_path / "ct.pid" and settings.notes == (
         "-kill-signal: accepted: the templater stops on SIGINT and SIGTERM",
     )
-    with pytest.raises(SettingsError, match="-config is not supported"):
-        settings_from(["-config", "/etc/consul-template.d", "-once"])
+    with pytest.raises(SettingsError, match="-vault-addr is not supported: Vault is not supported"):
+        settings_from(["-vault-addr", "https://127.0.0.1:8200", "-template", "a:b"])
+    with pytest.raises(SettingsError, match="-config /no/such/dir: no such file or directory"):
+        settings_from(["-config", "/no/such/dir", "-once"])
     with pytest.raises(SettingsError, match="-consul-ssl-verify=false is not supported"):
         settings_from(["-consul-ssl-verify=false", "-template", "a:b"])
 

@@ -19,7 +19,7 @@ from templater.consul_source import CatalogSource
 from templater.deps import Catalog
 from templater.errors import CheckFailed, ConsulUnavailable
 from templater.haproxy_runtime import add_command, diff, parse, reparse, session_counts
-from templater.output import swap
+from templater.output import FileOptions, owner_ids, swap
 from templater.store import Store
 from templater.watch import BlockingLoop, Response, WatchSettings
 
@@ -157,13 +157,36 @@ def test_swap_writes_atomically_keeps_mode_and_refuses_on_failed_check(tmp_path:
     assert swap(dest, b"one\n", None, "t") is True
     dest.chmod(0o640)
     assert swap(dest, b"one\n", b"one\n", "t") is False  # same bytes: nothing written
-    assert swap(dest, b"two\n", b"one\n", "t", check="grep -q two {}", backup=True) is True
+    assert swap(dest, b"two\n", b"one\n", "t", check="grep -q two {}", options=FileOptions(backup=True)) is True
     assert dest.read_bytes() == b"two\n" and oct(dest.stat().st_mode & 0o777) == "0o640"
     assert (tmp_path / "out.cfg.bak").read_bytes() == b"one\n"
     with pytest.raises(CheckFailed, match="exit 1"):
         swap(dest, b"three\n", b"two\n", "t", check="grep -q nothing {}")
     assert dest.read_bytes() == b"two\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # staged file removed
+
+
+def test_a_templates_own_mode_owner_and_directories_apply_to_each_write(tmp_path: Path):
+    """consul-template's perms, user, group and create_dest_dirs, per template."""
+    import os
+    import pwd
+
+    dest = tmp_path / "new" / "out.cfg"
+    with pytest.raises(FileNotFoundError, match="create_dest_dirs = false"):
+        swap(dest, b"one\n", None, "t", options=FileOptions(make_dirs=False))
+    assert not dest.parent.exists()
+    assert swap(dest, b"one\n", None, "t", options=FileOptions(mode=0o600)) is True
+    assert oct(dest.stat().st_mode & 0o777) == "0o600"
+    dest.chmod(0o644)
+    assert swap(dest, b"two\n", b"one\n", "t", options=FileOptions(mode=0o600)) is True  # perms win over the file's
+    assert oct(dest.stat().st_mode & 0o777) == "0o600"
+    assert owner_ids(None, None) is None and owner_ids("0", None) == (0, -1)
+    with pytest.raises(KeyError):
+        owner_ids("no-such-user-here", None)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        swap(dest, b"three\n", b"two\n", "t", options=FileOptions(owner=owner_ids("nobody", str(nobody.pw_gid))))
+        assert (dest.stat().st_uid, dest.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
 
 
 class Fake:
