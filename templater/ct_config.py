@@ -69,29 +69,31 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-# consul-template's keys that this templater does not take, and what to do instead
+# consul-template's keys that change nothing that matters here: accepted, with a note saying so
+_NOTED = {
+    "syslog": "the templater logs to stderr; the service manager collects it (journald, docker logs)",
+    "log_file": "the templater logs to stderr; the service manager collects it (journald, docker logs)",
+    "telemetry": "metrics are on --status-addr's /metrics (Prometheus)",
+    "block_query_wait": "blocking queries wait 5m, as Consul allows",
+    "transport": "the HTTP transport's defaults are used",
+    "splay": "the child is signalled at once",
+    "error_fatal": "a render error keeps the last good file and is retried, never fatal",
+}
+
+# consul-template's keys that this templater does not take (refused), and what to do instead
 _UNSUPPORTED = {
     "vault": "Vault is not supported",
-    "syslog": "the templater logs to stderr; collect it with the service manager (journald, docker logs)",
-    "log_file": "the templater logs to stderr; collect it with the service manager (journald, docker logs)",
     "deduplicate": "de-duplication mode is not supported: each templater reads Consul itself",
-    "telemetry": "metrics are on --status-addr's /metrics (Prometheus)",
     "nomad": "Nomad is not supported",
-    "block_query_wait": "blocking queries wait 5m here, as Consul's own limit allows",
     "auth": "HTTP basic auth to the agent is not supported: use an ACL token",
-    "transport": "the HTTP transport is not configurable",
     "namespace": "Consul Enterprise namespaces are not supported",
     "ca_path": "give one CA bundle file as ca_cert",
     "server_name": "the agent's address must match its certificate",
-    "splay": "not supported: the child is signalled at once",
-    "env": "the child gets the templater's environment",
+    "env": "the child gets the templater's environment; set it where the templater is started",
     "timeout": "not supported",
-    "error_fatal": "a render error keeps the last good file and retries (never exits)",
     "function_blacklist": "not supported",
     "function_denylist": "not supported",
     "sandbox_path": "not supported",
-    "uid": "give user",
-    "gid": "give group",
     "exec": "give the template a command",
 }
 
@@ -112,6 +114,8 @@ _TEMPLATE_KEYS = {
     "create_dest_dirs": ("create_dest_dirs", "flag"),
     "user": ("user", "text"),
     "group": ("group", "text"),
+    "uid": ("user", "id"),
+    "gid": ("group", "id"),
 }
 
 
@@ -134,6 +138,9 @@ class _Reader:
     def walk(self, body: Body, where: str, keys: dict[str, Callable[[Item], None]]) -> None:
         for item in body.items:
             handle = keys.get(item.key)
+            if handle is None and item.key in _NOTED:
+                self.config.notes.append(f"{self.path}:{item.line}: {where}{item.key}: ignored: {_NOTED[item.key]}")
+                continue
             if handle is None:
                 if item.key in _UNSUPPORTED:
                     raise self.error(item, f"{where}{item.key} is not supported: {_UNSUPPORTED[item.key]}")
@@ -286,6 +293,7 @@ class _Reader:
             "perms": self.perms,
             "wait": self.wait_pair,
             "command": self.command,
+            "id": lambda item: str(self.scalar(item, int)),
         }
 
         def keep(name: str, how: str) -> Callable[[Item], None]:

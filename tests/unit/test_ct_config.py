@@ -99,6 +99,10 @@ def test_a_config_directory_after_consul_templates_examples(tmp_path: Path):
     assert redis.command_timeout == 30.0 and redis.perms is None and redis.backup is None
     assert str(redis.source) == f"{conf / '20-templates.hcl'}:16"  # its name: the file and line of the block
     assert any("reload_signal" in note for note in settings.notes)
+    syslog = _write(tmp_path / "more", {"s.hcl": 'syslog {\n  enabled = true\n  facility = "LOCAL5"\n}\n'})
+    noted = settings_from(["-config", str(syslog), "-template", "a:b"]).notes
+    assert noted == (f"{syslog / 's.hcl'}:1: syslog: ignored: the templater logs to stderr; the service manager "
+                     "collects it (journald, docker logs)",)  # fmt: skip
 
 
 def test_files_merge_in_order_and_the_command_line_wins(tmp_path: Path):
@@ -123,6 +127,7 @@ def test_files_merge_in_order_and_the_command_line_wins(tmp_path: Path):
         ('consul {\n  adress = "x"\n}\n', ":2: unknown key consul.adress"),
         ('template {\n  source = "a"\n  destination = "b"\n  perm = 0600\n}\n', ":4: unknown key template.perm"),
         ('vault {\n  address = "https://v:8200"\n}\n', ":1: vault is not supported: Vault is not supported"),
+        ('exec {\n  command = "x"\n  env {\n    pristine = true\n  }\n}\n', ":3: exec.env is not supported"),
         ("consul {\n  ssl {\n    verify = false\n  }\n}\n", ":3: verify = false is not supported"),
         ('template {\n  destination = "b"\n}\n', ":1: template 1: give either source or contents"),
         ('template {\n  source = "a"\n  destination = "b"\n  perms = "rw"\n}\n', ":4: perms 'rw': not an octal"),
