@@ -19,7 +19,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+from templater import route_options
 from templater.catalog import PASSING, Instance, valid_hostname
+from templater.route_options import NONE, Options
 from templater.values import clamp_int, ident, is_url_path, server_names, split_list
 
 ANY_HOST = "_default"  # not a host name, so never a real one; NGINX's name for its default server
@@ -46,6 +48,7 @@ class Claim:
     servers: tuple[Server, ...]
     warnings: tuple[str, ...]  # said whether or not it wins a host
     server_warnings: tuple[str, ...] = ()  # said only when it does (a weight out of range)
+    options: Options = NONE
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Route:
     instances: tuple[Instance, ...]
     servers: tuple[Server, ...]
     failover: bool
+    options: Options  # per-route options from meta (route_options)
     version: int  # changes whenever anything above does: a fragment cache key
 
     @property
@@ -73,6 +77,11 @@ class Table:
     routes: tuple[Route, ...]
     version: int  # changes when a route's hosts, path, check, stickiness or the set of routes do
     warnings: tuple[str, ...]
+
+    @cached_property
+    def rate_limited(self) -> tuple[Route, ...]:
+        """The routes with a rate limit (NGINX declares a zone for each at the http level)."""
+        return tuple(r for r in self.routes if r.options.rate_limit)
 
     @cached_property
     def server_count(self) -> int:
@@ -103,7 +112,8 @@ def claim(name: str, here: tuple[Instance, ...], there: tuple[Instance, ...]) ->
     path = next((i.meta["http_path"] for i in seen if "http_path" in i.meta), "")
     check = next((i.meta["check_http"] for i in seen if "check_http" in i.meta), "")
     sticky = any("sticky" in i.meta for i in seen)
-    warnings: list[str] = []
+    options = route_options.read(name, (i.meta for i in seen))
+    warnings: list[str] = list(options.errors)
     if path and not is_url_path(path):
         return Claim(name, (), "", False, "", (), False, (),
                      (f"service {name}: http_path {path} is not a URL path: service not routed",))  # fmt: skip
@@ -133,7 +143,7 @@ def claim(name: str, here: tuple[Instance, ...], there: tuple[Instance, ...]) ->
         return Claim(name, (), "", False, "", (), False, (), tuple(warnings))
     return Claim(
         name, tuple(hosts), path, sticky, check, instances, failover, tuple(servers), tuple(warnings),
-        tuple(server_warnings),
+        tuple(server_warnings), options,
     )  # fmt: skip
 
 
@@ -257,9 +267,10 @@ class RouteMemo:
         return self._route(c, tuple(h for h in mine if h != ANY_HOST), before), tuple(warnings)
 
     def _route(self, c: Claim, hosts: tuple[str, ...], old: Route | None) -> Route:
-        fields = (c.name, ident(c.name), hosts, c.path, c.sticky, c.check, c.instances, c.servers, c.failover)
+        fields = (c.name, ident(c.name), hosts, c.path, c.sticky, c.check, c.instances, c.servers, c.failover,
+                  c.options)  # fmt: skip
         if old is not None and (old.name, old.ident, old.hosts, old.path, old.sticky, old.check, old.instances,
-                                old.servers, old.failover) == fields:  # fmt: skip
+                                old.servers, old.failover, old.options) == fields:  # fmt: skip
             return old
         return Route(*fields, version=next(self._counter))
 

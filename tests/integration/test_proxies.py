@@ -61,6 +61,35 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
         ("bad-check", "svc-badcheck", {"http_host": "c.example.com", "check_http": "/h?q=1", "sticky": "1"}),
         ("nl-host", "svc-nlhost", {"http_host": "nl.example.com\n"}),  # "$" matches before a final newline
         ("nl-path", "svc-nlpath", {"http_path": "/nl\n"}),
+        # every per-route option (issue 24), and bad values of them: each left out, the route served
+        (
+            "opts",
+            "svc-opts",
+            {
+                "http_host": "o.example.com",
+                "http_path": "/api.v1(x)",
+                "http_redirect_https": "true",
+                "http_hsts": "31536000",
+                "http_max_body": "10m",
+                "http_connect_timeout": "2s",
+                "http_read_timeout": "5m",
+                "http_allow": "10.0.0.0/8, 127.0.0.1",
+                "http_deny": "10.1.0.0/16",
+                "http_strip_path": "yes",
+                "http_rate_limit": "50",
+            },
+        ),
+        (
+            "bad-opts",
+            "svc-badopts",
+            {
+                "http_host": "bo.example.com",
+                "http_max_body": "lots",
+                "http_hsts": "forever",
+                "http_allow": "10.0.0.0/8;evil",
+                "http_read_timeout": '"; evil',
+            },
+        ),
     ]
     for sid, name, meta in hostile:
         register(consul, sid, name, 30000 + len(sid), **meta)
@@ -92,13 +121,18 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = dest.read_text()
     assert text.count("svc") >= count
-    for name in ("svc-weight", "svc-ids", "svc-dup-a", "svc-dup-b", "svc-path-a", "svc-badcheck"):
+    for name in ("svc-weight", "svc-ids", "svc-dup-a", "svc-dup-b", "svc-path-a", "svc-badcheck", "svc-opts",
+                 "svc-badopts"):  # fmt: skip
         assert name in text, name
-    assert "nl.example.com" not in text and "/nl" not in text
+    assert "nl.example.com" not in text and "/nl" not in text and "evil" not in text
+    assert "31536000" in text and "10.1.0.0/16" in text and ("429" in text or "limit_req zone=rl_svc-opts" in text)
     for name in ("svc-badhost", "svc-badpath", "svc-path-b"):
         assert f"_{name}" not in text and f"u_{name}" not in text, name
     for warning in ("weight='1000' is outside 0-256", "is routed to svc-dup-a already", "a!b.example.com is not a host",
-                    "/x[y] is not a URL path", "path /same is routed to svc-path-a already"):  # fmt: skip
+                    "/x[y] is not a URL path", "path /same is routed to svc-path-a already",
+                    "http_max_body='lots' is not a size", "http_allow='10.0.0.0/8;evil' is not a comma list",
+                    "http_hsts='forever' is not a whole number",
+                    "http_read_timeout='\"; evil' is not a duration"):  # fmt: skip
         assert warning in proc.stderr, warning
     for n in range(count):
         consul.put(f"/v1/agent/service/deregister/v{n}")
@@ -436,3 +470,100 @@ def _websocket_through(consul, proxy_stack, kind: str, idle: float, backend: int
         assert _ws_text(conn, "hello") == "hello"
         time.sleep(idle)
         assert _ws_text(conn, "still there") == "still there"
+
+
+class _OptionsBackend(http.server.BaseHTTPRequestHandler):
+    """Answers with the path it was sent and the body's length; /slow... answers after 1.5 s."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        if "slow" in self.path:
+            time.sleep(1.5)
+        body = f"path={self.path} body={length}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _request(port: int, host: str, path: str, *, method: str = "GET", body: bytes | None = None,
+             source: str = "127.0.0.1", tls: bool = False) -> tuple[int, dict[str, str], str]:  # fmt: skip
+    """One request on a new connection from source (a loopback address): status, headers, body."""
+    if tls:
+        context = ssl._create_unverified_context()
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=10, source_address=(source, 0), context=context
+        )
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers={"Host": host})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "nginx"])
+def test_per_route_options_from_meta(consul, proxy_stack, kind):
+    """Issue 24: redirect to HTTPS and HSTS, a body limit (413), allow and deny lists (403), the
+    path prefix stripped, a read timeout (504) and a rate limit per client (429), each from
+    service meta, through the real proxy; a bad value leaves only that option out."""
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OptionsBackend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    with tempdir() as certs:
+        certs.chmod(0o755)
+        for host in ("default", "red.test"):
+            make_cert(certs, host)
+            (certs / f"{host}.pem").chmod(0o644)
+        try:
+            _options_through(consul, proxy_stack, kind, backend.server_address[1], certs)
+        finally:
+            backend.shutdown()
+            backend.server_close()
+
+
+def _options_through(consul, proxy_stack, kind: str, backend: int, certs) -> None:
+    register(consul, "opt-1", "optsvc", backend, http_host="opt.test", http_path="/api", http_strip_path="true",
+             http_max_body="1k", http_allow="127.0.0.0/29", http_deny="127.0.0.6", http_read_timeout="500ms",
+             http_rate_limit="lots")  # fmt: skip
+    register(consul, "lim-1", "limsvc", backend, http_host="lim.test", http_rate_limit="5")
+    register(consul, "red-1", "redsvc", backend, http_host="red.test", http_redirect_https="true", http_hsts="3600")
+    https_port = free_port()
+    port, proc = proxy_stack(kind, "--var", f"https_port={https_port}", "--var", f"tls_cert_dir={certs}")
+    wait_until(lambda: _request(port, "opt.test", "/api/x")[0] == 200, timeout=15, what=f"{kind} routes optsvc")
+    # the path prefix is taken off
+    assert _request(port, "opt.test", "/api/users?id=1")[2] == "path=/users?id=1 body=0\n"
+    assert _request(port, "opt.test", "/api")[2] == "path=/ body=0\n"
+    # the body limit
+    assert _request(port, "opt.test", "/api/up", method="POST", body=b"x" * 100)[:1] == (200,)
+    assert _request(port, "opt.test", "/api/up", method="POST", body=b"x" * 2048)[0] == 413
+    # allow and deny lists by client address
+    assert _request(port, "opt.test", "/api/x", source="127.0.0.5")[0] == 200
+    assert _request(port, "opt.test", "/api/x", source="127.0.0.6")[0] == 403  # denied
+    assert _request(port, "opt.test", "/api/x", source="127.0.0.9")[0] == 403  # not allowed
+    # the read timeout
+    started = time.monotonic()
+    assert _request(port, "opt.test", "/api/slow")[0] == 504
+    assert time.monotonic() - started < 5
+    # the bad rate limit of optsvc was left out with a warning; limsvc's is kept per client
+    assert "http_rate_limit='lots' is not a whole number" in proc.output()
+    statuses = [_request(port, "lim.test", "/x")[0] for _ in range(30)]
+    assert statuses.count(200) >= 5 and statuses.count(429) >= 10, statuses
+    assert _request(port, "lim.test", "/x", source="127.0.0.3")[0] == 200  # another client has its own count
+    # redirect to https, and HSTS only over https
+    status, headers, _ = _request(port, "red.test", "/a?b=1")
+    assert status == 301 and headers["location"] == "https://red.test/a?b=1"
+    assert "strict-transport-security" not in headers
+    status, headers, text = _request(https_port, "red.test", "/a", tls=True)
+    assert status == 200 and headers["strict-transport-security"] == "max-age=3600" and "path=/a" in text
+    assert headers.get("x-served-by")  # kept next to the route's own headers
+    assert proc.alive()

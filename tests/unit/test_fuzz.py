@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from registrar.errors import LabelError
 from registrar.spec import SpecSettings, services_for
+from templater import route_options
 from templater.catalog import Snapshot
 from templater.catalog_index import CatalogIndex
 from templater.errors import TemplateError
@@ -96,8 +97,8 @@ SERVICE = st.fixed_dictionaries({
     "ID": st.one_of(PLAIN, TEXT),
     "Service": st.one_of(PLAIN, TEXT),
     "Tags": st.lists(VALUE, max_size=3),
-    "Meta": st.dictionaries(st.sampled_from(["http_host", "http_path", "check_http", "sticky", "weight", "x"]),
-                            VALUE, max_size=4),
+    "Meta": st.dictionaries(st.sampled_from(["http_host", "http_path", "check_http", "sticky", "weight", "x",
+                                             *route_options.KEYS]), VALUE, max_size=6),
     "Port": st.one_of(st.integers(-1, 70000), st.just("80")),
     "Address": st.one_of(st.just("127.0.0.1"), st.just(""), TEXT),
     "ModifyIndex": st.just(5),
@@ -205,7 +206,11 @@ def _samples(count: int) -> list[list[dict[str, Any]]]:
     def service(n: int) -> dict[str, Any]:
         meta = {"http_host": rng.choice(["h.example.com", "*.w.example.com", text()]),
                 "http_path": rng.choice(["/x", "", text()]), "weight": rng.choice(["0", "999", text()]),
-                "check_http": rng.choice(["/ok", text()]), "sticky": text()}  # fmt: skip
+                "check_http": rng.choice(["/ok", text()]), "sticky": text(),
+                "http_max_body": rng.choice(["1m", text()]), "http_allow": rng.choice(["10.0.0.0/8", text()]),
+                "http_strip_path": rng.choice(["true", text()]), "http_hsts": rng.choice(["60", text()]),
+                "http_rate_limit": rng.choice(["5", text()]), "http_read_timeout": rng.choice(["5s", text()]),
+                "http_redirect_https": text()}  # fmt: skip
         return {"ID": rng.choice([f"s{n}", text()]), "Service": rng.choice(["web", "zz", text()]),
                 "Tags": [text()], "Meta": meta, "Port": rng.choice([80, 0, 70000]),
                 "Address": rng.choice(["127.0.0.1", "", text()]), "ModifyIndex": 5}  # fmt: skip

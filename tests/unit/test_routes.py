@@ -140,3 +140,34 @@ def test_the_memo_gives_what_a_plain_contest_gives_after_any_changes(steps):
         # each host and path is won once at most
         keys = [(h, r.location) for r in kept.routes for h in r.hosts or (ANY_HOST,)]
         assert len(keys) == len(set(keys))
+
+
+def test_route_options_are_validated_where_they_are_read():
+    from templater.route_options import NONE, read
+
+    assert read("web", [{"http_host": "a.test"}]) is NONE
+    options = read(
+        "web",
+        [
+            {"http_max_body": "10m", "http_allow": " 10.0.0.1/8 , ::1", "http_strip_path": "Yes", "http_hsts": "60"},
+            {
+                "http_max_body": "1k",
+                "http_read_timeout": "1m30s",
+                "http_connect_timeout": "250ms",
+                "http_rate_limit": "7",
+            },
+        ],
+    )
+    assert options.max_body == 10 * 1024**2  # the first instance that has the key has its say
+    assert options.allow == ("10.0.0.0/8", "::1/128") and options.strip_path and options.hsts == 60
+    assert (options.read_timeout_ms, options.connect_timeout_ms, options.rate_limit) == (90_000, 250, 7)
+    assert options.errors == () and options.any
+    meta = {"http_max_body": "0", "http_allow": "10.0.0.0/8;x", "http_hsts": "-1", "http_rate_limit": "1e3",
+            "http_redirect_https": "sure", "http_read_timeout": "48h", "http_strip_path": "false"}  # fmt: skip
+    bad = read("web", [meta])
+    assert bad == NONE  # every option left out (strip_path false is its default) ...
+    assert len(bad.errors) == 6 and all(e.startswith("service web: http_") for e in bad.errors)  # ... each said
+    assert (
+        "service web: http_allow='10.0.0.0/8;x' is not a comma list of addresses or CIDRs: option left out"
+        in bad.errors
+    )

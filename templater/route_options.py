@@ -1,0 +1,125 @@
+"""Per-route options from service meta, validated where they are read. Pure.
+
+Each option is read from the first instance (in the same order as `http_host`) whose meta has
+its key. A bad value gives one warning naming the service, the key and the value, and leaves
+that option out; the route is still served. Every value that reaches a proxy file is a number,
+a boolean or a normalized network address here, so no meta text is ever written as it is.
+
+| meta key               | value                                      | Traefik, nginx-proxy              |
+|------------------------|--------------------------------------------|-----------------------------------|
+| `http_redirect_https`  | true: plain HTTP gets 301 to https://      | redirectscheme; HTTPS_METHOD      |
+| `http_hsts`            | max-age in seconds (1 to 2 years)          | headers.stsSeconds; HSTS          |
+| `http_max_body`        | request body limit: 512k, 10m, 1g or bytes | buffering.maxRequestBodyBytes     |
+| `http_connect_timeout` | Go duration, 1ms to 1h                     | serversTransport dialTimeout      |
+| `http_read_timeout`    | Go duration, 1ms to 24h (idle tunnels too) | responseHeaderTimeout             |
+| `http_allow`           | CIDRs (comma list): only these             | ipallowlist.sourceRange           |
+| `http_deny`            | CIDRs (comma list): never these            | -                                 |
+| `http_strip_path`      | true: the route's path is taken off        | stripprefix                       |
+| `http_rate_limit`      | requests a second per client address       | ratelimit.average                 |
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from sidecar.durations import parse_duration
+
+KEYS = (
+    "http_redirect_https", "http_hsts", "http_max_body", "http_connect_timeout", "http_read_timeout",
+    "http_allow", "http_deny", "http_strip_path", "http_rate_limit",
+)  # fmt: skip
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
+_SIZE = re.compile(r"^(\d{1,12})([kKmMgG]?)$")
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+HSTS_MAX = 2 * 365 * 24 * 3600
+BODY_MAX = 64 * 1024**3
+
+
+@dataclass(frozen=True)
+class Options:
+    redirect_https: bool = False
+    hsts: int = 0  # Strict-Transport-Security max-age, seconds; 0: not sent
+    max_body: int = 0  # bytes; 0: the proxy's default (NGINX 1m, HAProxy none)
+    connect_timeout_ms: int = 0  # 0: the template's default
+    read_timeout_ms: int = 0
+    allow: tuple[str, ...] = ()  # normalized networks; (): any address
+    deny: tuple[str, ...] = ()
+    strip_path: bool = False
+    rate_limit: int = 0  # requests a second per client address; 0: none
+    errors: tuple[str, ...] = field(default=(), compare=False)  # the warnings, said by the route
+
+    @property
+    def any(self) -> bool:
+        return self != NONE
+
+
+NONE = Options()
+
+
+def read(name: str, metas: Iterable[Mapping[str, str]]) -> Options:
+    """The options of service name from its instances' meta, in order (the first has its say)."""
+    found: dict[str, str] = {}
+    for meta in metas:
+        for key in KEYS:
+            if key in meta and key not in found:
+                found[key] = meta[key]
+    if not found:
+        return NONE
+    errors: list[str] = []
+
+    def bad(key: str, why: str) -> None:
+        errors.append(f"service {name}: {key}={found[key]!r} {why}: option left out")
+
+    values: dict[str, object] = {}
+    for key, attr in (("http_redirect_https", "redirect_https"), ("http_strip_path", "strip_path")):
+        if key in found:
+            text = found[key].strip().lower()
+            if text in _TRUE | _FALSE:
+                values[attr] = text in _TRUE
+            else:
+                bad(key, "is not true or false")
+    for key, attr, high in (("http_hsts", "hsts", HSTS_MAX), ("http_rate_limit", "rate_limit", 100_000)):
+        if key in found:
+            text = found[key].strip()
+            if text.isdigit() and 1 <= int(text) <= high:
+                values[attr] = int(text)
+            else:
+                bad(key, f"is not a whole number from 1 to {high}")
+    if "http_max_body" in found:
+        size = _SIZE.match(found["http_max_body"].strip())
+        number = int(size.group(1)) * _UNITS[size.group(2).lower()] if size else 0
+        if 1 <= number <= BODY_MAX:
+            values["max_body"] = number
+        else:
+            bad("http_max_body", "is not a size such as 512k, 10m or 1g")
+    timeouts = (("http_connect_timeout", "connect_timeout_ms", 3600), ("http_read_timeout", "read_timeout_ms", 86400))
+    for key, attr, high in timeouts:
+        if key in found:
+            try:
+                seconds = parse_duration(found[key])
+            except ValueError:
+                seconds = -1.0
+            if 0.001 <= seconds <= high:
+                values[attr] = round(seconds * 1000)
+            else:
+                bad(key, f"is not a duration from 1ms to {high // 3600}h")
+    for key, attr in (("http_allow", "allow"), ("http_deny", "deny")):
+        if key in found:
+            networks = _networks(found[key])
+            if networks:
+                values[attr] = networks
+            else:
+                bad(key, "is not a comma list of addresses or CIDRs")
+    return Options(**values, errors=tuple(errors))  # type: ignore[arg-type]
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    """Normalized networks, or () when any part is not one."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return tuple(str(ipaddress.ip_network(p, strict=False)) for p in parts)
+    except ValueError:
+        return ()
