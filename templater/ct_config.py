@@ -114,6 +114,7 @@ _TEMPLATE_KEYS = {
     "create_dest_dirs": ("create_dest_dirs", "flag"),
     "user": ("user", "text"),
     "group": ("group", "text"),
+    "syntax": ("syntax", "syntax"),
     "uid": ("user", "id"),
     "gid": ("group", "id"),
 }
@@ -285,7 +286,8 @@ class _Reader:
         return found
 
     def template(self, body: Body, block: Item) -> None:
-        fields: dict[str, Any] = {"delimiters": self.delimiters, "command_timeout": 30.0}
+        # consul-template's templates are Go templates: syntax = "jinja" for one in Jinja2
+        fields: dict[str, Any] = {"delimiters": self.delimiters, "command_timeout": 30.0, "syntax": "go"}
         readers: dict[str, Callable[[Item], Any]] = {
             "text": lambda item: self.scalar(item, str),
             "flag": lambda item: self.scalar(item, bool),
@@ -294,6 +296,7 @@ class _Reader:
             "wait": self.wait_pair,
             "command": self.command,
             "id": lambda item: str(self.scalar(item, int)),
+            "syntax": self.syntax,
         }
 
         def keep(name: str, how: str) -> Callable[[Item], None]:
@@ -326,6 +329,12 @@ class _Reader:
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             return shlex.join(value)
         return self.scalar(item, str)  # type: ignore[no-any-return]
+
+    def syntax(self, item: Item) -> str:
+        value = self.scalar(item, str)
+        if value not in ("go", "jinja"):
+            raise self.error(item, f'syntax {value!r}: "go" (consul-template\'s) or "jinja"')
+        return str(value)
 
     def duration(self, item: Item) -> float:
         value = self.scalar(item, str)

@@ -26,6 +26,7 @@ from templater.catalog import PASSING, Instance, Snapshot, listing
 from templater.deps import Dependency, catalog, kv
 from templater.errors import TemplateError
 from templater.fragments import ACTIVE, Atom, Effect, FragmentCache, Fragments, Scope
+from templater.gotemplate import GoTemplateError
 from templater.routes import Route, RouteMemo, Server, Table
 from templater.values import clamp_int, ident, is_hostname, is_url_path, server_names, split_list
 
@@ -213,6 +214,16 @@ class _Recorder:
         entries = self._kv(path, False, dc)
         value = self._value(entries[0]) if entries else default
         return self.secret(value) if secret else value
+
+    def key_exists(self, path: str, dc: str | None = None) -> bool:
+        """Whether the key exists (consul-template's keyExists): never holds the render."""
+        return bool(self._kv(path, False, dc))
+
+    def catalog_node(self, node: str, dc: str | None = None) -> list[Instance]:
+        """The instances on one node, any state (consul-template's `node`)."""
+        snapshot = self._catalog(dc)
+        self._atom(("services", dc or "", ""), snapshot.services)
+        return [i for found in snapshot.instances.values() for i in found if i.node == node]
 
     def secret(self, value: Any) -> Any:
         return mark_secret(value)
@@ -413,6 +424,16 @@ def compile_template(env: SandboxedEnvironment, name: str, source: str) -> jinja
         raise TemplateError(name, err.lineno, f"syntax error: {err.message}") from err
 
 
+def compile_go(name: str, source: str, delimiters: tuple[str, str], strict: bool) -> Any:
+    """A consul-template (Go text/template) template; render() takes it as a Jinja one."""
+    from templater.ct_functions import GoTemplate
+
+    try:
+        return GoTemplate(name, source, delimiters, strict)
+    except GoTemplateError as err:
+        raise TemplateError(name, err.line, str(err)) from err
+
+
 def render(
     template: jinja2.Template,
     name: str,
@@ -434,6 +455,8 @@ def render(
         "routes": recorder.routes,
         "key": recorder.key,
         "key_or_default": recorder.key_or_default,
+        "key_exists": recorder.key_exists,
+        "catalog_node": recorder.catalog_node,
         "secret": recorder.secret,
         "ls": recorder.ls,
         "tree": recorder.tree,
@@ -444,10 +467,10 @@ def render(
     token = ACTIVE.set(recorder.scope)
     try:
         text = template.render(context)
-    except jinja2.TemplateSyntaxError as err:
-        raise TemplateError(name, err.lineno, f"syntax error: {err.message}") from err
-    except Exception as err:  # any runtime error in user code is reported, never raised raw
-        raise TemplateError(name, _template_line(err), f"{type(err).__name__}: {err}") from err
+    except Exception as err:  # any error in user code is reported, never raised raw
+        if not recorder.result.missing:
+            raise _as_template_error(name, err) from err
+        text = ""  # it read data not fetched yet (an empty list indexed, say): it waits for that data
     finally:
         ACTIVE.reset(token)
     if recorder.scope is not None and recorder.result.complete:
@@ -456,6 +479,14 @@ def render(
     result.text = text
     recorder.release()
     return result
+
+
+def _as_template_error(name: str, err: Exception) -> TemplateError:
+    if isinstance(err, jinja2.TemplateSyntaxError):
+        return TemplateError(name, err.lineno, f"syntax error: {err.message}")
+    if isinstance(err, GoTemplateError):  # Go's own message: the template, line and column, and what
+        return TemplateError(name, None, str(err))
+    return TemplateError(name, _template_line(err), f"{type(err).__name__}: {err}")
 
 
 def _template_line(err: BaseException) -> int | None:

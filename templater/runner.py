@@ -26,7 +26,7 @@ from templater.fragments import Fragments
 from templater.proxy_driver import ProxyDriver, ProxyHook
 from templater.quiesce import TemplateWaits
 from templater.reload import reloaded
-from templater.render import RenderResult, compile_template, env_allowed, make_environment, render
+from templater.render import RenderResult, compile_go, compile_template, env_allowed, make_environment, render
 from templater.settings import Settings, SettingsError
 from templater.sources import Sources
 from templater.status import Metrics
@@ -137,6 +137,9 @@ class Runner:
         if not source.strip():
             # an empty source is a file caught mid-write, never a config anyone wants
             raise TemplateError(spec.name, None, "template file is empty")
+        if spec.go:
+            state.compiled = compile_go(spec.name, source, spec.delimiters, spec.strict)
+            return
         options = (spec.delimiters, spec.strict)
         if options not in self._envs:
             self._envs[options] = make_environment(*options)

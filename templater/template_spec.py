@@ -24,6 +24,13 @@ class TemplateSpec:
     create_dest_dirs: bool = True
     user: str | None = None  # owner of the file written (a name or a number)
     group: str | None = None
+    syntax: str = ""  # "go" (consul-template's), "jinja", or "": by the file name (.ctmpl, .tmpl: go)
+
+    @property
+    def go(self) -> bool:
+        if self.syntax:
+            return self.syntax == "go"
+        return self.source.suffix in (".ctmpl", ".tmpl")
 
     @property
     def name(self) -> str:

@@ -116,19 +116,24 @@ def test_a_consul_template_config_directory_and_sighup(consul, tmp_path):
     conf, out = tmp_path / "ct.d", tmp_path / "out"
     conf.mkdir()
     out.mkdir()
-    src = tmp_path / "web.j2"
-    src.write_text("{% for i in service('cfweb') %}server {{ i.address }}:{{ i.port }}\n{% endfor %}")
+    src = tmp_path / "web.ctmpl"  # consul-template's own syntax (Go), as its users have them
+    src.write_text('{{ range service "cfweb" }}server {{ .Address }}:{{ .Port }}\n{{ end }}')
+    jinja = tmp_path / "jinja.j2"
+    jinja.write_text("{% for i in service('cfweb') %}{{ i.port }} {% endfor %}")
     (conf / "10-consul.hcl").write_text(CONFIG % {"address": consul.url.removeprefix("http://")})
     (conf / "20-web.hcl").write_text(WEB % {"src": src, "out": out})
     own_wait = {"min": "1500ms", "max": "4s"}
-    motd = {"template": [{"contents": "[[ key('cf/motd') ]]", "destination": f"{out}/motd.txt",
-                          "left_delimiter": "[[", "right_delimiter": "]]", "wait": own_wait}]}  # fmt: skip
+    motd = {"template": [{"contents": '[[ key "cf/motd" ]]', "destination": f"{out}/motd.txt",
+                          "left_delimiter": "[[", "right_delimiter": "]]", "wait": own_wait},
+                         {"source": str(jinja), "destination": f"{out}/jinja.txt", "syntax": "jinja"}]}  # fmt: skip
     (conf / "30-motd.json").write_text(json.dumps(motd))
     proc = Process("templater", ["-config", str(conf), "--status-addr", f"127.0.0.1:{free_port()}"], tmp_path)
     try:
         web, motd_file = out / "web.conf", out / "motd.txt"
         wait_until(lambda: web.exists() and motd_file.exists(), 15, what="first files")
         assert web.read_text() == "server 127.0.0.1:9711\n" and motd_file.read_text() == "hello"
+        wait_until(lambda: (out / "jinja.txt").exists(), 5, what="the Jinja template marked syntax = jinja")
+        assert (out / "jinja.txt").read_text() == "9711 "
         wait_until(lambda: (out / "web.ran").exists(), 5, what="web's command")  # it runs after the writes
         assert oct(web.stat().st_mode & 0o777) == "0o600"
         # the inline template's own wait: the change is held about 1.5 s; web's arrives at once
@@ -144,7 +149,7 @@ def test_a_consul_template_config_directory_and_sighup(consul, tmp_path):
         (conf / "20-web.hcl").write_text((WEB % {"src": src, "out": out}).replace("web.conf", "web2.conf"))
         (conf / "30-motd.json").unlink()
         (conf / "40-new.hcl").write_text(
-            f'template {{\n  contents = "n={{{{ key(\'cf/motd\') }}}}"\n  destination = "{out}/new.txt"\n}}\n'
+            f'template {{\n  contents = "n={{{{ key \\"cf/motd\\" }}}}"\n  destination = "{out}/new.txt"\n}}\n'
         )
         proc.proc.send_signal(signal.SIGHUP)
         wait_until(
