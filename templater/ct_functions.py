@@ -11,6 +11,7 @@ names: a service's `.Name .ID .Address .Port .Tags .ServiceMeta .Node .NodeAddre
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -20,6 +21,7 @@ from typing import Any
 
 from templater.catalog import PASSING
 from templater.gotemplate import GoTemplateError, execute, parse
+from templater.gotemplate.compiled import Compiler, Fallback
 from templater.gotemplate.execute import BUILTINS
 
 # -- the values templates see
@@ -137,17 +139,19 @@ class Scratch:
 
 _SERVICE = re.compile(r"^(?:(?P<tag>[^.@|~]+)\.)?(?P<name>[^.@|~][^@|~]*?)(?:@(?P<dc>[^|~]+))?(?:~(?P<near>[^|]+))?$")
 _STATUSES = {"passing", "warning", "critical", "maintenance"}
+_PASSING = frozenset([PASSING])
 
 
-def service_query(text: str) -> tuple[str, str | None, str | None, set[str] | None]:
+@functools.lru_cache(maxsize=65536)  # a listing asks for every service each render
+def service_query(text: str) -> tuple[str, str | None, str | None, frozenset[str] | None]:
     """`tag.name@dc~near|passing,warning` as (name, tag, dc, statuses; None: any)."""
     query, _, options = text.partition("|")
     match = _SERVICE.match(query.strip())
     if match is None:
         raise GoTemplateError(f'invalid service query "{text}"')
-    statuses: set[str] | None = {PASSING}
+    statuses: frozenset[str] | None = _PASSING
     if options:
-        wanted = {o.strip() for o in options.split(",") if o.strip()}
+        wanted = frozenset(o.strip() for o in options.split(",") if o.strip())
         if "any" in wanted:
             statuses = None
         elif not wanted <= _STATUSES:
@@ -180,7 +184,7 @@ def function_map(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
         if options:
             raise GoTemplateError('service: give its options after a "|" ("web|any", "web|passing,warning")')
         name, tag, dc, statuses = service_query(query)
-        found = rec_service(name, tag, "any" if statuses != {PASSING} else PASSING, dc)
+        found = rec_service(name, tag, "any" if statuses != _PASSING else PASSING, dc)
         metas = meta_of(dc) if found else {}
         return [
             HealthService(i, dc or "", metas.get(i.node, {})) for i in found if statuses is None or i.status in statuses
@@ -491,6 +495,17 @@ class GoTemplate:
         self.name = name
         self.strict = strict  # a missing map key fails the render (error_on_missing_key = true)
         self.trees = parse(name, source, KNOWN.__contains__, *delimiters)
+        try:
+            self.compiled: Compiler | None = Compiler(self.trees)
+        except Fallback:
+            self.compiled = None
 
     def render(self, context: Mapping[str, Any]) -> str:
+        """The compiled closures' text; what they hand back (anything unusual, any error) the
+        reference executor renders, so its result and messages are Go's."""
+        if self.compiled is not None:
+            try:
+                return self.compiled.run(self.name, None, function_map(context), self.strict)
+            except Fallback:
+                pass
         return execute(self.trees, self.name, None, function_map(context), strict=self.strict)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from templater.gotemplate import GoTemplateError, execute, parse
+from templater.gotemplate.compiled import Compiler, Fallback
 from templater.gotemplate.execute import BUILTINS
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "gotemplate"
@@ -31,10 +32,21 @@ FUNCS: dict[str, Any] = {  # the same stubs as gen.go's
 }
 
 
+def trees_of(case: dict[str, Any]) -> Any:
+    return parse(case["name"], case["template"], lambda n: n in BUILTINS or n in FUNCS,
+                 case.get("left") or "{{", case.get("right") or "}}")  # fmt: skip
+
+
 def render(case: dict[str, Any]) -> str:
-    trees = parse(case["name"], case["template"], lambda n: n in BUILTINS or n in FUNCS,
-                  case.get("left") or "{{", case.get("right") or "}}")  # fmt: skip
-    return execute(trees, case["name"], case["data"], FUNCS, strict=case["strict"])
+    return execute(trees_of(case), case["name"], case["data"], FUNCS, strict=case["strict"])
+
+
+def compiled(case: dict[str, Any]) -> str | None:
+    """The compiled closures' text, or None where they hand the case back to the executor."""
+    try:
+        return Compiler(trees_of(case)).run(case["name"], case["data"], {**BUILTINS, **FUNCS}, case["strict"])
+    except (Fallback, GoTemplateError):  # GoTemplateError: the case does not parse
+        return None
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -42,7 +54,9 @@ def test_renders_as_go_renders(case: dict[str, Any]):
     expected = EXPECTED[case["name"]]
     if not expected["error"]:
         assert render(case) == expected["output"]
+        assert compiled(case) in (expected["output"], None)
         return
+    assert compiled(case) is None  # an error is always the reference executor's to say
     with pytest.raises(GoTemplateError) as err:
         render(case)
     assert str(err.value) == expected["error"].replace(os.strerror(errno.ENOENT), "file does not exist")
