@@ -1,0 +1,122 @@
+"""consul-template's own templates (Go text/template, .ctmpl) against a real Consul: HAProxy and
+NGINX configurations written in its style for these tests, accepted by `haproxy -c` and
+`nginx -t`, following services added and removed as the Jinja path does (issue 23)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, Process, free_port, wait_until
+
+HAPROXY = """global
+    stats timeout 10s
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+frontend http
+    bind 127.0.0.1:{{ keyOrDefault "ct-test/port" "18080" }}
+{{- range services }}{{ $name := .Name }}{{ if $name | regexMatch "^ctg" }}{{ range service $name }}
+{{- with index .ServiceMeta "http_host" }}
+    acl host_{{ $name }}_{{ .| replaceAll "." "_" }} hdr(host) -i {{ . }}{{ end }}{{ end }}{{ end }}{{ end }}
+{{- range services }}{{ if .Tags | contains "routed" }}
+    use_backend be_{{ .Name }} if host_{{ .Name }}_{{ .Name }}_test{{ end }}{{ end }}
+    default_backend be_none
+backend be_none
+    http-request return status 404
+{{ range services }}{{ if .Name | regexMatch "^ctg" }}
+# {{ .Name }}: {{ len (service .Name) }} passing{{ if .Tags }}, tags {{ join "," .Tags }}{{ end }}
+backend be_{{ .Name }}
+    balance roundrobin
+{{- range $i, $s := service .Name }}
+    server {{ .ID | replaceAll ":" "_" }} {{ .Address }}:{{ .Port }} check weight {{ add 1 $i }}
+{{- end }}
+{{ end }}{{ end -}}
+"""
+
+NGINX = """pid {dir}/nginx.pid;
+error_log stderr;
+events {{}}
+http {{
+    access_log off;
+{{{{- range services }}}}{{{{ if and (.Name | regexMatch "^ctg") (service .Name) }}}}
+    upstream {{{{ .Name }}}} {{{{ "{{" }}}}{{{{ range service .Name }}}}
+        server {{{{ .Address }}}}:{{{{ .Port }}}};{{{{ end }}}}
+    }}{{{{ end }}}}{{{{ end }}}}
+    server {{
+        listen 127.0.0.1:{{{{ keyOrDefault "ct-test/port" "18081" }}}};
+{{{{- range services }}}}{{{{ if and (.Name | regexMatch "^ctg") (service .Name) }}}}
+        location /{{{{ .Name }}}}/ {{{{ "{{" }}}} proxy_pass http://{{{{ .Name }}}}; }}{{{{ end }}}}{{{{ end }}}}
+    }}
+}}
+"""
+
+
+def _register(consul, sid: str, name: str, port: int, tags: list[str], **meta: str) -> None:
+    consul.put("/v1/agent/service/register",
+               {"ID": sid, "Name": name, "Port": port, "Address": "127.0.0.1", "Tags": tags, "Meta": meta})  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "check"), [("haproxy", "haproxy -c -f {}"), ("nginx", "nginx -t -q -c {}")])
+def test_consul_template_style_templates_follow_the_catalog(consul, tmp_path: Path, kind: str, check: str):
+    source = tmp_path / f"{kind}.ctmpl"
+    source.write_text(HAPROXY if kind == "haproxy" else NGINX.format(dir=tmp_path))
+    dest = tmp_path / f"{kind}.cfg"
+    _register(consul, "ctg-web-1", "ctgweb", 19001, ["routed"], http_host="ctgweb.test")
+    _register(consul, "ctg-web-2", "ctgweb", 19002, ["routed"], http_host="ctgweb.test")
+    _register(consul, "ctg-api-1", "ctgapi", 19003, [])
+    try:
+        # --once first, as people try a template: complete, checked, exit 0
+        once = subprocess.run(
+            [sys.executable, "-m", "templater", "--consul", consul.url, "--template", f"{source}:{dest}",
+             "--check", check, "--once"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert once.returncode == 0, once.stderr[-2000:]
+        text = dest.read_text()
+        assert "127.0.0.1:19001" in text and "127.0.0.1:19002" in text and "127.0.0.1:19003" in text
+        if kind == "haproxy":
+            assert "server ctg-web-1 127.0.0.1:19001 check weight 1" in text
+            assert "server ctg-web-2 127.0.0.1:19002 check weight 2" in text
+            assert "acl host_ctgweb_ctgweb_test hdr(host) -i ctgweb.test" in text
+            assert "use_backend be_ctgweb if host_ctgweb_ctgweb_test" in text and "be_ctgapi if" not in text
+            assert "# ctgweb: 2 passing, tags routed" in text
+        # then as a daemon: an instance added, one removed, and a whole service gone
+        proc = Process("templater", ["--consul", consul.url, "--template", f"{source}:{dest}", "--check", check,
+                                     "--empty-grace", "1s", "--status-addr", f"127.0.0.1:{free_port()}"],
+                       tmp_path)  # fmt: skip
+        try:
+            _register(consul, "ctg-web-3", "ctgweb", 19004, ["routed"], http_host="ctgweb.test")
+            wait_until(lambda: "127.0.0.1:19004" in dest.read_text(), 10, what="the added instance")
+            consul.put("/v1/agent/service/deregister/ctg-web-1")
+            wait_until(lambda: "127.0.0.1:19001" not in dest.read_text(), 10, what="the removed instance")
+            consul.put("/v1/agent/service/deregister/ctg-api-1")
+            wait_until(lambda: "19003" not in dest.read_text(), 10, what="the service gone (after the empty grace)")
+            assert "127.0.0.1:19002" in dest.read_text() and "127.0.0.1:19004" in dest.read_text()
+            assert "check refused" not in proc.output() and proc.alive()
+        finally:
+            proc.stop()
+    finally:
+        for sid in ("ctg-web-1", "ctg-web-2", "ctg-web-3", "ctg-api-1"):
+            consul.put(f"/v1/agent/service/deregister/{sid}")
+
+
+def test_a_broken_go_template_keeps_the_good_file_and_says_where(consul, tmp_path: Path):
+    source, dest = tmp_path / "t.ctmpl", tmp_path / "out"
+    source.write_text('{{ range service "consul" }}{{ .Address }}{{ end }}\n')
+    proc = Process("templater", ["--consul", consul.url, "--template", f"{source}:{dest}"], tmp_path)
+    try:
+        wait_until(lambda: dest.exists() and dest.read_text().strip(), 10, what="the first file")
+        good = dest.read_text()
+        source.write_text('{{ range service "consul" }}{{ .Adress }}{{ end }}\n')  # a typo
+        wait_until(lambda: "can't evaluate field Adress" in proc.output(), 10, what="the error")
+        assert f"template: {source}:1:" in proc.output() and dest.read_text() == good
+        source.write_text("{{ if }}\n")
+        wait_until(lambda: "missing value for if" in proc.output(), 10, what="the parse error")
+        assert dest.read_text() == good and proc.alive()
+    finally:
+        proc.stop()
