@@ -120,3 +120,67 @@ def test_a_broken_go_template_keeps_the_good_file_and_says_where(consul, tmp_pat
         assert dest.read_text() == good and proc.alive()
     finally:
         proc.stop()
+
+
+RUNTIME = """global
+    master-worker
+    stats socket {dir}/admin.sock mode 600 level admin expose-fd listeners
+    stats timeout 10s
+    server-state-file {dir}/server-state
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+    load-server-state-from-file global
+frontend http
+    bind 127.0.0.1:{port}
+    default_backend be_ctgrt
+backend be_ctgrt
+    balance roundrobin
+    http-response set-header X-Served-By %[srv_name]
+{{{{- range service "ctgrt" }}}}
+    server {{{{ .ID }}}} {{{{ .Address }}}}:{{{{ .Port }}}} check
+{{{{- end }}}}
+"""
+
+
+def test_a_go_template_with_the_haproxy_runtime_api(consul, tmp_path: Path):
+    """--proxy haproxy with a consul-template style template: an added instance goes in through
+    HAProxy's runtime API (no reload), as with the bundled Jinja template."""
+    import http.client
+    import http.server
+    import threading
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler) for _ in "ab"]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = free_port()
+    source, dest = tmp_path / "haproxy.ctmpl", tmp_path / "haproxy.cfg"
+    source.write_text(RUNTIME.format(dir=tmp_path, port=port))
+
+    def served_by() -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            response.read()
+            return response.getheader("X-Served-By") or ""
+        finally:
+            conn.close()
+
+    _register(consul, "ctgrt-1", "ctgrt", servers[0].server_address[1], [])
+    proc = Process("templater", ["--consul", consul.url, "--template", f"{source}:{dest}", "--proxy", "haproxy",
+                                 "--stop-proxy", "--register-service", ""], tmp_path)  # fmt: skip
+    try:
+        wait_until(lambda: served_by() == "ctgrt-1", 15, what="the first instance served through HAProxy")
+        _register(consul, "ctgrt-2", "ctgrt", servers[1].server_address[1], [])
+        wait_until(lambda: {served_by() for _ in range(4)} == {"ctgrt-1", "ctgrt-2"}, 10, what="both served")
+        assert "haproxy runtime added" in proc.output() and "proxy reloaded" not in proc.output()
+    finally:
+        proc.stop()
+        for sid in ("ctgrt-1", "ctgrt-2"):
+            consul.put(f"/v1/agent/service/deregister/{sid}")
+        for server in servers:
+            server.shutdown()
+            server.server_close()
