@@ -56,6 +56,14 @@ backend {{ s.name }}
 """
 
 
+# the listing template in consul-template's syntax (--go: a .ctmpl, Go's text/template)
+GO_TEMPLATE = """{{ range services }}{{ if ne .Name "consul" }}
+backend {{ .Name }}
+{{ range service .Name }}    server {{ .ID }} {{ .Address }}:{{ .Port }}
+{{ end }}{{ end }}{{ end }}
+"""
+
+
 def put(url: str, path: str, body: object) -> None:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url + path, data=data, method="PUT")
@@ -187,8 +195,8 @@ def register_all(url: str, services: int, instances: int, checks: bool) -> None:
 
 
 def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> None:
-    src = work / "t.j2"
-    src.write_text(CACHED if args.cached else TEMPLATE)
+    src = work / ("t.ctmpl" if args.go else "t.j2")
+    src.write_text(GO_TEMPLATE if args.go else CACHED if args.cached else TEMPLATE)
     out_dir = work / "out"  # apart from the template: writes there are no template events
     out_dir.mkdir()
     dest = out_dir / "out.cfg"
@@ -321,6 +329,7 @@ def main() -> int:
     parser.add_argument("--gap", type=float, default=0.1, help="seconds between changes (NGINX: 0.6)")
     parser.add_argument("--nginx", action="store_true", help="templates/nginx.conf.j2 with --proxy nginx")
     parser.add_argument("--cached", action="store_true", help="the listing template with {%% cache s.name %%}")
+    parser.add_argument("--go", action="store_true", help="the listing template as a .ctmpl (Go text/template)")
     parser.add_argument("--checks", action="store_true", help="every instance with a TTL check (passing)")
     parser.add_argument("--py-spy", metavar="FILE", help="py-spy's collapsed stacks of the templater over the changes")
     parser.add_argument("--consul", help="an agent already holding the bench services (skips registering)")
