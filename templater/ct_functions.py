@@ -246,9 +246,7 @@ def function_map(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
         "services": services,
         "node": node,
         "nodes": nodes,
-        "datacenters": lambda *_: _refuse(
-            "datacenters", "only the agent's datacenter and those templates name are read"
-        ),
+        "datacenters": lambda *_ignore_inaccessible: list(context["datacenters"]()),
         "key": key,
         "keyOrDefault": key_or_default,
         "keyExists": key_exists,
@@ -261,10 +259,6 @@ def function_map(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
         **PURE,
     }
     return funcs
-
-
-def _refuse(name: str, why: str) -> Any:
-    raise GoTemplateError(f"{name} is not supported: {why}")
 
 
 # -- consul-template's pure helpers (dependency-free): argument orders as consul-template's

@@ -38,7 +38,17 @@ class KV:
         return f"{kind}({self.path.strip('/')}{'@' + self.dc if self.dc else ''})"
 
 
-Dependency = Catalog | KV
+@dataclass(frozen=True, order=True)
+class Datacenters:
+    """The datacenters Consul knows (consul-template's `datacenters`): polled, not blocking."""
+
+    @property
+    def key(self) -> str:
+        return "catalog.datacenters"
+
+
+Dependency = Catalog | KV | Datacenters
+DATACENTERS = Datacenters()
 
 
 def kv(path: str, recurse: bool, dc: str | None) -> KV:

@@ -23,7 +23,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from sidecar.logs import REDACTOR
 from sidecar.text import UNSAFE
 from templater.catalog import PASSING, Instance, Snapshot, listing
-from templater.deps import Dependency, catalog, kv
+from templater.deps import DATACENTERS, Dependency, catalog, kv
 from templater.errors import TemplateError
 from templater.fragments import ACTIVE, Atom, Effect, FragmentCache, Fragments, Scope
 from templater.gotemplate import GoTemplateError
@@ -214,6 +214,17 @@ class _Recorder:
         entries = self._kv(path, False, dc)
         value = self._value(entries[0]) if entries else default
         return self.secret(value) if secret else value
+
+    def datacenters(self) -> list[str]:
+        """The datacenters Consul knows, in its order (nearest first); [] until first read."""
+        self._effect("used", DATACENTERS)
+        self._effect("query", DATACENTERS.key)
+        found = self.view.kv(DATACENTERS.key)
+        self._atom(("kv", DATACENTERS.key, ""), found)
+        if found is None:
+            self._effect("missing", DATACENTERS)
+            return []
+        return [str(d) for d in found]
 
     def key_exists(self, path: str, dc: str | None = None) -> bool:
         """Whether the key exists (consul-template's keyExists): never holds the render."""
@@ -457,6 +468,7 @@ def render(
         "key_or_default": recorder.key_or_default,
         "key_exists": recorder.key_exists,
         "catalog_node": recorder.catalog_node,
+        "datacenters": recorder.datacenters,
         "secret": recorder.secret,
         "ls": recorder.ls,
         "tree": recorder.tree,

@@ -13,7 +13,7 @@ from sidecar.once import SayOnce
 from sidecar.threads import Supervisor
 from templater.catalog import Snapshot
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
-from templater.deps import Catalog, Dependency
+from templater.deps import Catalog, Datacenters, Dependency
 from templater.settings import Settings
 from templater.status import Metrics
 from templater.store import Store
@@ -22,6 +22,7 @@ from templater.watch import BlockingLoop, WatchSettings
 log = logging.getLogger("templater")
 
 STALE_NOTICE = 2.0  # a stale read this far behind the leader is said in the log
+DATACENTERS_POLL = 15.0  # /v1/catalog/datacenters has no blocking query: asked this often, as consul-template does
 
 
 class Source(Protocol):
@@ -65,7 +66,13 @@ class Sources:
                 self._stand_in_for_other_dc(dep, error)
 
         source: Source
-        if isinstance(dep, Catalog):
+        if isinstance(dep, Datacenters):
+            source = BlockingLoop(
+                dep.key, "/v1/catalog/datacenters", {}, self.fetcher,
+                lambda data, _index: self._store.publish_kv(dep.key, [d for d in data or [] if isinstance(d, str)]),
+                on_state, self.watch_settings, supervisor=self.supervisor, poll=DATACENTERS_POLL,
+            )  # fmt: skip
+        elif isinstance(dep, Catalog):
             source = CatalogSource(
                 dep, self.fetcher, self._store.publish_catalog, on_state, self.watch_settings, self._warn,
                 self.supervisor,

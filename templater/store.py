@@ -21,7 +21,7 @@ class Store:
         self._shown: dict[str, Snapshot] = {}
         self._graces: dict[str, Grace] = {}
         self._deadlines: dict[str, float] = {}
-        self._kv: dict[str, list[dict[str, Any]]] = {}
+        self._kv: dict[str, list[Any]] = {}  # KV answers, and the datacenters list
         self._dirty: set[str] = set()
         self._dirty_since: float | None = None  # when the oldest change not yet taken came in
         self._taken_since: float | None = None  # the same, for what wait() returned since take_since()
@@ -35,7 +35,7 @@ class Store:
             self._mark()
             self._cond.notify_all()
 
-    def publish_kv(self, key: str, data: list[dict[str, Any]]) -> None:
+    def publish_kv(self, key: str, data: list[Any]) -> None:
         with self._cond:
             self._kv[key] = data
             self._dirty.add(key)

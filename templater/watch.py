@@ -69,6 +69,7 @@ class BlockingLoop:
         skip_equal: bool = True,
         supervisor: Supervisor | None = None,
         start: Response | None = None,
+        poll: float = 0.0,
     ) -> None:
         """skip_equal: call on_change only when the data differs. start: an answer already
         taken (a first read made by other means): the loop blocks on its index at once."""
@@ -85,7 +86,8 @@ class BlockingLoop:
         self._supervisor = supervisor or Supervisor()
         self.last_ok = time.monotonic()  # last answer from Consul (or the start)
         # a blocking query answers within wait + wait/16; beyond this without one, it is stale
-        self.stale_after = parse_duration(settings.wait) * 1.1 + STALE_MARGIN
+        self.stale_after = parse_duration(settings.wait) * 1.1 + STALE_MARGIN + 2 * poll
+        self._poll = poll  # an endpoint without blocking queries: asked again after this long
 
     @property
     def loops(self) -> list[BlockingLoop]:
@@ -133,7 +135,7 @@ class BlockingLoop:
         while not self._stop.is_set():
             try:
                 response = self._fetch(index)
-                moved = response.index != index
+                moved = response.index != index or self._poll > 0  # a polled answer has no index
                 if moved and (not self._skip_equal or response.data != last):
                     self._on_change(response.data, response.index)  # may fetch more (a service's instances)
                     if self._skip_equal:
@@ -152,7 +154,7 @@ class BlockingLoop:
             backoff.reset()
             self._on_state(self.key, True, "")
             index = next_index(index, response.index)
-            if sleep(self._stop, self._settings.min_delay + random.uniform(0, self._settings.jitter)):
+            if sleep(self._stop, self._poll or self._settings.min_delay + random.uniform(0, self._settings.jitter)):
                 return
 
 

@@ -43,7 +43,9 @@ class View:
     def catalog(self, dc: str) -> Snapshot | None:
         return SNAPSHOT if dc in ("", None) else None
 
-    def kv(self, key: str) -> list[dict[str, Any]] | None:
+    def kv(self, key: str) -> list[Any] | None:
+        if key == "catalog.datacenters":
+            return ["dc1", "dc2"]
         path = key.split("(", 1)[1].rstrip(")")
         recurse = key.startswith("kv.tree")
         found = [k for k in KEYS if (k.startswith(path) if recurse else k == path)]
@@ -140,6 +142,7 @@ def test_keys_hold_the_render_until_they_exist():
             "1 true [v]",
         ),
         ('{{ env "APP" }}', "x"),
+        ("{{ datacenters }} {{ range datacenters true }}{{ . }};{{ end }}", "[dc1 dc2] dc1;dc2;"),
     ],
 )
 def test_consul_templates_helpers_and_their_argument_orders(source: str, expected: str):
