@@ -382,18 +382,12 @@ def execute(
 # -- the builtins (text/template/funcs.go)
 
 
+_KINDS = {"<nil>": "invalid", "bool": "bool", "int": "int", "float64": "float", "string": "string"}
+
+
 def _kind(v: Any) -> str:
-    if v is None or v is MISSING:
-        return "invalid"
-    if isinstance(v, bool):
-        return "bool"
-    if isinstance(v, int):
-        return "int"
-    if isinstance(v, float):
-        return "float"
-    if isinstance(v, str):
-        return "string"
-    return "other"
+    """Go's basicKind of a value: invalid (nil), bool, int, float, string, or other."""
+    return _KINDS.get(gofmt.go_type(v), "other")
 
 
 def _eq(first: Any, *others: Any) -> bool:
