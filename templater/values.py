@@ -66,7 +66,9 @@ def server_names(instances: Iterable[Any]) -> list[tuple[str, Any]]:
     return pairs
 
 
-_URL_PATH = re.compile(r"^/[A-Za-z0-9._~!*'()@:+,;=/%-]*\Z")
+# RFC 3986's path characters less ' (it opens a quoted word in HAProxy's configuration) and ;
+# (it ends a directive in NGINX's): a path with either broke the whole file of its proxy
+_URL_PATH = re.compile(r"^/[A-Za-z0-9._~!*()@:+,=/%-]*\Z")
 
 
 def is_hostname(value: Any) -> bool:

@@ -61,6 +61,8 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
         ("bad-check", "svc-badcheck", {"http_host": "c.example.com", "check_http": "/h?q=1", "sticky": "1"}),
         ("nl-host", "svc-nlhost", {"http_host": "nl.example.com\n"}),  # "$" matches before a final newline
         ("nl-path", "svc-nlpath", {"http_path": "/nl\n"}),
+        ("quote-path", "svc-quotepath", {"http_path": "/it's"}),  # a quoted word in HAProxy's file
+        ("semi-path", "svc-semipath", {"http_path": "/a;b"}),  # the end of a directive in NGINX's
         # every per-route option (issue 24), and bad values of them: each left out, the route served
         (
             "opts",
@@ -126,7 +128,7 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
         assert name in text, name
     assert "nl.example.com" not in text and "/nl" not in text and "evil" not in text
     assert "31536000" in text and "10.1.0.0/16" in text and ("429" in text or "limit_req zone=rl_svc-opts" in text)
-    for name in ("svc-badhost", "svc-badpath", "svc-path-b"):
+    for name in ("svc-badhost", "svc-badpath", "svc-path-b", "svc-quotepath", "svc-semipath"):
         assert f"_{name}" not in text and f"u_{name}" not in text, name
     for warning in ("weight='1000' is outside 0-256", "is routed to svc-dup-a already", "a!b.example.com is not a host",
                     "/x[y] is not a URL path", "path /same is routed to svc-path-a already",
