@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import http.client
 import http.server
+import json
 import os
 import socket
 import ssl
@@ -569,3 +570,42 @@ def _options_through(consul, proxy_stack, kind: str, backend: int, certs) -> Non
     assert status == 200 and headers["strict-transport-security"] == "max-age=3600" and "path=/a" in text
     assert headers.get("x-served-by")  # kept next to the route's own headers
     assert proc.alive()
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    found = []
+    for line in text.splitlines():
+        start = line.find('{"time"')
+        if start >= 0:
+            found.append(json.loads(line[start:]))  # every access line must parse, hostile paths included
+    return found
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "nginx"])
+def test_json_access_log_and_the_page_when_no_instance_passes(consul, proxy_stack, kind):
+    """Issue 24: both templates log each request as one JSON object on the proxy's output (a quote
+    or backslash in the path cannot break the line), and a route whose instances all fail says so
+    with a 503 of its own."""
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OptionsBackend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    try:
+        register(consul, "log-1", "logsvc", backend.server_address[1], http_host="log.test")
+        consul.put("/v1/agent/service/register", {"ID": "down-1", "Name": "downsvc", "Port": 9, "Address": "127.0.0.1",
+                                                   "Meta": {"http_host": "down.test"},
+                                                   "Check": {"TTL": "60s", "Status": "critical"}})  # fmt: skip
+        port, proc = proxy_stack(kind)
+        wait_until(lambda: _request(port, "log.test", "/first")[0] == 200, timeout=15, what=f"{kind} routes logsvc")
+        assert _request(port, "log.test", '/a"b\\c?q=1')[0] == 200
+        wanted = {"host": "log.test", "method": "GET", "status": 200}
+
+        def logged() -> dict[str, object] | None:
+            return next((e for e in _json_lines(proc.output()) if str(e.get("path", "")).startswith('/a"b')), None)
+
+        entry = wait_until(logged, timeout=10, what="the access log line")
+        assert {k: entry[k] for k in wanted} == wanted and entry["path"] == '/a"b\\c'
+        status, _, text = _request(port, "down.test", "/")
+        assert (status, text) == (503, "no instance of downsvc is passing\n")
+    finally:
+        consul.put("/v1/agent/service/deregister/down-1")
+        backend.shutdown()
+        backend.server_close()
