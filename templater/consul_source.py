@@ -70,6 +70,8 @@ def read_permission(path: str) -> str:
         return f'key:read on "{urllib.parse.unquote(path[len("/v1/kv/") :])}"'
     if path.startswith("/v1/catalog/node"):
         return "node:read and service:read"
+    if path.startswith("/v1/agent/"):
+        return "agent:read on the agent's node"
     if path.startswith("/v1/health/"):
         return "service:read and node:read"
     return "service:read"

@@ -201,7 +201,9 @@ def function_map(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
     def node(query: str = "") -> CatalogNode | None:
         name, _, dc = query.partition("@")
         if not name:
-            raise GoTemplateError("node: give the node's name (the agent's own is not read here)")
+            name = context["agent_node"]()  # the agent's own node, as consul-template's `node`
+            if not name:
+                return None  # not read yet: the render waits for it
         for n in rec_nodes(dc or None):
             if n["name"] == name:
                 found = context["catalog_node"](name, dc or None)

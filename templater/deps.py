@@ -47,8 +47,18 @@ class Datacenters:
         return "catalog.datacenters"
 
 
-Dependency = Catalog | KV | Datacenters
+@dataclass(frozen=True, order=True)
+class AgentNode:
+    """The name of the agent's own node (consul-template's `node` without a name): polled."""
+
+    @property
+    def key(self) -> str:
+        return "agent.node"
+
+
+Dependency = Catalog | KV | Datacenters | AgentNode
 DATACENTERS = Datacenters()
+AGENT_NODE = AgentNode()
 
 
 def kv(path: str, recurse: bool, dc: str | None) -> KV:

@@ -23,7 +23,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from sidecar.logs import REDACTOR
 from sidecar.text import UNSAFE
 from templater.catalog import PASSING, Instance, Snapshot, listing
-from templater.deps import DATACENTERS, Dependency, catalog, kv
+from templater.deps import AGENT_NODE, DATACENTERS, Dependency, catalog, kv
 from templater.errors import TemplateError
 from templater.fragments import ACTIVE, Atom, Effect, FragmentCache, Fragments, Scope
 from templater.gotemplate import GoTemplateError
@@ -225,6 +225,17 @@ class _Recorder:
             self._effect("missing", DATACENTERS)
             return []
         return [str(d) for d in found]
+
+    def agent_node(self) -> str:
+        """The agent's own node name; "" (the render held) until first read."""
+        self._effect("used", AGENT_NODE)
+        self._effect("query", AGENT_NODE.key)
+        found = self.view.kv(AGENT_NODE.key)
+        self._atom(("kv", AGENT_NODE.key, ""), found)
+        if not found or not found[0]:
+            self._effect("missing", AGENT_NODE)
+            return ""
+        return str(found[0])
 
     def key_exists(self, path: str, dc: str | None = None) -> bool:
         """Whether the key exists (consul-template's keyExists): never holds the render."""
@@ -469,6 +480,7 @@ def render(
         "key_exists": recorder.key_exists,
         "catalog_node": recorder.catalog_node,
         "datacenters": recorder.datacenters,
+        "agent_node": recorder.agent_node,
         "secret": recorder.secret,
         "ls": recorder.ls,
         "tree": recorder.tree,

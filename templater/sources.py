@@ -13,7 +13,7 @@ from sidecar.once import SayOnce
 from sidecar.threads import Supervisor
 from templater.catalog import Snapshot
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
-from templater.deps import Catalog, Datacenters, Dependency
+from templater.deps import AgentNode, Catalog, Datacenters, Dependency
 from templater.settings import Settings
 from templater.status import Metrics
 from templater.store import Store
@@ -22,6 +22,7 @@ from templater.watch import BlockingLoop, WatchSettings
 log = logging.getLogger("templater")
 
 STALE_NOTICE = 2.0  # a stale read this far behind the leader is said in the log
+AGENT_POLL = 60.0  # the agent's node name: read again this often (it changes only with a new agent)
 DATACENTERS_POLL = 15.0  # /v1/catalog/datacenters has no blocking query: asked this often, as consul-template does
 
 
@@ -33,6 +34,11 @@ class Source(Protocol):
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
+
+
+def _node_name(data: object) -> str:
+    config = data.get("Config") if isinstance(data, dict) else None
+    return str((config or {}).get("NodeName") or "") if isinstance(config, dict) else ""
 
 
 class Sources:
@@ -71,6 +77,12 @@ class Sources:
                 dep.key, "/v1/catalog/datacenters", {}, self.fetcher,
                 lambda data, _index: self._store.publish_kv(dep.key, [d for d in data or [] if isinstance(d, str)]),
                 on_state, self.watch_settings, supervisor=self.supervisor, poll=DATACENTERS_POLL,
+            )  # fmt: skip
+        elif isinstance(dep, AgentNode):
+            source = BlockingLoop(
+                dep.key, "/v1/agent/self", {}, self.fetcher,
+                lambda data, _index: self._store.publish_kv(dep.key, [_node_name(data)]),
+                on_state, self.watch_settings, supervisor=self.supervisor, poll=AGENT_POLL,
             )  # fmt: skip
         elif isinstance(dep, Catalog):
             source = CatalogSource(

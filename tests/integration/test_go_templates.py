@@ -105,13 +105,14 @@ def test_consul_template_style_templates_follow_the_catalog(consul, tmp_path: Pa
             consul.put(f"/v1/agent/service/deregister/{sid}")
 
 
-def test_datacenters_as_consul_knows_them(consul, tmp_path: Path):
+def test_datacenters_and_the_agents_node(consul, tmp_path: Path):
     source, dest = tmp_path / "dcs.ctmpl", tmp_path / "dcs.txt"
-    source.write_text("{{ range datacenters }}[{{ . }}]{{ end }}")
+    source.write_text("{{ range datacenters }}[{{ . }}]{{ end }} {{ with node }}{{ .Node.Node }}{{ end }}")
     done = subprocess.run([sys.executable, "-m", "templater", "--consul", consul.url, "--template", f"{source}:{dest}",
                            "--once"], capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert dest.read_text() == "".join(f"[{dc}]" for dc in consul.get("/v1/catalog/datacenters"))
+    agent = consul.get("/v1/agent/self")["Config"]["NodeName"]  # `node` without a name: the agent's own
+    assert dest.read_text() == "".join(f"[{dc}]" for dc in consul.get("/v1/catalog/datacenters")) + f" {agent}"
 
 
 def test_a_broken_go_template_keeps_the_good_file_and_says_where(consul, tmp_path: Path):

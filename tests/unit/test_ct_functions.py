@@ -46,6 +46,8 @@ class View:
     def kv(self, key: str) -> list[Any] | None:
         if key == "catalog.datacenters":
             return ["dc1", "dc2"]
+        if key == "agent.node":
+            return ["n2"]
         path = key.split("(", 1)[1].rstrip(")")
         recurse = key.startswith("kv.tree")
         found = [k for k in KEYS if (k.startswith(path) if recurse else k == path)]
@@ -143,6 +145,7 @@ def test_keys_hold_the_render_until_they_exist():
         ),
         ('{{ env "APP" }}', "x"),
         ("{{ datacenters }} {{ range datacenters true }}{{ . }};{{ end }}", "[dc1 dc2] dc1;dc2;"),
+        ("{{ with node }}{{ .Node.Node }} {{ .Node.Address }} {{ len .Services }}{{ end }}", "n2 10.0.0.8 1"),
     ],
 )
 def test_consul_templates_helpers_and_their_argument_orders(source: str, expected: str):
