@@ -405,12 +405,43 @@ def _loop(*bounds: Any) -> list[int]:
     raise GoTemplateError(f"loop: wrong number of arguments, expected 1 or 2, but got {len(bounds)}")
 
 
+# Go's reference time (Mon Jan 2 15:04:05 MST 2006) written in a layout, longest first
+_GO_LAYOUT = re.compile(
+    r"January|Monday|2006|Jan|Mon|MST|Z07:00|-07:00|-0700|Z0700|\.000000|\.000|01|02|_2|15|03|04|05|06|PM|pm|1|2|3|4|5"
+)
+
+
+def go_time_format(moment: time.struct_time, fraction: float, layout: str) -> str:
+    """time.Time.Format for a UTC time: Go's layout tokens, everything else as written. Pure."""
+
+    nanos = round(fraction * 1_000_000_000)  # Go truncates to the digits a layout asks for
+
+    def token(match: re.Match[str]) -> str:
+        t = match.group(0)
+        hour12 = moment.tm_hour % 12 or 12
+        values = {
+            "January": time.strftime("%B", moment), "Jan": time.strftime("%b", moment),
+            "Monday": time.strftime("%A", moment), "Mon": time.strftime("%a", moment),
+            "2006": f"{moment.tm_year:04d}", "06": f"{moment.tm_year % 100:02d}",
+            "01": f"{moment.tm_mon:02d}", "1": str(moment.tm_mon), "02": f"{moment.tm_mday:02d}",
+            "_2": f"{moment.tm_mday:2d}", "2": str(moment.tm_mday), "15": f"{moment.tm_hour:02d}",
+            "03": f"{hour12:02d}", "3": str(hour12), "04": f"{moment.tm_min:02d}", "4": str(moment.tm_min),
+            "05": f"{moment.tm_sec:02d}", "5": str(moment.tm_sec), "PM": "PM" if moment.tm_hour >= 12 else "AM",
+            "pm": "pm" if moment.tm_hour >= 12 else "am", "MST": "UTC", "Z07:00": "Z", "Z0700": "Z",
+            "-07:00": "+00:00", "-0700": "+0000", ".000": f".{nanos // 1_000_000:03d}",
+            ".000000": f".{nanos // 1000:06d}",
+        }  # fmt: skip
+        return values[t]
+
+    return _GO_LAYOUT.sub(token, layout)
+
+
 def _timestamp(*layout: str) -> str:
-    if not layout:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if layout[0] == "unix":
-        return str(int(time.time()))
-    raise GoTemplateError('timestamp: only the default (RFC 3339) and "unix" layouts are supported')
+    """consul-template's timestamp: now in UTC, RFC 3339 by default, "unix", or a Go layout."""
+    now = time.time()
+    if layout and layout[0] == "unix":
+        return str(int(now))
+    return go_time_format(time.gmtime(now), now % 1, layout[0] if layout else "2006-01-02T15:04:05Z07:00")
 
 
 def _indent(spaces: int, text: str) -> str:

@@ -174,3 +174,11 @@ def test_a_missing_map_key_fails_unless_error_on_missing_key_is_false():
     with pytest.raises(TemplateError, match='map has no entry for key "nope"'):
         go(source)
     assert go(source, strict=False).text == "[<no value>]"
+
+
+def test_timestamp_now_in_utc():
+    import time
+
+    year, unix = text('{{ timestamp "2006" }} {{ timestamp "unix" }}').split()
+    assert year == time.strftime("%Y", time.gmtime()) and abs(int(unix) - time.time()) < 5
+    assert text("{{ timestamp }}").endswith("Z") and len(text("{{ timestamp }}")) == 20

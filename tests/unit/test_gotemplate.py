@@ -60,3 +60,16 @@ def test_renders_as_go_renders(case: dict[str, Any]):
     with pytest.raises(GoTemplateError) as err:
         render(case)
     assert str(err.value) == expected["error"].replace(os.strerror(errno.ENOENT), "file does not exist")
+
+
+def test_timestamps_take_gos_layouts_as_go_formats_them():
+    """consul-template's `timestamp "2006-01-02"`: Go's layouts, checked against time.Time.Format
+    (gen.go wrote timestamps.json for one moment)."""
+    import calendar
+    import time
+
+    from templater.ct_functions import go_time_format
+
+    moment = time.gmtime(calendar.timegm((2021, 3, 4, 17, 6, 7)))
+    expected = json.loads((GOLDEN / "timestamps.json").read_text())
+    assert {layout: go_time_format(moment, 0.089, layout) for layout in expected} == expected

@@ -12,6 +12,7 @@ import (
 	"os"
 	"strings"
 	"text/template"
+	"time"
 )
 
 type testCase struct {
@@ -107,6 +108,20 @@ func main() {
 	}
 	out, _ := json.MarshalIndent(results, "", "  ")
 	if err := os.WriteFile("golden.json", append(out, '\n'), 0o644); err != nil {
+		panic(err)
+	}
+	// consul-template's timestamp formats time.Now().UTC() with a Go layout: these layouts, one moment
+	moment := time.Date(2021, 3, 4, 17, 6, 7, 89000000, time.UTC)
+	layouts := []string{
+		"2006-01-02T15:04:05Z07:00", "2006-01-02", "Jan 2 15:04:05", "Monday, January _2 2006", "3:04PM",
+		"03:04:05 pm -0700 MST", "06/1/2 15h", "2006-01-02 15:04:05.000", "15:04:05.000000 Z0700", "-07:00 text 5",
+	}
+	formatted := map[string]string{}
+	for _, layout := range layouts {
+		formatted[layout] = moment.Format(layout)
+	}
+	out, _ = json.MarshalIndent(formatted, "", "  ")
+	if err := os.WriteFile("timestamps.json", append(out, '\n'), 0o644); err != nil {
 		panic(err)
 	}
 }
