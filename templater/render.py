@@ -184,7 +184,11 @@ class _Recorder:
         return [{"name": n.name, "address": n.address, "meta": n.meta} for n in snapshot.nodes]
 
     def _kv(self, path: str, recurse: bool, dc: str | None) -> list[dict[str, Any]]:
-        dep = kv(path, recurse, dc)
+        return self._read(kv(path, recurse, dc))
+
+    def _read(self, dep: Dependency) -> list[Any]:
+        """What the store holds for dep (a KV key or prefix, the datacenters, the agent's node):
+        recorded as used, and as missing while it has not been read."""
         self._effect("used", dep)
         self._effect("query", dep.key)
         entries = self.view.kv(dep.key)
@@ -217,25 +221,14 @@ class _Recorder:
 
     def datacenters(self) -> list[str]:
         """The datacenters Consul knows, in its order (nearest first); [] until first read."""
-        self._effect("used", DATACENTERS)
-        self._effect("query", DATACENTERS.key)
-        found = self.view.kv(DATACENTERS.key)
-        self._atom(("kv", DATACENTERS.key, ""), found)
-        if found is None:
-            self._effect("missing", DATACENTERS)
-            return []
-        return [str(d) for d in found]
+        return [str(d) for d in self._read(DATACENTERS)]
 
     def agent_node(self) -> str:
         """The agent's own node name; "" (the render held) until first read."""
-        self._effect("used", AGENT_NODE)
-        self._effect("query", AGENT_NODE.key)
-        found = self.view.kv(AGENT_NODE.key)
-        self._atom(("kv", AGENT_NODE.key, ""), found)
-        if not found or not found[0]:
+        found = self._read(AGENT_NODE)
+        if found and not found[0]:  # read, but the agent did not say its name
             self._effect("missing", AGENT_NODE)
-            return ""
-        return str(found[0])
+        return str(found[0]) if found else ""
 
     def key_exists(self, path: str, dc: str | None = None) -> bool:
         """Whether the key exists (consul-template's keyExists): never holds the render."""

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from sidecar.once import SayOnce
 from sidecar.threads import Supervisor
@@ -73,17 +73,10 @@ class Sources:
 
         source: Source
         if isinstance(dep, Datacenters):
-            source = BlockingLoop(
-                dep.key, "/v1/catalog/datacenters", {}, self.fetcher,
-                lambda data, _index: self._store.publish_kv(dep.key, [d for d in data or [] if isinstance(d, str)]),
-                on_state, self.watch_settings, supervisor=self.supervisor, poll=DATACENTERS_POLL,
-            )  # fmt: skip
+            source = self._polled(dep.key, "/v1/catalog/datacenters", DATACENTERS_POLL, on_state,
+                                  lambda data: [d for d in data or [] if isinstance(d, str)])  # fmt: skip
         elif isinstance(dep, AgentNode):
-            source = BlockingLoop(
-                dep.key, "/v1/agent/self", {}, self.fetcher,
-                lambda data, _index: self._store.publish_kv(dep.key, [_node_name(data)]),
-                on_state, self.watch_settings, supervisor=self.supervisor, poll=AGENT_POLL,
-            )  # fmt: skip
+            source = self._polled(dep.key, "/v1/agent/self", AGENT_POLL, on_state, lambda data: [_node_name(data)])
         elif isinstance(dep, Catalog):
             source = CatalogSource(
                 dep, self.fetcher, self._store.publish_catalog, on_state, self.watch_settings, self._warn,
@@ -94,6 +87,16 @@ class Sources:
         log.info("watching %s", dep.key)
         self.by_key[dep.key] = source
         source.start()
+
+    def _polled(
+        self, key: str, path: str, poll: float, on_state: Callable[[str, bool, str], None],
+        shape: Callable[[Any], list[Any]],
+    ) -> BlockingLoop:  # fmt: skip
+        """An endpoint with no blocking query, asked every poll seconds; its answer shaped for the store."""
+        return BlockingLoop(
+            key, path, {}, self.fetcher, lambda data, _index: self._store.publish_kv(key, shape(data)), on_state,
+            self.watch_settings, supervisor=self.supervisor, poll=poll,
+        )  # fmt: skip
 
     def keep_only(self, used: set[str]) -> None:
         for key in sorted(set(self.by_key) - used):

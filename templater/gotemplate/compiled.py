@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from templater.gotemplate import gofmt
-from templater.gotemplate.execute import BUILTINS, truth
+from templater.gotemplate.execute import BUILTINS, range_items, truth
 from templater.gotemplate.gofmt import MISSING
 from templater.gotemplate.parse import (
     ActionNode,
@@ -117,14 +117,10 @@ def _eq(a: Any, b: Any) -> bool:
 
 
 def _items(value: Any) -> Any:
-    """What a range walks: (index, element) pairs; maps in key order."""
-    if value is None or value is MISSING:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return enumerate(value)
-    if isinstance(value, Mapping):
-        return [(k, value[k]) for k in sorted(value, key=gofmt._sort_key)]
-    raise Fallback
+    found = range_items(value)
+    if found is None:
+        raise Fallback
+    return found
 
 
 def _and_or(want: bool, *thunks: Callable[[], Any]) -> Any:

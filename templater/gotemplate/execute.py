@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from templater.gotemplate import gofmt
@@ -54,6 +54,18 @@ class _Continue(Exception):
 
 class ExecError(GoTemplateError):
     pass
+
+
+def range_items(value: Any) -> Iterable[tuple[Any, Any]] | None:
+    """What a range walks: (index, element) pairs, a map's in key order; None when Go cannot range
+    over the value (a string or a number, in Go 1.19)."""
+    if value is None or value is MISSING:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return enumerate(value)
+    if isinstance(value, Mapping):
+        return [(k, value[k]) for k in sorted(value, key=gofmt.sort_key)]
+    return None
 
 
 def truth(v: Any) -> bool:
@@ -147,14 +159,10 @@ class _State:
             del self.vars[mark:]
 
     def range(self, dot: Any, node: BranchNode, value: Any, mark: int) -> None:
-        if value is None or value is MISSING:
-            items: list[tuple[Any, Any]] = []
-        elif isinstance(value, Mapping):
-            items = [(k, value[k]) for k in sorted(value, key=gofmt._sort_key)]
-        elif isinstance(value, (list, tuple)):
-            items = list(enumerate(value))
-        else:  # at the pipeline's last node, as Go says it
+        found = range_items(value)
+        if found is None:  # at the pipeline's last node, as Go says it
             raise self.error(f"range can't iterate over {gofmt.value(value)}")
+        items = list(found)
         decl = node.pipe.decl
         body_mark = len(self.vars)
         for index, elem in items:

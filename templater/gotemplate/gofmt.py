@@ -116,7 +116,7 @@ def value(v: Any, top: bool = True) -> str:
     if isinstance(v, bytes):
         return "[" + " ".join(str(b) for b in v) + "]"
     if isinstance(v, Mapping):
-        items = sorted(v.items(), key=lambda kv: _sort_key(kv[0]))
+        items = sorted(v.items(), key=lambda kv: sort_key(kv[0]))
         return "map[" + " ".join(f"{value(k, False)}:{value(x, False)}" for k, x in items) + "]"
     if isinstance(v, (list, tuple)):
         return "[" + " ".join(value(x, False) for x in v) + "]"
@@ -127,7 +127,8 @@ def value(v: Any, top: bool = True) -> str:
     return str(v)
 
 
-def _sort_key(key: Any) -> tuple[int, Any]:
+def sort_key(key: Any) -> tuple[int, Any]:
+    """Map keys in the order Go's fmt and range take them: booleans, numbers, then text."""
     if isinstance(key, bool):
         return (0, key)
     if isinstance(key, (int, float)):

@@ -152,6 +152,14 @@ def test_consul_templates_helpers_and_their_argument_orders(source: str, expecte
     assert text(source) == expected
 
 
+def test_the_parser_knows_exactly_the_functions_a_render_hands_out():
+    """KNOWN (what a template may name, checked when it is parsed) and the function map agree."""
+    from templater.ct_functions import KNOWN, function_map
+    from templater.gotemplate.execute import BUILTINS
+
+    assert set(BUILTINS) | set(function_map({"service": None, "services": None, "nodes": None})) == KNOWN
+
+
 @pytest.mark.parametrize(
     ("source", "said"),
     [

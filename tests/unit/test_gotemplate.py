@@ -32,6 +32,11 @@ FUNCS: dict[str, Any] = {  # the same stubs as gen.go's
 }
 
 
+# the successful cases the compiled code hands to the reference executor: a nil argument (`eq .Nil
+# nil`) is not compiled, and a field of the nil dot of `{{ template "row" }}` is the reference's
+HANDED_BACK = {"eq", "define_template"}
+
+
 def trees_of(case: dict[str, Any]) -> Any:
     return parse(case["name"], case["template"], lambda n: n in BUILTINS or n in FUNCS,
                  case.get("left") or "{{", case.get("right") or "}}")  # fmt: skip
@@ -54,7 +59,7 @@ def test_renders_as_go_renders(case: dict[str, Any]):
     expected = EXPECTED[case["name"]]
     if not expected["error"]:
         assert render(case) == expected["output"]
-        assert compiled(case) in (expected["output"], None)
+        assert compiled(case) == (None if case["name"] in HANDED_BACK else expected["output"])
         return
     assert compiled(case) is None  # an error is always the reference executor's to say
     with pytest.raises(GoTemplateError) as err:
