@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from registrar.authz import DRAIN_MARK
 from registrar.confirm import CatalogConfirmer
 from registrar.consul_registry import MAINTENANCE_MARK, Registry, is_ours
 from registrar.errors import ConsulRejected
@@ -91,6 +92,7 @@ class AgentBook:
         self.want_maintenance: set[str] = set()
         self.maintenance_reason: dict[str, str] = {}  # what the Consul UI shows as the reason
         self.agent_maintenance: set[str] = set()
+        self.drained_by_plugin: set[str] = set()  # a stop the drain plugin saw; lifted on a start
         self.refusals = Refusals()
         self.confirmer = CatalogConfirmer(registry, self.registration_of)
         self._plan_said = SayOnce()  # the same plan retried every second is said once
@@ -146,6 +148,11 @@ class AgentBook:
         self.counts["deregistered"] += 1
         log.info("deregistered %s", kv(id=service_id))
 
+    def lifted_on_start(self) -> set[str]:
+        """The maintenances a container's fresh start ends: the registrar's, and the drain
+        plugin's (a container stopped, kept registered by --deregister, started again)."""
+        return self.want_maintenance | self.agent_maintenance | self.drained_by_plugin
+
     def maintenance(self, service_id: str, enable: bool) -> None:
         reason = self.maintenance_reason.get(service_id, "Draining") if enable else ""
         if not enable:
@@ -186,6 +193,7 @@ class AgentBook:
         registered that it did not have (their probes start again)."""
         agent = state.services
         self.agent_maintenance = {sid for sid, reason in state.maintenance.items() if is_ours(reason)}
+        self.drained_by_plugin = {sid for sid, reason in state.maintenance.items() if reason.endswith(DRAIN_MARK)}
         for check_id, (_, status) in state.checks.items():
             if check_id.startswith("service:"):
                 self.known_status[check_id] = status

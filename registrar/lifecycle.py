@@ -111,8 +111,9 @@ class Lifecycle:
                 self._book.register(service, tracked, intent.event_ns)
                 if intent.fresh or old is None:  # also containers found running at start
                     self.start_probes(service, generation)
-            if intent.fresh and not paused and service.id in self._book.want_maintenance | self._book.agent_maintenance:
+            if intent.fresh and not paused and service.id in self._book.lifted_on_start():
                 self._book.want_maintenance.discard(service.id)
+                self._book.drained_by_plugin.discard(service.id)
                 self._book.maintenance(service.id, False)
             elif paused and service.id not in self._book.want_maintenance:
                 self._book.want_maintenance.add(service.id)

@@ -1,6 +1,10 @@
 # Sourced by test.sh and run.sh: start dockerd when no Docker engine answers.
-# STARTED_DOCKERD_PID is set only when this shell started it.
+# STARTED_DOCKERD_PID is set only when this shell started it. A dockerd started here reads its
+# settings from ENGINE_CONFIG (--config-file), where the drain plugin (sidecar-drain
+# --engine-config) adds itself to `authorization-plugins` while it runs; SIDECAR_ENGINE_CONFIG
+# and SIDECAR_ENGINE_PID tell the plugin (and the tests) where that is.
 STARTED_DOCKERD_PID=""
+ENGINE_CONFIG="${ENGINE_CONFIG:-/tmp/consul-sidecar-daemon.json}"
 
 docker_answers() {
     docker info >/dev/null 2>&1
@@ -11,8 +15,10 @@ ensure_dockerd() {
         return 0
     fi
     echo "[engine] no Docker engine answers: starting dockerd (log /tmp/consul-sidecar-dockerd.log)" >&2
-    dockerd >/tmp/consul-sidecar-dockerd.log 2>&1 &
+    echo '{}' >"$ENGINE_CONFIG"  # no plugin until one listens (a killed one may have left itself in)
+    dockerd --config-file "$ENGINE_CONFIG" >/tmp/consul-sidecar-dockerd.log 2>&1 &
     STARTED_DOCKERD_PID=$!
+    export SIDECAR_ENGINE_CONFIG="$ENGINE_CONFIG" SIDECAR_ENGINE_PID="$STARTED_DOCKERD_PID"
     for _ in $(seq 1 60); do
         docker_answers && return 0
         sleep 0.5

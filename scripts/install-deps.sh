@@ -69,3 +69,23 @@ if ! "$VENV/bin/python" -c 'import registrar, templater, consul, docker, jinja2,
     "$VENV/bin/pip" install -q -e "$ROOT[dev]"
     touch "$VENV/.installed"
 fi
+
+# `docker compose` (Compose v2, a CLI plugin): bookworm has only docker-compose 1.29. Take the
+# plugin binary alone from trixie's docker-compose package (it needs only libc6); the 1.29
+# command stays as it is.
+if ! docker compose version >/dev/null 2>&1; then
+    log "docker compose: the CLI plugin from trixie's docker-compose 2.26.1-4"
+    apt_dir="$(mktemp -d)"
+    chmod 755 "$apt_dir"  # apt's _apt user fetches into it
+    echo "deb http://deb.debian.org/debian trixie main" >"$apt_dir/sources.list"
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+    apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=-
+              -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -qq)
+    apt-get "${apt_opts[@]}" update
+    (cd "$apt_dir" && apt-get "${apt_opts[@]}" download docker-compose=2.26.1-4 2>/dev/null)
+    dpkg-deb --fsys-tarfile "$apt_dir"/docker-compose_2.26.1-4_amd64.deb \
+        | tar -x -C "$apt_dir" ./usr/libexec/docker/cli-plugins/docker-compose
+    install -D -m 755 "$apt_dir/usr/libexec/docker/cli-plugins/docker-compose" \
+        /usr/local/lib/docker/cli-plugins/docker-compose
+    rm -rf "$apt_dir"
+fi

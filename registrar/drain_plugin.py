@@ -1,0 +1,222 @@
+"""The drain plugin's worker: a Docker authorization plugin that drains before a container stops.
+
+The engine asks it before every API call and waits for the answer. Every call but the stopping
+ones (registrar.authz) is allowed at once, without I/O. For a stop of a container with services
+on the local Consul agent, the worker puts those services in maintenance (every host's proxy
+drops them), waits the drain time, and only then allows the call: the container gets its signal
+when no proxy sends it anything. A container without services is allowed at once.
+
+It never refuses a call: Consul down or slow, a bad answer, anything unexpected ends the wait
+(bounded by --consul-wait) with one log line saying why draining was skipped, and the call goes
+ahead. After the call (AuthZRes) a failed stop or a restart lifts the maintenance it set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+from registrar import authz
+from registrar.consul_registry import Registry
+from registrar.model import now_text
+from sidecar.logs import kv
+
+log = logging.getLogger("registrar.drain")
+
+ACTIVATE = "/Plugin.Activate"
+REQUEST = "/AuthZPlugin.AuthZReq"
+RESPONSE = "/AuthZPlugin.AuthZRes"
+MAX_BODY = 1 << 20  # the engine sends request bodies too; stops have none worth reading
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    drain: float  # seconds between the maintenance and the allowed stop
+    consul_wait: float  # at most this long for the agent's answers, then the stop goes ahead
+
+
+def bounded(call: Callable[[], Any], seconds: float) -> Any:
+    """call() in its own thread, waited for at most seconds; TimeoutError after that (the thread
+    is left to finish on its own: a hung Consul never holds a Docker call)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as err:  # handed to the waiting thread
+            box["error"] = err
+
+    thread = threading.Thread(target=run, name="drain-consul", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer from Consul within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+class Drainer:
+    """What the plugin does with each request; registry is the local agent."""
+
+    def __init__(self, registry: Registry, settings: DrainSettings) -> None:
+        self._registry = registry
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._held: dict[authz.Stopping, list[str]] = {}  # maintenance set, until the answer
+        self.drains = 0
+        self.skipped = 0
+        self.busy = 0  # stopping calls not answered yet
+
+    def _maintain(self, stop: authz.Stopping) -> list[str]:
+        state = self._registry.agent_state(services=True, checks=True)
+        sids = [sid for sid in authz.services_of(stop.ref, state.services) if sid not in state.maintenance]
+        why = authz.reason(stop, now_text())
+        for sid in sids:
+            self._registry.maintenance(sid, True, why)
+        return sids
+
+    def _lift(self, sids: list[str]) -> None:
+        for sid in sids:
+            self._registry.maintenance(sid, False)
+
+    def request(self, body: dict[str, Any]) -> dict[str, object]:
+        stop = authz.stopping(str(body.get("RequestMethod") or ""), str(body.get("RequestUri") or ""))
+        if stop is None:
+            return authz.allow()
+        with self._lock:
+            self.busy += 1
+        try:
+            return self._drain(stop)
+        finally:
+            with self._lock:
+                self.busy -= 1
+
+    def _drain(self, stop: authz.Stopping) -> dict[str, object]:
+        started = time.monotonic()
+        try:
+            sids: list[str] = bounded(lambda: self._maintain(stop), self._settings.consul_wait)
+        except Exception as err:  # never refuse a call: go ahead undrained, and say why
+            self.skipped += 1
+            log.warning("draining skipped %s", kv(call=str(stop), why=str(err) or type(err).__name__))
+            return authz.allow()
+        if not sids:
+            return authz.allow()
+        with self._lock:
+            self._held[stop] = sids
+            self.drains += 1
+        time.sleep(max(0.0, self._settings.drain - (time.monotonic() - started)))
+        log.info("drained %s", kv(call=str(stop), services=",".join(sids), took=f"{time.monotonic() - started:.2f}s"))
+        return authz.allow()
+
+    def response(self, body: dict[str, Any]) -> dict[str, object]:
+        stop = authz.stopping(str(body.get("RequestMethod") or ""), str(body.get("RequestUri") or ""))
+        if stop is None:
+            return authz.allow()
+        with self._lock:
+            sids = self._held.pop(stop, [])
+        status = int(body.get("ResponseStatusCode") or 0)
+        failed = status >= 400
+        if sids and (failed or stop.action == "restart"):  # still or again running: routable
+            try:
+                bounded(lambda: self._lift(sids), self._settings.consul_wait)
+            except Exception as err:
+                log.warning("maintenance left on %s", kv(call=str(stop), services=",".join(sids), why=str(err)))
+            else:
+                log.info("undrained %s", kv(call=str(stop), status=status, services=",".join(sids)))
+        return authz.allow()
+
+
+def _handler(drainer: Drainer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # the engine keeps its connection
+
+        def address_string(self) -> str:
+            return "engine"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(min(length, MAX_BODY)) if length else b""
+            if length > MAX_BODY:  # drain the rest unread
+                left = length - MAX_BODY
+                while left > 0:
+                    left -= len(self.rfile.read(min(left, 1 << 16)) or b"x" * left)
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                body = {}
+            if not isinstance(body, dict):
+                body = {}
+            if self.path == ACTIVATE:
+                answer: dict[str, object] = {"Implements": ["authz"]}
+            elif self.path == REQUEST:
+                answer = drainer.request(body)
+            elif self.path == RESPONSE:
+                answer = drainer.response(body)
+            else:
+                answer = {"Err": f"unknown call {self.path}"}
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.docker.plugins.v1+json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, listener: socket.socket, handler: type[BaseHTTPRequestHandler], beat: Callable[[], None]):
+        super().__init__("", handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self._beat = beat
+
+    def service_actions(self) -> None:
+        self._beat()
+
+
+def serve(listener: socket.socket, drainer: Drainer, heartbeat_fd: int | None, stop: threading.Event) -> None:
+    """Answer the engine on a socket the guard listens on, until stop; write a byte to
+    heartbeat_fd on every turn of the loop (the guard restarts a worker whose loop stalls)."""
+    guard = os.getppid()
+
+    def beat() -> None:
+        if heartbeat_fd is not None:
+            try:
+                os.write(heartbeat_fd, b".")
+            except BlockingIOError:
+                pass
+            except OSError:  # the guard is gone
+                stop.set()
+        if heartbeat_fd is not None and os.getppid() != guard:
+            stop.set()
+        if stop.is_set():
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    server = _Server(listener, _handler(drainer), beat)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+
+
+def wait_readable(fd: int, seconds: float) -> bool:
+    ready, _, _ = select.select([fd], [], [], seconds)
+    return bool(ready)
