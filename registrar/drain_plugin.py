@@ -28,6 +28,7 @@ from typing import Any
 
 from registrar import authz
 from registrar.consul_registry import Registry
+from registrar.errors import ConsulRejected
 from registrar.model import now_text
 from sidecar.logs import kv
 
@@ -88,7 +89,11 @@ class Drainer:
 
     def _lift(self, sids: list[str]) -> None:
         for sid in sids:
-            self._registry.maintenance(sid, False)
+            try:
+                self._registry.maintenance(sid, False)
+            except ConsulRejected as err:  # gone with the container (registered afresh when it starts)
+                if "404" not in str(err):
+                    raise
 
     def request(self, body: dict[str, Any]) -> dict[str, object]:
         stop = authz.stopping(str(body.get("RequestMethod") or ""), str(body.get("RequestUri") or ""))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -10,6 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from devtools.demo_image import ensure_keepalive_image
 from tests.support import (
     ROOT,
     ConsulAgent,
@@ -149,3 +151,12 @@ def proxy_stack(consul, registrar, templater, tmp_path):
         return port, proc
 
     return start
+
+
+@pytest.fixture(scope="session")
+def keepalive_image(docker_engine: docker.DockerClient) -> str:
+    """The keep-alive backend's image (devtools/keepalive_backend.py) on the cached Debian base."""
+    base = subprocess.run([str(ROOT / "scripts" / "base-image.sh")], capture_output=True, text=True, timeout=900)
+    if base.returncode != 0:
+        pytest.fail(f"the Debian base image for the keep-alive backend could not be made:\n{base.stderr[-2000:]}")
+    return ensure_keepalive_image(docker_engine, base.stdout.strip())

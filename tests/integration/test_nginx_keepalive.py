@@ -8,19 +8,10 @@ import time
 
 import pytest
 
-from devtools.demo_image import ensure_keepalive_image
 from tests.support import ROOT, wait_until
 from tests.traffic import Load, served_by, serving_web, web, web_keepalive
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def keepalive_image(docker_engine) -> str:
-    base = subprocess.run([str(ROOT / "scripts" / "base-image.sh")], capture_output=True, text=True, timeout=900)
-    if base.returncode != 0:
-        pytest.fail(f"the Debian base image for the keep-alive backend could not be made:\n{base.stderr[-2000:]}")
-    return ensure_keepalive_image(docker_engine, base.stdout.strip())
 
 
 def upstream_address(c, internal: bool, containers) -> str:

@@ -1,0 +1,262 @@
+"""Plain `docker stop` drains first (issue 25): sidecar-drain, the engine's authorization plugin,
+with the real engine, registrar, templater and both proxies, and the backends that close their
+listener the moment they get SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import IMAGE, TEST_LABEL, Process, wait_until
+from tests.traffic import WEB_LABELS, Load, get
+
+pytestmark = pytest.mark.integration
+
+# busybox httpd that closes its listener at once on SIGTERM (in-flight requests still finish)
+SERVE_CLOSING = "trap 'kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait"
+DRAIN = "1s"
+
+
+class Plugin:
+    def __init__(self, proc: Process, name: str, config: Path) -> None:
+        self.proc, self.name, self.config = proc, name, config
+
+    def enabled(self) -> bool:
+        text = self.config.read_text()
+        return self.name in (json.loads(text).get("authorization-plugins") or []) if text.strip() else False
+
+    def worker_pid(self) -> int:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.proc.pid)], capture_output=True, text=True).stdout
+        return int(out.split()[0])
+
+
+@pytest.fixture
+def drain_plugin(consul, workdir):
+    """A factory: drain_plugin(consul_url=...) runs sidecar-drain against the engine the suite
+    started (scripts/engine.sh: its --config-file); stopped at the end, and out of the engine."""
+    config, pid = os.environ.get("SIDECAR_ENGINE_CONFIG"), os.environ.get("SIDECAR_ENGINE_PID")
+    if not config or not pid:
+        pytest.skip("the engine was not started by scripts/engine.sh (no SIDECAR_ENGINE_CONFIG): "
+                    "the drain plugin has no engine configuration to add itself to")  # fmt: skip
+    started: list[Plugin] = []
+
+    def start(consul_url: str = consul.url, *extra: str) -> Plugin:
+        name = f"consul-sidecar-drain-t{os.getpid()}-{len(started)}"
+        args = ["--consul", consul_url, "--socket", f"/run/docker/plugins/{name}.sock", "--drain", DRAIN,
+                "--engine-config", config, "--engine-pid", pid, *extra]  # fmt: skip
+        proc = Process("registrar.drain_guard", args, workdir)
+        plugin = Plugin(proc, name, Path(config))
+        started.append(plugin)
+        wait_until(lambda: "serving plugin=" in proc.output() or not proc.alive(), timeout=15, what="plugin up")
+        assert proc.alive(), proc.output()
+        assert plugin.enabled()
+        return plugin
+
+    yield start
+    for plugin in started:
+        plugin.proc.stop(timeout=15)
+        assert not plugin.enabled(), plugin.proc.output()[-2000:]
+
+
+def docker_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def marker(kind: str, container, containers) -> str:
+    """What X-Served-By shows for a backend: HAProxy's server name holds the container's name,
+    NGINX's upstream its published port."""
+    return container.name if kind == "haproxy" else f"127.0.0.1:{containers.host_port(container)}"
+
+
+def serving(port: int, kind: str, container, containers) -> bool:
+    try:
+        mark = marker(kind, container, containers)
+    except (KeyError, TypeError, IndexError):  # no port yet (restarting)
+        return False
+    return any(mark in get(port, "app.test", "/index.html")[1] for _ in range(8))
+
+
+def settled(port: int) -> bool:
+    """Every request answered: after a reload NGINX's old worker, whose config may predate the
+    backends, takes new connections beside the new one for a moment."""
+    return all(get(port, "app.test", "/index.html")[0] == 200 for _ in range(20))
+
+
+def backend(containers, image: str | None):
+    if image is None:
+        return containers.run(labels=WEB_LABELS, command=SERVE_CLOSING, stop_signal="SIGTERM")
+    return containers.run(labels=WEB_LABELS, command=None, image=image, stop_signal="SIGTERM")
+
+
+COMPOSE = """version: "2.4"
+services:
+  web:
+    image: {image}
+    {command}
+    labels: {labels}
+    ports: ["127.0.0.1::8080"]
+    stop_signal: SIGTERM
+    stop_grace_period: 5s
+"""
+
+
+def compose_up(tool: list[str], directory: Path, project: str, image: str, command: str | None, session: str):
+    labels = {TEST_LABEL: session, **WEB_LABELS}
+    escaped = command.replace("$", "$$") if command else None  # compose interpolates $name
+    line = f"command: {json.dumps(['sh', '-c', escaped])}" if escaped else ""
+    (directory / "compose.yaml").write_text(COMPOSE.format(image=image, command=line, labels=json.dumps(labels)))
+    up = subprocess.run([*tool, "-p", project, "-f", str(directory / "compose.yaml"), "up", "-d"],
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert up.returncode == 0, up.stderr
+
+
+CLIENTS = ["docker stop", "docker restart", "docker rm -f", "docker-compose down", "docker compose down"]
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "nginx"])
+@pytest.mark.parametrize("client", CLIENTS)
+def test_any_client_stops_a_backend_under_load_without_a_failed_request(
+    consul, containers, docker_engine, proxy_stack, drain_plugin, keepalive_image, tmp_path, kind, client
+):
+    """Backends that close their listener at once, stopped by each client under load: zero
+    failures, GET or POST. Each client meets the busybox backend through one proxy and the
+    keep-alive one through the other."""
+    image = keepalive_image if (CLIENTS.index(client) + (kind == "nginx")) % 2 else None
+    extra = ("--drain-timeout", "10s") if kind == "haproxy" else ("--wait", "50ms:500ms")
+    port, proc = proxy_stack(kind, *extra)
+    plugin = drain_plugin()
+    others = [backend(containers, image) for _ in range(2)]
+    project = f"drain{containers.session}{CLIENTS.index(client)}{kind[0]}"
+    tool = ["docker-compose"] if client.startswith("docker-compose") else ["docker", "compose"]
+    down = [*tool, "-p", project, "-f", str(tmp_path / "compose.yaml"), "down"]
+    if client.endswith("down"):
+        compose_up(tool, tmp_path, project, image or IMAGE, None if image else SERVE_CLOSING, containers.session)
+        target = docker_engine.containers.list(filters={"label": f"com.docker.compose.project={project}"})[0]
+    else:
+        target = backend(containers, image)
+    try:
+        drain_one(port, kind, proc, plugin, consul, containers, [*others, target], client, down)
+    finally:
+        if client.endswith("down"):  # its network too, when the test failed before its own down
+            subprocess.run(down, capture_output=True, timeout=120)
+
+
+def drain_one(port, kind, proc, plugin, consul, containers, backends, client, down) -> None:
+    target = backends[-1]
+    wait_until(lambda: all(serving(port, kind, c, containers) for c in backends), timeout=30,
+               what="3 backends serving")  # fmt: skip
+    wait_until(lambda: settled(port), timeout=10, what="every request answered")
+    command = {
+        "docker stop": ["docker", "stop", "-t", "5", target.name],
+        "docker restart": ["docker", "restart", "-t", "5", target.name],
+        "docker rm -f": ["docker", "rm", "-f", target.name],
+    }.get(client, down)
+    with Load(port, "app.test") as load:
+        time.sleep(1)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        if client == "docker restart":  # routable again once it serves
+            wait_until(lambda: serving(port, kind, target, containers), timeout=20, what="restarted backend serving")
+        time.sleep(1)
+    assert load.ok > 50
+    assert load.failures == [], (load.failures[:10], plugin.proc.output()[-3000:], proc.output()[-3000:])
+    short = target.id[:12]
+    drained = [line for line in plugin.proc.output().splitlines() if "drained call=" in line]
+    assert any(target.name in line or short in line for line in drained), plugin.proc.output()[-3000:]
+    if client == "docker restart":
+        assert "undrained call='restart" in plugin.proc.output()
+        lifted = lambda: not [c for c in consul.checks() if c.startswith("_service_maintenance:")]  # noqa: E731
+        wait_until(lifted, timeout=10, what="maintenance lifted")
+
+
+def test_a_killed_or_hung_worker_never_holds_docker_and_the_guard_restarts_it(containers, drain_plugin):
+    plugin = drain_plugin()
+    os.kill(plugin.worker_pid(), signal.SIGKILL)
+    started = time.monotonic()
+    listed = docker_cli("ps", "-q", timeout=20)
+    assert listed.returncode == 0, listed.stderr
+    killed_wait = time.monotonic() - started
+    wait_until(lambda: "worker exited: restarting it" in plugin.proc.output(), timeout=5, what="restart logged")
+    hung = plugin.worker_pid()
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        listed = docker_cli("ps", "-q", timeout=20)
+        hung_wait = time.monotonic() - started
+        assert listed.returncode == 0, listed.stderr
+        c = containers.run(command="trap 'exit 0' TERM; sleep 300 & wait")  # docker run, then docker stop
+        stopped = docker_cli("stop", c.name, timeout=20)
+        assert stopped.returncode == 0, stopped.stderr
+    finally:
+        with_stopped = Path(f"/proc/{hung}")
+        if with_stopped.exists():
+            os.kill(hung, signal.SIGCONT)
+    assert "worker hung: restarting it" in plugin.proc.output()
+    assert plugin.enabled()  # still in the engine, and serving again
+    # not a speed target: the bound that makes Docker usable (the engine alone would wait 30 s)
+    assert killed_wait < 10 and hung_wait < 10, (killed_wait, hung_wait)
+
+
+def test_a_killed_guard_takes_the_plugin_out_of_the_engine(drain_plugin):
+    plugin = drain_plugin()
+    worker = plugin.worker_pid()
+    os.kill(plugin.proc.proc.pid, signal.SIGKILL)
+    plugin.proc.proc.wait()
+    wait_until(lambda: not plugin.enabled(), timeout=10, what="plugin taken out")
+    wait_until(lambda: not Path(f"/proc/{worker}").exists(), timeout=10, what="worker gone")
+    assert "its guard process is gone" in plugin.proc.output()
+    listed = docker_cli("ps", "-q", timeout=20)
+    assert listed.returncode == 0, listed.stderr
+
+
+def test_a_hung_consul_lets_the_stop_go_ahead_and_says_why(containers, drain_plugin):
+    """The agent accepts the connection and never answers: the stop waits --consul-wait, not more."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def hold() -> None:  # accept and say nothing
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        plugin = drain_plugin(f"http://127.0.0.1:{silent.getsockname()[1]}", "--consul-wait", "1s")
+        c = containers.run(command="trap 'exit 0' TERM; sleep 300 & wait")
+        done = docker_cli("stop", c.name, timeout=30)
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: "draining skipped" in plugin.proc.output(), timeout=5, what="skip logged")
+        line = next(x for x in plugin.proc.output().splitlines() if "draining skipped" in x)
+        assert f"call='stop {c.name}'" in line and "no answer from Consul within 1 s" in line, line
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        silent.close()
+
+
+def test_a_container_without_services_is_not_drained(consul, containers, registrar, drain_plugin):
+    registrar()
+    plugin = drain_plugin()
+    plain = containers.run(command="trap 'exit 0' TERM; sleep 300 & wait", ports=())  # no port: no service
+    done = docker_cli("stop", plain.name)
+    assert done.returncode == 0, done.stderr
+    time.sleep(0.5)
+    assert plain.name not in plugin.proc.output() and plain.id[:12] not in plugin.proc.output()
+    assert plugin.proc.output().count("drained call=") == 0
