@@ -8,8 +8,9 @@ For each proxy, prints:
   while backends are killed abruptly, and while the Consul agent restarts and loses its state:
   requests, failed GET / POST, latency p50 / p99, proxy reloads and runtime-API updates; with
   busybox backends (no keep-alive) and with keep-alive backends that close idle connections on
-  SIGTERM (devtools/keepalive_backend.py), replaced with docker stop and with sidecar-stop (drain
-  first: "sidecar-stop (keep-alive)");
+  SIGTERM (devtools/keepalive_backend.py), replaced with docker stop, with sidecar-stop (drain
+  first: "sidecar-stop (keep-alive)") and, on an engine scripts/engine.sh started, with plain
+  docker stop while the drain plugin runs ("stop+sidecar-drain (keep-alive)", issue 25);
 - a burst of 20 containers started at once: time until all serve, reloads it cost;
 - NGINX only, with 500 routed services: time for a reload to be taken, old workers left after
   it, memory of the NGINX processes.
@@ -54,6 +55,7 @@ from tests.support import (
     tempdir,
     wait_until,
 )
+from tests.support.drain import DrainPlugin, engine_config
 from tests.traffic import Load, get, served_by, serving_web, started_at, web, web_keepalive
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
@@ -138,9 +140,12 @@ def new_backend(stack: Stack, image: str | None) -> Any:
 def under_load(stack: Stack, scenario: str, image: str | None = None) -> dict[str, Any]:
     backends = serving_web(stack.containers, 3, stack.serving, image=image)
     before = stack.metrics()
+    plugin = None
+    if scenario == "plugin":  # plain docker stop, the engine asking sidecar-drain first
+        plugin = DrainPlugin(stack.agent.url, stack.work, f"consul-sidecar-drain-p{uuid.uuid4().hex[:6]}", "1s")
     with Load(stack.port, "app.test") as load:
         time.sleep(1)
-        if scenario in ("replace", "drained"):
+        if scenario in ("replace", "drained", "plugin"):
             for c in list(backends):
                 new = new_backend(stack, image)
                 wait_until(lambda n=new: stack.serving(n), timeout=20, what="replacement serving")
@@ -158,6 +163,8 @@ def under_load(stack: Stack, scenario: str, image: str | None = None) -> dict[st
             stack.agent.restart()
             wait_until(lambda: len(stack.agent.health("web", passing=True)) == 3, timeout=20, what="registered again")
         time.sleep(1)
+    if plugin is not None:
+        plugin.stop()
     after = stack.metrics()
     for c in backends:
         c.remove(force=True)
@@ -268,12 +275,13 @@ def main() -> int:
                 print(f"{'scenario':26} {'requests':>8} {'fail GET':>8} {'fail POST':>9} {'p50 ms':>7} "
                       f"{'p99 ms':>7} {'reloads':>7} {'runtime':>7}")  # fmt: skip
                 runs = [(s, None) for s in ("replace", "kill", "consul-restart")]
-                runs += [(s, keepalive) for s in ("replace", "drained") for _ in range(args.repeat)]
+                plain = ("replace", "drained", "plugin") if engine_config() else ("replace", "drained")
+                runs += [(s, keepalive) for s in plain for _ in range(args.repeat)]
                 runs += [("kill", keepalive)]
                 for scenario, image in runs:
                     r = under_load(stack, scenario, image)
                     label = f"{scenario} ({'keep-alive' if image else 'busybox'})"
-                    label = label.replace("drained", "sidecar-stop")
+                    label = label.replace("drained", "sidecar-stop").replace("plugin", "stop+sidecar-drain")
                     print(
                         f"{label:26} {r['requests']:>8} {r['failed_get']:>8} {r['failed_post']:>9} "
                         f"{r['p50']:>7.1f} {r['p99']:>7.1f} {r['reloads']:>7.0f} {r['runtime']:>7.0f}"

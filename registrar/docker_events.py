@@ -116,6 +116,14 @@ class DockerSource:
         except (requests.RequestException, docker.errors.DockerException) as err:
             raise self._wrap(f"stop {container_id[:12]}", err) from err
 
+    def authorization_plugins(self) -> list[str]:
+        """The engine's authorization plugins (docker info), in the order it asks them."""
+        try:
+            info: dict[str, Any] = self._api().info()
+        except (requests.RequestException, docker.errors.DockerException) as err:
+            raise self._wrap("info", err) from err
+        return [str(p) for p in (info.get("Plugins") or {}).get("Authorization") or []]
+
     def inspect(self, container_id: str) -> dict[str, Any] | None:
         """The container's inspect data, or None when it no longer exists."""
         try:

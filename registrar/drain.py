@@ -9,6 +9,11 @@ This command puts the container's services in maintenance first (the proxies of 
 them), waits `--drain`, and only then stops the container. The registrar never lifts a
 maintenance it did not set, and deregisters the services when the container is gone.
 
+Where the engine runs the drain plugin (sidecar-drain, registrar.drain_guard), plain docker stop
+and every other client drain the same way, and this command says so: it is needed only on
+engines without the plugin. It still works there (the plugin finds the services already in
+maintenance and does not wait again).
+
     sidecar-stop [--consul URL] [--token-file F] [--docker URL] [--drain 2s] [-t SECONDS] CONTAINER...
 """
 
@@ -16,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from registrar.consul_registry import ConsulRegistry
@@ -27,6 +34,9 @@ from registrar.model import Held, now_text
 from sidecar.consul_conn import add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
 from sidecar.errors import SidecarError
+
+PLUGIN_PREFIX = "consul-sidecar-drain"  # registrar.drain_guard's default plugin name, and the tests'
+PLUGIN_DIR = Path("/run/docker/plugins")
 
 
 def services_of(agent_services: Mapping[str, Held], container_id: str) -> list[str]:
@@ -58,6 +68,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--time", type=int, default=None, help="seconds to wait for it to stop before killing it")
     p.add_argument("containers", nargs="+", metavar="CONTAINER", help="name or ID")
     return p
+
+
+def answering_plugins(directory: Path = PLUGIN_DIR) -> list[str]:
+    """The drain plugins whose socket answers here (dockerd's plugin directory), by name. The
+    engine's `docker info` lists only the plugins it started with, not one added by a reload."""
+    found = []
+    for path in sorted(directory.glob(f"{PLUGIN_PREFIX}*.sock")):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(0.5)
+                conn.connect(str(path))
+                conn.sendall(b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\nContent-Length: 0\r\n\r\n")
+                if b'"authz"' in conn.recv(4096):
+                    found.append(path.name[: -len(".sock")])
+        except OSError:
+            continue
+    return found
+
+
+def plugin_note(docker: DockerSource) -> str | None:
+    """A note when the engine runs the drain plugin (its name starts consul-sidecar-drain)."""
+    try:
+        listed = docker.authorization_plugins()
+    except SidecarError:
+        listed = []
+    ours = [p for p in listed if p.startswith(PLUGIN_PREFIX)] or answering_plugins()
+    if not ours:
+        return None
+    return (f"this engine runs the drain plugin ({ours[0]}): plain docker stop, docker-compose down and "
+            "every other client drain first; sidecar-stop is not needed here")  # fmt: skip
 
 
 def drain_and_stop(consul: ConsulRegistry, docker: DockerSource, name: str, drain: float, timeout: int | None) -> str:
@@ -96,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     consul = ConsulRegistry(consul_settings_from(args))
     docker = DockerSource(args.docker)
+    note = plugin_note(docker)
+    if note:
+        print(f"sidecar-stop: note: {note}", file=sys.stderr, flush=True)
     failed = 0
     for name in args.containers:
         try:

@@ -9,13 +9,15 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import IMAGE, TEST_LABEL, Process, wait_until
+from tests.support import IMAGE, ROOT, TEST_LABEL, wait_until
+from tests.support.drain import DrainPlugin, engine_config
 from tests.traffic import WEB_LABELS, Load, get
 
 pytestmark = pytest.mark.integration
@@ -25,45 +27,24 @@ SERVE_CLOSING = "trap 'kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$
 DRAIN = "1s"
 
 
-class Plugin:
-    def __init__(self, proc: Process, name: str, config: Path) -> None:
-        self.proc, self.name, self.config = proc, name, config
-
-    def enabled(self) -> bool:
-        text = self.config.read_text()
-        return self.name in (json.loads(text).get("authorization-plugins") or []) if text.strip() else False
-
-    def worker_pid(self) -> int:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.proc.pid)], capture_output=True, text=True).stdout
-        return int(out.split()[0])
-
-
 @pytest.fixture
 def drain_plugin(consul, workdir):
-    """A factory: drain_plugin(consul_url=...) runs sidecar-drain against the engine the suite
-    started (scripts/engine.sh: its --config-file); stopped at the end, and out of the engine."""
-    config, pid = os.environ.get("SIDECAR_ENGINE_CONFIG"), os.environ.get("SIDECAR_ENGINE_PID")
-    if not config or not pid:
+    """A factory: drain_plugin(consul_url, *extra) runs sidecar-drain against the engine the
+    suite started; each is stopped at the end and must have taken itself out of the engine."""
+    if engine_config() is None:
         pytest.skip("the engine was not started by scripts/engine.sh (no SIDECAR_ENGINE_CONFIG): "
                     "the drain plugin has no engine configuration to add itself to")  # fmt: skip
-    started: list[Plugin] = []
+    started: list[DrainPlugin] = []
 
-    def start(consul_url: str = consul.url, *extra: str) -> Plugin:
-        name = f"consul-sidecar-drain-t{os.getpid()}-{len(started)}"
-        args = ["--consul", consul_url, "--socket", f"/run/docker/plugins/{name}.sock", "--drain", DRAIN,
-                "--engine-config", config, "--engine-pid", pid, *extra]  # fmt: skip
-        proc = Process("registrar.drain_guard", args, workdir)
-        plugin = Plugin(proc, name, Path(config))
+    def start(consul_url: str = consul.url, *extra: str) -> DrainPlugin:
+        plugin = DrainPlugin(consul_url, workdir, f"consul-sidecar-drain-t{os.getpid()}-{len(started)}", DRAIN, *extra)
         started.append(plugin)
-        wait_until(lambda: "serving plugin=" in proc.output() or not proc.alive(), timeout=15, what="plugin up")
-        assert proc.alive(), proc.output()
-        assert plugin.enabled()
         return plugin
 
     yield start
     for plugin in started:
-        plugin.proc.stop(timeout=15)
-        assert not plugin.enabled(), plugin.proc.output()[-2000:]
+        plugin.stop()
+        assert not plugin.enabled(), plugin.output()[-2000:]
 
 
 def docker_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -167,12 +148,12 @@ def drain_one(port, kind, proc, plugin, consul, containers, backends, client, do
             wait_until(lambda: serving(port, kind, target, containers), timeout=20, what="restarted backend serving")
         time.sleep(1)
     assert load.ok > 50
-    assert load.failures == [], (load.failures[:10], plugin.proc.output()[-3000:], proc.output()[-3000:])
+    assert load.failures == [], (load.failures[:10], plugin.output()[-3000:], proc.output()[-3000:])
     short = target.id[:12]
-    drained = [line for line in plugin.proc.output().splitlines() if "drained call=" in line]
-    assert any(target.name in line or short in line for line in drained), plugin.proc.output()[-3000:]
+    drained = [line for line in plugin.output().splitlines() if "drained call=" in line]
+    assert any(target.name in line or short in line for line in drained), plugin.output()[-3000:]
     if client == "docker restart":
-        assert "undrained call='restart" in plugin.proc.output()
+        assert "undrained call='restart" in plugin.output()
         lifted = lambda: not [c for c in consul.checks() if c.startswith("_service_maintenance:")]  # noqa: E731
         wait_until(lifted, timeout=10, what="maintenance lifted")
 
@@ -184,7 +165,7 @@ def test_a_killed_or_hung_worker_never_holds_docker_and_the_guard_restarts_it(co
     listed = docker_cli("ps", "-q", timeout=20)
     assert listed.returncode == 0, listed.stderr
     killed_wait = time.monotonic() - started
-    wait_until(lambda: "worker exited: restarting it" in plugin.proc.output(), timeout=5, what="restart logged")
+    wait_until(lambda: "worker exited: restarting it" in plugin.output(), timeout=5, what="restart logged")
     hung = plugin.worker_pid()
     os.kill(hung, signal.SIGSTOP)
     try:
@@ -199,7 +180,7 @@ def test_a_killed_or_hung_worker_never_holds_docker_and_the_guard_restarts_it(co
         with_stopped = Path(f"/proc/{hung}")
         if with_stopped.exists():
             os.kill(hung, signal.SIGCONT)
-    assert "worker hung: restarting it" in plugin.proc.output()
+    assert "worker hung: restarting it" in plugin.output()
     assert plugin.enabled()  # still in the engine, and serving again
     # not a speed target: the bound that makes Docker usable (the engine alone would wait 30 s)
     assert killed_wait < 10 and hung_wait < 10, (killed_wait, hung_wait)
@@ -212,7 +193,7 @@ def test_a_killed_guard_takes_the_plugin_out_of_the_engine(drain_plugin):
     plugin.proc.proc.wait()
     wait_until(lambda: not plugin.enabled(), timeout=10, what="plugin taken out")
     wait_until(lambda: not Path(f"/proc/{worker}").exists(), timeout=10, what="worker gone")
-    assert "its guard process is gone" in plugin.proc.output()
+    assert "its guard process is gone" in plugin.output()
     listed = docker_cli("ps", "-q", timeout=20)
     assert listed.returncode == 0, listed.stderr
 
@@ -240,8 +221,8 @@ def test_a_hung_consul_lets_the_stop_go_ahead_and_says_why(containers, drain_plu
         c = containers.run(command="trap 'exit 0' TERM; sleep 300 & wait")
         done = docker_cli("stop", c.name, timeout=30)
         assert done.returncode == 0, done.stderr
-        wait_until(lambda: "draining skipped" in plugin.proc.output(), timeout=5, what="skip logged")
-        line = next(x for x in plugin.proc.output().splitlines() if "draining skipped" in x)
+        wait_until(lambda: "draining skipped" in plugin.output(), timeout=5, what="skip logged")
+        line = next(x for x in plugin.output().splitlines() if "draining skipped" in x)
         assert f"call='stop {c.name}'" in line and "no answer from Consul within 1 s" in line, line
     finally:
         stop.set()
@@ -258,5 +239,21 @@ def test_a_container_without_services_is_not_drained(consul, containers, registr
     done = docker_cli("stop", plain.name)
     assert done.returncode == 0, done.stderr
     time.sleep(0.5)
-    assert plain.name not in plugin.proc.output() and plain.id[:12] not in plugin.proc.output()
-    assert plugin.proc.output().count("drained call=") == 0
+    assert plain.name not in plugin.output() and plain.id[:12] not in plugin.output()
+    assert plugin.output().count("drained call=") == 0
+
+
+def test_sidecar_stop_says_it_is_not_needed_and_is_not_drained_twice(consul, containers, registrar, drain_plugin):
+    registrar()
+    plugin = drain_plugin()
+    c = backend(containers, None)
+    wait_until(lambda: any(s["Meta"].get("container_name") == c.name for s in consul.services().values()),
+               timeout=15, what="registered")  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "registrar.drain", "--consul", consul.url, "--drain", "1s", c.name],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"this engine runs the drain plugin ({plugin.name})" in done.stderr
+    assert "sidecar-stop is not needed here" in done.stderr
+    assert "drained for 1 s" in done.stdout
+    time.sleep(0.5)
+    assert "drained call=" not in plugin.output()  # the services were in maintenance already
