@@ -474,8 +474,13 @@ class Fleet:
         d = self.layout.host_dir(host)
         d.mkdir(parents=True, exist_ok=True)
         self._bridge_up(host)
+        # its settings file, where the host's drain plugin adds itself while it runs (empty at
+        # each start: a plugin killed with the host may have left itself in)
+        self.engine_config(host).write_text("{}\n")
         argv = [
             "dockerd",
+            "--config-file",
+            str(self.engine_config(host)),
             "--host",
             self.layout.engine_url(host),
             "--data-root",
@@ -494,6 +499,29 @@ class Fleet:
         self.procs.spawn(f"dockerd-{host.name}", argv, self.logs / f"dockerd-{host.name}.log")
         _wait(f"host {host.name}'s Docker engine", lambda: self._engine_answers(host), 60,
               self.logs / f"dockerd-{host.name}.log")  # fmt: skip
+
+    def engine_config(self, host: Host) -> Path:
+        return self.layout.host_dir(host) / "daemon.json"
+
+    def drain_plugin_name(self, host: Host) -> str:
+        """Unique on this machine: every engine finds plugins in the one /run/docker/plugins."""
+        return f"consul-sidecar-drain-{self.layout.net.replace('.', '-')}-{host.name}"
+
+    def start_drain(self, host: Host) -> None:
+        """The host's drain plugin (sidecar-drain) in its engine: plain docker stop drains first."""
+        dockerd = self.procs.process(f"dockerd-{host.name}")
+        assert dockerd is not None, f"host {host.name}'s engine is not running"
+        argv = [
+            self.python, "-m", "registrar.drain_guard", "--consul", host.consul_url,
+            "--socket", f"/run/docker/plugins/{self.drain_plugin_name(host)}.sock",
+            "--engine-config", str(self.engine_config(host)), "--engine-pid", str(dockerd.pid),
+            "--docker", self.layout.engine_url(host), *self._client_args(host, "registrar"),
+        ]  # fmt: skip
+        self.procs.spawn(f"drain-{host.name}", argv, self.logs / f"drain-{host.name}.log",
+                         env={"PYTHONUNBUFFERED": "1"})  # fmt: skip
+        name = self.drain_plugin_name(host)
+        _wait(f"host {host.name}'s drain plugin", lambda: name in self.engine_config(host).read_text(), 30,
+              self.logs / f"drain-{host.name}.log")  # fmt: skip
 
     def _engine_answers(self, host: Host) -> bool:
         # docker-py asks for the API version when the client is made and leaks that socket if
@@ -522,6 +550,8 @@ class Fleet:
         client.close()
         if agent and self.procs.process(host.node) is None:
             self._start_consul("client", host.node, host.ip)
+        if self.procs.process(f"drain-{host.name}") is None:
+            self.start_drain(host)
         if self.procs.process(f"registrar-{host.name}") is None:
             self.start_registrar(host)
         if self.procs.process(f"templater-{host.name}") is None:
@@ -609,21 +639,23 @@ class Fleet:
         proxy = self.proxy_process(host)
         if proxy is not None:
             victims += [proxy, *proxy.children(recursive=True)]
-        for part in (host.node, f"registrar-{host.name}", f"templater-{host.name}"):
+        for part in (host.node, f"registrar-{host.name}", f"templater-{host.name}", f"drain-{host.name}"):
             proc = self.procs.process(part)
             if proc is not None:
-                victims.append(proc)
+                victims += [proc, *proc.children(recursive=True)]
         terminate(victims, timeout=10, sig=signal.SIGKILL)
         # a reboot empties /run, where the engine keeps its pid files and runtime state (a
         # dead engine's pid files would keep the next one from starting)
         self._clear_exec_root(host)
-        for part in (host.node, f"registrar-{host.name}", f"templater-{host.name}", f"dockerd-{host.name}"):
+        for part in (host.node, f"registrar-{host.name}", f"templater-{host.name}", f"dockerd-{host.name}",
+                     f"drain-{host.name}"):  # fmt: skip
             self.procs.forget(part)
 
     def stop_hosts(self, hosts: list[Host]) -> None:
         """Templaters and registrars, then proxies and the fleet's containers, then engines and
         agents: each step for all hosts at once."""
-        self.procs.stop(*(f"{part}-{h.name}" for h in hosts for part in ("templater", "registrar")))
+        # the drain plugins first: each takes itself out of its engine, which still runs
+        self.procs.stop(*(f"{part}-{h.name}" for h in hosts for part in ("drain", "templater", "registrar")))
         terminate([p for p in (self.proxy_process(h) for h in hosts) if p is not None])
         for host in hosts:
             if self.procs.process(f"dockerd-{host.name}") is None:

@@ -123,9 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a stop, the terminal gone
         signal.signal(signum, on_signal)
     python = sys.executable
+    # the engine's settings file, where the drain plugin adds itself: ours when we start the
+    # engine, else the one scripts/engine.sh said (none: the engine is left as it is)
+    engine = (os.environ.get("SIDECAR_ENGINE_CONFIG"), os.environ.get("SIDECAR_ENGINE_PID"))
+    drain: subprocess.Popen[bytes] | None = None
     try:
         if not os.environ.get("DOCKER_HOST") and not docker_answers():
-            started.spawn("dockerd", [shutil.which("dockerd") or "dockerd"], STATE_DIR / "dockerd.log")
+            config = STATE_DIR / "daemon.json"
+            config.write_text("{}\n")
+            dockerd = started.spawn("dockerd", [shutil.which("dockerd") or "dockerd", "--config-file", str(config)],
+                                    STATE_DIR / "dockerd.log")  # fmt: skip
+            engine = (str(config), str(dockerd.pid))
             _wait("dockerd", docker_answers, 60, stop)
         consul_url = args.consul.rstrip("/")
         if not _answers(consul_url + "/v1/status/leader"):
@@ -147,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
                 STATE_DIR / "consul.log",
             )
             _wait("consul", lambda: _answers(consul_url + "/v1/status/leader"), 60, stop)
+        if engine[0] and engine[1]:
+            drain = started.spawn(
+                "drain plugin (sidecar-drain)",
+                [python, "-m", "registrar.drain_guard", "--consul", consul_url, "--engine-config", engine[0],
+                 "--engine-pid", engine[1]],
+                STATE_DIR / "drain.log",
+            )  # fmt: skip
         started.spawn(
             "registrar", [python, "-m", "registrar", "--consul", consul_url, "--status-addr", args.registrar_status]
         )
@@ -161,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for line in extra:
             OUT.say(line)
+        if drain is None:
+            OUT.say("plain docker stop does not drain: this engine was not started here (README: the drain plugin)")
+        else:
+            OUT.say("plain docker stop drains first: the drain plugin is in the engine (log: drain.log)")
         OUT.say("Ctrl-C stops everything listed above")
         while not stop["now"]:
             for name, proc in started.procs:
@@ -172,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     except _Stopped:
         return 0
     finally:
+        if drain is not None and drain.poll() is None:  # out of the engine before the demo's removal
+            drain.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                drain.wait(15)
         try:
             _cleanup_routing()
         except Exception as err:  # the engine gone: what this process started is still stopped

@@ -77,6 +77,24 @@ def services_of(ref: str, services: Mapping[str, Held]) -> list[str]:
     return sorted(found)
 
 
+_OWN = re.compile(r"/containers/([0-9a-f]{64})/(?:resolv\.conf|hostname|hosts) ")
+
+
+def own_container_id(mountinfo: str) -> str | None:
+    """This process's container, from /proc/self/mountinfo (Docker bind-mounts the container's
+    resolv.conf, hostname and hosts from its directory, with host networking too); None outside."""
+    found = _OWN.search(mountinfo)
+    return found[1] if found else None
+
+
+def names_self(ref: str, own_id: str, own_name: str) -> bool:
+    """Whether a client's reference is the plugin's own container (by name, ID or prefix)."""
+    wanted = ref.lower()
+    if own_name and ref == own_name:
+        return True
+    return len(wanted) >= 1 and _HEX.match(wanted) is not None and own_id.startswith(wanted)
+
+
 def reason(stop: Stopping, at: str) -> str:
     """The maintenance reason shown in the Consul UI. Not the registrar's mark: the registrar's
     periodic check never lifts it (the drain would end early); the container's end removes it

@@ -23,6 +23,7 @@ The plugin's name is the socket's file name without .sock (dockerd finds it in
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import logging
 import os
@@ -34,7 +35,9 @@ import threading
 import time
 from pathlib import Path
 
+from registrar import authz
 from registrar.consul_registry import ConsulRegistry
+from registrar.docker_events import DockerSource, default_docker_url
 from registrar.drain_plugin import Drainer, DrainSettings, serve, wait_readable
 from registrar.engine_config import EngineConfig
 from sidecar import logs
@@ -66,7 +69,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-config", default=env("SIDECAR_ENGINE_CONFIG"),
                    help="dockerd's --config-file: the plugin is in it while it runs, out when it stops")  # fmt: skip
     p.add_argument("--engine-pid", default=env("SIDECAR_ENGINE_PID", "/var/run/docker.pid"),
-                   help="dockerd's PID or pid file, to make it reload its config (/var/run/docker.pid)")  # fmt: skip
+                   help="dockerd's PID, pid file, or auto (the one dockerd process; /var/run/docker.pid)")  # fmt: skip
+    p.add_argument("--docker", default=default_docker_url(dict(os.environ), os.path.exists),
+                   help="Docker engine URL, to learn the name of the plugin's own container")  # fmt: skip
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
     p.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--heartbeat-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -101,6 +106,30 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
+def _learn_own_container(drainer: Drainer, docker_url: str | None) -> None:
+    """The plugin's own container and its name, so that a stop of it takes the plugin out of
+    the engine first. The name takes one inspect, which the engine passes through this very
+    plugin: it runs in its own thread once the worker serves."""
+    try:
+        own_id = authz.own_container_id(Path("/proc/self/mountinfo").read_text())
+    except OSError:
+        own_id = None
+    if own_id is None:
+        return
+    drainer.own_id = own_id
+
+    def learn() -> None:
+        try:
+            info = DockerSource(docker_url, timeout=10.0).inspect(own_id)
+        except SidecarError as err:
+            log.warning("own container's name unknown %s", kv(id=own_id[:12], error=str(err)))
+            return
+        drainer.own_name = str((info or {}).get("Name") or "").lstrip("/")
+        log.info("own container %s", kv(id=own_id[:12], name=drainer.own_name))
+
+    threading.Thread(target=learn, name="own-container", daemon=True).start()
+
+
 def worker(args: argparse.Namespace, settings: DrainSettings) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -108,7 +137,13 @@ def worker(args: argparse.Namespace, settings: DrainSettings) -> int:
     heartbeat = args.heartbeat_fd
     if heartbeat is not None:
         os.set_blocking(heartbeat, False)
-    drainer = Drainer(ConsulRegistry(consul_settings_from(args), timeout=settings.consul_wait), settings)
+    name = plugin_name(args.socket)
+    drainer = Drainer(
+        ConsulRegistry(consul_settings_from(args), timeout=settings.consul_wait),
+        settings,
+        lambda why: _take_out(_engine(args), name, why),
+    )
+    _learn_own_container(drainer, args.docker)
     guard = os.getppid()
     serve(listener, drainer, heartbeat, stop)
     if heartbeat is not None and os.getppid() != guard:
@@ -135,6 +170,13 @@ class Guard:
     @staticmethod
     def _listen(path: str) -> socket.socket:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                pass  # nothing listens: a file left by a plugin that was killed
+            else:
+                raise OSError(errno.EADDRINUSE, "another plugin listens on it")
         Path(path).unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)

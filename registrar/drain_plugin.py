@@ -70,9 +70,14 @@ def bounded(call: Callable[[], Any], seconds: float) -> Any:
 class Drainer:
     """What the plugin does with each request; registry is the local agent."""
 
-    def __init__(self, registry: Registry, settings: DrainSettings) -> None:
+    def __init__(self, registry: Registry, settings: DrainSettings, leave: Callable[[str], None]) -> None:
+        """leave(why) takes the plugin out of the engine: called before the plugin's own
+        container is stopped, so that the engine never waits on a plugin it has just ended."""
         self._registry = registry
         self._settings = settings
+        self._leave = leave
+        self.own_id = ""  # the plugin's own container, when it runs in one, and its name
+        self.own_name = ""
         self._lock = threading.Lock()
         self._held: dict[authz.Stopping, list[str]] = {}  # maintenance set, until the answer
         self.drains = 0
@@ -108,6 +113,13 @@ class Drainer:
                 self.busy -= 1
 
     def _drain(self, stop: authz.Stopping) -> dict[str, object]:
+        if self.own_id and authz.names_self(stop.ref, self.own_id, self.own_name):
+            try:
+                why = f"docker {stop.action} of its own container"
+                bounded(lambda: self._leave(why), self._settings.consul_wait)
+            except Exception as err:
+                log.error("could not leave the engine before its own stop %s", kv(call=str(stop), why=str(err)))
+            return authz.allow()
         started = time.monotonic()
         try:
             sids: list[str] = bounded(lambda: self._maintain(stop), self._settings.consul_wait)

@@ -35,6 +35,21 @@ def with_plugin(config: dict[str, object], name: str, enabled: bool) -> dict[str
     return updated
 
 
+def find_dockerd(proc: Path) -> int:
+    """The one dockerd process (with `pid: host` in a container, the host's)."""
+    found = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "dockerd":
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    if len(found) != 1:
+        raise SidecarError(f"engine pid auto: {len(found)} dockerd processes found (give --engine-pid)")
+    return found[0]
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """dockerd's --config-file, and where its PID is found (a pid file, or a number)."""
@@ -44,6 +59,8 @@ class EngineConfig:
 
     def engine_pid(self) -> int:
         text = self.pid
+        if text == "auto":
+            return find_dockerd(Path("/proc"))
         if not text.isdigit():
             try:
                 text = Path(text).read_text().strip()

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
 
 from tests.support import ROOT, TEST_LABEL, ConsulAgent, free_port, wait_until
+from tests.support.drain import engine_config
 from tests.traffic import Load, get, served_by, serving_web, web
 
 pytestmark = pytest.mark.integration
@@ -185,17 +188,35 @@ def test_healthcheck_healthy_then_unhealthy_without_consul(sidecar_image, docker
 def test_compose_file_validates_and_runs(sidecar_image, consul, tmp_path):
     env = {"SIDECAR_IMAGE": sidecar_image, "CONSUL_HTTP_ADDR": consul.url, "HTTP_PORT": str(free_port()),
            "DOCKER_GID": str(socket_group()), "COMPOSE_PROJECT_NAME": f"sidecartest{free_port()}"}  # fmt: skip
+    engine = engine_config()
+    services = ["registrar", "templater"]  # the drain plugin only where the engine is the suite's own
+    if engine is not None:
+        plugin = f"consul-sidecar-drain-c{env['HTTP_PORT']}"
+        env.update(ENGINE_CONFIG_DIR=str(Path(engine[0]).parent), ENGINE_CONFIG_FILE=Path(engine[0]).name,
+                   ENGINE_PID=engine[1], DRAIN_PLUGIN=plugin, DRAIN="1s")  # fmt: skip
+        services.append("drain")
     full = {**os.environ, **env}
     compose = ["docker-compose", "-f", str(ROOT / "compose.yaml")]
     config = subprocess.run([*compose, "config"], capture_output=True, text=True, env=full)
     assert config.returncode == 0, config.stderr
-    up = subprocess.run([*compose, "up", "-d"], capture_output=True, text=True, env=full, timeout=120)
+    up = subprocess.run([*compose, "up", "-d", *services], capture_output=True, text=True, env=full, timeout=120)
     try:
         assert up.returncode == 0, up.stderr
         wait_until(lambda: get(int(env["HTTP_PORT"]), "nothing.test")[0] == 404, timeout=40, what="compose haproxy")
         # both containers reached the host's agent: each registered itself
         wait_until(lambda: {"registrar", "ingress"} <= set(consul.get("/v1/catalog/services")), timeout=30,
                    what="registrar and ingress registered by the compose containers")  # fmt: skip
+        if engine is not None:  # the image's drain plugin is in the engine while its container runs
+            wait_until(lambda: plugin in engine_plugins(engine[0]), timeout=30, what="drain plugin in the engine")
+            drain = subprocess.run([*compose, "ps", "-q", "drain"], capture_output=True, text=True, env=full)
+            wait_until(lambda: "own container id=" in docker_logs(drain.stdout.strip()), timeout=15,
+                       what="the plugin knows its own container")  # fmt: skip
+            # docker rm -f kills it without a signal it could handle: it leaves the engine first
+            removed = subprocess.run(["docker", "rm", "-f", drain.stdout.strip()], capture_output=True, text=True,
+                                     timeout=30)  # fmt: skip
+            assert removed.returncode == 0, removed.stderr
+            assert plugin not in engine_plugins(engine[0])
+            assert subprocess.run(["docker", "ps", "-q"], capture_output=True, timeout=10).returncode == 0
     finally:
         down = subprocess.run(
             [*compose, "down", "--timeout", "10"], capture_output=True, text=True, env=full, timeout=120
@@ -203,3 +224,12 @@ def test_compose_file_validates_and_runs(sidecar_image, consul, tmp_path):
     assert down.returncode == 0, down.stderr
     ps = subprocess.run([*compose, "ps", "-q"], capture_output=True, text=True, env=full)
     assert ps.stdout.strip() == ""
+
+
+def docker_logs(container: str) -> str:
+    return subprocess.run(["docker", "logs", container], capture_output=True, text=True, timeout=10).stderr
+
+
+def engine_plugins(config: str) -> list[str]:
+    text = Path(config).read_text()
+    return list(json.loads(text).get("authorization-plugins") or []) if text.strip() else []

@@ -7,10 +7,11 @@ import time
 
 import pytest
 
-from registrar.authz import DRAIN_MARK, Stopping, reason, services_of, stopping
+from registrar.authz import DRAIN_MARK, Stopping, names_self, own_container_id, reason, services_of, stopping
 from registrar.drain_plugin import bounded
-from registrar.engine_config import with_plugin
+from registrar.engine_config import find_dockerd, with_plugin
 from registrar.model import Held
+from sidecar.errors import SidecarError
 
 
 @pytest.mark.parametrize(
@@ -100,3 +101,33 @@ def test_a_bounded_call_gives_up_and_passes_errors_on():
     assert time.monotonic() - started < 0.9
     with pytest.raises(ValueError, match="boom"):
         bounded(lambda: (_ for _ in ()).throw(ValueError("boom")), 1.0)
+
+
+OWN = "0f852449f630ac2dabfb1e97901a093fd54b8bfe75ee245ca99cf7bc722eadf9"
+MOUNTINFO = f"""22 27 0:21 / /proc rw,relatime - proc proc rw
+336 319 254:0 /var/lib/docker/containers/{OWN}/resolv.conf /etc/resolv.conf rw,relatime - ext4 /dev/vda rw
+"""
+
+
+def test_the_plugins_own_container_and_references_to_it():
+    own = own_container_id(MOUNTINFO)
+    assert own == OWN
+    assert own_container_id("22 27 0:21 / /proc rw,relatime - proc proc rw\n") is None
+    assert names_self("sidecar-drain-1", own, "sidecar-drain-1")
+    assert names_self("0f852449f630", own, "")
+    assert names_self("0F85", own, "")
+    assert not names_self("0f9", own, "x")
+    assert not names_self("web1", own, "sidecar-drain-1")
+    assert not names_self("", own, "")
+
+
+def test_the_one_dockerd_process_is_found_by_its_name(tmp_path):
+    for pid, comm in ((1, "tini"), (40, "dockerd"), (41, "containerd")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "comm").write_text(comm + "\n")
+    (tmp_path / "self").mkdir()
+    assert find_dockerd(tmp_path) == 40
+    (tmp_path / "50").mkdir()
+    (tmp_path / "50" / "comm").write_text("dockerd\n")
+    with pytest.raises(SidecarError, match="2 dockerd processes found"):
+        find_dockerd(tmp_path)
