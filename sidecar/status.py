@@ -13,6 +13,10 @@ from typing import Any
 
 HealthFn = Callable[[], tuple[int, dict[str, Any]]]
 MetricsFn = Callable[[], str]
+# more paths: (status, body, content type), or None for a path it does not serve
+PagesFn = Callable[[str], tuple[int, bytes, str] | None]
+# whether a request for one of those paths may be answered, from its Authorization header
+GateFn = Callable[[str | None], bool]
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -24,19 +28,40 @@ def parse_addr(text: str) -> tuple[str, int]:
 
 
 class StatusServer:
-    def __init__(self, addr: tuple[str, int], health: HealthFn, metrics: MetricsFn) -> None:
+    def __init__(
+        self, addr: tuple[str, int], health: HealthFn, metrics: MetricsFn, pages: PagesFn | None = None,
+        gate: GateFn | None = None,
+    ) -> None:  # fmt: skip
+        """pages: more read-only paths (the templater's routes page); gate: asked first for them."""
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                headers: dict[str, str] = {}
                 if self.path.startswith("/health"):
                     code, body = health()
                     payload, ctype = json.dumps(body).encode(), "application/json"
                 elif self.path.startswith("/metrics"):
                     code, payload, ctype = 200, metrics().encode(), "text/plain; version=0.0.4"
+                elif pages is not None and gate is not None and not gate(self.headers.get("Authorization")):
+                    code, payload, ctype = 401, b"a token is needed (--status-token-file)\n", "text/plain"
+                    headers["WWW-Authenticate"] = 'Basic realm="consul-sidecar routes", charset="UTF-8"'
                 else:
-                    code, payload, ctype = 404, b"not found\n", "text/plain"
+                    answer = pages(self.path) if pages is not None else None
+                    if answer is None:
+                        code, payload, ctype = 404, b"not found\n", "text/plain"
+                    else:
+                        code, payload, ctype = answer
+                        headers["Cache-Control"] = "no-store"
+                        headers["Content-Security-Policy"] = (
+                            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                            "connect-src 'self'; img-src 'self'"
+                        )
+                        headers["X-Content-Type-Options"] = "nosniff"
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(payload)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(payload)
 

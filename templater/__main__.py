@@ -12,8 +12,9 @@ from types import FrameType
 from sidecar import logs
 from sidecar.consul_conn import warn_if_token_on_command_line
 from sidecar.errors import SidecarError
-from sidecar.status import StatusServer
+from sidecar.status import GateFn, StatusServer
 from templater.haproxy_runtime import RuntimeHook
+from templater.routes_page import RoutesPage, authorized, is_loopback
 from templater.runner import RELOAD_KEY, Runner
 from templater.settings import SettingsError, settings_from
 from templater.status import Metrics
@@ -21,6 +22,14 @@ from templater.status import Metrics
 log = logging.getLogger("templater")
 
 FORWARDED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def page_gate(host: str, token: str) -> GateFn | None:
+    """Who may read the routes page: anyone on a loopback address (as /health); elsewhere only
+    with the token, and nobody at all when there is none (the page says how to set one)."""
+    if is_loopback(host):
+        return None
+    return lambda header: bool(token) and authorized(header, token)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, on_forward)
     status = None
     if settings.status_addr:
-        status = StatusServer(settings.status_addr, metrics.health, metrics.prometheus)
+        page = RoutesPage(runner, settings.register_service or "ingress")
+        status = StatusServer(settings.status_addr, metrics.health, metrics.prometheus, page.answer,
+                              page_gate(settings.status_addr[0], settings.status_token))  # fmt: skip
         status.start()
-        log.info("status on http://%s:%d/health", *settings.status_addr)
+        log.info("status on http://%s:%d/health, routes page /routes", *settings.status_addr)
     log.info("templater starting consul=%s templates=%d", settings.consul.url, len(settings.templates))
     try:
         return runner.run(stop)

@@ -17,7 +17,7 @@ from templater.catalog import CRITICAL, PASSING, WARNING
 from templater.errors import ProxyError, ProxyWaiting
 from templater.haproxy_runtime import Outcome
 from templater.proxy import KINDS, Proxy, children
-from templater.registration import SelfRegistration, State
+from templater.registration import SelfRegistration, State, proxy_version
 from templater.settings import Settings
 from templater.status import Metrics
 
@@ -67,12 +67,26 @@ class ProxyDriver:
         self._stop_proxy = settings.stop_proxy
         self.registration: SelfRegistration | None = None
         if settings.register_service and not settings.once:
+            page = f"http://{settings.status_addr[0]}:{settings.status_addr[1]}/routes" if settings.status_addr else ""
             self.registration = SelfRegistration(
                 settings.consul, settings.register_service, self.proxy.kind.name, str(self.proxy.config),
-                settings.register_address,
+                settings.register_address, page,
             )  # fmt: skip
+        self._version = ""
         self.running_text: str | None = None  # the configuration last written for it
         self._applied: bytes | None = None  # the configuration last taken at runtime, until a reload
+
+    def describe(self) -> dict[str, object]:
+        """The proxy as the routes page shows it: kind, version, master's PID, config, drains."""
+        if not self._version:
+            self._version = self.registration.version if self.registration else proxy_version(self.proxy.kind.name)
+        return {
+            "kind": self.proxy.kind.name,
+            "version": self._version or "unknown",
+            "pid": self.proxy.master(),
+            "config": str(self.proxy.config),
+            "draining": self.hook.draining if self.hook is not None else 0,
+        }
 
     # -- a change of its file
 
@@ -92,6 +106,7 @@ class ProxyDriver:
             self._applied = content if outcome == Outcome.APPLIED else None
             if outcome == Outcome.APPLIED:
                 self._metrics.runtime_seconds.observe(time.monotonic() - started)
+                self._metrics.history.applied("runtime API", time.monotonic() - started)
         return outcome, None if outcome == Outcome.APPLIED else self.proxy.kind.check
 
     def after_write(self, old: str | None, new: str | None, outcome: str) -> bool:
@@ -114,7 +129,9 @@ class ProxyDriver:
         self._applied = None  # from now on it runs a file
         try:
             if self.proxy.master() is None:
+                started = time.monotonic()
                 pid = self.proxy.ensure_running()
+                self._metrics.history.applied("start", time.monotonic() - started)
                 if self.hook and new is not None:
                     self.hook.after_reload(new, first_workers(pid))
             elif self.hook and new is not None and self._user_check and self.hook.apply(old, new) == Outcome.APPLIED:
@@ -126,9 +143,11 @@ class ProxyDriver:
                 if self.hook and new is not None:
                     self.hook.after_reload(new, workers)
                 self._metrics.reload_seconds.observe(time.monotonic() - started)
+                self._metrics.history.applied("reload", time.monotonic() - started)
         except ProxyError as err:
             self._metrics.add(reload_failures=1)
             self._metrics.problem(key, str(err))
+            self._metrics.history.failed(key, str(err))
             log.error("%s", err)
             return False
         self._metrics.problem(key, None)
@@ -160,6 +179,7 @@ class ProxyDriver:
             return None
         except ProxyError as err:
             self._metrics.problem(key, str(err))
+            self._metrics.history.failed(key, str(err))
             log.error("%s", err)
             return None
         self._metrics.problem(key, None)

@@ -69,7 +69,10 @@ class SelfRegistration:
     """The proxy's own service (sidecar/own_registration.py does the agent's part): its ID
     `NAME:NODE`, its port the proxy's first listening port, its meta what proxy serves what."""
 
-    def __init__(self, consul_settings: ConsulSettings, name: str, kind: str, config: str, address: str) -> None:
+    def __init__(
+        self, consul_settings: ConsulSettings, name: str, kind: str, config: str, address: str, page: str = ""
+    ) -> None:
+        """page: the routes page's address (the templater's status address), for the fleet view."""
         self._http = ConsulHTTP(consul_settings, 5.0)
         self._own = OwnRegistration(self._http, HEARTBEAT)
         self.name = name
@@ -77,6 +80,8 @@ class SelfRegistration:
         self._config = config
         self._address = address
         self._version = proxy_version(kind)
+        self.version = self._version
+        self._page = page
         self._node = ""
         self._ports: list[int] = []  # the last ports seen (a proxy between two masters has none)
         self._ports_of: tuple[tuple[int, ...], list[int], float] = ((), [], 0.0)  # pids, ports, when
@@ -101,6 +106,7 @@ class SelfRegistration:
                 ("ports", ",".join(map(str, ports))),
                 ("config", self._config[:200]),
                 ("templater_host", self._node),
+                *((("routes_page", self._page),) if self._page else ()),
             ),
             check_name=f"Proxy {self._kind} serves the rendered configuration",
             check_notes="The templater's state: critical when the proxy is not running or the last render, "

@@ -211,6 +211,7 @@ class Runner:
         since = self.store.take_since()
         if written and since is not None:
             self.metrics.change_to_write.observe(time.monotonic() - since)
+            self.metrics.history.change(time.monotonic() - since)
         all_done = all(t.done for t in self.templates)
         if self.dns is not None:
             dns_ok = self.dns.cycle(view, changed, self.settings.once)

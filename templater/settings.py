@@ -51,6 +51,7 @@ class Settings:
     proxy: str | None = None
     proxy_pid_file: Path | None = None
     status_addr: tuple[str, int] | None = None
+    status_token: str = ""  # for the routes page and its API where the status address is not loopback
     max_stale_ms: int = 2000
     retry_attempts: int = 12
     env_allow: tuple[str, ...] = ()
@@ -102,6 +103,18 @@ def parse_signal(text: str | None, flag: str) -> int | None:
     return number
 
 
+def _read_token(path: str | None) -> str:
+    if not path:
+        return ""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as err:
+        raise SettingsError(f"--status-token-file {path}: {err.strerror}") from err
+    if len(token) < 16:
+        raise SettingsError(f"--status-token-file {path}: the token is shorter than 16 characters")
+    return token
+
+
 def parse_addr(text: str) -> tuple[str, int]:
     try:
         return status.parse_addr(text)
@@ -120,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--status-addr",
         default=os.environ.get("TEMPLATER_STATUS_ADDR"),
         help="HOST:PORT for /health and /metrics (TEMPLATER_STATUS_ADDR); loopback unless a host is given",
+    )
+    parser.add_argument(
+        "--status-token-file",
+        default=os.environ.get("TEMPLATER_STATUS_TOKEN_FILE"),
+        help="the token the routes page and /api/routes ask for when --status-addr is not loopback",
     )
     parser.add_argument("--log-level", default="INFO", type=_log_level)
     parser.add_argument("--pid-file", help="write this process's pid here while it runs")
@@ -390,6 +408,7 @@ def settings_from(argv: list[str] | None = None) -> Settings:
         proxy=args.proxy,
         proxy_pid_file=Path(args.proxy_pid_file) if args.proxy_pid_file else None,
         status_addr=parse_addr(args.status_addr) if args.status_addr else None,
+        status_token=_read_token(args.status_token_file),
         max_stale_ms=int(max_stale * 1000),
         retry_attempts=args.retry_attempts,
         env_allow=tuple(p.strip() for p in args.env_allow.split(",") if p.strip()),

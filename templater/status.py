@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.metrics import Reading, Registry
+from templater.history import History
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Metrics:
     # thread:<name>, watch:<query>. Each is cleared by the next success of the same thing.
     problems: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    history: History = field(default_factory=History)  # for the routes page
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.readings)

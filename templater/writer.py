@@ -105,6 +105,7 @@ class Writer:
             state.failed = True
             self.metrics.add(check_failures=1)
             self.metrics.problem(f"check:{spec.name}", str(err).splitlines()[0])
+            self.metrics.history.failed(f"check:{spec.name}", str(err))
             log.error("%s; keeping the last good %s", err, spec.dest)
             if outcome == Outcome.REFUSED and self.driver is not None:
                 self.driver.after_refusal(current)
@@ -125,6 +126,7 @@ class Writer:
         if not changed_file:
             return True
         self.metrics.add(writes=1)
+        self.metrics.history.rendered(spec.name, current, result.text)
         self.last_write = time.monotonic()
         log.info("rendered %s -> %s render_ms=%.1f", spec.name, spec.dest, render_ms)
         old = current.decode(errors="replace") if current is not None and index == 0 else None
