@@ -1,6 +1,6 @@
 # ruff: noqa: E501 (the page's own lines)
 """The routes page: one HTML document with its style and script inline (nothing is loaded from
-anywhere else). The script draws everything from /api/routes, asked again every half second;
+anywhere else). The script draws everything from /api/routes, asked again every quarter second;
 every value is set as text, never as markup, so no name or label can inject anything."""
 
 PAGE = """<!doctype html>
@@ -137,7 +137,7 @@ function drawPlots(doc) {
   const total = b => Object.values(b.count).reduce((a, c) => a + c, 0);
   document.getElementById("plots").replaceChildren(
     plot("change \u2192 written, median per minute", h.changes, b => b.p50, ms),
-    plot("proxy updates per minute", h.applies, total, v => v + " (reloads and runtime API)"));
+    plot("proxy updates per minute (reloads, runtime API)", h.applies, total, v => String(v)));
 }
 function drawRenders(doc) {
   const items = doc.history.renders.map(r => {
@@ -160,15 +160,15 @@ async function tick() {
   try {
     const response = await fetch("/api/routes", {cache: "no-store"});
     if (!response.ok) throw new Error("HTTP " + response.status);
-    const text = await response.text();
-    const doc = JSON.parse(text);
+    const doc = await response.json();
     drawHeader(doc);
-    if (text !== last) { drawRoutes(doc); drawLeft(doc); drawPlots(doc); drawRenders(doc); drawFleet(doc); last = text; }
+    const key = JSON.stringify(Object.assign({}, doc, {generated: 0}));  // redrawn only when something changed
+    if (key !== last) { drawRoutes(doc); drawLeft(doc); drawPlots(doc); drawRenders(doc); drawFleet(doc); last = key; }
     document.getElementById("live").textContent = "live, " + new Date().toLocaleTimeString();
   } catch (err) {
     document.getElementById("live").textContent = "not updating: " + err.message;
   }
-  setTimeout(tick, 500);
+  setTimeout(tick, 250);
 }
 tick();
 </script>

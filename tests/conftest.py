@@ -1,15 +1,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
 
 from devtools.demo_image import ensure_keepalive_image
 from tests.support import (
@@ -160,3 +165,21 @@ def keepalive_image(docker_engine: docker.DockerClient) -> str:
     if base.returncode != 0:
         pytest.fail(f"the Debian base image for the keep-alive backend could not be made:\n{base.stderr[-2000:]}")
     return ensure_keepalive_image(docker_engine, base.stdout.strip())
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:  # a failure, never a skip: scripts/install-deps.sh installs both
+        pytest.fail(f"the browser test needs Debian's chromium and chromium-driver (found {chromium}, {driver})")
+    options = Options()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,1000"):  # fmt: skip
+        options.add_argument(arg)
+    session = webdriver.Chrome(options=options, service=Service(driver))
+    try:
+        yield session
+    finally:
+        session.quit()

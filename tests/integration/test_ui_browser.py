@@ -3,16 +3,10 @@ what a user sees of a running sidecar. A screenshot of each page is kept in test
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -23,24 +17,6 @@ pytestmark = pytest.mark.integration
 
 ARTIFACTS = ROOT / "test-artifacts"
 TEMPLATES = ROOT / "templates"
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:  # a failure, never a skip: scripts/install-deps.sh installs both
-        pytest.fail(f"the browser test needs Debian's chromium and chromium-driver (found {chromium}, {driver})")
-    options = Options()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,1000"):  # fmt: skip
-        options.add_argument(arg)
-    session = webdriver.Chrome(options=options, service=Service(driver))
-    try:
-        yield session
-    finally:
-        session.quit()
 
 
 def body(browser: Any) -> str:
