@@ -17,6 +17,7 @@ Run, on an engine scripts/engine.sh started (it exports SIDECAR_ENGINE_CONFIG an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -25,6 +26,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -125,7 +128,8 @@ def rolling(stack: Stack, backends: Backends) -> dict[str, Any]:
             subprocess.run([*COMPOSE[backends.client], "-p", project, "-f", compose_file, "down"],
                            capture_output=True, timeout=120)  # fmt: skip
         else:
-            c.remove(force=True)
+            with contextlib.suppress(docker.errors.NotFound):  # one that docker rm -f is removing
+                c.remove(force=True)
     return {
         "requests": load.ok + len(load.failures),
         "failed_get": load.get_failures,
@@ -146,6 +150,8 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--drain", default="2s")
     parser.add_argument("--clients", default=",".join(CLIENTS))
+    parser.add_argument("--no-api", action="store_true", help="only the rolling replacements")
+    parser.add_argument("--no-baseline", action="store_true", help="no plain docker stop without the plugin")
     args = parser.parse_args()
     if engine_config() is None:
         print("drain_bench: no SIDECAR_ENGINE_CONFIG: run it on an engine scripts/engine.sh started", file=sys.stderr)
@@ -159,7 +165,7 @@ def main() -> int:
         with tempdir() as work:
             stack = Stack(kind, work, client)
             try:
-                if n == 0:
+                if n == 0 and not args.no_api:
                     logged = stack.containers.run(command="for i in $(seq 1 2000); do echo line $i; done; sleep 600",
                                                   ports=())  # fmt: skip
                     time.sleep(1)
@@ -181,7 +187,8 @@ def main() -> int:
                 )
                 print(f"{'client':22} {'backend':10} {'with plugin':11} {'requests':>8} {'fail GET':>8} "
                       f"{'fail POST':>9}  stop call ms (median, max)")  # fmt: skip
-                cases = [(c, True) for c in args.clients.split(",")] + [("docker stop", False)]
+                cases = [(c, True) for c in args.clients.split(",")]
+                cases += [] if args.no_baseline else [("docker stop", False)]
                 for name, use_plugin in cases:
                     for image in (None, keepalive):
                         plugin: DrainPlugin | None = None

@@ -66,6 +66,7 @@ class History:
         self._changes: deque[tuple[float, float]] = deque(maxlen=20_000)  # (at, seconds)
         self._applies: deque[tuple[float, str, float]] = deque(maxlen=20_000)  # (at, how, seconds)
         self._failure: dict[str, Any] | None = None
+        self._warnings: deque[tuple[float, str]] = deque(maxlen=50)  # the last distinct ones
 
     def rendered(self, template: str, old: bytes | None, new: str) -> None:
         with self._lock:
@@ -79,6 +80,10 @@ class History:
         """The proxy took a change: how (reload, runtime API, start) and how long it took."""
         with self._lock:
             self._applies.append((self._clock(), how, seconds))
+
+    def warned(self, message: str) -> None:
+        with self._lock:
+            self._warnings.append((self._clock(), message))
 
     def failed(self, what: str, message: str) -> None:
         with self._lock:
@@ -103,8 +108,10 @@ class History:
             changes = per_minute(((at, "written", s) for at, s in self._changes), now)
             applies = per_minute(self._applies, now)
             last = self._applies[-1] if self._applies else None
-            failure = dict(self._failure) if self._failure else None
+            failure = dict(self._failure, message=redact(self._failure["message"])) if self._failure else None
+            warnings = [{"at": at, "text": redact(text)} for at, text in reversed(self._warnings)]
         return {
+            "warnings": warnings,
             "renders": renders,
             "changes": changes,
             "applies": applies,

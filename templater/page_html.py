@@ -37,6 +37,7 @@ svg{background:#fafbfc;border:1px solid #eef0f3}
 <section id="left-box" hidden><h2>Left out</h2><div id="left"></div></section>
 <section><h2>Last hour</h2><div id="plots"></div></section>
 <section><h2>Last renders</h2><div id="renders"></div></section>
+<section><h2>Warnings</h2><div id="warnings"></div></section>
 <section><h2>Fleet</h2><div id="fleet"></div></section>
 </main>
 <script>
@@ -147,6 +148,10 @@ function drawRenders(doc) {
   });
   document.getElementById("renders").replaceChildren(...(items.length ? items : [el("p", {cls: "muted"}, "none yet")]));
 }
+function drawWarnings(doc) {
+  const items = doc.history.warnings.map(w => el("div", {cls: "warn"}, ago(w.at) + ": " + w.text));
+  document.getElementById("warnings").replaceChildren(...(items.length ? items : [el("p", {cls: "muted"}, "none")]));
+}
 function drawFleet(doc) {
   if (!doc.fleet.length) { document.getElementById("fleet").replaceChildren(el("p", {cls: "muted"}, "no proxy registered")); return; }
   const rows = doc.fleet.map(f => el("tr", {}, el("td", {}, f.node), el("td", {}, f.address + ":" + f.port),
@@ -163,7 +168,7 @@ async function tick() {
     const doc = await response.json();
     drawHeader(doc);
     const key = JSON.stringify(Object.assign({}, doc, {generated: 0}));  // redrawn only when something changed
-    if (key !== last) { drawRoutes(doc); drawLeft(doc); drawPlots(doc); drawRenders(doc); drawFleet(doc); last = key; }
+    if (key !== last) { drawRoutes(doc); drawLeft(doc); drawPlots(doc); drawRenders(doc); drawWarnings(doc); drawFleet(doc); last = key; }
     document.getElementById("live").textContent = "live, " + new Date().toLocaleTimeString();
   } catch (err) {
     document.getElementById("live").textContent = "not updating: " + err.message;

@@ -115,6 +115,7 @@ class Runner:
             fresh = self.warned.new(message)
         if fresh:
             log.warning("%s", message)
+            self.metrics.history.warned(message)
 
     # -- sources
 

@@ -89,6 +89,7 @@ def test_the_history_diffs_lazily_redacts_and_buckets_per_minute():
     now[0] += 61
     history.applied("reload", 0.2)
     history.failed("reload:haproxy", "exit 1")
+    history.warned("service x: weight 'secret-1' is not a number")
     out = history.export(lambda text: text.replace("secret-1", "<redacted>"))
     (render,) = out["renders"]
     assert render["added"] == 1 and render["removed"] == 1
@@ -96,6 +97,7 @@ def test_the_history_diffs_lazily_redacts_and_buckets_per_minute():
     assert [b["count"] for b in out["applies"]] == [{"runtime API": 1}, {"reload": 1}]
     assert out["changes"][0]["p50"] == 0.02
     assert out["last_apply"]["how"] == "reload" and out["last_failure"]["message"] == "exit 1"
+    assert out["warnings"][0]["text"] == "service x: weight '<redacted>' is not a number"
     now[0] += 3601
     assert history.export(str)["applies"] == []  # out of the hour
 
