@@ -56,8 +56,21 @@ def test_cross_host_routing(fleet: Fleet) -> None:
                    what=f"every instance served through host {proxy_host.name}")  # fmt: skip
     nodes = {e["Node"]["Node"] for e in catalog(fleet, "/v1/health/service/xhost?passing")}
     assert nodes == {"host-a", "host-b"}
+    # host A's routes page: the route with both hosts' instances, and the fleet's proxies (issue 26)
+    a, b = host(fleet, "a"), host(fleet, "b")
+    with urllib.request.urlopen(f"http://{a.ip}:9200/api/routes", timeout=10) as response:
+        page = json.loads(response.read())
+    (route,) = [r for r in page["routes"] if r["service"] == "xhost"]
+    assert {i["node"] for i in route["instances"] if i["routed"]} == {"host-a", "host-b"}
+    assert {f["node"]: f["page"] for f in page["fleet"]} == {
+        "host-a": f"http://{a.ip}:9200/routes",
+        "host-b": f"http://{b.ip}:9200/routes",
+    }
     for c, _ in backends:
         c.remove(force=True)
+    # each host's engine asks its drain plugin first (issue 25): host A's backend was drained
+    drained = (fleet.logs / "drain-a.log").read_text()
+    assert "drained call='remove" in drained and backends[0][0].name in drained, drained[-2000:]
 
 
 def test_leader_loss(fleet: Fleet) -> None:
