@@ -13,8 +13,9 @@ from typing import Any
 
 HealthFn = Callable[[], tuple[int, dict[str, Any]]]
 MetricsFn = Callable[[], str]
-# more paths: (status, body, content type), or None for a path it does not serve
-PagesFn = Callable[[str], tuple[int, bytes, str] | None]
+# more paths, from the path and the request's If-None-Match: (status, body, content type, ETag or
+# ""), or None for a path it does not serve
+PagesFn = Callable[[str, str], tuple[int, bytes, str, str] | None]
 # whether a request for one of those paths may be answered, from its Authorization header
 GateFn = Callable[[str | None], bool]
 
@@ -46,12 +47,14 @@ class StatusServer:
                     code, payload, ctype = 401, b"a token is needed (--status-token-file)\n", "text/plain"
                     headers["WWW-Authenticate"] = 'Basic realm="consul-sidecar routes", charset="UTF-8"'
                 else:
-                    answer = pages(self.path) if pages is not None else None
+                    answer = pages(self.path, self.headers.get("If-None-Match") or "") if pages is not None else None
                     if answer is None:
                         code, payload, ctype = 404, b"not found\n", "text/plain"
                     else:
-                        code, payload, ctype = answer
-                        headers["Cache-Control"] = "no-store"
+                        code, payload, ctype, etag = answer
+                        headers["Cache-Control"] = "no-cache"  # kept, and asked again every time
+                        if etag:
+                            headers["ETag"] = etag
                         headers["Content-Security-Policy"] = (
                             "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                             "connect-src 'self'; img-src 'self'"

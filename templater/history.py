@@ -67,26 +67,37 @@ class History:
         self._applies: deque[tuple[float, str, float]] = deque(maxlen=20_000)  # (at, how, seconds)
         self._failure: dict[str, Any] | None = None
         self._warnings: deque[tuple[float, str]] = deque(maxlen=50)  # the last distinct ones
+        self._count = 0
+
+    def count(self) -> int:
+        """Grows with every record (a version for the page)."""
+        with self._lock:
+            return self._count
 
     def rendered(self, template: str, old: bytes | None, new: str) -> None:
         with self._lock:
+            self._count += 1
             self._renders.append(RenderRecord(self._clock(), template, old, new))
 
     def change(self, seconds: float) -> None:
         with self._lock:
+            self._count += 1
             self._changes.append((self._clock(), seconds))
 
     def applied(self, how: str, seconds: float) -> None:
         """The proxy took a change: how (reload, runtime API, start) and how long it took."""
         with self._lock:
+            self._count += 1
             self._applies.append((self._clock(), how, seconds))
 
     def warned(self, message: str) -> None:
         with self._lock:
+            self._count += 1
             self._warnings.append((self._clock(), message))
 
     def failed(self, what: str, message: str) -> None:
         with self._lock:
+            self._count += 1
             self._failure = {"at": self._clock(), "what": what, "message": message}
 
     def export(self, redact: Callable[[str], str]) -> dict[str, Any]:

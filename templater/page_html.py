@@ -163,7 +163,7 @@ function drawFleet(doc) {
 let last = "";
 async function tick() {
   try {
-    const response = await fetch("/api/routes", {cache: "no-store"});
+    const response = await fetch("/api/routes", {cache: "no-cache"});
     if (!response.ok) throw new Error("HTTP " + response.status);
     const doc = await response.json();
     drawHeader(doc);

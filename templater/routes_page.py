@@ -12,6 +12,7 @@ in either: KV values a template marked secret are redacted from the diffs.
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -86,10 +87,26 @@ class RoutesPage:
         }
         return routes_view.document(snapshot, table, runner.store.held(), "local", self._fleet, extra)
 
-    def answer(self, path: str) -> tuple[int, bytes, str] | None:
-        """(status, body, content type) for the page's paths; None for any other path."""
+    def version(self) -> str:
+        """Changes whenever anything the document shows may have: the catalog the templates see
+        (a new snapshot on every change), the grace, each write, proxy update, failure and
+        warning. An unchanged version is answered 304 at the cost of this."""
+        runner, m = self._runner, self._runner.metrics
+        parts = (
+            runner.store.generation, tuple(runner.store.held()), m.writes, m.reloads, m.runtime_updates,
+            m.reload_failures, m.check_failures, tuple(m.problem_items()), m.consul_up, m.history.count(),
+            runner.driver.describe()["pid"] if runner.driver is not None else None,
+            int(time.time() // 30),  # the per-minute figures and "draining" age on their own
+        )  # fmt: skip
+        return '"' + hashlib.sha256(repr(parts).encode()).hexdigest()[:20] + '"'
+
+    def answer(self, path: str, if_none_match: str = "") -> tuple[int, bytes, str, str] | None:
+        """(status, body, content type, ETag) for the page's paths; None for any other path."""
         if path.split("?", 1)[0] in ("/routes", "/routes/"):
-            return 200, PAGE.encode(), "text/html; charset=utf-8"
+            return 200, PAGE.encode(), "text/html; charset=utf-8", ""
         if path.split("?", 1)[0] == "/api/routes":
-            return 200, json.dumps(self.document(), sort_keys=True).encode(), "application/json"
+            version = self.version()
+            if if_none_match == version:
+                return 304, b"", "application/json", version
+            return 200, json.dumps(self.document(), sort_keys=True).encode(), "application/json", version
         return None

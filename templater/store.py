@@ -25,6 +25,7 @@ class Store:
         self._dirty: set[str] = set()
         self._dirty_since: float | None = None  # when the oldest change not yet taken came in
         self._taken_since: float | None = None  # the same, for what wait() returned since take_since()
+        self.generation = 0  # grows with every change published (the routes page's version)
 
     # -- writers (watch threads)
 
@@ -50,6 +51,7 @@ class Store:
             self._cond.notify_all()
 
     def _mark(self) -> None:
+        self.generation += 1
         if self._dirty_since is None:
             self._dirty_since = time.monotonic()
 
