@@ -23,12 +23,16 @@ DEMO = {"SERVICE_NAME": "demo", "SERVICE_HTTP_HOST": "demo.localhost", "SERVICE_
 
 
 def api(port: int, path: str = "/api/routes", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    return api_full(port, path, headers)[:2]  # type: ignore[return-value]
+
+
+def api_full(port: int, path: str = "/api/routes", headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", path, headers=headers or {})
     response = conn.getresponse()
     data = response.read()
     conn.close()
-    return response.status, data
+    return response.status, data, response.getheader("ETag") or ""
 
 
 def shot(browser, name: str) -> None:
@@ -150,8 +154,17 @@ def test_a_status_address_that_is_not_loopback_needs_the_token(consul, templater
     assert code == 401 and b"token" in data
     assert api(status, "/routes")[0] == 401
     assert api(status, headers={"Authorization": "Bearer wrong-token-wrong-token"})[0] == 401
-    code, data = api(status, headers={"Authorization": "Bearer a-long-enough-token-for-the-page"})
-    assert code == 200 and json.loads(data)["catalog"] in (True, False)
+    bearer = {"Authorization": "Bearer a-long-enough-token-for-the-page"}
+    code, data, etag = api_full(status, headers=bearer)
+    assert code == 200 and json.loads(data)["catalog"] in (True, False) and etag
+    # nothing changed (once the first render is done): 304, an open page costs a version only
+
+    def unchanged() -> bool:
+        now = api_full(status, headers=bearer)[2]
+        return api_full(status, headers={**bearer, "If-None-Match": now})[0] == 304
+
+    wait_until(unchanged, timeout=15, what="a 304 while nothing changes")
+    assert api(status, headers={"If-None-Match": etag})[0] == 401
     assert b"a-long-enough-token" not in data
     assert api(status, "/health")[0] in (200, 503)  # /health and /metrics stay as they were
     assert "a-long-enough-token" not in proc.output()
