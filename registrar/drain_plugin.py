@@ -86,7 +86,12 @@ class Drainer:
 
     def _maintain(self, stop: authz.Stopping) -> list[str]:
         state = self._registry.agent_state(services=True, checks=True)
-        sids = [sid for sid in authz.services_of(stop.ref, state.services) if sid not in state.maintenance]
+        found = authz.services_of(stop.ref, state.services)
+        sids = [sid for sid in found if sid not in state.maintenance]
+        if found != sids:
+            log.debug(
+                "in maintenance already %s", kv(call=str(stop), services=",".join(sorted(set(found) - set(sids))))
+            )
         why = authz.reason(stop, now_text())
         for sid in sids:
             self._registry.maintenance(sid, True, why)
@@ -128,6 +133,7 @@ class Drainer:
             log.warning("draining skipped %s", kv(call=str(stop), why=str(err) or type(err).__name__))
             return authz.allow()
         if not sids:
+            log.debug("nothing to drain %s", kv(call=str(stop)))
             return authz.allow()
         with self._lock:
             self._held[stop] = sids

@@ -9,6 +9,7 @@ itself out before it exits: Docker never waits on a plugin that is gone on purpo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -86,7 +87,16 @@ class EngineConfig:
         return loaded
 
     def set_plugin(self, name: str, enabled: bool) -> bool:
-        """Write the file (atomically) and signal the engine when it changes; whether it did."""
+        """Write the file (atomically) and signal the engine when it changes; whether it did.
+        Under a lock beside the file: plugins of one engine (tests, a restart) edit it in turn."""
+        try:
+            with open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                return self._set_plugin(name, enabled)
+        except OSError as err:
+            raise SidecarError(f"engine config {self.path}: {err.strerror}") from err
+
+    def _set_plugin(self, name: str, enabled: bool) -> bool:
         config = self.read()
         updated = with_plugin(config, name, enabled)
         if updated.get(KEY) == config.get(KEY):
