@@ -135,7 +135,12 @@ def render_catalog(name: str, services: list[dict[str, Any]], address: str = "12
 BENIGN = [
     {"ID": f"{s}-{n}", "Service": s, "Tags": ["t"], "Port": 8000 + n, "Address": "127.0.0.1", "ModifyIndex": 5,
      "Meta": {"http_host": f"{s}.example.com", "check_http": "/health", "weight": "3", **extra}}
-    for s, extra in (("web", {"sticky": "1"}), ("api", {"http_path": "/api"}), ("docs", {}))
+    for s, extra in (("web", {"sticky": "1"}), ("api", {"http_path": "/api"}), ("docs", {}),
+                     # every per-route option (issue 24) with a good value: the lines it writes
+                     ("opts", {"http_redirect_https": "true", "http_hsts": "31536000", "http_max_body": "10m",
+                               "http_connect_timeout": "2s", "http_read_timeout": "5m", "http_allow": "10.0.0.0/8",
+                               "http_deny": "10.1.0.0/16", "http_strip_path": "yes", "http_rate_limit": "50",
+                               "http_path": "/o"}))
     for n in range(2)
 ]  # fmt: skip
 # the first word of every line the templates write for well-behaved data: any other first word
