@@ -20,6 +20,8 @@ maintenance and does not wait again).
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import socket
 import sys
@@ -75,16 +77,30 @@ def answering_plugins(directory: Path = PLUGIN_DIR) -> list[str]:
     engine's `docker info` lists only the plugins it started with, not one added by a reload."""
     found = []
     for path in sorted(directory.glob(f"{PLUGIN_PREFIX}*.sock")):
+        conn = _UnixHTTP(str(path))
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(0.5)
-                conn.connect(str(path))
-                conn.sendall(b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\nContent-Length: 0\r\n\r\n")
-                if b'"authz"' in conn.recv(4096):
-                    found.append(path.name[: -len(".sock")])
-        except OSError:
+            conn.request("POST", "/Plugin.Activate", body=b"", headers={"Content-Type": "application/json"})
+            answer = json.loads(conn.getresponse().read() or b"{}")
+        except (OSError, http.client.HTTPException, ValueError):
             continue
+        finally:
+            conn.close()
+        if isinstance(answer, dict) and "authz" in (answer.get("Implements") or []):
+            found.append(path.name[: -len(".sock")])
     return found
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    """HTTP over a unix socket, as the engine talks to its plugins."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("plugin", timeout=0.5)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
 
 
 def plugin_note(docker: DockerSource) -> str | None:

@@ -19,6 +19,7 @@ import os
 import select
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -213,6 +214,15 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 
     def service_actions(self) -> None:
         self._beat()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went before its answer (a probe, the engine giving up) is said in
+        one debug line; anything else in one warning with its traceback."""
+        err = sys.exc_info()[1]
+        if isinstance(err, (BrokenPipeError, ConnectionResetError)):
+            log.debug("client gone before its answer: %s", err)
+            return
+        log.warning("request failed", exc_info=True)
 
 
 def serve(listener: socket.socket, drainer: Drainer, heartbeat_fd: int | None, stop: threading.Event) -> None:
