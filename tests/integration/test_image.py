@@ -224,6 +224,8 @@ def test_compose_file_validates_and_runs(sidecar_image, consul, tmp_path):
     assert down.returncode == 0, down.stderr
     ps = subprocess.run([*compose, "ps", "-q"], capture_output=True, text=True, env=full)
     assert ps.stdout.strip() == ""
+    if engine is not None:  # the socket file the removed plugin left in the engine's plugin directory
+        Path(f"/run/docker/plugins/{plugin}.sock").unlink(missing_ok=True)
 
 
 def docker_logs(container: str) -> str:
