@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import subprocess
 import sys
@@ -36,9 +35,8 @@ from bench.proxy_bench import Stack
 from devtools.demo_image import ensure_keepalive_image
 from tests.support import IMAGE, ROOT, TEST_LABEL, docker_client, ensure_image, tempdir, wait_until
 from tests.support.drain import DrainPlugin, engine_config
-from tests.traffic import WEB_LABELS, Load
+from tests.traffic import Load, closing_web, compose_web
 
-CLOSING = "trap 'kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait"
 CLIENTS = ["docker stop", "docker restart", "docker rm -f", "docker-compose down", "docker compose down"]
 COMPOSE = {"docker-compose down": ["docker-compose"], "docker compose down": ["docker", "compose"]}
 
@@ -74,19 +72,11 @@ class Backends:
 
     def start(self) -> Any:
         if self.client not in COMPOSE:
-            command = None if self.image else CLOSING
-            return self.stack.containers.run(labels=WEB_LABELS, command=command, image=self.image or IMAGE,
-                                             stop_signal="SIGTERM")  # fmt: skip
+            return closing_web(self.stack.containers, self.image)
         project = f"dr{uuid.uuid4().hex[:8]}"
         directory = self.work / project
         directory.mkdir()
-        labels = {TEST_LABEL: self.stack.containers.session, **WEB_LABELS}
-        command = "" if self.image else f"command: {json.dumps(['sh', '-c', CLOSING.replace('$', '$$')])}"
-        (directory / "compose.yaml").write_text(
-            f'version: "2.4"\nservices:\n  web:\n    image: {self.image or IMAGE}\n    {command}\n'
-            f'    labels: {json.dumps(labels)}\n    ports: ["127.0.0.1::8080"]\n'
-            "    stop_signal: SIGTERM\n    stop_grace_period: 5s\n"
-        )
+        compose_web(directory, self.image, self.stack.containers.session)
         subprocess.run([*COMPOSE[self.client], "-p", project, "up", "-d"], cwd=directory, check=True,
                        capture_output=True, timeout=120)  # fmt: skip
         found = self.stack.containers.client.containers.list(filters={"label": f"com.docker.compose.project={project}"})

@@ -23,6 +23,7 @@ from pathlib import Path
 import docker
 
 from devtools.demo_image import ensure_image
+from sidecar.signals import terminate
 
 STATE_DIR = Path(os.environ.get("SIDECAR_STATE_DIR", "/tmp/consul-sidecar"))
 
@@ -191,10 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     except _Stopped:
         return 0
     finally:
-        if drain is not None and drain.poll() is None:  # out of the engine before the demo's removal
-            drain.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                drain.wait(15)
+        if drain is not None:  # out of the engine before the demo's removal
+            terminate(drain, signal.SIGTERM, 15, "drain plugin")
         try:
             _cleanup_routing()
         except Exception as err:  # the engine gone: what this process started is still stopped

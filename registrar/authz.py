@@ -53,7 +53,7 @@ def stopping(method: str, uri: str) -> Stopping | None:
         return Stopping(ref, tail[1:])
     if method == "POST" and tail == "/kill":
         number = parse_signal(query.get("signal") or "KILL")
-        return Stopping(ref, "kill") if number in {int(s) for s in TERMINATING} else None
+        return Stopping(ref, "kill") if number in TERMINATING else None
     if method == "DELETE" and not tail and _true(query.get("force", "")):
         return Stopping(ref, "remove")
     return None

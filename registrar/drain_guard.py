@@ -27,6 +27,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -38,13 +39,14 @@ from pathlib import Path
 from registrar import authz
 from registrar.consul_registry import ConsulRegistry
 from registrar.docker_events import DockerSource, default_docker_url
-from registrar.drain_plugin import Drainer, DrainSettings, serve, wait_readable
+from registrar.drain_plugin import Drainer, DrainSettings, serve
 from registrar.engine_config import EngineConfig
 from sidecar import logs
 from sidecar.consul_conn import add_consul_arguments, consul_settings_from
 from sidecar.durations import parse_duration
 from sidecar.errors import SidecarError
 from sidecar.logs import kv
+from sidecar.signals import terminate
 
 log = logging.getLogger("registrar.drain")
 
@@ -98,6 +100,11 @@ def _take_out(engine: EngineConfig | None, name: str, why: str) -> None:
         log.error("could not take the plugin out of the engine %s", kv(plugin=name, why=why, error=str(err)))
 
 
+def wait_readable(fd: int, seconds: float) -> bool:
+    ready, _, _ = select.select([fd], [], [], seconds)
+    return bool(ready)
+
+
 def _stop_on_signals(stop: threading.Event) -> None:
     def handle(signum: int, _frame: object) -> None:
         stop.set()
@@ -144,10 +151,8 @@ def worker(args: argparse.Namespace, settings: DrainSettings) -> int:
         lambda why: _take_out(_engine(args), name, why),
     )
     _learn_own_container(drainer, args.docker)
-    guard = os.getppid()
-    serve(listener, drainer, heartbeat, stop)
-    if heartbeat is not None and os.getppid() != guard:
-        _take_out(_engine(args), plugin_name(args.socket), "its guard process is gone")
+    if serve(listener, drainer, heartbeat, stop):
+        _take_out(_engine(args), name, "its guard process is gone")
     deadline = time.monotonic() + settings.drain + settings.consul_wait
     while drainer.busy and time.monotonic() < deadline:  # the calls being drained get their answer
         time.sleep(0.05)
@@ -237,13 +242,8 @@ class Guard:
             last_beat = time.monotonic()
 
     def close(self, grace: float) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()
-            try:
-                self.worker.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait()
+        if self.worker is not None:
+            terminate(self.worker, signal.SIGTERM, grace, "drain worker")
         self._listener.close()
         Path(self._args.socket).unlink(missing_ok=True)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import socket
 import socketserver
 import sys
@@ -81,8 +80,6 @@ class Drainer:
         self.own_name = ""
         self._lock = threading.Lock()
         self._held: dict[authz.Stopping, list[str]] = {}  # maintenance set, until the answer
-        self.drains = 0
-        self.skipped = 0
         self.busy = 0  # stopping calls not answered yet
 
     def _maintain(self, stop: authz.Stopping) -> list[str]:
@@ -130,7 +127,6 @@ class Drainer:
         try:
             sids: list[str] = bounded(lambda: self._maintain(stop), self._settings.consul_wait)
         except Exception as err:  # never refuse a call: go ahead undrained, and say why
-            self.skipped += 1
             log.warning("draining skipped %s", kv(call=str(stop), why=str(err) or type(err).__name__))
             return authz.allow()
         if not sids:
@@ -138,7 +134,6 @@ class Drainer:
             return authz.allow()
         with self._lock:
             self._held[stop] = sids
-            self.drains += 1
         time.sleep(max(0.0, self._settings.drain - (time.monotonic() - started)))
         log.info("drained %s", kv(call=str(stop), services=",".join(sids), took=f"{time.monotonic() - started:.2f}s"))
         return authz.allow()
@@ -225,10 +220,12 @@ class _Server(socketserver.ThreadingUnixStreamServer):
         log.warning("request failed", exc_info=True)
 
 
-def serve(listener: socket.socket, drainer: Drainer, heartbeat_fd: int | None, stop: threading.Event) -> None:
-    """Answer the engine on a socket the guard listens on, until stop; write a byte to
-    heartbeat_fd on every turn of the loop (the guard restarts a worker whose loop stalls)."""
+def serve(listener: socket.socket, drainer: Drainer, heartbeat_fd: int | None, stop: threading.Event) -> bool:
+    """Answer the engine on a socket the guard listens on, until stop or the guard is gone;
+    write a byte to heartbeat_fd on every turn of the loop (the guard restarts a worker whose
+    loop stalls). Whether it ended because the guard is gone."""
     guard = os.getppid()
+    gone = threading.Event()
 
     def beat() -> None:
         if heartbeat_fd is not None:
@@ -236,20 +233,18 @@ def serve(listener: socket.socket, drainer: Drainer, heartbeat_fd: int | None, s
                 os.write(heartbeat_fd, b".")
             except BlockingIOError:
                 pass
-            except OSError:  # the guard is gone
-                stop.set()
-        if heartbeat_fd is not None and os.getppid() != guard:
-            stop.set()
-        if stop.is_set():
+            except OSError:  # the pipe's other end closed with the guard
+                gone.set()
+            if os.getppid() != guard:
+                gone.set()
+        if (stop.is_set() or gone.is_set()) and not ending.is_set():
+            ending.set()
             threading.Thread(target=server.shutdown, daemon=True).start()
 
+    ending = threading.Event()
     server = _Server(listener, _handler(drainer), beat)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
-
-
-def wait_readable(fd: int, seconds: float) -> bool:
-    ready, _, _ = select.select([fd], [], [], seconds)
-    return bool(ready)
+    return gone.is_set()

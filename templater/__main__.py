@@ -12,9 +12,9 @@ from types import FrameType
 from sidecar import logs
 from sidecar.consul_conn import warn_if_token_on_command_line
 from sidecar.errors import SidecarError
-from sidecar.status import GateFn, StatusServer
+from sidecar.status import StatusServer
 from templater.haproxy_runtime import RuntimeHook
-from templater.routes_page import RoutesPage, authorized, is_loopback
+from templater.routes_page import RoutesPage, page_gate
 from templater.runner import RELOAD_KEY, Runner
 from templater.settings import SettingsError, settings_from
 from templater.status import Metrics
@@ -22,14 +22,6 @@ from templater.status import Metrics
 log = logging.getLogger("templater")
 
 FORWARDED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
-
-def page_gate(host: str, token: str) -> GateFn | None:
-    """Who may read the routes page: anyone on a loopback address (as /health); elsewhere only
-    with the token, and nobody at all when there is none (the page says how to set one)."""
-    if is_loopback(host):
-        return None
-    return lambda header: bool(token) and authorized(header, token)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ class History:
         self._clock = clock
         self._lock = threading.Lock()
         self._renders: deque[RenderRecord] = deque(maxlen=RENDERS_KEPT)
-        self._changes: deque[tuple[float, float]] = deque(maxlen=20_000)  # (at, seconds)
+        self._changes: deque[tuple[float, str, float]] = deque(maxlen=20_000)  # (at, "written", seconds)
         self._applies: deque[tuple[float, str, float]] = deque(maxlen=20_000)  # (at, how, seconds)
         self._failure: dict[str, Any] | None = None
         self._warnings: deque[tuple[float, str]] = deque(maxlen=50)  # the last distinct ones
@@ -74,26 +74,28 @@ class History:
         with self._lock:
             return self._count
 
-    def rendered(self, template: str, old: bytes | None, new: str) -> None:
+    def _add(self, kept: deque[Any], item: Any) -> None:
         with self._lock:
             self._count += 1
-            self._renders.append(RenderRecord(self._clock(), template, old, new))
+            kept.append(item)
+
+    def rendered(self, template: str, old: bytes | None, new: str) -> None:
+        """A file changed. While the last render of the same template waits for its diff, its
+        new text is this one's old text: the same string is kept once, not a copy per render."""
+        with self._lock:
+            last = next((r for r in reversed(self._renders) if r.template == template), None)
+        before: bytes | str | None = last.new if last is not None and last.new is not None else old
+        self._add(self._renders, RenderRecord(self._clock(), template, before, new))
 
     def change(self, seconds: float) -> None:
-        with self._lock:
-            self._count += 1
-            self._changes.append((self._clock(), seconds))
+        self._add(self._changes, (self._clock(), "written", seconds))
 
     def applied(self, how: str, seconds: float) -> None:
         """The proxy took a change: how (reload, runtime API, start) and how long it took."""
-        with self._lock:
-            self._count += 1
-            self._applies.append((self._clock(), how, seconds))
+        self._add(self._applies, (self._clock(), how, seconds))
 
     def warned(self, message: str) -> None:
-        with self._lock:
-            self._count += 1
-            self._warnings.append((self._clock(), message))
+        self._add(self._warnings, (self._clock(), message))
 
     def failed(self, what: str, message: str) -> None:
         with self._lock:
@@ -116,7 +118,7 @@ class History:
                 {"at": r.at, "template": r.template, "added": r.added, "removed": r.removed, "diff": r.diff or ""}
                 for r in reversed(self._renders)
             ]
-            changes = per_minute(((at, "written", s) for at, s in self._changes), now)
+            changes = per_minute(self._changes, now)
             applies = per_minute(self._applies, now)
             last = self._applies[-1] if self._applies else None
             failure = dict(self._failure, message=redact(self._failure["message"])) if self._failure else None

@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sidecar.logs import REDACTOR
+from sidecar.status import GateFn
 from templater import routes_view
 from templater.page_html import PAGE
 from templater.routes import RouteMemo
@@ -50,6 +51,14 @@ def authorized(header: str | None, token: str) -> bool:
         except ValueError:
             return False
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def page_gate(host: str, token: str) -> GateFn | None:
+    """Who may read the routes page: anyone on a loopback address (as /health); elsewhere only
+    with the token, and nobody at all when there is none (the page says how to set one)."""
+    if is_loopback(host):
+        return None
+    return lambda header: bool(token) and authorized(header, token)
 
 
 class RoutesPage:
@@ -95,7 +104,7 @@ class RoutesPage:
         parts = (
             runner.store.generation, tuple(runner.store.held()), m.writes, m.reloads, m.runtime_updates,
             m.reload_failures, m.check_failures, tuple(m.problem_items()), m.consul_up, m.history.count(),
-            runner.driver.describe()["pid"] if runner.driver is not None else None,
+            runner.driver.proxy.master() if runner.driver is not None else None,
             int(time.time() // 30),  # the per-minute figures and "draining" age on their own
         )  # fmt: skip
         return '"' + hashlib.sha256(repr(parts).encode()).hexdigest()[:20] + '"'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import random
 import threading
 import time
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from tests.support import wait_until
+from tests.support import IMAGE, TEST_LABEL, wait_until
 
 # a backend that finishes in-flight requests on SIGTERM (docker stop), as the issue asks
 SERVE = "trap 'sleep 1; kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait"
@@ -121,3 +122,37 @@ def started_at(container: Any) -> float:
     stamp = container.attrs["State"]["StartedAt"]  # 2026-11-22T20:35:01.812345678Z
     whole, _, frac = stamp.rstrip("Z").partition(".")
     return datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp() + float("0." + (frac or "0"))
+
+
+# busybox httpd that closes its listener the moment it gets SIGTERM, as Go's Shutdown, gunicorn
+# and uvicorn do (in-flight requests still finish): for the drain plugin's tests and bench
+SERVE_CLOSING = "trap 'kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait"
+
+COMPOSE_WEB = """version: "2.4"
+services:
+  web:
+    image: {image}
+    {command}
+    labels: {labels}
+    ports: ["127.0.0.1::8080"]
+    stop_signal: SIGTERM
+    stop_grace_period: 5s
+"""
+
+
+def closing_web(containers: Any, image: str | None) -> Any:
+    """A web backend that stops accepting at once on SIGTERM: busybox, or the keep-alive one in image."""
+    if image is None:
+        return containers.run(labels=WEB_LABELS, command=SERVE_CLOSING, stop_signal="SIGTERM")
+    return containers.run(labels=WEB_LABELS, command=None, image=image, stop_signal="SIGTERM")
+
+
+def compose_web(directory: Any, image: str | None, session: str) -> Any:
+    """directory/compose.yaml with one such backend as service `web` (labelled as the session's)."""
+    labels = {TEST_LABEL: session, **WEB_LABELS}
+    command = (
+        "" if image else f"command: {json.dumps(['sh', '-c', SERVE_CLOSING.replace('$', '$$')])}"
+    )  # compose interpolates $
+    path = directory / "compose.yaml"
+    path.write_text(COMPOSE_WEB.format(image=image or IMAGE, command=command, labels=json.dumps(labels)))
+    return path

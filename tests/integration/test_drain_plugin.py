@@ -4,10 +4,8 @@ listener the moment they get SIGTERM."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,14 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import IMAGE, ROOT, TEST_LABEL, wait_until
+from tests.support import ROOT, TcpForwarder, wait_until
 from tests.support.drain import DrainPlugin, engine_config
-from tests.traffic import WEB_LABELS, Load, get
+from tests.traffic import Load, closing_web, compose_web, get
 
 pytestmark = pytest.mark.integration
 
-# busybox httpd that closes its listener at once on SIGTERM (in-flight requests still finish)
-SERVE_CLOSING = "trap 'kill $pid; exit 0' TERM; httpd -f -p 8080 -h /www & pid=$!; wait"
 DRAIN = "1s"
 
 
@@ -71,31 +67,10 @@ def settled(port: int) -> bool:
     return all(get(port, "app.test", "/index.html")[0] == 200 for _ in range(20))
 
 
-def backend(containers, image: str | None):
-    if image is None:
-        return containers.run(labels=WEB_LABELS, command=SERVE_CLOSING, stop_signal="SIGTERM")
-    return containers.run(labels=WEB_LABELS, command=None, image=image, stop_signal="SIGTERM")
-
-
-COMPOSE = """version: "2.4"
-services:
-  web:
-    image: {image}
-    {command}
-    labels: {labels}
-    ports: ["127.0.0.1::8080"]
-    stop_signal: SIGTERM
-    stop_grace_period: 5s
-"""
-
-
-def compose_up(tool: list[str], directory: Path, project: str, image: str, command: str | None, session: str):
-    labels = {TEST_LABEL: session, **WEB_LABELS}
-    escaped = command.replace("$", "$$") if command else None  # compose interpolates $name
-    line = f"command: {json.dumps(['sh', '-c', escaped])}" if escaped else ""
-    (directory / "compose.yaml").write_text(COMPOSE.format(image=image, command=line, labels=json.dumps(labels)))
-    up = subprocess.run([*tool, "-p", project, "-f", str(directory / "compose.yaml"), "up", "-d"],
-                        capture_output=True, text=True, timeout=120)  # fmt: skip
+def compose_up(tool: list[str], directory: Path, project: str, image: str | None, session: str) -> None:
+    path = compose_web(directory, image, session)
+    up = subprocess.run([*tool, "-p", project, "-f", str(path), "up", "-d"], capture_output=True, text=True,
+                        timeout=120)  # fmt: skip
     assert up.returncode == 0, up.stderr
 
 
@@ -114,15 +89,15 @@ def test_any_client_stops_a_backend_under_load_without_a_failed_request(
     extra = ("--drain-timeout", "10s") if kind == "haproxy" else ("--wait", "50ms:500ms")
     port, proc = proxy_stack(kind, *extra)
     plugin = drain_plugin()
-    others = [backend(containers, image) for _ in range(2)]
+    others = [closing_web(containers, image) for _ in range(2)]
     project = f"drain{containers.session}{CLIENTS.index(client)}{kind[0]}"
     tool = ["docker-compose"] if client.startswith("docker-compose") else ["docker", "compose"]
     down = [*tool, "-p", project, "-f", str(tmp_path / "compose.yaml"), "down"]
     if client.endswith("down"):
-        compose_up(tool, tmp_path, project, image or IMAGE, None if image else SERVE_CLOSING, containers.session)
+        compose_up(tool, tmp_path, project, image, containers.session)
         target = docker_engine.containers.list(filters={"label": f"com.docker.compose.project={project}"})[0]
     else:
-        target = backend(containers, image)
+        target = closing_web(containers, image)
     try:
         drain_one(port, kind, proc, plugin, consul, containers, [*others, target], client, down)
     finally:
@@ -198,46 +173,52 @@ def test_a_killed_guard_takes_the_plugin_out_of_the_engine(drain_plugin):
     assert listed.returncode == 0, listed.stderr
 
 
-def test_a_hung_consul_lets_the_stop_go_ahead_and_says_why(containers, drain_plugin):
-    """The agent accepts the connection and never answers: the stop waits --consul-wait, not more."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
+class HungConsul(TcpForwarder):
+    """The real agent behind a forwarder that holds every answer back until stop(): to a
+    client, an agent that takes the connection and never answers."""
 
-    def hold() -> None:  # accept and say nothing
-        silent.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(silent.accept()[0])
-            except TimeoutError:
-                continue
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.released = threading.Event()
 
-    thread = threading.Thread(target=hold)
-    thread.start()
+    def pump(self, src, dst, upstream: bool) -> None:
+        if not upstream:
+            self.released.wait()
+        super().pump(src, dst, upstream)
+
+    def stop(self) -> None:
+        self.released.set()
+        super().stop()
+
+
+def test_a_hung_consul_lets_the_stop_go_ahead_and_says_why(consul, containers, registrar, drain_plugin):
+    """A stop that needs a drain, the agent hung: the stop waits --consul-wait, not more."""
+    registrar()
+    c = closing_web(containers, None)
+    wait_until(lambda: any(s["Meta"].get("container_name") == c.name for s in consul.services().values()),
+               timeout=15, what="registered")  # fmt: skip
+    hung = HungConsul(consul.http_port)
+    hung.start()
     try:
-        plugin = drain_plugin(f"http://127.0.0.1:{silent.getsockname()[1]}", "--consul-wait", "1s")
-        c = containers.run(command="trap 'exit 0' TERM; sleep 300 & wait")
+        plugin = drain_plugin(hung.url, "--consul-wait", "1s")
         done = docker_cli("stop", c.name, timeout=30)
         assert done.returncode == 0, done.stderr
         wait_until(lambda: "draining skipped" in plugin.output(), timeout=5, what="skip logged")
         line = next(x for x in plugin.output().splitlines() if "draining skipped" in x)
         assert f"call='stop {c.name}'" in line and "no answer from Consul within 1 s" in line, line
     finally:
-        stop.set()
-        thread.join()
-        for conn in held:
-            conn.close()
-        silent.close()
+        hung.stop()
 
 
 def test_a_container_without_services_is_not_drained(consul, containers, registrar, drain_plugin):
     registrar()
-    plugin = drain_plugin()
+    plugin = drain_plugin(consul.url, "--drain", "5s")
     plain = containers.run(command="trap 'exit 0' TERM; sleep 300 & wait", ports=())  # no port: no service
+    started = time.monotonic()
     done = docker_cli("stop", plain.name)
+    took = time.monotonic() - started
     assert done.returncode == 0, done.stderr
+    assert took < 5.0, took  # never the drain's wait (it exits at SIGTERM: a fraction of a second)
     time.sleep(0.5)
     assert plain.name not in plugin.output() and plain.id[:12] not in plugin.output()
     assert plugin.output().count("drained call=") == 0
@@ -246,7 +227,7 @@ def test_a_container_without_services_is_not_drained(consul, containers, registr
 def test_sidecar_stop_says_it_is_not_needed_and_is_not_drained_twice(consul, containers, registrar, drain_plugin):
     registrar()
     plugin = drain_plugin()
-    c = backend(containers, None)
+    c = closing_web(containers, None)
     wait_until(lambda: any(s["Meta"].get("container_name") == c.name for s in consul.services().values()),
                timeout=15, what="registered")  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "registrar.drain", "--consul", consul.url, "--drain", "1s", c.name],
@@ -262,7 +243,7 @@ def test_sidecar_stop_says_it_is_not_needed_and_is_not_drained_twice(consul, con
 def test_other_calls_are_not_held_while_a_stop_drains(consul, containers, registrar, drain_plugin):
     registrar()
     plugin = drain_plugin(consul.url, "--drain", "3s")
-    c = backend(containers, None)
+    c = closing_web(containers, None)
     wait_until(lambda: any(s["Meta"].get("container_name") == c.name for s in consul.services().values()),
                timeout=15, what="registered")  # fmt: skip
     stopping = threading.Thread(target=docker_cli, args=("stop", c.name))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import threading
@@ -15,7 +14,7 @@ import docker
 import pytest
 
 from tests.support import ROOT, TEST_LABEL, ConsulAgent, free_port, wait_until
-from tests.support.drain import engine_config
+from tests.support.drain import engine_config, engine_plugins
 from tests.traffic import Load, get, served_by, serving_web, web
 
 pytestmark = pytest.mark.integration
@@ -230,8 +229,3 @@ def test_compose_file_validates_and_runs(sidecar_image, consul, tmp_path):
 
 def docker_logs(container: str) -> str:
     return subprocess.run(["docker", "logs", container], capture_output=True, text=True, timeout=10).stderr
-
-
-def engine_plugins(config: str) -> list[str]:
-    text = Path(config).read_text()
-    return list(json.loads(text).get("authorization-plugins") or []) if text.strip() else []

@@ -12,6 +12,12 @@ from tests.support.polling import wait_until
 from tests.support.processes import Process
 
 
+def engine_plugins(config: str | Path) -> list[str]:
+    """The authorization plugins the engine's settings file lists now."""
+    text = Path(config).read_text()
+    return list(json.loads(text).get("authorization-plugins") or []) if text.strip() else []
+
+
 def engine_config() -> tuple[str, str] | None:
     config, pid = os.environ.get("SIDECAR_ENGINE_CONFIG"), os.environ.get("SIDECAR_ENGINE_PID")
     return (config, pid) if config and pid else None
@@ -38,8 +44,7 @@ class DrainPlugin:
         return self.proc.output()
 
     def enabled(self) -> bool:
-        text = self.config.read_text()
-        return self.name in (json.loads(text).get("authorization-plugins") or []) if text.strip() else False
+        return self.name in engine_plugins(self.config)
 
     def worker_pid(self) -> int:
         out = subprocess.run(["pgrep", "-P", str(self.proc.proc.pid)], capture_output=True, text=True).stdout
