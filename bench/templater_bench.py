@@ -62,6 +62,8 @@ backend {{ .Name }}
 {{ range service .Name }}    server {{ .ID }} {{ .Address }}:{{ .Port }}
 {{ end }}{{ end }}{{ end }}
 """
+# the same with each instance's checks (consul-template's .Checks: every check is kept)
+GO_CHECKS = GO_TEMPLATE.replace("{{ .Port }}", "{{ .Port }} #{{ range .Checks }} {{ .CheckID }}={{ .Status }}{{ end }}")
 
 
 def put(url: str, path: str, body: object) -> None:
@@ -195,14 +197,14 @@ def register_all(url: str, services: int, instances: int, checks: bool) -> None:
 
 
 def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> None:
-    src = work / ("t.ctmpl" if args.go else "t.j2")
-    src.write_text(GO_TEMPLATE if args.go else CACHED if args.cached else TEMPLATE)
+    src = work / ("t.ctmpl" if args.go or args.go_checks else "t.j2")
+    src.write_text(GO_CHECKS if args.go_checks else GO_TEMPLATE if args.go else CACHED if args.cached else TEMPLATE)
     out_dir = work / "out"  # apart from the template: writes there are no template events
     out_dir.mkdir()
     dest = out_dir / "out.cfg"
     started = time.monotonic()
     argv = ["--consul", url, "--template", f"{src}:{dest}"]
-    end = "\n"  # what follows an instance's address in the output
+    end = " #" if args.go_checks else "\n"  # what follows an instance's address in the output
     status_port = free_port()
     if args.nginx:
         argv = ["--consul", url, "--template", f"{BUNDLED_NGINX}:{dest}", "--proxy", "nginx", "--stop-proxy",
@@ -330,6 +332,7 @@ def main() -> int:
     parser.add_argument("--nginx", action="store_true", help="templates/nginx.conf.j2 with --proxy nginx")
     parser.add_argument("--cached", action="store_true", help="the listing template with {%% cache s.name %%}")
     parser.add_argument("--go", action="store_true", help="the listing template as a .ctmpl (Go text/template)")
+    parser.add_argument("--go-checks", action="store_true", help="--go, listing each instance's .Checks too")
     parser.add_argument("--checks", action="store_true", help="every instance with a TTL check (passing)")
     parser.add_argument("--py-spy", metavar="FILE", help="py-spy's collapsed stacks of the templater over the changes")
     parser.add_argument("--consul", help="an agent already holding the bench services (skips registering)")

@@ -10,7 +10,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 # no python3-venv: the image's venv is made --without-pip and filled by pip run from its wheel
-PACKAGES=python3,haproxy,nginx-light,tini,ca-certificates,libcap2-bin
+PACKAGES=python3,haproxy,nginx-light,libnginx-mod-stream,tini,ca-certificates,libcap2-bin
 HASH="$(sha256sum "$HERE/base-image.sh" | cut -c1-12)"
 TAG="consul-sidecar-base:bookworm-$HASH"
 

@@ -12,6 +12,7 @@ need_apt=()
 command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
+[[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]] || need_apt+=(libnginx-mod-stream)  # TCP routes
 command -v consul >/dev/null 2>&1 || need_apt+=(consul)
 command -v busybox >/dev/null 2>&1 || need_apt+=(busybox-static)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)

@@ -44,6 +44,25 @@ class Instance:
     # read-only, so templates get it as it is (no copy per render) and cannot change the store's data
     meta: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     status: str = PASSING
+    # its node's checks and its own, kept only while a template reads them (consul-template's
+    # `.Checks`; CatalogIndex.keep_checks): otherwise empty, and only the aggregated status is kept
+    checks: tuple[Check, ...] = ()
+
+
+@dataclass(frozen=True)
+class Check:
+    """One health check of an instance or of its node ("" service_id), as `.Checks` lists it."""
+
+    node: str
+    check_id: str
+    name: str
+    status: str
+    service_id: str = ""
+    service_name: str = ""
+    notes: str = ""
+    output: str = ""
+    type: str = ""
+    modify_index: int = field(default=0, compare=False)  # which of two reports of it is newer
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,7 @@ class Snapshot:
     # the services whose entries differ from the snapshot before this one; None: any may
     changed: frozenset[str] | None = None
     listing: list[Mapping[str, Any]] | None = field(default=None, compare=False, repr=False)  # services()
+    checks: bool = False  # whether instances carry their checks (Instance.checks)
 
 
 def listing(services: Mapping[str, tuple[str, ...]]) -> list[Mapping[str, Any]]:
@@ -105,6 +125,31 @@ def _unwritable(value: Any, longest: int) -> str:
     if UNSAFE.search(value):
         return "a control character or line break"
     return f"longer than {longest} characters" if len(value) > longest else ""
+
+
+CHECK_TEXT_MAX = 4096  # Consul's own limit on a check's output
+
+
+def check_text(value: Any) -> str:
+    """A check's name, notes or output as templates get it: text, every line break and control
+    character a space (a script's output has several lines), at most CHECK_TEXT_MAX characters."""
+    return UNSAFE.sub(" ", value if isinstance(value, str) else "")[:CHECK_TEXT_MAX]
+
+
+def clean_check(raw: Mapping[str, Any], warn: Any) -> Check | None:
+    """A check from Consul's JSON (a health answer's `Checks`, `/v1/health/state/<s>`), or None
+    with a warning when its node, id or service id could not be named safely."""
+    node, check_id, sid = raw.get("Node"), raw.get("CheckID"), raw.get("ServiceID") or ""
+    if not (isinstance(node, str) and valid_name(node) and isinstance(check_id, str) and _ID.match(check_id)
+            and isinstance(sid, str) and (sid == "" or _ID.match(sid))):  # fmt: skip
+        warn(f"left out check node={node!r} check={check_id!r} service_id={sid!r}: unsafe name or id")
+        return None
+    status = str(raw.get("Status", CRITICAL))
+    return Check(
+        node, check_id, check_text(raw.get("Name")), status if status in _SEVERITY else CRITICAL, sid,
+        check_text(raw.get("ServiceName")), check_text(raw.get("Notes")), check_text(raw.get("Output")),
+        check_text(raw.get("Type")), int(raw.get("ModifyIndex") or 0),
+    )  # fmt: skip
 
 
 Where = str | Callable[[], str]  # what a warning names, or how to say it (made only for a warning)
@@ -254,6 +299,7 @@ def build_instances(name: str, rows: Iterable[Row], warn: Any) -> tuple[Instance
             tags=clean_tags(row.get("ServiceTags"), where, warn),
             meta=clean_meta(row.get("ServiceMeta"), where, warn),
             status=PASSING,
+            checks=(),
         )
         instances.append(instance)
     return tuple(sorted(instances, key=_by_node_and_id))
@@ -319,7 +365,7 @@ class Grace:
         changed = None if new.changed is None else new.changed | held_before | set(self.held_since)
         if not holds:  # nothing held: new as it is (no copy of its 10,000-entry maps per change)
             return (new if changed == new.changed else dataclasses.replace(new, changed=changed)), None
-        result = Snapshot(dict(new.services), dict(new.instances), new.nodes, changed)
+        result = Snapshot(dict(new.services), dict(new.instances), new.nodes, changed, checks=new.checks)
         for name, instances in holds.items():
             result.instances[name] = instances
             result.services.setdefault(name, previous.services.get(name, ()))

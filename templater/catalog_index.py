@@ -40,6 +40,7 @@ from templater.catalog import (
     severity,
     valid_name,
 )
+from templater.check_book import Changed, CheckBook
 
 Warn = Callable[[str], None]
 InstanceKey = tuple[str, str]  # (node, service id)
@@ -150,12 +151,20 @@ class CatalogIndex:
         self._changed: set[str] = set()
         self._nodes_moved = False
         self._listing: list[Mapping[str, Any]] | None = None
+        self._book: CheckBook | None = None  # each instance's checks, while a template reads them
 
     # -- answers in
 
-    def load(self, nodes: Mapping[str, dict[str, Any] | None], checks: Sequence[Mapping[str, Any]]) -> None:
+    def load(
+        self, nodes: Mapping[str, dict[str, Any] | None], checks: Sequence[Mapping[str, Any]],
+        all_checks: Sequence[Any] | None = None,
+    ) -> None:  # fmt: skip
         """Everything at once (the first read, or the safety read): every node's services and
-        the checks that are not passing, read after them."""
+        the checks that are not passing, read after them; with all_checks (every check, read
+        last), each instance's checks too."""
+        if all_checks is not None:
+            self._book = CheckBook(self._warn)
+            self._book.load(all_checks)
         rows: dict[str, list[Row]] = {}
         for node, data in nodes.items():
             self.node_rows[node] = node_entries(data)
@@ -172,6 +181,32 @@ class CatalogIndex:
         for name in set(self._built) | set(rows):
             self._build(name, rows.get(name, []))
         self._changed.update(self._built, self.instances, rows)
+
+    def keep_checks(self, on: bool) -> None:
+        """Start keeping each instance's checks (load_checks() completes the book), or stop."""
+        if on == (self._book is not None):
+            return
+        self._book = CheckBook(self._warn) if on else None
+        self._changed.update(self._built)
+
+    def load_checks(self, all_checks: Sequence[Any]) -> None:
+        """Every check (`/v1/health/state/any`), read after keep_checks(True)."""
+        if self._book is not None:
+            self._book.load(all_checks)
+            self._changed.update(self._built)
+
+    @property
+    def checks_kept(self) -> bool:
+        return self._book is not None and self._book.loaded
+
+    def _checks_changed(self, changed: Changed) -> None:
+        keys, nodes = changed
+        for node, sid in keys:
+            entry = self.node_rows.get(node, {}).get(sid)
+            if entry is not None:
+                self._changed.add(entry[0])
+        for node in nodes:
+            self._changed.update(self._names_on(node))
 
     def node_answer(self, node: str, data: Mapping[str, Any] | None) -> set[str]:
         """A node's services changed: instances that left go now; the services to read again."""
@@ -194,6 +229,8 @@ class CatalogIndex:
         for sid, (name, _mod) in self.node_rows.pop(node, {}).items():
             self._drop_instance(name, (node, sid))
         self._node_address.pop(node, None)
+        if self._book is not None:
+            self._book.drop_node(node)
         if self._node_status.pop(node, None) is not None:
             self._changed.update(self._names_on(node))
 
@@ -202,6 +239,8 @@ class CatalogIndex:
         where one got better are returned, to be read again (its instance may be going)."""
         bad, node_status = bad_statuses(checks)
         self.checks_seq += 1
+        if self._book is not None:
+            self._checks_changed(self._book.not_passing(checks))
         for node in set(node_status) | set(self._node_status):
             if node_status.get(node) != self._node_status.get(node):
                 self._changed.update(self._names_on(node))
@@ -230,6 +269,8 @@ class CatalogIndex:
         if index < self._read_index.get(name, 0):
             return ServiceRead(False, frozenset())
         rows, modified = health_rows(entries)
+        if self._book is not None:
+            self._checks_changed(self._book.service_read(entries, index))
         listed = self._by_name.get(name, set())
         behind = frozenset(
             key
@@ -281,7 +322,7 @@ class CatalogIndex:
         # on; services() is built again only when a service came, went or changed its tags
         if self._listing is None:
             self._listing = listing(self.services)
-        return Snapshot(dict(self.services), dict(self.instances), self.nodes, changed, self._listing)
+        return Snapshot(dict(self.services), dict(self.instances), self.nodes, changed, self._listing, self.checks_kept)
 
     # -- state
 
@@ -300,6 +341,8 @@ class CatalogIndex:
             listed.discard(key)
             if not listed:
                 del self._by_name[name]
+        if self._book is not None:
+            self._book.drop_instance(key)
         built = self._built.get(name, ())
         kept = tuple(i for i in built if (i.node, i.id) != key)
         if len(kept) != len(built):
@@ -328,6 +371,13 @@ class CatalogIndex:
         if not built:
             self._built.pop(name, None)
             self.instances.pop(name, None)
+        elif self.checks_kept:
+            assert self._book is not None
+            of = self._book.of
+            self.instances[name] = tuple(
+                replace(i, status=_worst(i.status, self._node_status.get(i.node)), checks=of(i.node, i.id))
+                for i in built
+            )
         else:
             self.instances[name] = tuple(
                 _with_status(i, _worst(i.status, self._node_status.get(i.node))) for i in built

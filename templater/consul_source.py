@@ -163,6 +163,7 @@ class CatalogSource:
         self._index = CatalogIndex(warn)
         self._queue = ReadQueue()
         self._loaded = False
+        self._keep_checks = False  # each instance's checks too (a template reads `.Checks`)
         self._last_index: dict[str, int] = {}  # watch -> its last index, to see Consul lose its state
         self._node_loops: dict[str, BlockingLoop] = {}
         self._checks_loops: dict[str, BlockingLoop] = {}  # state -> its watch
@@ -215,6 +216,53 @@ class CatalogSource:
     def _read_not_passing(self) -> dict[str, Response]:
         return {state: self._fetcher.get(f"/v1/health/state/{state}", self._read_params) for state in NOT_PASSING}
 
+    def _read_all_checks(self) -> list[dict[str, Any]] | None:
+        """Every check of the dc, when each instance's checks are kept (else None)."""
+        if not self._keep_checks:
+            return None
+        return _checks(self._fetcher.get("/v1/health/state/any", self._read_params).data)
+
+    # -- each instance's checks
+
+    def keep_checks(self, on: bool) -> None:
+        """Keep each instance's checks (a template reads them), or stop. Turned on after the
+        first read, every check is read once on the pool; the watches keep them from then on."""
+        with self._lock:
+            if on == self._keep_checks or self._stopped.is_set():
+                return
+            self._keep_checks = on
+            loaded = self._loaded
+            self._index.keep_checks(on)
+            if not on or not loaded:  # off at once; or the first read reads them with the rest
+                self._publish_changes()
+                return
+        self._start_loading_checks()
+
+    def _start_loading_checks(self) -> None:
+        done = threading.Event()  # a read once, on its own thread (restarted if it raises)
+
+        def body() -> None:
+            self._load_checks()
+            done.set()
+
+        self._supervisor.start(f"checks {self.key}", body, done)
+
+    def _load_checks(self) -> None:
+        backoff = Backoff(self._settings.backoff_base, self._settings.backoff_cap)
+        while not self._stopped.is_set() and self._keep_checks:
+            try:
+                checks = self._read_all_checks()
+            except (ConsulUnavailable, ConsulRejected) as err:
+                self._on_state(f"{self.key}.checks(any)", False, str(err))
+                self._stopped.wait(backoff.next_delay())
+                continue
+            self._on_state(f"{self.key}.checks(any)", True, "")
+            with self._lock:
+                if checks is not None and self._keep_checks:
+                    self._index.load_checks(checks)
+                    self._publish_changes()
+            return
+
     # -- watch callbacks
 
     def _saw(self, key: str, index: int) -> None:
@@ -250,10 +298,14 @@ class CatalogSource:
     def _load_all(self, nodes: list[dict[str, Any]], names: list[str]) -> None:
         answers = self._read_nodes(names)
         checks = self._read_not_passing()
+        all_checks = self._read_all_checks()
         with self._lock:
             self._index.set_nodes(nodes)
             self._not_passing = {state: _checks(answer.data) for state, answer in checks.items()}
-            self._index.load({n: r.data for n, r in answers.items()}, self._all_not_passing())
+            if all_checks is None and self._keep_checks:  # turned on while the first read was on its way
+                self._index.keep_checks(True)
+                self._start_loading_checks()
+            self._index.load({n: r.data for n, r in answers.items()}, self._all_not_passing(), all_checks)
             for name, answer in answers.items():
                 self._watch_node(name, answer)
             for state, answer in checks.items():
@@ -353,9 +405,10 @@ class CatalogSource:
         with gc_paused:
             answers = self._read_nodes(names)
             checks = self._read_not_passing()
+            all_checks = self._read_all_checks()
             fresh = CatalogIndex(lambda _message: None)
             not_passing = _flatten({state: _checks(r.data) for state, r in checks.items()})
-            fresh.load({n: r.data for n, r in answers.items()}, not_passing)
+            fresh.load({n: r.data for n, r in answers.items()}, not_passing, all_checks)
             del answers
             fresh.take_changed()
         with self._lock:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from templater.catalog import PASSING
+from templater.catalog import CRITICAL, MAINTENANCE, PASSING, WARNING, Check
 from templater.gotemplate import GoTemplateError, execute, parse
 from templater.gotemplate.compiled import Compiler, Fallback
 from templater.gotemplate.execute import BUILTINS
@@ -34,13 +34,50 @@ class ServiceTags(tuple):  # type: ignore[type-arg]
         return tag in self
 
 
+class HealthCheck:
+    """One check in `.Checks`, under consul-template's (Consul API's) field names."""
+
+    __slots__ = ("CheckID", "Name", "Node", "Notes", "Output", "ServiceID", "ServiceName", "ServiceTags",
+                 "Status", "Type")  # fmt: skip
+
+    def __init__(self, check: Check, tags: tuple[str, ...]) -> None:
+        self.Node, self.CheckID, self.Name, self.Status = check.node, check.check_id, check.name, check.status
+        self.Notes, self.Output, self.Type = check.notes, check.output, check.type
+        self.ServiceID, self.ServiceName = check.service_id, check.service_name
+        self.ServiceTags = ServiceTags(tags if check.service_id else ())
+
+    Namespace = property(lambda self: "")
+
+
+class HealthChecks(list):  # type: ignore[type-arg]
+    """An instance's checks; `.Checks.AggregatedStatus` as in Consul's API."""
+
+    def AggregatedStatus(self) -> str:
+        statuses = set()
+        for check in self:
+            if check.CheckID == "_node_maintenance" or check.CheckID.startswith("_service_maintenance:"):
+                return MAINTENANCE
+            statuses.add(check.Status)
+        for status in (CRITICAL, WARNING, PASSING):
+            if status in statuses:
+                return status
+        return PASSING
+
+
 class HealthService:
     """One instance as consul-template's `service` lists it."""
 
-    __slots__ = ("_dc", "_i", "_node_meta")
+    __slots__ = ("_checks_of", "_dc", "_i", "_node_meta")
 
-    def __init__(self, instance: Any, dc: str, node_meta: Mapping[str, str]) -> None:
-        self._i, self._dc, self._node_meta = instance, dc, node_meta
+    def __init__(
+        self, instance: Any, dc: str, node_meta: Mapping[str, str], checks_of: Callable[..., tuple[Check, ...]]
+    ) -> None:
+        self._i, self._dc, self._node_meta, self._checks_of = instance, dc, node_meta, checks_of
+
+    @property
+    def Checks(self) -> HealthChecks:
+        tags = self._i.tags
+        return HealthChecks(HealthCheck(c, tags) for c in self._checks_of(self._i, self._dc or None))
 
     Name = property(lambda self: self._i.name)
     ID = property(lambda self: self._i.id)
@@ -54,7 +91,6 @@ class HealthService:
     NodeMeta = property(lambda self: self._node_meta)
     NodeDatacenter = property(lambda self: self._dc)
     Status = property(lambda self: self._i.status)
-    Checks = property(lambda self: [])  # the aggregated Status is kept, not each check
     Kind = property(lambda self: "")
     Weights = property(lambda self: {"Passing": 1, "Warning": 1})
 
@@ -172,6 +208,7 @@ def key_query(text: str) -> tuple[str, str | None]:
 def function_map(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
     """consul-template's functions over one render's recorder functions (render.py's context)."""
     rec_service, rec_services, rec_nodes = context["service"], context["services"], context["nodes"]
+    checks_of = context["checks_of"]
     scratch = Scratch()
     node_meta: dict[str, Mapping[str, Mapping[str, str]]] = {}
 
@@ -187,7 +224,9 @@ def function_map(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
         found = rec_service(name, tag, "any" if statuses != _PASSING else PASSING, dc)
         metas = meta_of(dc) if found else {}
         return [
-            HealthService(i, dc or "", metas.get(i.node, {})) for i in found if statuses is None or i.status in statuses
+            HealthService(i, dc or "", metas.get(i.node, {}), checks_of)
+            for i in found
+            if statuses is None or i.status in statuses
         ]
 
     def services(query: str = "") -> list[CatalogSnippet]:

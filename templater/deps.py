@@ -25,6 +25,22 @@ class Catalog:
 
 
 @dataclass(frozen=True, order=True)
+class Checks:
+    """Each instance's health checks in a dc (consul-template's `.Checks`): kept by that dc's
+    catalog source, which reads every check once, only while a template reads them."""
+
+    dc: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{catalog_key(self.dc)}.checks"
+
+    @property
+    def catalog(self) -> Catalog:
+        return catalog(self.dc)
+
+
+@dataclass(frozen=True, order=True)
 class KV:
     """A KV key, or with recurse a prefix (`tree`, `ls`), in a datacenter ("" the agent's)."""
 
@@ -56,7 +72,7 @@ class AgentNode:
         return "agent.node"
 
 
-Dependency = Catalog | KV | Datacenters | AgentNode
+Dependency = Catalog | Checks | KV | Datacenters | AgentNode
 DATACENTERS = Datacenters()
 AGENT_NODE = AgentNode()
 

@@ -341,10 +341,13 @@ _ADDED = "New server registered."
 _DELETED = "Server deleted."
 
 
+_STATIC_ONLY = re.compile(r"(?:^|\s)init-addr\s+\S+")  # refused for a dynamic server (resolved when added)
+
+
 def add_command(backend: str, name: str, rest: str, defaults: str) -> str:
     """`add server` with the backend's default-server settings first: the server's own win. Pure."""
     address, _, params = rest.partition(" ")
-    args = " ".join(part for part in (address, defaults, params.strip()) if part)
+    args = " ".join(part for part in (address, _STATIC_ONLY.sub("", defaults).strip(), params.strip()) if part)
     return f"add server {backend}/{name} {args}"
 
 

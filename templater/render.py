@@ -22,8 +22,8 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from sidecar.logs import REDACTOR
 from sidecar.text import UNSAFE
-from templater.catalog import PASSING, Instance, Snapshot, listing
-from templater.deps import AGENT_NODE, DATACENTERS, Dependency, catalog, kv
+from templater.catalog import PASSING, Check, Instance, Snapshot, listing
+from templater.deps import AGENT_NODE, DATACENTERS, Checks, Dependency, catalog, kv
 from templater.errors import TemplateError
 from templater.fragments import ACTIVE, Atom, Effect, FragmentCache, Fragments, Scope
 from templater.gotemplate import GoTemplateError
@@ -163,16 +163,28 @@ class _Recorder:
             if (tag is None or tag in inst.tags) and (state != PASSING or inst.status == PASSING)
         ]
 
-    def routes(self, failover_dc: str = "", dc: str | None = None) -> Table:
-        """The routing table (templater.routes): every service with http_host or http_path
-        meta, contested hosts decided by name, warnings said. A block that calls it is rendered
-        every time: key blocks by `table.version` and `route.version` instead."""
+    def checks_of(self, instance: Instance, dc: str | None = None) -> tuple[Check, ...]:
+        """An instance's health checks, its node's first (consul-template's `.Checks`). The dc's
+        catalog keeps them from the first render that asks; the render waits until it has read
+        them all once."""
+        dep = Checks(dc or "")
+        self._effect("used", dep)
+        if not self._catalog(dc).checks:
+            self._effect("missing", dep)
+        return instance.checks
+
+    def routes(self, failover_dc: str = "", dc: str | None = None, reserved: Iterable[Any] = ()) -> Table:
+        """The routing table (templater.routes): every service with http_host, http_path or
+        tcp_port meta, contested hosts and ports decided by name, warnings said. reserved: the
+        template's own ports, never a TCP route's. A block that calls it is rendered every
+        time: key blocks by `table.version` and `route.version` instead."""
+        ports = frozenset(int(p) for p in reserved if str(p).isdigit())
         self._effect("query", f"routes({dc or ''}|{failover_dc})")
         here = self._catalog(dc)
         there = self._catalog(failover_dc) if failover_dc else Snapshot()
         self._atom(("routes", f"{dc or ''}|{failover_dc}", ""), _NOT_THERE)
         names = self.route_memo.names(here.services, there.services)
-        table = self.route_memo.table(names, here.instances, there.instances)
+        table = self.route_memo.table(names, here.instances, there.instances, ports)
         for warning in table.warnings:
             self._effect("warning", warning)
         return table
@@ -468,6 +480,7 @@ def render(
         "service": recorder.service,
         "nodes": recorder.nodes,
         "routes": recorder.routes,
+        "checks_of": recorder.checks_of,
         "key": recorder.key,
         "key_or_default": recorder.key_or_default,
         "key_exists": recorder.key_exists,

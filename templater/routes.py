@@ -8,6 +8,10 @@ here), and its servers with unique names and clamped weights. Across services, i
 a host and path (or, for a path alone, any host and that path) already claimed by an earlier
 service is left to it, so a contested host is decided the same way every time. Everything left
 out is said in a warning that names the service and the value.
+
+A service with meta `tcp_port` (registrator's SERVICE_TCP_PORT) also gets a TCP listener on
+that port of the proxy (a database, a broker): the first service by name that asks for a port
+has it, and a port the template uses itself (`reserved`) is never given.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class Claim:
     warnings: tuple[str, ...]  # said whether or not it wins a host
     server_warnings: tuple[str, ...] = ()  # said only when it does (a weight out of range)
     options: Options = NONE
+    tcp_port: int = 0  # the proxy port it asks for (meta tcp_port); 0 for none
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class Route:
     servers: tuple[Server, ...]
     failover: bool
     options: Options  # per-route options from meta (route_options)
+    http: bool  # it won a host or path: routed by HTTP
+    tcp_port: int  # the proxy port it won for a TCP listener; 0 for none
     version: int  # changes whenever anything above does: a fragment cache key
 
     @property
@@ -74,9 +81,19 @@ class Route:
 
 @dataclass(frozen=True)
 class Table:
-    routes: tuple[Route, ...]
-    version: int  # changes when a route's hosts, path, check, stickiness or the set of routes do
+    every: tuple[Route, ...]  # HTTP and TCP routes, by name
+    version: int  # changes when a route's hosts, path, port, check, stickiness or the set of routes do
     warnings: tuple[str, ...]
+
+    @cached_property
+    def routes(self) -> tuple[Route, ...]:
+        """The HTTP routes (a host or a path)."""
+        return tuple(r for r in self.every if r.http)
+
+    @cached_property
+    def tcp(self) -> tuple[Route, ...]:
+        """The TCP routes (a port of the proxy each), by name."""
+        return tuple(r for r in self.every if r.tcp_port)
 
     @cached_property
     def rate_limited(self) -> tuple[Route, ...]:
@@ -85,7 +102,7 @@ class Table:
 
     @cached_property
     def server_count(self) -> int:
-        return sum(map(len, map(operator.attrgetter("servers"), self.routes)))
+        return sum(map(len, map(operator.attrgetter("servers"), self.every)))
 
     def check_interval_ms(self, rate: int, floor_ms: int = 2000) -> int:
         """The interval between active checks of a server so that all of them together make at
@@ -112,13 +129,17 @@ def claim(name: str, here: tuple[Instance, ...], there: tuple[Instance, ...]) ->
     path = next((i.meta["http_path"] for i in seen if "http_path" in i.meta), "")
     check = next((i.meta["check_http"] for i in seen if "check_http" in i.meta), "")
     sticky = any("sticky" in i.meta for i in seen)
+    tcp_text = next((i.meta["tcp_port"] for i in seen if "tcp_port" in i.meta), "")
+    tcp_port = int(tcp_text) if tcp_text.isdigit() and 0 < int(tcp_text) < 65536 else 0
     options = route_options.read(name, (i.meta for i in seen))
     warnings: list[str] = list(options.errors)
+    if tcp_text and not tcp_port:
+        warnings.append(f"service {name}: tcp_port {tcp_text!r} is not a port: no TCP listener")
     if path and not is_url_path(path):
-        return Claim(name, (), "", False, "", (), False, (),
-                     (f"service {name}: http_path {path} is not a URL path: service not routed",))  # fmt: skip
-    if not host and not path:
-        return None
+        warnings.append(f"service {name}: http_path {path} is not a URL path: service not routed by HTTP")
+        host = path = ""
+    if not host and not path and not tcp_port:
+        return Claim(name, (), "", False, "", (), False, (), tuple(warnings)) if warnings else None
     if check and not is_url_path(check):
         warnings.append(f"service {name}: check_http {check} is not a URL path: no active check")
         check = ""
@@ -140,18 +161,24 @@ def claim(name: str, here: tuple[Instance, ...], there: tuple[Instance, ...]) ->
             server_warnings.append(problem)
         servers.append(Server(server, inst, weight))
     if host and not hosts:  # hosts asked for, none valid: not routed (never widened to any host)
-        return Claim(name, (), "", False, "", (), False, (), tuple(warnings))
+        if not tcp_port:
+            return Claim(name, (), "", False, "", (), False, (), tuple(warnings))
+        path = ""
     return Claim(
         name, tuple(hosts), path, sticky, check, instances, failover, tuple(servers), tuple(warnings),
-        tuple(server_warnings), options,
+        tuple(server_warnings), options, tcp_port,
     )  # fmt: skip
 
 
 def claim_keys(c: Claim | None) -> tuple[tuple[str, str], ...]:
-    """The (host, path) pairs a claim asks for, each once, in its order. Pure."""
-    if c is None or (not c.hosts and not c.path):
+    """The (host, path) pairs a claim asks for, each once, in its order, then its TCP port as
+    ("tcp:<port>", ""), which no host and path pair can be. Pure."""
+    if c is None:
         return ()
-    return tuple(dict.fromkeys((host, c.path or "/") for host in c.hosts or (ANY_HOST,)))
+    tcp = ((f"tcp:{c.tcp_port}", ""),) if c.tcp_port else ()
+    if not c.hosts and not c.path:
+        return tcp
+    return (*dict.fromkeys((host, c.path or "/") for host in c.hosts or (ANY_HOST,)), *tcp)
 
 
 Claimed = tuple[tuple[Instance, ...], tuple[Instance, ...], Claim | None]
@@ -176,6 +203,7 @@ class RouteMemo:
         self._names_of: tuple[set[str], set[str]] = (set(), set())
         self._listed: set[str] = set()  # the names of the last table(), as a set
         self._seen: tuple[object, dict[str, tuple[Instance, ...]], dict[str, tuple[Instance, ...]]] = (None, {}, {})
+        self._reserved: frozenset[int] = frozenset()  # ports the template uses itself
 
     def names(self, here: Mapping[str, object], there: Mapping[str, object]) -> tuple[str, ...]:
         """The services of both datacenters in name order: the same tuple while the set stays."""
@@ -185,9 +213,14 @@ class RouteMemo:
         return self._names
 
     def table(
-        self, names: Sequence[str], here: Mapping[str, tuple[Instance, ...]], there: Mapping[str, tuple[Instance, ...]]
-    ) -> Table:
-        """names in order (sorted): the services of both datacenters."""
+        self, names: Sequence[str], here: Mapping[str, tuple[Instance, ...]], there: Mapping[str, tuple[Instance, ...]],
+        reserved: frozenset[int] = frozenset(),
+    ) -> Table:  # fmt: skip
+        """names in order (sorted): the services of both datacenters. reserved: ports no TCP
+        route gets (the proxy's own listeners)."""
+        if reserved != self._reserved:  # the template's own ports changed: every route is decided again
+            self.__init__()  # type: ignore[misc]
+            self._reserved = reserved
         old: dict[str, Claim | None] = {}
         changed = set()
         for name in self._moved(names, here, there):
@@ -248,10 +281,17 @@ class RouteMemo:
         if c is None:
             return None, ()
         warnings = list(c.warnings)
-        if not c.hosts and not c.path:
-            return None, tuple(warnings)
+        port = 0
+        if c.tcp_port:
+            owner = self._claimants[(f"tcp:{c.tcp_port}", "")][0]
+            if c.tcp_port in self._reserved:
+                warnings.append(f"service {c.name}: tcp_port {c.tcp_port} is the proxy's own: no TCP listener")
+            elif owner != c.name:
+                warnings.append(f"service {c.name}: tcp_port {c.tcp_port} is routed to {owner} already: left out")
+            else:
+                port = c.tcp_port
         mine: list[str] = []
-        for host in c.hosts or (ANY_HOST,):
+        for host in (c.hosts or (ANY_HOST,)) if c.hosts or c.path else ():
             owner = self._claimants[(host, c.path or "/")][0]
             if owner == c.name:
                 if host not in mine:
@@ -261,16 +301,18 @@ class RouteMemo:
                 warnings.append(f"service {c.name}: {where} is routed to {owner} already: left out")
             else:
                 warnings.append(f"service {c.name}: path {c.path} is routed to {owner} already: left out")
-        if not mine:
+        if not mine and not port:
             return None, tuple(warnings)
         warnings.extend(c.server_warnings)
-        return self._route(c, tuple(h for h in mine if h != ANY_HOST), before), tuple(warnings)
+        hosts = tuple(h for h in mine if h != ANY_HOST)
+        return self._route(c, hosts, bool(mine), port, before), tuple(warnings)
 
-    def _route(self, c: Claim, hosts: tuple[str, ...], old: Route | None) -> Route:
-        fields = (c.name, ident(c.name), hosts, c.path, c.sticky, c.check, c.instances, c.servers, c.failover,
-                  c.options)  # fmt: skip
+    def _route(self, c: Claim, hosts: tuple[str, ...], http: bool, port: int, old: Route | None) -> Route:
+        path = c.path if http else ""
+        fields = (c.name, ident(c.name), hosts, path, c.sticky, c.check, c.instances, c.servers, c.failover,
+                  c.options, http, port)  # fmt: skip
         if old is not None and (old.name, old.ident, old.hosts, old.path, old.sticky, old.check, old.instances,
-                                old.servers, old.failover, old.options) == fields:  # fmt: skip
+                                old.servers, old.failover, old.options, old.http, old.tcp_port) == fields:  # fmt: skip
             return old
         return Route(*fields, version=next(self._counter))
 
@@ -285,4 +327,6 @@ def _other_objects(now: Mapping[str, object], before: Mapping[str, object]) -> I
 
 def _shape(route: Route | None) -> tuple[object, ...] | None:
     """What the frontend is built from: a change of it is a new table version."""
-    return None if route is None else (route.name, route.hosts, route.path, route.check, route.sticky)
+    if route is None:
+        return None
+    return (route.name, route.hosts, route.path, route.check, route.sticky, route.http, route.tcp_port)

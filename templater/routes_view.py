@@ -74,6 +74,8 @@ def route_entry(route: Route, everyone: Sequence[Instance], dc: str, held: bool,
         "service": route.name,
         "hosts": list(route.hosts) or ["*"],
         "path": route.location,
+        "http": route.http,
+        "tcp_port": route.tcp_port,
         "sticky": route.sticky,
         "check": route.check,
         "failover": route.failover,
@@ -113,7 +115,7 @@ def document(
     routes = []
     routed_names = set()
     instances = snapshot.instances if snapshot else {}
-    for route in table.routes if table else ():
+    for route in table.every if table else ():
         routed_names.add(route.name)
         entry = route_entry(
             route, instances.get(route.name, ()), dc, route.name in held_set, by_service.get(route.name, [])

@@ -13,7 +13,7 @@ from sidecar.once import SayOnce
 from sidecar.threads import Supervisor
 from templater.catalog import Snapshot
 from templater.consul_source import CatalogSource, ConsulFetcher, kv_watch
-from templater.deps import AgentNode, Catalog, Datacenters, Dependency
+from templater.deps import AgentNode, Catalog, Checks, Datacenters, Dependency
 from templater.settings import Settings
 from templater.status import Metrics
 from templater.store import Store
@@ -34,6 +34,23 @@ class Source(Protocol):
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
+
+
+class CheckKeeping:
+    """The Checks dependency's "source": its dc's catalog source keeping each instance's checks."""
+
+    def __init__(self, key: str, catalog: CatalogSource) -> None:
+        self.key, self._catalog = key, catalog
+
+    @property
+    def loops(self) -> list[BlockingLoop]:
+        return []
+
+    def start(self) -> None:
+        self._catalog.keep_checks(True)
+
+    def stop(self) -> None:
+        self._catalog.keep_checks(False)
 
 
 def _node_name(data: object) -> str:
@@ -72,7 +89,12 @@ class Sources:
                 self._stand_in_for_other_dc(dep, error)
 
         source: Source
-        if isinstance(dep, Datacenters):
+        if isinstance(dep, Checks):
+            self.watch(dep.catalog)
+            catalog_source = self.by_key[dep.catalog.key]
+            assert isinstance(catalog_source, CatalogSource)
+            source = CheckKeeping(dep.key, catalog_source)
+        elif isinstance(dep, Datacenters):
             source = self._polled(dep.key, "/v1/catalog/datacenters", DATACENTERS_POLL, on_state,
                                   lambda data: [d for d in data or [] if isinstance(d, str)])  # fmt: skip
         elif isinstance(dep, AgentNode):

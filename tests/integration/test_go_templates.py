@@ -98,6 +98,7 @@ def test_consul_template_style_templates_follow_the_catalog(consul, tmp_path: Pa
             wait_until(lambda: "19003" not in dest.read_text(), 10, what="the service gone (after the empty grace)")
             assert "127.0.0.1:19002" in dest.read_text() and "127.0.0.1:19004" in dest.read_text()
             assert "check refused" not in proc.output() and proc.alive()
+            assert "catalog(local).checks" not in proc.output()  # no template reads .Checks: none kept
         finally:
             proc.stop()
     finally:
@@ -194,3 +195,66 @@ def test_a_go_template_with_the_haproxy_runtime_api(consul, tmp_path: Path):
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+CHECKS = """{{ range service "ctgchk|any" }}{{ .ID }} {{ .Status }} {{ .Checks.AggregatedStatus }}
+{{ range .Checks }}  {{ .CheckID }} [{{ .Name }}] {{ .Status }} {{ .Output }}
+{{ end }}{{ end }}"""
+
+
+def test_checks_lists_each_instances_checks_and_follows_them(consul, tmp_path: Path):
+    """`.Checks`: the instance's node's checks and its own, with name, status and output, read
+    once when a template first uses them and kept up to date by the watches from then on."""
+    source, dest = tmp_path / "checks.ctmpl", tmp_path / "checks.txt"
+    source.write_text(CHECKS)
+    ttl = [{"CheckID": f"ctgchk-{c}", "Name": f"ttl {c}", "TTL": "600s", "Status": "passing"} for c in "ab"]
+    consul.put("/v1/agent/service/register",
+               {"ID": "ctgchk-1", "Name": "ctgchk", "Port": 19010, "Address": "127.0.0.1", "Checks": ttl})  # fmt: skip
+    node = consul.get("/v1/agent/self")["Config"]["NodeName"]
+    try:
+        # (the agent sends a changed output alone to the catalog only every few minutes: a status
+        # change goes at once, with its output)
+        consul.put("/v1/agent/check/warn/ctgchk-a?note=warming%20up")
+        once = subprocess.run([sys.executable, "-m", "templater", "--consul", consul.url, "--template",
+                               f"{source}:{dest}", "--once"],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+        assert once.returncode == 0, once.stderr[-2000:]
+        assert dest.read_text() == (
+            "ctgchk-1 warning warning\n"
+            "  serfHealth [Serf Health Status] passing Agent alive and reachable\n"
+            "  ctgchk-a [ttl a] warning warming up\n"
+            "  ctgchk-b [ttl b] passing \n"
+        ), dest.read_text()
+        proc = Process("templater", ["--consul", consul.url, "--template", f"{source}:{dest}",
+                                     "--status-addr", f"127.0.0.1:{free_port()}"], tmp_path)  # fmt: skip
+        try:
+            wait_until(lambda: "watching catalog(local).checks" in proc.output(), 10, what="the checks kept")
+            wait_until(lambda: "ctgchk-a [ttl a] warning warming up\n" in dest.read_text(), 10, what="the first file")
+            # better: with the service's read, as its status
+            consul.put("/v1/agent/check/pass/ctgchk-a?note=ready")
+            wait_until(lambda: dest.read_text().startswith("ctgchk-1 passing passing\n"), 10, what="passing")
+            assert "ctgchk-a [ttl a] passing ready\n" in dest.read_text()
+            # worse: at once, from the watch of the checks that are not passing; its output with it
+            consul.put("/v1/agent/check/warn/ctgchk-b?note=slow%0Adisk")
+            wait_until(lambda: "ctgchk-b [ttl b] warning slow disk\n" in dest.read_text(), 10, what="the warning")
+            assert dest.read_text().startswith("ctgchk-1 warning warning\n")
+            consul.put("/v1/agent/check/fail/ctgchk-a?note=down")
+            wait_until(lambda: "ctgchk-a [ttl a] critical down\n" in dest.read_text(), 10, what="critical")
+            assert dest.read_text().startswith("ctgchk-1 critical critical\n")
+            # better: with the service's read, as its status
+            consul.put("/v1/agent/check/pass/ctgchk-a?note=up")
+            consul.put("/v1/agent/check/pass/ctgchk-b?note=fast")
+            wait_until(lambda: dest.read_text().startswith("ctgchk-1 passing passing\n"), 10, what="passing again")
+            assert "ctgchk-a [ttl a] passing up\n" in dest.read_text()
+            assert "ctgchk-b [ttl b] passing fast\n" in dest.read_text()
+            # in maintenance: Consul's own check comes in with it
+            consul.put("/v1/agent/service/maintenance/ctgchk-1?enable=true&reason=deploy")
+            wait_until(lambda: "_service_maintenance:ctgchk-1 [Service Maintenance Mode] critical" in dest.read_text(),
+                       10, what="the maintenance check")  # fmt: skip
+            assert dest.read_text().startswith("ctgchk-1 maintenance maintenance\n")
+            assert proc.alive()
+        finally:
+            proc.stop()
+        assert node  # the dev agent's node is the instance's node: its serfHealth is listed first
+    finally:
+        consul.put("/v1/agent/service/deregister/ctgchk-1")

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 
 import jinja2
 import pytest
@@ -82,6 +83,8 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
                 "http_rate_limit": "50",
             },
         ),
+        ("tcp-1", "svc-tcp", {"tcp_port": str(free_port()), "http_deny": "10.1.0.0/16"}),
+        ("tcp-2", "svc-tcpbad", {"tcp_port": "99999"}),
         (
             "bad-opts",
             "svc-badopts",
@@ -125,7 +128,7 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
     text = dest.read_text()
     assert text.count("svc") >= count
     for name in ("svc-weight", "svc-ids", "svc-dup-a", "svc-dup-b", "svc-path-a", "svc-badcheck", "svc-opts",
-                 "svc-badopts"):  # fmt: skip
+                 "svc-badopts", "tcp_svc-tcp"):  # fmt: skip
         assert name in text, name
     assert "nl.example.com" not in text and "/nl" not in text and "evil" not in text
     assert "31536000" in text and "10.1.0.0/16" in text and ("429" in text or "limit_req zone=rl_svc-opts" in text)
@@ -135,7 +138,7 @@ def test_bundled_templates_validate_with_the_real_proxy(consul, tmp_path, templa
                     "/x[y] is not a URL path", "path /same is routed to svc-path-a already",
                     "http_max_body='lots' is not a size", "http_allow='10.0.0.0/8;evil' is not a comma list",
                     "http_hsts='forever' is not a whole number",
-                    "http_read_timeout='\"; evil' is not a duration"):  # fmt: skip
+                    "http_read_timeout='\"; evil' is not a duration", "tcp_port '99999' is not a port"):  # fmt: skip
         assert warning in proc.stderr, warning
     for n in range(count):
         consul.put(f"/v1/agent/service/deregister/v{n}")
@@ -609,3 +612,113 @@ def test_json_access_log_and_the_page_when_no_instance_passes(consul, proxy_stac
         consul.put("/v1/agent/service/deregister/down-1")
         backend.shutdown()
         backend.server_close()
+
+
+class _TcpEcho:
+    """A TCP backend on loopback: each line it reads goes back as `<name>:<line>`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                conn.sendall(self.name.encode() + b":" + line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)  # ends the accept() under way
+        self.server.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+
+
+def _tcp_say(port: int, text: str, source: str = "127.0.0.1") -> str:
+    """A new connection: one line sent, the answer's line back ("" when the proxy closed it)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as conn:
+            return _tcp_line(conn, text)
+    except ConnectionResetError:
+        return ""
+
+
+def _tcp_line(conn: socket.socket, text: str) -> str:
+    try:
+        conn.sendall(text.encode() + b"\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return ""
+    return answer.decode()
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "nginx"])
+def test_a_tcp_service_gets_its_own_listener(consul, proxy_stack, kind):
+    """Issue 24: a service with meta tcp_port is routed by that port of the proxy (HAProxy mode
+    tcp, NGINX stream): balanced over its passing instances, a removed instance drained while
+    its open connection goes on, the allow and deny lists and the idle timeout applied, and a
+    connection to a service with no passing instance closed. The first TCP route comes after
+    the proxy started (NGINX loads its stream module with that reload)."""
+    one, two = _TcpEcho("one"), _TcpEcho("two")
+    tcp_port = free_port()
+    try:
+        port, proc = proxy_stack(kind, "--var", "tcp_idle_timeout=2")
+        register(consul, "tcp-1", "tcpecho", one.port, tcp_port=str(tcp_port), http_deny="127.0.0.6")
+        register(consul, "tcp-2", "tcpecho", two.port, tcp_port=str(tcp_port), http_deny="127.0.0.6")
+        wait_until(lambda: _try(lambda: _tcp_say(tcp_port, "hi")) in ("one:hi\n", "two:hi\n"), timeout=15,
+                   what=f"{kind} listening on the TCP port")  # fmt: skip
+        seen = {_tcp_say(tcp_port, f"n{n}").split(":")[0] for n in range(10)}
+        assert seen == {"one", "two"}
+        assert _tcp_say(tcp_port, "x", source="127.0.0.6") == ""  # denied: closed without an answer
+        assert get(port, "nothing.test")[0] == 404  # HTTP goes on beside it
+        # an open connection to the instance removed goes on (drained); new ones go to the other
+        held = socket.create_connection(("127.0.0.1", tcp_port), timeout=5)
+        first = _tcp_line(held, "a")
+        gone = "tcp-1" if first.startswith("one") else "tcp-2"
+        kept = "two" if gone == "tcp-1" else "one"
+        consul.put(f"/v1/agent/service/deregister/{gone}")
+        wait_until(lambda: all(_tcp_say(tcp_port, "b").startswith(kept) for _ in range(4)), timeout=15,
+                   what="new connections only to the instance kept")  # fmt: skip
+        assert _tcp_line(held, "c") == first[: first.index(":")] + ":c\n"
+        # idle longer than tcp_idle_timeout (2 s): closed by the proxy
+        time.sleep(3)
+        assert _tcp_line(held, "d") == ""
+        held.close()
+        # no instance passing: the listener stays, and closes each connection
+        consul.put("/v1/agent/service/deregister/tcp-1")
+        consul.put("/v1/agent/service/deregister/tcp-2")
+        register(consul, "tcp-3", "tcpdown", one.port, tcp_port=str(tcp_port))
+        consul.put("/v1/agent/check/register", {"ID": "tcp-3-ttl", "Name": "ttl", "ServiceID": "tcp-3", "TTL": "60s",
+                                                "Status": "critical"})  # fmt: skip
+        wait_until(lambda: _try(lambda: _tcp_say(tcp_port, "e")) == "", timeout=15, what="closed: none passing")
+        assert proc.alive()
+    finally:
+        one.close()
+        two.close()
+
+
+def _try(fn: Callable[[], str]) -> str | None:
+    try:
+        return fn()
+    except OSError:
+        return None

@@ -23,6 +23,7 @@ class World:
     instances: dict[tuple[str, str], tuple[str, int, str | None]] = field(default_factory=dict)
     modified: dict[tuple[str, str], int] = field(default_factory=dict)
     node_checks: dict[str, str] = field(default_factory=dict)  # node -> serfHealth status
+    check_modified: dict[tuple[str, str], int] = field(default_factory=dict)  # (node, check id) -> index
     index: int = 10
 
     def write(self, key: tuple[str, str], value: tuple[str, int, str | None] | None) -> None:
@@ -33,8 +34,28 @@ class World:
         else:
             old = self.instances.get(key)
             self.instances[key] = value
-            if old is None or old[:2] != value[:2]:
-                self.modified[key] = self.index  # the service entry itself changed
+            # the service entry itself changed; a check comes and goes with its service's
+            # registration (as the registrar registers them)
+            if old is None or old[:2] != value[:2] or (old[2] is None) != (value[2] is None):
+                self.modified[key] = self.index
+            if old is None or old[2] != value[2]:
+                self.check_modified[(key[0], f"service:{key[1]}")] = self.index
+
+    def set_node_check(self, node: str, status: str) -> None:
+        self.index += 1
+        self.node_checks[node] = status
+        self.check_modified[(node, "serfHealth")] = self.index
+
+    def service_check(self, node: str, sid: str) -> dict[str, Any]:
+        name, _port, status = self.instances[(node, sid)]
+        check_id = f"service:{sid}"
+        return {"Node": node, "CheckID": check_id, "Name": f"{name} check", "ServiceID": sid, "ServiceName": name,
+                "Status": status, "ModifyIndex": self.check_modified.get((node, check_id), 0)}  # fmt: skip
+
+    def node_check(self, node: str) -> dict[str, Any]:
+        return {"Node": node, "CheckID": "serfHealth", "Name": "Serf Health Status", "ServiceID": "",
+                "Status": self.node_checks[node],
+                "ModifyIndex": self.check_modified.get((node, "serfHealth"), 0)}  # fmt: skip
 
     def entry(self, node: str, sid: str) -> dict[str, Any]:
         """One instance as Consul lists it (a node's services, a service's health)."""
@@ -59,17 +80,14 @@ class World:
         names = {n for n, _ in self.instances} | set(self.node_checks) | {"n1", "n2", "n3"}
         return {n: self.node(n) for n in sorted(names)}
 
+    def all_checks(self) -> list[dict[str, Any]]:
+        """`/v1/health/state/any`."""
+        found = [self.service_check(n, sid) for (n, sid), (_s, _p, status) in self.instances.items() if status]
+        return found + [self.node_check(n) for n in self.node_checks]
+
     def checks(self) -> list[dict[str, Any]]:
         """`/v1/health/state/critical` and `/v1/health/state/warning`, together."""
-        found = [
-            {"Node": n, "CheckID": f"service:{sid}", "ServiceID": sid, "ServiceName": name, "Status": status}
-            for (n, sid), (name, _p, status) in self.instances.items()
-            if status not in (None, "passing")
-        ]
-        found += [
-            {"Node": n, "CheckID": "serfHealth", "ServiceID": "", "Status": s} for n, s in self.node_checks.items()
-        ]
-        return [c for c in found if c["Status"] != "passing"]
+        return [c for c in self.all_checks() if c["Status"] != "passing"]
 
     def service(self, name: str) -> list[dict[str, Any]]:
         """`/v1/health/service/<name>`."""
@@ -77,11 +95,8 @@ class World:
             {
                 "Node": {"Node": n, "Address": "10.0.0.1"},
                 "Service": self.entry(n, sid),
-                "Checks": [
-                    {"Node": n, "CheckID": f"service:{sid}", "ServiceID": sid, "ServiceName": name, "Status": status}
-                ]
-                if status
-                else [],
+                "Checks": ([self.node_check(n)] if n in self.node_checks else [])
+                + ([self.service_check(n, sid)] if status else []),
             }
             for (n, sid), (svc, port, status) in sorted(self.instances.items())
             if svc == name
@@ -97,9 +112,9 @@ def catch_up(index: CatalogIndex, world: World, node: str | None) -> None:
     index.take_changed()
 
 
-def fresh(world: World) -> CatalogIndex:
+def fresh(world: World, with_checks: bool = False) -> CatalogIndex:
     rebuilt = CatalogIndex(lambda _m: None)
-    rebuilt.load(world.nodes(), world.checks())
+    rebuilt.load(world.nodes(), world.checks(), world.all_checks() if with_checks else None)
     rebuilt.take_changed()
     return rebuilt
 
@@ -115,10 +130,14 @@ OPS = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(OPS, max_size=30))
-def test_incremental_index_equals_a_rebuild_after_any_sequence_of_changes(ops):
+@given(st.lists(OPS, max_size=30), st.booleans())
+def test_incremental_index_equals_a_rebuild_after_any_sequence_of_changes(ops, with_checks):
+    """With with_checks, each instance's checks (`.Checks`) are kept too, and equal too."""
     world = World()
-    index = fresh(world)
+    if with_checks:
+        for node in ("n1", "n2", "n3"):
+            world.set_node_check(node, "passing")
+    index = fresh(world, with_checks)
     for op in ops:
         if op[0] == "put":
             _, node, sid, name, port, status = op
@@ -128,12 +147,13 @@ def test_incremental_index_equals_a_rebuild_after_any_sequence_of_changes(ops):
             world.write((node, sid), None)
         else:
             _, node, status = op
-            world.index += 1
-            world.node_checks[node] = status
+            world.set_node_check(node, status)
             node = None  # a node check moves no node's service list
         catch_up(index, world, node)
-        rebuilt = fresh(world)
+        rebuilt = fresh(world, with_checks)
         assert index.instances == rebuilt.instances
+        # every instance's node has its serfHealth check: each lists it (and its own, if any)
+        assert all(bool(i.checks) == with_checks for found in index.instances.values() for i in found)
         assert index.services == rebuilt.services
 
 
@@ -247,3 +267,62 @@ def test_both_shapes_of_a_nodes_services_give_the_same_rows():
     assert [r["ServiceID"] for r in rows_from_node("n1", listed)] == ["web-1", "api-1"]
     assert node_entries(listed) == node_entries(mapped) == {"web-1": ("web", 11), "api-1": ("api", 12)}
     assert rows_from_node("gone", {"Node": None, "Services": None}) == [] == list(node_services(None))
+
+
+def test_each_instances_checks_follow_the_newest_report_of_each():
+    world = World()
+    world.set_node_check("n1", "passing")
+    world.write(("n1", "a"), ("web", 1, "passing"))
+    index = fresh(world, with_checks=True)
+    index.take_changed()
+    [a] = index.instances["web"]
+    assert [(c.check_id, c.status, c.name) for c in a.checks] == [
+        ("serfHealth", "passing", "Serf Health Status"),  # the node's first, as Consul lists them
+        ("service:a", "passing", "web check"),
+    ]
+    sent_before, seq_before, index_before = world.service("web"), index.checks_seq, world.index
+    world.write(("n1", "a"), ("web", 1, "critical"))
+    index.checks_answer(world.checks())
+    index.take_changed()
+    assert index.instances["web"][0].checks[1].status == "critical"
+    # a read sent before the check failed answers after it: the newer report stays
+    index.service_answer("web", sent_before, index_before, seq_before)
+    index.take_changed()
+    assert [c.status for c in index.instances["web"][0].checks] == ["passing", "critical"]
+    # passing again: believed with the service's read, as the instance's status is
+    world.write(("n1", "a"), ("web", 1, "passing"))
+    assert index.checks_answer(world.checks()) == {"web"}
+    index.service_answer("web", world.service("web"), world.index, index.checks_seq)
+    index.take_changed()
+    assert [c.status for c in index.instances["web"][0].checks] == ["passing", "passing"]
+    # a node check that leaves the lists is passing at once (no service read names it)
+    world.set_node_check("n1", "critical")
+    index.checks_answer(world.checks())
+    index.take_changed()
+    assert index.instances["web"][0].checks[0].status == "critical"
+    world.set_node_check("n1", "passing")
+    index.checks_answer(world.checks())
+    assert index.take_changed() == {"web"}
+    assert index.instances["web"][0].checks[0].status == "passing"
+    # no longer kept: instances carry none, and the snapshot says so
+    index.keep_checks(False)
+    index.take_changed()
+    assert index.instances["web"][0].checks == () and not index.snapshot(None).checks
+
+
+def test_kept_checks_are_text_on_one_line():
+    warnings: list[str] = []
+    index = CatalogIndex(warnings.append)
+    node = {"Node": {"Node": "n1", "Address": "10.0.0.1"},
+            "Services": [{"ID": "a", "Service": "web", "Port": 80, "Address": "", "Tags": [], "Meta": {}}]}  # fmt: skip
+    checks = [
+        {"Node": "n1", "CheckID": "service:a", "ServiceID": "a", "ServiceName": "web", "Status": "passing",
+         "Name": "web\nbackend", "Output": "HTTP GET: 200 OK\r\nbody\x00" + "x" * 5000},
+        {"Node": "n1", "CheckID": "bad\nid", "ServiceID": "a", "ServiceName": "web", "Status": "passing"},
+    ]  # fmt: skip
+    index.load({"n1": node}, [], checks)
+    index.take_changed()
+    [check] = index.instances["web"][0].checks
+    assert check.name == "web backend" and check.output.startswith("HTTP GET: 200 OK  body ")
+    assert len(check.output) == 4096
+    assert any("'bad\\nid'" in w for w in warnings)

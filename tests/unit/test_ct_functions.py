@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
 import pytest
 
-from templater.catalog import Instance, Node, Snapshot, listing
+from templater.catalog import Check, Instance, Node, Snapshot, listing
 from templater.ct_functions import service_query
-from templater.deps import KV
+from templater.deps import KV, Checks
 from templater.errors import TemplateError
 from templater.render import compile_go, render
 
@@ -157,7 +158,8 @@ def test_the_parser_knows_exactly_the_functions_a_render_hands_out():
     from templater.ct_functions import KNOWN, function_map
     from templater.gotemplate.execute import BUILTINS
 
-    assert set(BUILTINS) | set(function_map({"service": None, "services": None, "nodes": None})) == KNOWN
+    context = {"service": None, "services": None, "nodes": None, "checks_of": None}
+    assert set(BUILTINS) | set(function_map(context)) == KNOWN
 
 
 @pytest.mark.parametrize(
@@ -190,3 +192,44 @@ def test_timestamp_now_in_utc():
     year, unix = text('{{ timestamp "2006" }} {{ timestamp "unix" }}').split()
     assert year == time.strftime("%Y", time.gmtime()) and abs(int(unix) - time.time()) < 5
     assert text("{{ timestamp }}").endswith("Z") and len(text("{{ timestamp }}")) == 20
+
+
+def test_checks_are_each_instances_checks_read_once_the_catalog_keeps_them():
+    source = (
+        '{{ range service "web|any" }}{{ .ID }}:{{ range .Checks }} {{ .CheckID }}={{ .Status }}{{ end }}'
+        ' ({{ .Checks.AggregatedStatus }}, {{ len .Checks }}){{ "\\n" }}{{ end }}'
+    )
+    waiting = go(source)  # the catalog does not keep them yet: the render waits, naming the dependency
+    assert not waiting.complete and Checks("") in waiting.missing and Checks("") in waiting.used
+    serf = Check("n1", "serfHealth", "Serf Health Status", "passing")
+    maint = Check("n1", "_service_maintenance:web-3", "Service Maintenance Mode", "critical", "web-3", "web")
+    own = {i.id: Check("n1", f"service:{i.id}", "web http", i.status, i.id, "web", output="HTTP GET: 200")
+           for i in INSTANCES["web"]}  # fmt: skip
+    kept = {"web": tuple(replace(i, checks=(serf, own[i.id], *([maint] if i.id == "web-3" else [])))
+                         for i in INSTANCES["web"])}  # fmt: skip
+
+    class Kept(View):
+        def catalog(self, dc: str) -> Snapshot | None:
+            return replace(SNAPSHOT, instances={**SNAPSHOT.instances, **kept}, checks=True) if dc == "" else None
+
+    result = go(source, view=Kept())
+    assert result.complete
+    assert result.text == (
+        "web-1: serfHealth=passing service:web-1=passing (passing, 2)\n"
+        "web-2: serfHealth=passing service:web-2=warning (warning, 2)\n"
+        "web-3: serfHealth=passing service:web-3=critical _service_maintenance:web-3=critical (maintenance, 3)\n"
+    )
+    fields = go('{{ with index (service "web") 0 }}{{ with index .Checks 1 }}{{ .Node }} {{ .Name }} {{ .Output }} '
+                '{{ .ServiceID }} {{ .ServiceName }} {{ .ServiceTags }}{{ end }}{{ end }}', view=Kept())  # fmt: skip
+    assert fields.text == "n1 web http HTTP GET: 200 web-1 web [prod v2]"
+    # a Jinja template reads them through checks_of(instance), recorded and waited for the same way
+    from templater.render import compile_template, make_environment
+
+    source = ("{% for i in service('web', state='any') %}{{ i.id }}"
+              "{% for c in checks_of(i) %} {{ c.check_id }}={{ c.status }}{% endfor %};{% endfor %}")  # fmt: skip
+    jinja = compile_template(make_environment(), "t", source)
+    assert render(jinja, "t", Kept(), {}, {}).text == (
+        "web-1 serfHealth=passing service:web-1=passing;web-2 serfHealth=passing service:web-2=warning;"
+        "web-3 serfHealth=passing service:web-3=critical _service_maintenance:web-3=critical;"
+    )
+    assert Checks("") in render(jinja, "t", View(), {}, {}).missing

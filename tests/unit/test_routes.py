@@ -84,17 +84,28 @@ def test_by_host_puts_path_only_routes_under_the_default_server():
     assert ANY_HOST == "_default" and table.routes[0].location == "/a"
 
 
-def contest(claims: list[Claim]) -> tuple[list[tuple[Claim, tuple[str, ...]]], list[str]]:
-    """The contest done plainly, from scratch, in name order: the oracle the memo must equal."""
+def contest(
+    claims: list[Claim], reserved: frozenset[int] = frozenset()
+) -> tuple[list[tuple[Claim, tuple[str, ...], bool, int]], list[str]]:
+    """The contest done plainly, from scratch, in name order: the oracle the memo must equal.
+    Each winner with the hosts it won, whether it routes HTTP, and its TCP port (0: none)."""
     taken: dict[tuple[str, str], str] = {}
-    won: list[tuple[Claim, tuple[str, ...]]] = []
+    ports: dict[int, str] = {}
+    won: list[tuple[Claim, tuple[str, ...], bool, int]] = []
     warnings: list[str] = []
     for c in claims:
         warnings.extend(c.warnings)
-        if not c.hosts and not c.path:
-            continue
+        port = 0
+        if c.tcp_port:
+            owner = ports.setdefault(c.tcp_port, c.name)
+            if c.tcp_port in reserved:
+                warnings.append(f"service {c.name}: tcp_port {c.tcp_port} is the proxy's own: no TCP listener")
+            elif owner != c.name:
+                warnings.append(f"service {c.name}: tcp_port {c.tcp_port} is routed to {owner} already: left out")
+            else:
+                port = c.tcp_port
         mine = []
-        for host in c.hosts or (ANY_HOST,):
+        for host in (c.hosts or (ANY_HOST,)) if c.hosts or c.path else ():
             key = (host, c.path or "/")
             owner = taken.setdefault(key, c.name)
             if owner == c.name:
@@ -106,8 +117,8 @@ def contest(claims: list[Claim]) -> tuple[list[tuple[Claim, tuple[str, ...]]], l
                 )
             else:
                 warnings.append(f"service {c.name}: path {c.path} is routed to {owner} already: left out")
-        if mine:
-            won.append((c, tuple(h for h in mine if h != ANY_HOST)))
+        if mine or port:
+            won.append((c, tuple(h for h in mine if h != ANY_HOST), bool(mine), port))
             warnings.extend(c.server_warnings)
     return won, warnings
 
@@ -115,27 +126,32 @@ def contest(claims: list[Claim]) -> tuple[list[tuple[Claim, tuple[str, ...]]], l
 NAMES = st.sampled_from(["a", "b", "c", "d"])
 HOSTS = st.sampled_from(["", "x.example.com", "y.example.com", "x.example.com,y.example.com", "bad!"])
 PATHS = st.sampled_from(["", "/", "/api", "/api/v2"])
+TCP_PORTS = st.sampled_from(["", "", "5432", "5433", "8080", "99999"])
+RESERVED = frozenset({8080})  # the proxy's own port
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(NAMES, HOSTS, PATHS, st.integers(-1, 2), st.booleans()), max_size=15))
+@given(st.lists(st.tuples(NAMES, HOSTS, PATHS, TCP_PORTS, st.integers(-1, 2), st.booleans()), max_size=15))
 def test_the_memo_gives_what_a_plain_contest_gives_after_any_changes(steps):
     """Services come, change and go (-1), the map changed in place; the names are the memo's
     own (the same tuple while the set stays, so the maps are compared as a whole) or a new
-    list each time."""
+    list each time. HTTP routes and TCP ports alike."""
     memo = RouteMemo()
     here: dict[str, tuple[Instance, ...]] = {}
-    for name, host, path, count, own_names in steps:
-        meta = {k: v for k, v in (("http_host", host), ("http_path", path)) if v}
+    for name, host, path, tcp, count, own_names in steps:
+        meta = {k: v for k, v in (("http_host", host), ("http_path", path), ("tcp_port", tcp)) if v}
         if count < 0:
             here.pop(name, None)
         else:
             here[name] = tuple(inst(f"{name}{n}", name, port=80 + n, **meta) for n in range(count))
-        kept = memo.table(memo.names(here, {}) if own_names else sorted(here), here, {})
+        kept = memo.table(memo.names(here, {}) if own_names else sorted(here), here, {}, RESERVED)
         claims = [c for c in (claim(n, here[n], ()) for n in sorted(here)) if c is not None]
-        won, warnings = contest(claims)
-        strip = [(r.name, r.hosts, r.path, r.instances, r.servers) for r in kept.routes]
-        assert strip == [(c.name, hosts, c.path, c.instances, c.servers) for c, hosts in won]
+        won, warnings = contest(claims, RESERVED)
+        strip = [(r.name, r.hosts, r.path, r.instances, r.servers, r.http, r.tcp_port) for r in kept.every]
+        assert strip == [(c.name, hosts, c.path if http else "", c.instances, c.servers, http, port)
+                         for c, hosts, http, port in won]  # fmt: skip
+        assert [r.name for r in kept.routes] == [c.name for c, _h, http, _p in won if http]
+        assert [(r.name, r.tcp_port) for r in kept.tcp] == [(c.name, p) for c, _h, _http, p in won if p]
         assert list(kept.warnings) == warnings
         # each host and path is won once at most
         keys = [(h, r.location) for r in kept.routes for h in r.hosts or (ANY_HOST,)]
@@ -171,3 +187,22 @@ def test_route_options_are_validated_where_they_are_read():
         "service web: http_allow='10.0.0.0/8;x' is not a comma list of addresses or CIDRs: option left out"
         in bad.errors
     )
+
+
+def test_tcp_ports_go_to_the_first_service_by_name_and_never_to_the_proxys_own():
+    here = {
+        "db": (inst("db1", "db", port=5432, tcp_port="15432"), inst("db2", "db", port=5433)),
+        "db-copy": (inst("c1", "db-copy", tcp_port="15432"),),
+        "mq": (inst("mq1", "mq", port=5672, tcp_port="15672", http_host="mq.test"),),
+        "own": (inst("o1", "own", tcp_port="8080"),),
+        "bad": (inst("b1", "bad", tcp_port="70000"),),
+    }
+    table = RouteMemo().table(sorted(here), here, {}, frozenset({8080}))
+    assert [(r.name, r.tcp_port, r.http) for r in table.tcp] == [("db", 15432, False), ("mq", 15672, True)]
+    assert [r.name for r in table.routes] == ["mq"]  # only HTTP routes: a TCP-only one has no backend there
+    assert [s.instance.port for s in table.tcp[0].servers] == [5432, 5433]
+    assert set(table.warnings) == {
+        "service bad: tcp_port '70000' is not a port: no TCP listener",
+        "service db-copy: tcp_port 15432 is routed to db already: left out",
+        "service own: tcp_port 8080 is the proxy's own: no TCP listener",
+    }

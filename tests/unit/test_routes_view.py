@@ -129,3 +129,26 @@ def test_meta_is_never_copied_into_markup():
     from templater.page_html import PAGE
 
     assert "innerHTML" not in PAGE and "createTextNode" in PAGE
+
+
+def test_renders_waiting_for_their_diff_share_one_text():
+    history = History()
+    history.rendered("t", b"a\n", "b\n")
+    history.rendered("t", b"b\n", "c\n")
+    history.rendered("u", b"x\n", "y\n")
+    records = list(history._renders)
+    assert records[1].old is records[0].new  # the file before is the last render, kept once
+    assert records[2].old == b"x\n"  # another template's
+    diffs = [r["diff"] for r in history.export(str)["renders"]]
+    assert ["-x" in diffs[0] and "+y" in diffs[0], "-b" in diffs[1] and "+c" in diffs[1],
+            "-a" in diffs[2] and "+b" in diffs[2]] == [True, True, True]  # fmt: skip
+    history.rendered("t", b"c\n", "d\n")  # after the page read them: from the file again
+    assert list(history._renders)[-1].old == b"c\n"
+
+
+def test_a_tcp_route_is_shown_with_its_port():
+    snap = snapshot_of(inst("d1", "db", 5432, tcp_port="15432"), inst("w1", "web", 8001, http_host="app.test"))
+    routes = {r["service"]: r for r in document(snap, table_of(snap), [], "dc1", "", {})["routes"]}
+    assert (routes["db"]["tcp_port"], routes["db"]["http"]) == (15432, False)
+    assert (routes["web"]["tcp_port"], routes["web"]["http"]) == (0, True)
+    assert [i["id"] for i in routes["db"]["instances"] if i["routed"]] == ["d1"]

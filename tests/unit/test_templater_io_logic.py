@@ -124,6 +124,9 @@ def test_reparse_of_any_edit_equals_a_fresh_parse(old_parts, edits, draining):
 def test_add_command_repeats_default_server_before_the_servers_own_settings():
     command = add_command("be_web", "n", "10.0.0.9:80 weight 3 check", "inter 1s fall 2 rise 1")
     assert command == "add server be_web/n 10.0.0.9:80 inter 1s fall 2 rise 1 weight 3 check"
+    # init-addr is for servers read from the file: HAProxy refuses it for one added at runtime
+    command = add_command("be_web", "n", "10.0.0.9:80 check", "inter 1s init-addr last,libc,none observe layer4")
+    assert command == "add server be_web/n 10.0.0.9:80 inter 1s observe layer4 check"
 
 
 def test_diff_add_drain_weight_and_what_needs_a_reload():
