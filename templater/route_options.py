@@ -16,6 +16,13 @@ a boolean or a normalized network address here, so no meta text is ever written 
 | `http_deny`            | CIDRs (comma list): never these            | -                                 |
 | `http_strip_path`      | true: the route's path is taken off        | stripprefix                       |
 | `http_rate_limit`      | requests a second per client address       | ratelimit.average                 |
+| `http_header_<name>`   | a response header from the safe set below  | headers.customResponseHeaders     |
+
+Response headers (`http_header_x_frame_options=DENY`, label SERVICE_HTTP_HEADER_X_FRAME_OPTIONS):
+the name's underscores are dashes, and only the names in HEADERS are taken (security and
+caching headers; never Set-Cookie, Location, Content-Length or hop-by-hop ones). A value is
+printable ASCII, at most 1024 characters, without `"`, a backslash, `$` or `%` (each means something
+in a proxy's quoted string), so it is written quoted as it is.
 """
 
 from __future__ import annotations
@@ -36,6 +43,19 @@ _SIZE = re.compile(r"^(\d{1,12})([kKmMgG]?)$")
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 HSTS_MAX = 2 * 365 * 24 * 3600
 BODY_MAX = 64 * 1024**3
+HEADER_PREFIX = "http_header_"
+HEADERS = {
+    name.lower(): name
+    for name in (
+        "X-Frame-Options", "X-Content-Type-Options", "Referrer-Policy", "Content-Security-Policy",
+        "Content-Security-Policy-Report-Only", "Permissions-Policy", "Cache-Control", "X-XSS-Protection",
+        "Cross-Origin-Opener-Policy", "Cross-Origin-Resource-Policy", "Cross-Origin-Embedder-Policy",
+        "Access-Control-Allow-Origin", "Access-Control-Allow-Methods", "Access-Control-Allow-Headers",
+        "Access-Control-Max-Age", "X-Robots-Tag",
+    )
+}  # fmt: skip
+_HEADER_VALUE = re.compile(r"^[\x20-\x7e]{1,1024}\Z")
+_HEADER_UNSAFE = set('"\\$%')
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,7 @@ class Options:
     deny: tuple[str, ...] = ()
     strip_path: bool = False
     rate_limit: int = 0  # requests a second per client address; 0: none
+    headers: tuple[tuple[str, str], ...] = ()  # response headers (name, value), by name
     errors: tuple[str, ...] = field(default=(), compare=False)  # the warnings, said by the route
 
     @property
@@ -65,6 +86,9 @@ def read(name: str, metas: Iterable[Mapping[str, str]]) -> Options:
     for meta in metas:
         for key in KEYS:
             if key in meta and key not in found:
+                found[key] = meta[key]
+        for key in meta:
+            if key.startswith(HEADER_PREFIX) and key not in found:
                 found[key] = meta[key]
     if not found:
         return NONE
@@ -113,6 +137,18 @@ def read(name: str, metas: Iterable[Mapping[str, str]]) -> Options:
                 values[attr] = networks
             else:
                 bad(key, "is not a comma list of addresses or CIDRs")
+    headers = []
+    for key in sorted(k for k in found if k.startswith(HEADER_PREFIX)):
+        header = HEADERS.get(key.removeprefix(HEADER_PREFIX).replace("_", "-").lower())
+        value = found[key].strip()
+        if header is None:
+            bad(key, "is not a header of the safe set (route_options.HEADERS)")
+        elif not _HEADER_VALUE.match(value) or _HEADER_UNSAFE & set(value):
+            bad(key, 'is not printable ASCII of at most 1024 characters without " \\ $ %')
+        else:
+            headers.append((header, value))
+    if headers:
+        values["headers"] = tuple(sorted(dict(headers).items()))  # by name; each name once
     return Options(**values, errors=tuple(errors))  # type: ignore[arg-type]
 
 

@@ -543,6 +543,9 @@ def _options_through(consul, proxy_stack, kind: str, backend: int, certs) -> Non
              http_rate_limit="lots")  # fmt: skip
     register(consul, "lim-1", "limsvc", backend, http_host="lim.test", http_rate_limit="5")
     register(consul, "red-1", "redsvc", backend, http_host="red.test", http_redirect_https="true", http_hsts="3600")
+    register(consul, "hdr-1", "hdrsvc", backend, http_host="hdr.test", http_header_x_frame_options="DENY",
+             http_header_content_security_policy="default-src 'self'; img-src * data:",
+             http_header_set_cookie="session=forged", http_header_cache_control="no-store $x")  # fmt: skip
     https_port = free_port()
     port, proc = proxy_stack(kind, "--var", f"https_port={https_port}", "--var", f"tls_cert_dir={certs}")
     wait_until(lambda: _request(port, "opt.test", "/api/x")[0] == 200, timeout=15, what=f"{kind} routes optsvc")
@@ -572,6 +575,13 @@ def _options_through(consul, proxy_stack, kind: str, backend: int, certs) -> Non
     status, headers, text = _request(https_port, "red.test", "/a", tls=True)
     assert status == 200 and headers["strict-transport-security"] == "max-age=3600" and "path=/a" in text
     assert headers.get("x-served-by")  # kept next to the route's own headers
+    # response headers of the safe set, as given; others, and unsafe values, left out with a warning
+    status, headers, _ = _request(port, "hdr.test", "/h")
+    assert status == 200 and headers["x-frame-options"] == "DENY" and headers.get("x-served-by")
+    assert headers["content-security-policy"] == "default-src 'self'; img-src * data:"
+    assert "set-cookie" not in headers and "cache-control" not in headers
+    assert "http_header_set_cookie='session=forged' is not a header of the safe set" in proc.output()
+    assert "http_header_cache_control='no-store $x' is not printable ASCII" in proc.output()
     assert proc.alive()
 
 

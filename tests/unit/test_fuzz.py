@@ -141,7 +141,8 @@ BENIGN = [
                      ("opts", {"http_redirect_https": "true", "http_hsts": "31536000", "http_max_body": "10m",
                                "http_connect_timeout": "2s", "http_read_timeout": "5m", "http_allow": "10.0.0.0/8",
                                "http_deny": "10.1.0.0/16", "http_strip_path": "yes", "http_rate_limit": "50",
-                               "http_path": "/o"}),
+                               "http_path": "/o", "http_header_x_frame_options": "DENY",
+                               "http_header_content_security_policy": "default-src 'self'; img-src * data:"}),
                      ("db", {"tcp_port": "15432"}))
     for n in range(2)
 ]  # fmt: skip
@@ -225,7 +226,9 @@ def _samples(count: int) -> list[list[dict[str, Any]]]:
                 "http_max_body": rng.choice(["1m", text()]), "http_allow": rng.choice(["10.0.0.0/8", text()]),
                 "http_strip_path": rng.choice(["true", text()]), "http_hsts": rng.choice(["60", text()]),
                 "http_rate_limit": rng.choice(["5", text()]), "http_read_timeout": rng.choice(["5s", text()]),
-                "http_redirect_https": text(), "tcp_port": rng.choice(["15433", "15434", text()])}  # fmt: skip
+                "http_redirect_https": text(), "tcp_port": rng.choice(["15433", "15434", text()]),
+                "http_header_referrer_policy": rng.choice(["no-referrer", text()]),
+                "http_header_" + text(): text()}  # fmt: skip
         return {"ID": rng.choice([f"s{n}", text()]), "Service": rng.choice(["web", "zz", text()]),
                 "Tags": [text()], "Meta": meta, "Port": rng.choice([80, 0, 70000]),
                 "Address": rng.choice(["127.0.0.1", "", text()]), "ModifyIndex": 5}  # fmt: skip

@@ -206,3 +206,18 @@ def test_tcp_ports_go_to_the_first_service_by_name_and_never_to_the_proxys_own()
         "service db-copy: tcp_port 15432 is routed to db already: left out",
         "service own: tcp_port 8080 is the proxy's own: no TCP listener",
     }
+
+
+def test_response_headers_come_from_a_safe_set_with_quotable_values():
+    from templater.route_options import read
+
+    options = read("web", [{"http_header_x_frame_options": "DENY", "http_header_Referrer_Policy": " no-referrer ",
+                            "http_header_content_security_policy": "default-src 'self'; img-src *"},
+                           {"http_header_x_frame_options": "SAMEORIGIN"}])  # fmt: skip
+    assert options.headers == (("Content-Security-Policy", "default-src 'self'; img-src *"),
+                               ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"))  # fmt: skip
+    refused = read("web", [{"http_header_set_cookie": "a=1", "http_header_location": "http://evil/",
+                            "http_header_cache_control": "max-age=60%", "http_header_x_robots_tag": 'no"index',
+                            "http_header_x_xss_protection": "x" * 1025}])  # fmt: skip
+    assert refused.headers == () and len(refused.errors) == 5
+    assert all("option left out" in e and e.startswith("service web: http_header_") for e in refused.errors)
