@@ -173,18 +173,27 @@ class _Recorder:
             self._effect("missing", dep)
         return instance.checks
 
-    def routes(self, failover_dc: str = "", dc: str | None = None, reserved: Iterable[Any] = ()) -> Table:
+    def routes(
+        self, failover_dc: str = "", dc: str | None = None, reserved: Iterable[Any] = (), weights: str = ""
+    ) -> Table:
         """The routing table (templater.routes): every service with http_host, http_path or
         tcp_port meta, contested hosts and ports decided by name, warnings said. reserved: the
-        template's own ports, never a TCP route's. A block that calls it is rendered every
-        time: key blocks by `table.version` and `route.version` instead."""
+        template's own ports, never a TCP route's. weights: a KV prefix whose
+        `<service>/weights` keys split services' traffic by version (one watch of the prefix).
+        A block that calls it is rendered every time: key blocks by `table.version` and
+        `route.version` instead."""
         ports = frozenset(int(p) for p in reserved if str(p).isdigit())
+        by_version: dict[str, dict[str, int]] = {}
+        if weights:
+            by_version, split_warnings = self.route_memo.splits(self._kv(weights, True, dc), weights)
+            for warning in split_warnings:
+                self._effect("warning", warning)
         self._effect("query", f"routes({dc or ''}|{failover_dc})")
         here = self._catalog(dc)
         there = self._catalog(failover_dc) if failover_dc else Snapshot()
         self._atom(("routes", f"{dc or ''}|{failover_dc}", ""), _NOT_THERE)
         names = self.route_memo.names(here.services, there.services)
-        table = self.route_memo.table(names, here.instances, there.instances, ports)
+        table = self.route_memo.table(names, here.instances, there.instances, ports, by_version)
         for warning in table.warnings:
             self._effect("warning", warning)
         return table

@@ -12,16 +12,26 @@ out is said in a warning that names the service and the value.
 A service with meta `tcp_port` (registrator's SERVICE_TCP_PORT) also gets a TCP listener on
 that port of the proxy (a database, a broker): the first service by name that asks for a port
 has it, and a port the template uses itself (`reserved`) is never given.
+
+Blue-green and canary releases: with a KV prefix (`routes(weights="routes/")`), the key
+`<prefix><service>/weights` = `blue=90,green=10` splits the service's traffic by its instances'
+meta `version`: each version gets its share, spread evenly over its passing instances (HAProxy
+weights 0-256, the largest 256); a version the key does not name gets none. The key replaces
+the instances' `weight` meta. A bad value is a warning naming the key, and the split is left out.
 """
 
 from __future__ import annotations
 
+import base64
 import bisect
 import itertools
 import operator
+import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from templater import route_options
 from templater.catalog import PASSING, Instance, valid_hostname
@@ -122,8 +132,62 @@ class Table:
         return sorted(found.items())
 
 
-def claim(name: str, here: tuple[Instance, ...], there: tuple[Instance, ...]) -> Claim | None:
-    """A service's route from its instances here and in the failover dc (state any). Pure."""
+Split = Mapping[str, int]  # version -> its share of a service's traffic
+_SPLIT_PART = re.compile(r"^\s*([A-Za-z0-9._-]{1,64})\s*=\s*(\d{1,7})\s*$")
+WEIGHTS_KEY = "weights"  # <prefix><service>/weights
+
+
+def parse_split(text: str) -> dict[str, int] | None:
+    """`blue=90,green=10` as {version: share}, or None when any part is not `version=number`. Pure."""
+    found: dict[str, int] = {}
+    for part in text.split(","):
+        match = _SPLIT_PART.match(part)
+        if match is None or match.group(1) in found:
+            return None
+        found[match.group(1)] = int(match.group(2))
+    return found
+
+
+def splits(entries: Iterable[Mapping[str, object]], prefix: str) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """The splits by version of a KV prefix's raw entries (`<prefix><service>/weights`), and a
+    warning for each bad value. Pure."""
+    found: dict[str, dict[str, int]] = {}
+    warnings = []
+    base = prefix.strip("/")
+    for entry in entries:
+        key = str(entry.get("Key", ""))
+        service, _, leaf = key[len(base) :].strip("/").rpartition("/")
+        if leaf != WEIGHTS_KEY or not service or "/" in service:
+            continue
+        raw = entry.get("Value")
+        text = base64.b64decode(str(raw)).decode("utf-8", "replace") if raw else ""
+        split = parse_split(text)
+        if split is None:
+            warnings.append(f"service {service}: kv {key}={text[:200]!r} is not version=weight,...: split left out")
+        else:
+            found[service] = split
+    return found, warnings
+
+
+def _split_weights(name: str, instances: tuple[Instance, ...], split: Split) -> tuple[list[int], list[str]]:
+    """Each instance's weight under the split: its version's share spread over that version's
+    instances, the largest 256 (a share too small to show is 1, never none)."""
+    versions = [i.meta.get("version", "") for i in instances]
+    counts = Counter(versions)
+    shares = {v: split.get(v, 0) / n for v, n in counts.items()}
+    top = max(shares.values(), default=0)
+    weights = [0 if not top or not shares[v] else max(1, round(256 * shares[v] / top)) for v in versions]
+    said = ",".join(f"{k}={n}" for k, n in split.items())
+    warnings = [f"service {name}: version {v!r} is not in its weights ({said}): its {counts[v]} instance(s) get"
+                " no traffic" for v in sorted(counts) if v not in split]  # fmt: skip
+    return weights, warnings
+
+
+def claim(
+    name: str, here: tuple[Instance, ...], there: tuple[Instance, ...], split: Split | None = None
+) -> Claim | None:
+    """A service's route from its instances here and in the failover dc (state any), its
+    traffic split by version when a split is given. Pure."""
     seen = here or there
     host = next((i.meta["http_host"] for i in seen if "http_host" in i.meta), "")
     path = next((i.meta["http_path"] for i in seen if "http_path" in i.meta), "")
@@ -152,8 +216,13 @@ def claim(name: str, here: tuple[Instance, ...], there: tuple[Instance, ...]) ->
     passing = tuple(i for i in here if i.status == PASSING)
     failover = not passing and bool(there)
     instances = passing or tuple(i for i in there if i.status == PASSING)
-    servers, server_warnings = [], []
-    for server, inst in server_names(instances):
+    servers: list[Server] = []
+    server_warnings: list[str] = []
+    named = server_names(instances)
+    if split is not None:
+        weights, server_warnings = _split_weights(name, tuple(inst for _s, inst in named), split)
+        servers = [Server(server, inst, w) for (server, inst), w in zip(named, weights, strict=True)]
+    for server, inst in named if split is None else ():
         weight, problem = clamp_int(
             inst.meta.get("weight", "1"), 0, 256, 1, f"service {name} instance {inst.id} weight"
         )
@@ -204,6 +273,8 @@ class RouteMemo:
         self._listed: set[str] = set()  # the names of the last table(), as a set
         self._seen: tuple[object, dict[str, tuple[Instance, ...]], dict[str, tuple[Instance, ...]]] = (None, {}, {})
         self._reserved: frozenset[int] = frozenset()  # ports the template uses itself
+        self._splits: Mapping[str, Split] = {}  # service -> its split by version (a KV key)
+        self._split_entries: tuple[object, str, dict[str, dict[str, int]], list[str]] = (None, "", {}, [])
 
     def names(self, here: Mapping[str, object], there: Mapping[str, object]) -> tuple[str, ...]:
         """The services of both datacenters in name order: the same tuple while the set stays."""
@@ -212,23 +283,36 @@ class RouteMemo:
             self._names = tuple(sorted((self._names_of[0] | self._names_of[1]) - {"consul"}))
         return self._names
 
+    def splits(self, entries: Sequence[Mapping[str, Any]], prefix: str) -> tuple[dict[str, dict[str, int]], list[str]]:
+        """splits() of a KV prefix's entries, parsed again only when the store has a new answer."""
+        last, last_prefix, found, warnings = self._split_entries
+        if entries is not last or prefix != last_prefix:
+            found, warnings = splits(entries, prefix)
+            self._split_entries = (entries, prefix, found, warnings)
+        return found, warnings
+
     def table(
         self, names: Sequence[str], here: Mapping[str, tuple[Instance, ...]], there: Mapping[str, tuple[Instance, ...]],
-        reserved: frozenset[int] = frozenset(),
+        reserved: frozenset[int] = frozenset(), by_version: Mapping[str, Split] | None = None,
     ) -> Table:  # fmt: skip
         """names in order (sorted): the services of both datacenters. reserved: ports no TCP
-        route gets (the proxy's own listeners)."""
+        route gets (the proxy's own listeners). by_version: services' splits by version."""
         if reserved != self._reserved:  # the template's own ports changed: every route is decided again
             self.__init__()  # type: ignore[misc]
             self._reserved = reserved
+        by_version = by_version or {}
+        resplit = set()
+        if by_version is not self._splits:
+            resplit = {n for n in by_version.keys() | self._splits.keys() if by_version.get(n) != self._splits.get(n)}
+            self._splits = by_version
         old: dict[str, Claim | None] = {}
         changed = set()
-        for name in self._moved(names, here, there):
+        for name in self._moved(names, here, there) | (resplit & self._listed):
             memo = self._claims.pop(name, None)
             old[name] = memo[2] if memo is not None else None
             if name in self._listed:
                 mine, theirs = here.get(name, ()), there.get(name, ())
-                self._claims[name] = (mine, theirs, claim(name, mine, theirs))
+                self._claims[name] = (mine, theirs, claim(name, mine, theirs, by_version.get(name)))
             if memo is None or name not in self._claims or memo[2] != self._claims[name][2]:
                 changed.add(name)
         if not changed:

@@ -732,3 +732,68 @@ def _try(fn: Callable[[], str]) -> str | None:
         return fn()
     except OSError:
         return None
+
+
+class _VersionBackend(http.server.BaseHTTPRequestHandler):
+    """Answers `ok <version>` to any request (the server's `version` attribute)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = f"ok {self.server.version}\n".encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "nginx"])
+def test_a_blue_green_flip_from_kv_under_load_fails_no_request(consul, proxy_stack, kind):
+    """Issue 24: instances carry meta version; the KV key routes/<service>/weights splits the
+    traffic; flipping it under load (a new connection per request, a quarter POST) moves every
+    request to the other version with no failed request. HAProxy takes it through the runtime
+    API (weights, no reload); NGINX with one reload."""
+    backends = []
+    for n, version in enumerate(["blue", "blue", "green", "green"]):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _VersionBackend)
+        server.version = version  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        backends.append(server)
+        register(consul, f"bg-{n}", "bgsvc", server.server_address[1], http_host="bg.test", version=version)
+    try:
+        consul.kv_put("routes/bgsvc/weights", "blue=100,green=0")
+        port, proc = proxy_stack(kind, "--var", "weights_prefix=routes/")
+
+        def answers(count: int = 12) -> set[str]:
+            return {_request(port, "bg.test", "/")[2].strip() for _ in range(count)}
+
+        wait_until(lambda: answers() == {"ok blue"}, timeout=15, what=f"{kind}: blue only")
+        before = proc.output().count("proxy reloaded")
+        with Load(port, "bg.test") as load:
+            time.sleep(0.5)
+            consul.kv_put("routes/bgsvc/weights", "blue=0,green=100")
+            wait_until(lambda: answers() == {"ok green"}, timeout=15, what="green only after the flip")
+            consul.kv_put("routes/bgsvc/weights", "blue=50,green=50")
+            wait_until(lambda: answers(30) == {"ok blue", "ok green"}, timeout=15, what="both at 50/50")
+            consul.kv_put("routes/bgsvc/weights", "blue=100,green=0")
+            wait_until(lambda: answers() == {"ok blue"}, timeout=15, what="blue only again")
+            time.sleep(0.5)
+        assert load.failures == [] and load.ok > 50, (load.ok, load.failures[:5])
+        if kind == "haproxy":
+            assert "haproxy runtime weight be_bgsvc/" in proc.output()
+            assert proc.output().count("proxy reloaded") == before  # weights only: no reload
+        consul.kv_put("routes/bgsvc/weights", "blue=lots")
+        wait_until(lambda: "kv routes/bgsvc/weights='blue=lots' is not version=weight" in proc.output(), timeout=10,
+                   what="the bad split said")  # fmt: skip
+        assert answers(30) == {"ok blue", "ok green"} and proc.alive()  # left out: the plain weights again
+    finally:
+        for server in backends:
+            server.shutdown()
+            server.server_close()
+        consul.put("/v1/kv/routes?recurse=true", method="DELETE")

@@ -221,3 +221,41 @@ def test_response_headers_come_from_a_safe_set_with_quotable_values():
                             "http_header_x_xss_protection": "x" * 1025}])  # fmt: skip
     assert refused.headers == () and len(refused.errors) == 5
     assert all("option left out" in e and e.startswith("service web: http_header_") for e in refused.errors)
+
+
+def test_a_split_by_version_from_kv_sets_the_weights_and_a_flip_changes_only_them():
+    import base64
+
+    from templater.routes import parse_split, splits
+
+    here = {"bg": (*(inst(f"b{n}", "bg", 80 + n, http_host="bg.test", version="blue", weight="7") for n in range(3)),
+                   inst("g0", "bg", 90, http_host="bg.test", version="green"),
+                   inst("x0", "bg", 91, http_host="bg.test"))}  # fmt: skip
+    memo = RouteMemo()
+
+    def weights(split):
+        table = memo.table(sorted(here), here, {}, frozenset(), {"bg": split})
+        return {s.instance.id: s.weight for s in table.routes[0].servers}, table
+
+    canary, first = weights({"blue": 90, "green": 10})
+    assert canary == {"b0": 256, "b1": 256, "b2": 256, "g0": 85, "x0": 0}  # 3 x 256 : 85 is 90 : 10
+    assert "service bg: version '' is not in its weights (blue=90,green=10): its 1 instance(s) get no traffic" in (
+        first.warnings
+    )
+    flipped, second = weights({"blue": 0, "green": 100})
+    assert flipped == {"b0": 0, "b1": 0, "b2": 0, "g0": 256, "x0": 0}
+    assert second.version == first.version and second.routes[0].version != first.routes[0].version  # servers only
+    assert weights({"blue": 0, "green": 100})[1] is second  # the same split: nothing decided again
+    plain = memo.table(sorted(here), here, {}, frozenset(), {})
+    assert {s.instance.id: s.weight for s in plain.routes[0].servers}["b0"] == 7  # no key: the weight meta
+    assert parse_split(" blue = 100 , green=0") == {"blue": 100, "green": 0}
+    assert parse_split("blue=1,blue=2") is None and parse_split("blue=-1") is None and parse_split("a b=1") is None
+
+    def entry(key, text):
+        return {"Key": key, "Value": base64.b64encode(text.encode()).decode()}
+
+    entries = [entry("routes/bg/weights", "blue=1,green=3"), entry("routes/bad/weights", "all"),
+               entry("routes/bg/other", "x"), entry("routes/a/b/weights", "v=1")]  # fmt: skip
+    found, warnings = splits(entries, "routes/")
+    assert found == {"bg": {"blue": 1, "green": 3}}
+    assert warnings == ["service bad: kv routes/bad/weights='all' is not version=weight,...: split left out"]
