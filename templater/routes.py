@@ -11,7 +11,10 @@ out is said in a warning that names the service and the value.
 
 A service with meta `tcp_port` (registrator's SERVICE_TCP_PORT) also gets a TCP listener on
 that port of the proxy (a database, a broker): the first service by name that asks for a port
-has it, and a port the template uses itself (`reserved`) is never given.
+has it, and a port the template uses itself (`reserved`) is never given. A service with meta
+`sni_host` (a comma list of host names) gets TLS connections for those names passed through to
+its instances unopened (routed by the SNI of the client's hello), beside the HTTPS the proxy
+terminates for the other names; the first service by name that asks for a name has it.
 
 Blue-green and canary releases: with a KV prefix (`routes(weights="routes/")`), the key
 `<prefix><service>/weights` = `blue=90,green=10` splits the service's traffic by its instances'
@@ -64,6 +67,7 @@ class Claim:
     server_warnings: tuple[str, ...] = ()  # said only when it does (a weight out of range)
     options: Options = NONE
     tcp_port: int = 0  # the proxy port it asks for (meta tcp_port); 0 for none
+    sni_hosts: tuple[str, ...] = ()  # TLS server names passed through to it (meta sni_host)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class Route:
     options: Options  # per-route options from meta (route_options)
     http: bool  # it won a host or path: routed by HTTP
     tcp_port: int  # the proxy port it won for a TCP listener; 0 for none
+    sni_hosts: tuple[str, ...]  # the TLS server names it won: passed through unopened
     version: int  # changes whenever anything above does: a fragment cache key
 
     @property
@@ -104,6 +109,11 @@ class Table:
     def tcp(self) -> tuple[Route, ...]:
         """The TCP routes (a port of the proxy each), by name."""
         return tuple(r for r in self.every if r.tcp_port)
+
+    @cached_property
+    def sni(self) -> tuple[Route, ...]:
+        """The routes that TLS connections are passed through to, by server name, by name."""
+        return tuple(r for r in self.every if r.sni_hosts)
 
     @cached_property
     def rate_limited(self) -> tuple[Route, ...]:
@@ -193,16 +203,13 @@ def claim(
     path = next((i.meta["http_path"] for i in seen if "http_path" in i.meta), "")
     check = next((i.meta["check_http"] for i in seen if "check_http" in i.meta), "")
     sticky = any("sticky" in i.meta for i in seen)
-    tcp_text = next((i.meta["tcp_port"] for i in seen if "tcp_port" in i.meta), "")
-    tcp_port = int(tcp_text) if tcp_text.isdigit() and 0 < int(tcp_text) < 65536 else 0
     options = route_options.read(name, (i.meta for i in seen))
     warnings: list[str] = list(options.errors)
-    if tcp_text and not tcp_port:
-        warnings.append(f"service {name}: tcp_port {tcp_text!r} is not a port: no TCP listener")
+    tcp_port, sni_hosts = _streams(name, seen, warnings)
     if path and not is_url_path(path):
         warnings.append(f"service {name}: http_path {path} is not a URL path: service not routed by HTTP")
         host = path = ""
-    if not host and not path and not tcp_port:
+    if not host and not path and not tcp_port and not sni_hosts:
         return Claim(name, (), "", False, "", (), False, (), tuple(warnings)) if warnings else None
     if check and not is_url_path(check):
         warnings.append(f"service {name}: check_http {check} is not a URL path: no active check")
@@ -230,21 +237,38 @@ def claim(
             server_warnings.append(problem)
         servers.append(Server(server, inst, weight))
     if host and not hosts:  # hosts asked for, none valid: not routed (never widened to any host)
-        if not tcp_port:
+        if not tcp_port and not sni_hosts:
             return Claim(name, (), "", False, "", (), False, (), tuple(warnings))
         path = ""
     return Claim(
         name, tuple(hosts), path, sticky, check, instances, failover, tuple(servers), tuple(warnings),
-        tuple(server_warnings), options, tcp_port,
+        tuple(server_warnings), options, tcp_port, sni_hosts,
     )  # fmt: skip
+
+
+def _streams(name: str, seen: tuple[Instance, ...], warnings: list[str]) -> tuple[int, tuple[str, ...]]:
+    """The TCP port and the TLS server names a service asks for (meta tcp_port, sni_host)."""
+    tcp_text = next((i.meta["tcp_port"] for i in seen if "tcp_port" in i.meta), "")
+    tcp_port = int(tcp_text) if tcp_text.isdigit() and 0 < int(tcp_text) < 65536 else 0
+    if tcp_text and not tcp_port:
+        warnings.append(f"service {name}: tcp_port {tcp_text!r} is not a port: no TCP listener")
+    sni_hosts = []
+    for h in split_list(next((i.meta["sni_host"] for i in seen if "sni_host" in i.meta), "")):
+        if valid_hostname(h):
+            sni_hosts.append(h.lower())
+        else:
+            warnings.append(f"service {name}: sni_host {h} is not a host name (no wildcards): left out")
+    return tcp_port, tuple(dict.fromkeys(sni_hosts))
 
 
 def claim_keys(c: Claim | None) -> tuple[tuple[str, str], ...]:
     """The (host, path) pairs a claim asks for, each once, in its order, then its TCP port as
-    ("tcp:<port>", ""), which no host and path pair can be. Pure."""
+    ("tcp:<port>", "") and its TLS server names as ("sni:<name>", ""), which no host and path
+    pair can be. Pure."""
     if c is None:
         return ()
-    tcp = ((f"tcp:{c.tcp_port}", ""),) if c.tcp_port else ()
+    tcp: tuple[tuple[str, str], ...] = ((f"tcp:{c.tcp_port}", ""),) if c.tcp_port else ()
+    tcp += tuple((f"sni:{h}", "") for h in c.sni_hosts)
     if not c.hosts and not c.path:
         return tcp
     return (*dict.fromkeys((host, c.path or "/") for host in c.hosts or (ANY_HOST,)), *tcp)
@@ -374,6 +398,13 @@ class RouteMemo:
                 warnings.append(f"service {c.name}: tcp_port {c.tcp_port} is routed to {owner} already: left out")
             else:
                 port = c.tcp_port
+        sni = []
+        for host in c.sni_hosts:
+            owner = self._claimants[(f"sni:{host}", "")][0]
+            if owner == c.name:
+                sni.append(host)
+            else:
+                warnings.append(f"service {c.name}: sni_host {host} is passed through to {owner} already: left out")
         mine: list[str] = []
         for host in (c.hosts or (ANY_HOST,)) if c.hosts or c.path else ():
             owner = self._claimants[(host, c.path or "/")][0]
@@ -385,18 +416,21 @@ class RouteMemo:
                 warnings.append(f"service {c.name}: {where} is routed to {owner} already: left out")
             else:
                 warnings.append(f"service {c.name}: path {c.path} is routed to {owner} already: left out")
-        if not mine and not port:
+        if not mine and not port and not sni:
             return None, tuple(warnings)
         warnings.extend(c.server_warnings)
         hosts = tuple(h for h in mine if h != ANY_HOST)
-        return self._route(c, hosts, bool(mine), port, before), tuple(warnings)
+        return self._route(c, hosts, bool(mine), port, tuple(sni), before), tuple(warnings)
 
-    def _route(self, c: Claim, hosts: tuple[str, ...], http: bool, port: int, old: Route | None) -> Route:
+    def _route(
+        self, c: Claim, hosts: tuple[str, ...], http: bool, port: int, sni: tuple[str, ...], old: Route | None
+    ) -> Route:
         path = c.path if http else ""
         fields = (c.name, ident(c.name), hosts, path, c.sticky, c.check, c.instances, c.servers, c.failover,
-                  c.options, http, port)  # fmt: skip
+                  c.options, http, port, sni)  # fmt: skip
         if old is not None and (old.name, old.ident, old.hosts, old.path, old.sticky, old.check, old.instances,
-                                old.servers, old.failover, old.options, old.http, old.tcp_port) == fields:  # fmt: skip
+                                old.servers, old.failover, old.options, old.http, old.tcp_port,
+                                old.sni_hosts) == fields:  # fmt: skip
             return old
         return Route(*fields, version=next(self._counter))
 
@@ -413,4 +447,5 @@ def _shape(route: Route | None) -> tuple[object, ...] | None:
     """What the frontend is built from: a change of it is a new table version."""
     if route is None:
         return None
-    return (route.name, route.hosts, route.path, route.check, route.sticky, route.http, route.tcp_port)
+    return (route.name, route.hosts, route.path, route.check, route.sticky, route.http, route.tcp_port,
+            route.sni_hosts)  # fmt: skip

@@ -797,3 +797,97 @@ def test_a_blue_green_flip_from_kv_under_load_fails_no_request(consul, proxy_sta
             server.shutdown()
             server.server_close()
         consul.put("/v1/kv/routes?recurse=true", method="DELETE")
+
+
+class _TlsEcho:
+    """A TLS backend on loopback with its own certificate: each line comes back as `tls:<line>`."""
+
+    def __init__(self, certs, host: str) -> None:
+        make_cert(certs, host)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(certs / f"{host}.pem"))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            conn.settimeout(10)
+            with self.context.wrap_socket(conn, server_side=True) as tls, tls.makefile("rb") as lines:
+                for line in lines:
+                    tls.sendall(b"tls:" + line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self._thread.join(5)
+
+
+def _tls_line(port: int, name: str, text: str) -> tuple[str, str]:
+    """A TLS connection with SNI name (not verified): the peer certificate's CN and the answer line."""
+    context = ssl._create_unverified_context()
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True) or b""
+        tls.sendall(text.encode() + b"\n")
+        answer = tls.makefile("rb").readline().decode()
+    pem = ssl.DER_cert_to_PEM_cert(der)
+    subject = subprocess.run(["openssl", "x509", "-noout", "-subject"], input=pem, capture_output=True, text=True)
+    return subject.stdout.strip().rsplit("=", 1)[-1].strip(), answer
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "nginx"])
+def test_tls_passthrough_by_sni_beside_terminated_https(consul, proxy_stack, kind):
+    """Issue 24: a service with meta sni_host gets the TLS connections for that name unopened
+    (the client sees the backend's own certificate), while the proxy still terminates HTTPS for
+    the other names on the same port, with the client's address kept (its deny list works)."""
+    with tempdir() as certs:
+        certs.chmod(0o755)
+        for host in ("web.test", "default"):
+            make_cert(certs, host)
+            (certs / f"{host}.pem").chmod(0o644)
+        backend_certs = certs / "backend"
+        backend_certs.mkdir()
+        # NGINX's workers (user nobody here) connect to the stream block's local sockets
+        runtime = certs / "runtime"
+        runtime.mkdir(mode=0o755)
+        echo = _TlsEcho(backend_certs, "db.test")
+        web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OptionsBackend)
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        try:
+            register(consul, "sni-1", "snisvc", echo.port, sni_host="db.test,bad!name")
+            register(consul, "web-1", "websvc", web.server_address[1], http_host="web.test", http_deny="127.0.0.6")
+            https_port = free_port()
+            port, proc = proxy_stack(kind, "--var", f"https_port={https_port}", "--var", f"tls_cert_dir={certs}",
+                                     "--var", f"runtime_dir={runtime}")  # fmt: skip
+            wait_until(lambda: _try(lambda: _tls_line(https_port, "db.test", "hi")[1]) == "tls:hi\n", timeout=15,
+                       what=f"{kind} passing db.test through")  # fmt: skip
+            assert _tls_line(https_port, "db.test", "again") == ("db.test", "tls:again\n")  # the backend's own cert
+            status, common_name, text = tls_get(https_port, "web.test", [str(certs / "web.test.pem")])
+            assert (status, common_name) == (200, "web.test") and "path=/" in text  # terminated here
+            assert _request(https_port, "web.test", "/x", tls=True)[0] == 200
+            assert _request(https_port, "web.test", "/x", tls=True, source="127.0.0.6")[0] == 403  # address kept
+            assert _request(port, "web.test", "/x")[0] == 200  # plain HTTP beside it
+            assert "sni_host bad!name is not a host name" in proc.output() and proc.alive()
+            # a new service is a reload: both paths go on through it
+            register(consul, "web-2", "twosvc", web.server_address[1], http_host="two.test")
+            wait_until(lambda: _try(lambda: str(_request(https_port, "two.test", "/", tls=True)[0])) == "200",
+                       timeout=15, what="the new service over https after the reload")  # fmt: skip
+            assert _tls_line(https_port, "db.test", "after") == ("db.test", "tls:after\n")
+            assert _request(https_port, "web.test", "/x", tls=True, source="127.0.0.6")[0] == 403
+        finally:
+            echo.close()
+            web.shutdown()
+            web.server_close()

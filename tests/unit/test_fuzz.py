@@ -122,7 +122,7 @@ def bundled(name: str) -> Any:
 
 
 TEMPLATES = {name: bundled(name) for name in ("haproxy.cfg.j2", "nginx.conf.j2")}
-VARS = {"runtime_dir": "/tmp/fuzz-runtime", "http_port": "8080", "bind_address": "127.0.0.1"}
+VARS = {"runtime_dir": "/tmp/fuzz-runtime", "http_port": "8080", "bind_address": "127.0.0.1", "https_port": "8443"}
 
 
 def render_catalog(name: str, services: list[dict[str, Any]], address: str = "127.0.0.1") -> str:
@@ -143,7 +143,7 @@ BENIGN = [
                                "http_deny": "10.1.0.0/16", "http_strip_path": "yes", "http_rate_limit": "50",
                                "http_path": "/o", "http_header_x_frame_options": "DENY",
                                "http_header_content_security_policy": "default-src 'self'; img-src * data:"}),
-                     ("db", {"tcp_port": "15432"}))
+                     ("db", {"tcp_port": "15432", "sni_host": "db.example.com"}))
     for n in range(2)
 ]  # fmt: skip
 # the first word of every line the templates write for well-behaved data: any other first word
@@ -228,7 +228,7 @@ def _samples(count: int) -> list[list[dict[str, Any]]]:
                 "http_rate_limit": rng.choice(["5", text()]), "http_read_timeout": rng.choice(["5s", text()]),
                 "http_redirect_https": text(), "tcp_port": rng.choice(["15433", "15434", text()]),
                 "http_header_referrer_policy": rng.choice(["no-referrer", text()]),
-                "http_header_" + text(): text()}  # fmt: skip
+                "http_header_" + text(): text(), "sni_host": rng.choice(["s.example.com", text()])}  # fmt: skip
         return {"ID": rng.choice([f"s{n}", text()]), "Service": rng.choice(["web", "zz", text()]),
                 "Tags": [text()], "Meta": meta, "Port": rng.choice([80, 0, 70000]),
                 "Address": rng.choice(["127.0.0.1", "", text()]), "ModifyIndex": 5}  # fmt: skip

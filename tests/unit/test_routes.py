@@ -86,12 +86,12 @@ def test_by_host_puts_path_only_routes_under_the_default_server():
 
 def contest(
     claims: list[Claim], reserved: frozenset[int] = frozenset()
-) -> tuple[list[tuple[Claim, tuple[str, ...], bool, int]], list[str]]:
+) -> tuple[list[tuple[Claim, tuple[str, ...], bool, int, tuple[str, ...]]], list[str]]:
     """The contest done plainly, from scratch, in name order: the oracle the memo must equal.
     Each winner with the hosts it won, whether it routes HTTP, and its TCP port (0: none)."""
     taken: dict[tuple[str, str], str] = {}
-    ports: dict[int, str] = {}
-    won: list[tuple[Claim, tuple[str, ...], bool, int]] = []
+    ports: dict[object, str] = {}
+    won: list[tuple[Claim, tuple[str, ...], bool, int, tuple[str, ...]]] = []
     warnings: list[str] = []
     for c in claims:
         warnings.extend(c.warnings)
@@ -104,6 +104,13 @@ def contest(
                 warnings.append(f"service {c.name}: tcp_port {c.tcp_port} is routed to {owner} already: left out")
             else:
                 port = c.tcp_port
+        sni = []
+        for host in c.sni_hosts:
+            owner = ports.setdefault(f"sni:{host}", c.name)
+            if owner == c.name:
+                sni.append(host)
+            else:
+                warnings.append(f"service {c.name}: sni_host {host} is passed through to {owner} already: left out")
         mine = []
         for host in (c.hosts or (ANY_HOST,)) if c.hosts or c.path else ():
             key = (host, c.path or "/")
@@ -117,8 +124,8 @@ def contest(
                 )
             else:
                 warnings.append(f"service {c.name}: path {c.path} is routed to {owner} already: left out")
-        if mine or port:
-            won.append((c, tuple(h for h in mine if h != ANY_HOST), bool(mine), port))
+        if mine or port or sni:
+            won.append((c, tuple(h for h in mine if h != ANY_HOST), bool(mine), port, tuple(sni)))
             warnings.extend(c.server_warnings)
     return won, warnings
 
@@ -128,18 +135,19 @@ HOSTS = st.sampled_from(["", "x.example.com", "y.example.com", "x.example.com,y.
 PATHS = st.sampled_from(["", "/", "/api", "/api/v2"])
 TCP_PORTS = st.sampled_from(["", "", "5432", "5433", "8080", "99999"])
 RESERVED = frozenset({8080})  # the proxy's own port
+SNI = st.sampled_from(["", "", "x.example.com", "db.example.com,x.example.com", "*.bad"])
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(NAMES, HOSTS, PATHS, TCP_PORTS, st.integers(-1, 2), st.booleans()), max_size=15))
+@given(st.lists(st.tuples(NAMES, HOSTS, PATHS, TCP_PORTS, SNI, st.integers(-1, 2), st.booleans()), max_size=15))
 def test_the_memo_gives_what_a_plain_contest_gives_after_any_changes(steps):
     """Services come, change and go (-1), the map changed in place; the names are the memo's
     own (the same tuple while the set stays, so the maps are compared as a whole) or a new
     list each time. HTTP routes and TCP ports alike."""
     memo = RouteMemo()
     here: dict[str, tuple[Instance, ...]] = {}
-    for name, host, path, tcp, count, own_names in steps:
-        meta = {k: v for k, v in (("http_host", host), ("http_path", path), ("tcp_port", tcp)) if v}
+    for name, host, path, tcp, sni, count, own_names in steps:
+        meta = {k: v for k, v in (("http_host", host), ("http_path", path), ("tcp_port", tcp), ("sni_host", sni)) if v}
         if count < 0:
             here.pop(name, None)
         else:
@@ -147,11 +155,12 @@ def test_the_memo_gives_what_a_plain_contest_gives_after_any_changes(steps):
         kept = memo.table(memo.names(here, {}) if own_names else sorted(here), here, {}, RESERVED)
         claims = [c for c in (claim(n, here[n], ()) for n in sorted(here)) if c is not None]
         won, warnings = contest(claims, RESERVED)
-        strip = [(r.name, r.hosts, r.path, r.instances, r.servers, r.http, r.tcp_port) for r in kept.every]
-        assert strip == [(c.name, hosts, c.path if http else "", c.instances, c.servers, http, port)
-                         for c, hosts, http, port in won]  # fmt: skip
-        assert [r.name for r in kept.routes] == [c.name for c, _h, http, _p in won if http]
-        assert [(r.name, r.tcp_port) for r in kept.tcp] == [(c.name, p) for c, _h, _http, p in won if p]
+        strip = [(r.name, r.hosts, r.path, r.instances, r.servers, r.http, r.tcp_port, r.sni_hosts) for r in kept.every]
+        assert strip == [(c.name, hosts, c.path if http else "", c.instances, c.servers, http, port, sni)
+                         for c, hosts, http, port, sni in won]  # fmt: skip
+        assert [r.name for r in kept.routes] == [c.name for c, _h, http, _p, _s in won if http]
+        assert [(r.name, r.tcp_port) for r in kept.tcp] == [(c.name, p) for c, _h, _http, p, _s in won if p]
+        assert [(r.name, r.sni_hosts) for r in kept.sni] == [(c.name, s) for c, _h, _http, _p, s in won if s]
         assert list(kept.warnings) == warnings
         # each host and path is won once at most
         keys = [(h, r.location) for r in kept.routes for h in r.hosts or (ANY_HOST,)]
