@@ -17,6 +17,7 @@ a boolean or a normalized network address here, so no meta text is ever written 
 | `http_strip_path`      | true: the route's path is taken off        | stripprefix                       |
 | `http_rate_limit`      | requests a second per client address       | ratelimit.average                 |
 | `http_header_<name>`   | a response header from the safe set below  | headers.customResponseHeaders     |
+| `http_proto`           | h2c or grpc: instances speak HTTP/2 in clear | loadBalancer.server.scheme=h2c    |
 
 Response headers (`http_header_x_frame_options=DENY`, label SERVICE_HTTP_HEADER_X_FRAME_OPTIONS):
 the name's underscores are dashes, and only the names in HEADERS are taken (security and
@@ -36,7 +37,7 @@ from sidecar.durations import parse_duration
 
 KEYS = (
     "http_redirect_https", "http_hsts", "http_max_body", "http_connect_timeout", "http_read_timeout",
-    "http_allow", "http_deny", "http_strip_path", "http_rate_limit",
+    "http_allow", "http_deny", "http_strip_path", "http_rate_limit", "http_proto",
 )  # fmt: skip
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 _SIZE = re.compile(r"^(\d{1,12})([kKmMgG]?)$")
@@ -70,6 +71,7 @@ class Options:
     strip_path: bool = False
     rate_limit: int = 0  # requests a second per client address; 0: none
     headers: tuple[tuple[str, str], ...] = ()  # response headers (name, value), by name
+    h2c: bool = False  # the instances speak HTTP/2 in clear (gRPC)
     errors: tuple[str, ...] = field(default=(), compare=False)  # the warnings, said by the route
 
     @property
@@ -137,6 +139,12 @@ def read(name: str, metas: Iterable[Mapping[str, str]]) -> Options:
                 values[attr] = networks
             else:
                 bad(key, "is not a comma list of addresses or CIDRs")
+    if "http_proto" in found:
+        proto = found["http_proto"].strip().lower()
+        if proto in ("h2c", "grpc", "http1", "http"):
+            values["h2c"] = proto in ("h2c", "grpc")
+        else:
+            bad("http_proto", "is not h2c, grpc or http1")
     headers = []
     for key in sorted(k for k in found if k.startswith(HEADER_PREFIX)):
         header = HEADERS.get(key.removeprefix(HEADER_PREFIX).replace("_", "-").lower())

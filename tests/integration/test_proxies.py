@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import hashlib
 import http.client
@@ -18,6 +19,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
+from typing import Any
 
 import jinja2
 import pytest
@@ -891,3 +893,72 @@ def test_tls_passthrough_by_sni_beside_terminated_https(consul, proxy_stack, kin
             echo.close()
             web.shutdown()
             web.server_close()
+
+
+def _grpc_echo(name: str) -> tuple[Any, int, Any]:
+    """A gRPC backend on loopback (generic handlers, raw bytes): echo.Echo/Say answers
+    `<name>:<request>`, echo.Echo/Count streams `<name>:0` .. `<name>:2`. (server, port, pool)"""
+    import grpc
+
+    def say(request: bytes, _context: Any) -> bytes:
+        return name.encode() + b":" + request
+
+    def count(_request: bytes, _context: Any) -> Any:
+        for n in range(3):
+            yield f"{name}:{n}".encode()
+
+    handler = grpc.method_handlers_generic_handler("echo.Echo", {
+        "Say": grpc.unary_unary_rpc_method_handler(say),
+        "Count": grpc.unary_stream_rpc_method_handler(count),
+    })  # fmt: skip
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    server = grpc.server(pool, handlers=(handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port, pool
+
+
+def _grpc_call(port: int, authority: str, text: str) -> tuple[bytes, list[bytes]]:
+    """Say and Count through the proxy on port, with :authority authority."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", authority)]) as channel:
+        said = channel.unary_unary("/echo.Echo/Say")(text.encode(), timeout=5)
+        counted = list(channel.unary_stream("/echo.Echo/Count")(b"", timeout=5))
+    return said, counted
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "nginx"])
+def test_a_grpc_call_reaches_an_h2c_backend(consul, proxy_stack, kind):
+    """Issue 24: meta http_proto=grpc makes the proxy speak HTTP/2 in clear to the instances; a
+    unary and a streaming gRPC call go through (on grpc_port in both; HAProxy also takes them on
+    http_port, NGINX answers 426 there). Plain HTTP routes are unchanged beside it."""
+    server, backend, pool = _grpc_echo("one")
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OptionsBackend)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        register(consul, "grpc-1", "grpcsvc", backend, http_host="grpc.test", http_proto="grpc")
+        register(consul, "web-1", "websvc", web.server_address[1], http_host="web.test")
+        grpc_port = free_port()
+        port, proc = proxy_stack(kind, "--var", f"grpc_port={grpc_port}")
+        import grpc
+
+        def routed() -> bool:
+            try:
+                return _grpc_call(grpc_port, "grpc.test", "hi")[0] == b"one:hi"
+            except grpc.RpcError:
+                return False
+
+        wait_until(routed, timeout=15, what=f"{kind} routing gRPC")
+        assert _grpc_call(grpc_port, "grpc.test", "again") == (b"one:again", [b"one:0", b"one:1", b"one:2"])
+        if kind == "haproxy":
+            assert _grpc_call(port, "grpc.test", "on http_port")[0] == b"one:on http_port"
+        else:
+            assert _request(port, "grpc.test", "/echo.Echo/Say")[0] == 426
+        assert _request(port, "web.test", "/x")[0] == 200
+        assert proc.alive()
+    finally:
+        server.stop(0).wait(5)
+        pool.shutdown(wait=True)
+        web.shutdown()
+        web.server_close()
