@@ -70,10 +70,10 @@ function details(key, summary, body) {
 function drawRoutes(doc) {
   const box = document.getElementById("routes");
   if (!doc.catalog) { box.replaceChildren(el("p", {cls: "muted"}, "no template reads the catalog: nothing is routed")); return; }
-  if (!doc.routes.length) { box.replaceChildren(el("p", {cls: "muted"}, "no service has http_host, http_path or tcp_port meta")); return; }
+  if (!doc.routes.length) { box.replaceChildren(el("p", {cls: "muted"}, "no service has http_host, http_path, tcp_port or sni_host meta")); return; }
   const out = [];
   for (const r of doc.routes) {
-    const where = [...(r.http ? r.hosts.map(h => h + r.path) : []), ...(r.tcp_port ? ["tcp :" + r.tcp_port] : [])].join(", ");
+    const where = [...(r.http ? r.hosts.map(h => h + r.path) : []), ...(r.tcp_port ? ["tcp :" + r.tcp_port] : []), ...r.sni_hosts.map(h => "tls " + h)].join(", ");
     const head = el("h3", {}, where, " \u2192 ", el("b", {"data-service": r.service}, r.service),
       el("span", {cls: "muted"}, "  " + r.passing + " routed of " + r.instances.length +
         (r.sticky ? ", sticky" : "") + (r.check ? ", active check " + r.check : "") +

@@ -485,12 +485,15 @@ class _OptionsBackend(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
+    def _body(self, length: int) -> bytes:
+        if "slow" in self.path:
+            time.sleep(1.5)
+        return f"path={self.path} body={length}\n".encode()
+
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
-        if "slow" in self.path:
-            time.sleep(1.5)
-        body = f"path={self.path} body={length}\n".encode()
+        body = self._body(length)
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -627,10 +630,11 @@ def test_json_access_log_and_the_page_when_no_instance_passes(consul, proxy_stac
 
 
 class _TcpEcho:
-    """A TCP backend on loopback: each line it reads goes back as `<name>:<line>`."""
+    """A TCP backend on loopback (TLS with context: its own certificate): each line it reads
+    goes back as `<name>:<line>`."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, context: ssl.SSLContext | None = None) -> None:
+        self.prefix, self.context = name.encode() + b":", context
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self._conns: list[socket.socket] = []
@@ -647,9 +651,11 @@ class _TcpEcho:
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
     def _echo(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as lines:
-            for line in lines:
-                conn.sendall(self.name.encode() + b":" + line)
+        with contextlib.suppress(OSError, ssl.SSLError), conn:
+            stream = self.context.wrap_socket(conn, server_side=True) if self.context else conn
+            with stream, stream.makefile("rb") as lines:
+                for line in lines:
+                    stream.sendall(self.prefix + line)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -736,23 +742,11 @@ def _try(fn: Callable[[], str]) -> str | None:
         return None
 
 
-class _VersionBackend(http.server.BaseHTTPRequestHandler):
+class _VersionBackend(_OptionsBackend):
     """Answers `ok <version>` to any request (the server's `version` attribute)."""
 
-    protocol_version = "HTTP/1.1"
-
-    def _answer(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = f"ok {self.server.version}\n".encode()  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = _answer
-
-    def log_message(self, *args: object) -> None:
-        pass
+    def _body(self, length: int) -> bytes:
+        return f"ok {self.server.version}\n".encode()  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("kind", ["haproxy", "nginx"])
@@ -801,38 +795,12 @@ def test_a_blue_green_flip_from_kv_under_load_fails_no_request(consul, proxy_sta
         consul.put("/v1/kv/routes?recurse=true", method="DELETE")
 
 
-class _TlsEcho:
-    """A TLS backend on loopback with its own certificate: each line comes back as `tls:<line>`."""
-
-    def __init__(self, certs, host: str) -> None:
-        make_cert(certs, host)
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(str(certs / f"{host}.pem"))
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError, ssl.SSLError):
-            conn.settimeout(10)
-            with self.context.wrap_socket(conn, server_side=True) as tls, tls.makefile("rb") as lines:
-                for line in lines:
-                    tls.sendall(b"tls:" + line)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.server.shutdown(socket.SHUT_RDWR)
-        self.server.close()
-        self._thread.join(5)
+def _tls_echo(certs, host: str) -> _TcpEcho:
+    """A TLS backend with its own certificate for host: each line comes back as `tls:<line>`."""
+    make_cert(certs, host)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certs / f"{host}.pem"))
+    return _TcpEcho("tls", context)
 
 
 def _tls_line(port: int, name: str, text: str) -> tuple[str, str]:
@@ -865,7 +833,7 @@ def test_tls_passthrough_by_sni_beside_terminated_https(consul, proxy_stack, kin
         # NGINX's workers (user nobody here) connect to the stream block's local sockets
         runtime = certs / "runtime"
         runtime.mkdir(mode=0o755)
-        echo = _TlsEcho(backend_certs, "db.test")
+        echo = _tls_echo(backend_certs, "db.test")
         web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OptionsBackend)
         threading.Thread(target=web.serve_forever, daemon=True).start()
         try:

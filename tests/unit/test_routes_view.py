@@ -147,8 +147,9 @@ def test_renders_waiting_for_their_diff_share_one_text():
 
 
 def test_a_tcp_route_is_shown_with_its_port():
-    snap = snapshot_of(inst("d1", "db", 5432, tcp_port="15432"), inst("w1", "web", 8001, http_host="app.test"))
+    snap = snapshot_of(inst("d1", "db", 5432, tcp_port="15432", sni_host="db.test"),
+                       inst("w1", "web", 8001, http_host="app.test"))  # fmt: skip
     routes = {r["service"]: r for r in document(snap, table_of(snap), [], "dc1", "", {})["routes"]}
-    assert (routes["db"]["tcp_port"], routes["db"]["http"]) == (15432, False)
+    assert (routes["db"]["tcp_port"], routes["db"]["http"], routes["db"]["sni_hosts"]) == (15432, False, ["db.test"])
     assert (routes["web"]["tcp_port"], routes["web"]["http"]) == (0, True)
     assert [i["id"] for i in routes["db"]["instances"] if i["routed"]] == ["d1"]
