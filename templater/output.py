@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,39 @@ class FileOptions:
     mode: int | None = None  # None: the existing file's mode (0644 for a new one)
     owner: tuple[int, int] | None = None  # (uid, gid), -1 for either: keep it; None: the existing file's
     make_dirs: bool = True  # create DEST's directory when it is missing
+
+
+def side_dir(dest: Path) -> Path:
+    """Where a template's side files (side_file()) live: `<dest>.d/`."""
+    return dest.with_name(dest.name + ".d")
+
+
+def write_side_files(dest: Path, files: dict[str, str], template: str, options: FileOptions) -> bool:
+    """Each side file into side_dir(dest), atomically, with the destination's mode and owner
+    (FileOptions, else dest's own, as swap() gives its file); True when one changed."""
+    if not files:
+        return False
+    directory = side_dir(dest)
+    directory.mkdir(parents=True, exist_ok=True)
+    mode = options.mode if options.mode is not None else (dest.stat().st_mode & 0o7777 if dest.exists() else None)
+    side = FileOptions(backup=False, mode=mode, owner=options.owner, make_dirs=True)
+    changed = False
+    for name, text in sorted(files.items()):
+        path = directory / name
+        changed |= swap(path, text.encode(), read_current(path), template, None, side)
+    return changed
+
+
+def remove_stale_side_files(dest: Path, keep: Iterable[str]) -> None:
+    """Side files a render no longer makes (after its file was written). The directory is the
+    templater's: anything else in it goes too."""
+    directory = side_dir(dest)
+    if not directory.is_dir():
+        return
+    kept = set(keep)
+    for path in directory.iterdir():
+        if path.name not in kept and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def swap(

@@ -49,6 +49,7 @@ class RenderResult:
     # render was a sixth of a kept render's time at 10,000 services)
     recorded_queries: set[str] = field(default_factory=set)
     kept_queries: list[tuple[str, ...]] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # side files (side_file()): name -> text
 
     @property
     def complete(self) -> bool:
@@ -67,8 +68,10 @@ class _Recorder:
         env_allow: tuple[str, ...] = (),
         fragments: Fragments | None = None,
         route_memo: RouteMemo | None = None,
+        files_dir: str = "side-files",
     ) -> None:
         self.view = view
+        self.files_dir = files_dir
         self.route_memo = route_memo or RouteMemo()
         self.env_vars = env_vars
         self.env_allow = env_allow
@@ -104,6 +107,8 @@ class _Recorder:
             self.result.missing.add(value)
         elif kind == "warning":
             self.result.warnings.append(value)
+        elif kind == "file":
+            self.result.files[value[0]] = value[1]
 
     def _effect(self, kind: str, value: Any) -> None:
         self._apply((kind, value))
@@ -174,12 +179,18 @@ class _Recorder:
         return instance.checks
 
     def routes(
-        self, failover_dc: str = "", dc: str | None = None, reserved: Iterable[Any] = (), weights: str = ""
+        self,
+        failover_dc: str = "",
+        dc: str | None = None,
+        reserved: Iterable[Any] = (),
+        weights: str = "",
+        auth: str = "",
     ) -> Table:
         """The routing table (templater.routes): every service with http_host, http_path or
         tcp_port meta, contested hosts and ports decided by name, warnings said. reserved: the
         template's own ports, never a TCP route's. weights: a KV prefix whose
-        `<service>/weights` keys split services' traffic by version (one watch of the prefix).
+        `<service>/weights` keys split services' traffic by version (one watch of the prefix);
+        auth: a KV prefix whose `<service>/users` keys (secret) give routes basic auth.
         A block that calls it is rendered every time: key blocks by `table.version` and
         `route.version` instead."""
         ports = frozenset(int(p) for p in reserved if str(p).isdigit())
@@ -188,15 +199,29 @@ class _Recorder:
             by_version, split_warnings = self.route_memo.splits(self._kv(weights, True, dc), weights)
             for warning in split_warnings:
                 self._effect("warning", warning)
+        users: dict[str, tuple[tuple[str, str], ...]] = {}
+        if auth:
+            users, user_warnings = self.route_memo.users(self._kv(auth, True, dc), auth)
+            for warning in user_warnings:
+                self._effect("warning", warning)
         self._effect("query", f"routes({dc or ''}|{failover_dc})")
         here = self._catalog(dc)
         there = self._catalog(failover_dc) if failover_dc else Snapshot()
         self._atom(("routes", f"{dc or ''}|{failover_dc}", ""), _NOT_THERE)
         names = self.route_memo.names(here.services, there.services)
-        table = self.route_memo.table(names, here.instances, there.instances, ports, by_version)
+        table = self.route_memo.table(names, here.instances, there.instances, ports, by_version, users)
         for warning in table.warnings:
             self._effect("warning", warning)
         return table
+
+    def side_file(self, name: str, text: str) -> str:
+        """A file beside the template's destination (`<dest>.d/<name>`) with text, written
+        before it (and checked with it), with its mode and owner; the path to write in the
+        proxy's file. Files a render no longer makes are removed after the next write."""
+        if not isinstance(name, str) or not _SIDE_NAME.match(name):
+            raise ValueError(f"side_file({name!r}): a name of letters, digits, '.', '_' and '-'")
+        self._effect("file", (name, str(text)))
+        return f"{self.files_dir}/{name}"
 
     def nodes(self, dc: str | None = None) -> list[dict[str, Any]]:
         self._effect("query", f"catalog.nodes({dc or ''})")
@@ -289,6 +314,9 @@ class _Recorder:
         """Templates report what they left out (a contested host, a bad value); logged once."""
         self._effect("warning", str(message))
         return ""
+
+
+_SIDE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 def by_tag(instances: Iterable[Any], tag: str) -> list[Any]:
@@ -479,17 +507,19 @@ def render(
     env_allow: tuple[str, ...] = (),
     fragments: Fragments | None = None,
     route_memo: RouteMemo | None = None,
+    files_dir: str = "side-files",
 ) -> RenderResult:
     """Render one template; raises TemplateError naming the template and the line. env() reads
     env_vars, only the names env_allow matches (shell patterns such as APP_*). fragments: the
     template's kept `{% cache %}` blocks (without it every block renders)."""
-    recorder = _Recorder(view, env_vars, env_allow, fragments, route_memo)
+    recorder = _Recorder(view, env_vars, env_allow, fragments, route_memo, files_dir)
     context = {
         "services": recorder.services,
         "service": recorder.service,
         "nodes": recorder.nodes,
         "routes": recorder.routes,
         "checks_of": recorder.checks_of,
+        "side_file": recorder.side_file,
         "key": recorder.key,
         "key_or_default": recorder.key_or_default,
         "key_exists": recorder.key_exists,

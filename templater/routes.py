@@ -21,6 +21,12 @@ Blue-green and canary releases: with a KV prefix (`routes(weights="routes/")`), 
 meta `version`: each version gets its share, spread evenly over its passing instances (HAProxy
 weights 0-256, the largest 256); a version the key does not name gets none. The key replaces
 the instances' `weight` meta. A bad value is a warning naming the key, and the split is left out.
+
+Basic auth: with a KV prefix (`routes(auth="routes/")`), the key `<prefix><service>/users` holds
+`user:hash` lines (htpasswd's format, crypt hashes only: bcrypt `$2b$`/`$2y$`, SHA-512 `$6$`,
+SHA-256 `$5$`, yescrypt `$y$`, which HAProxy and NGINX both check). The route then asks every
+request for one of them. The key is a secret: a warning names the key and the line, never its
+text. It fails closed: a key with no valid line lets nobody in.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import operator
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -68,6 +74,7 @@ class Claim:
     options: Options = NONE
     tcp_port: int = 0  # the proxy port it asks for (meta tcp_port); 0 for none
     sni_hosts: tuple[str, ...] = ()  # TLS server names passed through to it (meta sni_host)
+    auth: Users | None = field(default=None, repr=False)  # basic-auth users (a KV key); None: none asked
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class Route:
     http: bool  # it won a host or path: routed by HTTP
     tcp_port: int  # the proxy port it won for a TCP listener; 0 for none
     sni_hosts: tuple[str, ...]  # the TLS server names it won: passed through unopened
+    auth: Users | None = field(repr=False)  # basic auth's users; None: no auth, (): nobody is let in
     version: int  # changes whenever anything above does: a fragment cache key
 
     @property
@@ -143,6 +151,10 @@ class Table:
 
 
 Split = Mapping[str, int]  # version -> its share of a service's traffic
+Users = tuple[tuple[str, str], ...]  # (user, crypt hash) pairs of a route's basic auth
+_USER = re.compile(r"^[A-Za-z0-9._@-]{1,64}\Z")
+_HASH = re.compile(r"^\$(?:2[aby]\$\d\d|5|6|y)\$[./A-Za-z0-9$=,]{8,300}\Z")
+USERS_KEY = "users"  # <prefix><service>/users
 _SPLIT_PART = re.compile(r"^\s*([A-Za-z0-9._-]{1,64})\s*=\s*(\d{1,7})\s*$")
 WEIGHTS_KEY = "weights"  # <prefix><service>/weights
 
@@ -179,6 +191,41 @@ def splits(entries: Iterable[Mapping[str, object]], prefix: str) -> tuple[dict[s
     return found, warnings
 
 
+def parse_users(text: str, where: str) -> tuple[Users, list[str]]:
+    """`user:hash` lines as pairs (the first of a user counts), and a warning for each bad line
+    that names where and the line number only: the text is a secret. Pure."""
+    found: dict[str, str] = {}
+    warnings = []
+    for number, line in enumerate(text.splitlines(), 1):
+        user, _, hashed = line.strip().partition(":")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if _USER.match(user) and _HASH.match(hashed.strip()):
+            found.setdefault(user, hashed.strip())
+        else:
+            warnings.append(f"{where} line {number} is not user:crypt-hash ($2b$, $2y$, $5$, $6$, $y$): left out")
+    return tuple(sorted(found.items())), warnings
+
+
+def users(entries: Iterable[Mapping[str, object]], prefix: str) -> tuple[dict[str, Users], list[str]]:
+    """Each service's basic-auth users from a KV prefix's raw entries (`<prefix><service>/users`). Pure."""
+    found: dict[str, Users] = {}
+    warnings: list[str] = []
+    base = prefix.strip("/")
+    for entry in entries:
+        key = str(entry.get("Key", ""))
+        service, _, leaf = key[len(base) :].strip("/").rpartition("/")
+        if leaf != USERS_KEY or not service or "/" in service:
+            continue
+        raw = entry.get("Value")
+        text = base64.b64decode(str(raw)).decode("utf-8", "replace") if raw else ""
+        found[service], said = parse_users(text, f"service {service}: kv {key}")
+        warnings.extend(said)
+        if not found[service]:
+            warnings.append(f"service {service}: kv {key} has no valid user: nobody is let in")
+    return found, warnings
+
+
 def _split_weights(name: str, instances: tuple[Instance, ...], split: Split) -> tuple[list[int], list[str]]:
     """Each instance's weight under the split: its version's share spread over that version's
     instances, the largest 256 (a share too small to show is 1, never none)."""
@@ -194,7 +241,11 @@ def _split_weights(name: str, instances: tuple[Instance, ...], split: Split) -> 
 
 
 def claim(
-    name: str, here: tuple[Instance, ...], there: tuple[Instance, ...], split: Split | None = None
+    name: str,
+    here: tuple[Instance, ...],
+    there: tuple[Instance, ...],
+    split: Split | None = None,
+    auth: Users | None = None,
 ) -> Claim | None:
     """A service's route from its instances here and in the failover dc (state any), its
     traffic split by version when a split is given. Pure."""
@@ -242,7 +293,7 @@ def claim(
         path = ""
     return Claim(
         name, tuple(hosts), path, sticky, check, instances, failover, tuple(servers), tuple(warnings),
-        tuple(server_warnings), options, tcp_port, sni_hosts,
+        tuple(server_warnings), options, tcp_port, sni_hosts, auth,
     )  # fmt: skip
 
 
@@ -298,7 +349,8 @@ class RouteMemo:
         self._seen: tuple[object, dict[str, tuple[Instance, ...]], dict[str, tuple[Instance, ...]]] = (None, {}, {})
         self._reserved: frozenset[int] = frozenset()  # ports the template uses itself
         self._splits: Mapping[str, Split] = {}  # service -> its split by version (a KV key)
-        self._split_entries: tuple[object, str, dict[str, dict[str, int]], list[str]] = (None, "", {}, [])
+        self._users: Mapping[str, Users] = {}  # service -> its basic-auth users (a KV key)
+        self._parsed: dict[str, tuple[object, str, Any, list[str]]] = {}  # what -> (entries, prefix, found, warnings)
 
     def names(self, here: Mapping[str, object], there: Mapping[str, object]) -> tuple[str, ...]:
         """The services of both datacenters in name order: the same tuple while the set stays."""
@@ -309,26 +361,33 @@ class RouteMemo:
 
     def splits(self, entries: Sequence[Mapping[str, Any]], prefix: str) -> tuple[dict[str, dict[str, int]], list[str]]:
         """splits() of a KV prefix's entries, parsed again only when the store has a new answer."""
-        last, last_prefix, found, warnings = self._split_entries
+        return self._parse("splits", splits, entries, prefix)  # type: ignore[no-any-return]
+
+    def users(self, entries: Sequence[Mapping[str, Any]], prefix: str) -> tuple[dict[str, Users], list[str]]:
+        """users() of a KV prefix's entries, parsed again only when the store has a new answer."""
+        return self._parse("users", users, entries, prefix)  # type: ignore[no-any-return]
+
+    def _parse(self, what: str, parse: Any, entries: Sequence[Mapping[str, Any]], prefix: str) -> Any:
+        last, last_prefix, found, warnings = self._parsed.get(what, (None, "", {}, []))
         if entries is not last or prefix != last_prefix:
-            found, warnings = splits(entries, prefix)
-            self._split_entries = (entries, prefix, found, warnings)
+            found, warnings = parse(entries, prefix)
+            self._parsed[what] = (entries, prefix, found, warnings)
         return found, warnings
 
     def table(
         self, names: Sequence[str], here: Mapping[str, tuple[Instance, ...]], there: Mapping[str, tuple[Instance, ...]],
         reserved: frozenset[int] = frozenset(), by_version: Mapping[str, Split] | None = None,
+        auth: Mapping[str, Users] | None = None,
     ) -> Table:  # fmt: skip
         """names in order (sorted): the services of both datacenters. reserved: ports no TCP
-        route gets (the proxy's own listeners). by_version: services' splits by version."""
+        route gets (the proxy's own listeners). by_version: services' splits by version; auth:
+        services' basic-auth users (both from KV)."""
         if reserved != self._reserved:  # the template's own ports changed: every route is decided again
             self.__init__()  # type: ignore[misc]
             self._reserved = reserved
-        by_version = by_version or {}
-        resplit = set()
-        if by_version is not self._splits:
-            resplit = {n for n in by_version.keys() | self._splits.keys() if by_version.get(n) != self._splits.get(n)}
-            self._splits = by_version
+        by_version, auth = by_version or {}, auth or {}
+        resplit = _differ(by_version, self._splits) | _differ(auth, self._users)
+        self._splits, self._users = by_version, auth
         old: dict[str, Claim | None] = {}
         changed = set()
         for name in self._moved(names, here, there) | (resplit & self._listed):
@@ -336,7 +395,7 @@ class RouteMemo:
             old[name] = memo[2] if memo is not None else None
             if name in self._listed:
                 mine, theirs = here.get(name, ()), there.get(name, ())
-                self._claims[name] = (mine, theirs, claim(name, mine, theirs, by_version.get(name)))
+                self._claims[name] = (mine, theirs, claim(name, mine, theirs, by_version.get(name), auth.get(name)))
             if memo is None or name not in self._claims or memo[2] != self._claims[name][2]:
                 changed.add(name)
         if not changed:
@@ -427,12 +486,19 @@ class RouteMemo:
     ) -> Route:
         path = c.path if http else ""
         fields = (c.name, ident(c.name), hosts, path, c.sticky, c.check, c.instances, c.servers, c.failover,
-                  c.options, http, port, sni)  # fmt: skip
+                  c.options, http, port, sni, c.auth)  # fmt: skip
         if old is not None and (old.name, old.ident, old.hosts, old.path, old.sticky, old.check, old.instances,
                                 old.servers, old.failover, old.options, old.http, old.tcp_port,
-                                old.sni_hosts) == fields:  # fmt: skip
+                                old.sni_hosts, old.auth) == fields:  # fmt: skip
             return old
         return Route(*fields, version=next(self._counter))
+
+
+def _differ(now: Mapping[str, object], before: Mapping[str, object]) -> set[str]:
+    """The keys whose values differ (or that came or went); nothing when both are one map."""
+    if now is before:
+        return set()
+    return {n for n in now.keys() | before.keys() if now.get(n) != before.get(n)}
 
 
 def _other_objects(now: Mapping[str, object], before: Mapping[str, object]) -> Iterable[str]:

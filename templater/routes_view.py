@@ -77,6 +77,7 @@ def route_entry(route: Route, everyone: Sequence[Instance], dc: str, held: bool,
         "http": route.http,
         "tcp_port": route.tcp_port,
         "sni_hosts": list(route.sni_hosts),
+        "basic_auth_users": None if route.auth is None else len(route.auth),  # how many, never who
         "sticky": route.sticky,
         "check": route.check,
         "failover": route.failover,

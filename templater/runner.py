@@ -23,6 +23,7 @@ from templater.child import Child
 from templater.deps import Catalog
 from templater.errors import TemplateError
 from templater.fragments import Fragments
+from templater.output import side_dir
 from templater.proxy_driver import ProxyDriver, ProxyHook
 from templater.quiesce import TemplateWaits
 from templater.reload import reloaded
@@ -158,7 +159,7 @@ class Runner:
             with gc_paused:  # its reference cycles are collected after the write (_finish)
                 result = render(
                     state.compiled, spec.name, view, self.settings.variables, env_vars, allow, state.fragments,
-                    state.routes,
+                    state.routes, side_dir(spec.dest).as_posix(),
                 )  # fmt: skip
         except TemplateError as err:
             state.failed = True

@@ -19,7 +19,15 @@ from sidecar.backoff import Backoff
 from templater.errors import CheckFailed, CommandFailed
 from templater.fragments import Fragments
 from templater.haproxy_runtime import Outcome
-from templater.output import FileOptions, owner_ids, read_current, run_command, swap
+from templater.output import (
+    FileOptions,
+    owner_ids,
+    read_current,
+    remove_stale_side_files,
+    run_command,
+    swap,
+    write_side_files,
+)
 from templater.proxy_driver import ProxyDriver
 from templater.render import RenderResult
 from templater.routes import RouteMemo
@@ -100,7 +108,10 @@ class Writer:
             current = read_current(spec.dest)
             if index == 0 and self.driver is not None:
                 outcome, check = self.driver.before_write(current, content)
+            # side files first: the check reads them with the file that names them
+            write_side_files(spec.dest, result.files, spec.name, self._file_options(spec))
             changed_file = swap(spec.dest, content, current, spec.name, check, self._file_options(spec))
+            remove_stale_side_files(spec.dest, result.files)
         except CheckFailed as err:
             state.failed = True
             self.metrics.add(check_failures=1)

@@ -142,12 +142,14 @@ def templater(consul: ConsulAgent, workdir: Path) -> Iterator[object]:
 def proxy_stack(consul, registrar, templater, tmp_path):
     """A factory: registrar + templater --proxy KIND on the bundled template; (port, templater)."""
 
-    def start(kind: str, *extra: str, registrar_args: tuple[str, ...] = ()):
+    def start(kind: str, *extra: str, registrar_args: tuple[str, ...] = (), dest_dir: Path | None = None):
+        """dest_dir: where the proxy's file goes (default tmp_path)."""
         port = free_port()
         template = {"haproxy": "haproxy.cfg.j2", "nginx": "nginx.conf.j2"}[kind]
         registrar(*registrar_args)
         proc = templater(
-            "--template", f"{ROOT / 'templates' / template}:{tmp_path / (kind + '.cfg')}", "--proxy", kind,
+            "--template", f"{ROOT / 'templates' / template}:{(dest_dir or tmp_path) / (kind + '.cfg')}",
+            "--proxy", kind,
             "--var", f"runtime_dir={tmp_path}", "--var", f"http_port={port}", "--var", "bind_address=127.0.0.1",
             "--stop-proxy",
             *extra,

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from templater.catalog import Instance, Snapshot
 from templater.deps import Catalog
+from templater.errors import TemplateError
 from templater.fragments import Fragments
 from templater.render import compile_template, make_environment, render
 
@@ -120,3 +122,19 @@ def test_cached_output_equals_a_plain_render_after_any_changes(changes):
             plain.used,
             plain.queries,
         )
+
+
+def test_a_kept_block_still_makes_its_side_files():
+    source = """{% for s in services() %}{% cache s.name %}
+{{ s.name }} {{ side_file("f-" ~ s.name, s.name ~ " users") }}
+{% endcache %}{% endfor %}"""
+    template = compile_template(make_environment(), "t.j2", source)
+    fragments = Fragments()
+    data = {"a": (inst("a", 1),), "b": (inst("b", 2),)}
+    first = render(template, "t.j2", View(snapshot(data)), {}, {}, (), fragments, None, "/etc/p.cfg.d")
+    again = render(template, "t.j2", View(snapshot(data)), {}, {}, (), fragments, None, "/etc/p.cfg.d")
+    assert fragments.hits == 2 and again.text == first.text and "a /etc/p.cfg.d/f-a" in again.text
+    assert again.files == first.files == {"f-a": "a users", "f-b": "b users"}
+    bad = compile_template(make_environment(), "t.j2", '{{ side_file("../x", "y") }}')
+    with pytest.raises(TemplateError, match="side_file"):
+        render(bad, "t.j2", View(snapshot(data)), {}, {})

@@ -268,3 +268,28 @@ def test_a_split_by_version_from_kv_sets_the_weights_and_a_flip_changes_only_the
     found, warnings = splits(entries, "routes/")
     assert found == {"bg": {"blue": 1, "green": 3}}
     assert warnings == ["service bad: kv routes/bad/weights='all' is not version=weight,...: split left out"]
+
+
+def test_basic_auth_users_are_crypt_hashes_and_a_bad_key_lets_nobody_in():
+    import base64
+
+    from templater.routes import parse_users, users
+
+    sha = "$6$abcdefgh$ltjgWl6579NluT/Vi1nwEvcil.G5Nbc4NiXZaNGStk8PSwGfQv72N2CKPPrVACtLtip/cZ/1GM/O6IND4WQhG."
+    bcrypt = "$2y$05$abcdefghijklmnopqrstuu5Zb4K5dG9u2n8eZ4H3s4K8s1nq3r3Zy"
+    found, warnings = parse_users(f"# team\nalice:{sha}\n\nbob:{bcrypt}\nalice:{bcrypt}\neve:hunter2\n x y\n", "k")
+    assert found == (("alice", sha), ("bob", bcrypt))  # the first line of a user counts
+    assert warnings == ["k line 6 is not user:crypt-hash ($2b$, $2y$, $5$, $6$, $y$): left out",
+                        "k line 7 is not user:crypt-hash ($2b$, $2y$, $5$, $6$, $y$): left out"]  # fmt: skip
+    assert all("hunter2" not in w for w in warnings)  # the key is a secret: never its text
+
+    def entry(key, text):
+        return {"Key": key, "Value": base64.b64encode(text.encode()).decode()}
+
+    by_service, said = users([entry("r/web/users", f"alice:{sha}"), entry("r/shut/users", "junk")], "r/")
+    assert by_service == {"web": (("alice", sha),), "shut": ()}
+    assert "service shut: kv r/shut/users has no valid user: nobody is let in" in said
+    here = {"web": (inst("w1", "web", http_host="w.test"),), "shut": (inst("s1", "shut", http_host="s.test"),),
+            "open": (inst("o1", "open", http_host="o.test"),)}  # fmt: skip
+    table = RouteMemo().table(sorted(here), here, {}, frozenset(), None, by_service)
+    assert {r.name: r.auth for r in table.routes} == {"open": None, "shut": (), "web": (("alice", sha),)}

@@ -437,3 +437,18 @@ def test_remembered_warnings_stay_bounded(caplog: pytest.LogCaptureFixture):
     runner._warn("warning 0")  # forgotten, so said again; a remembered one is not
     runner._warn(f"warning {WARNED_MAX + 4}")
     assert [r.getMessage() for r in caplog.records] == ["warning 0"]
+
+
+def test_side_files_take_the_destinations_mode_and_stale_ones_go(tmp_path: Path):
+    from templater.output import FileOptions, remove_stale_side_files, side_dir, write_side_files
+
+    dest = tmp_path / "nginx.cfg"
+    dest.write_text("x")
+    dest.chmod(0o640)
+    assert write_side_files(dest, {"users-a": "a:h\n", "users-b": "b:h\n"}, "t", FileOptions())
+    assert side_dir(dest) == tmp_path / "nginx.cfg.d"
+    assert (side_dir(dest) / "users-a").read_text() == "a:h\n"
+    assert (side_dir(dest) / "users-a").stat().st_mode & 0o777 == 0o640
+    assert not write_side_files(dest, {"users-a": "a:h\n"}, "t", FileOptions())  # the same text: untouched
+    remove_stale_side_files(dest, ["users-a"])
+    assert sorted(p.name for p in side_dir(dest).iterdir()) == ["users-a"]
