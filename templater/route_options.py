@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sidecar.durations import parse_duration
@@ -145,6 +145,14 @@ def read(name: str, metas: Iterable[Mapping[str, str]]) -> Options:
             values["h2c"] = proto in ("h2c", "grpc")
         else:
             bad("http_proto", "is not h2c, grpc or http1")
+    headers = _headers(found, bad)
+    if headers:
+        values["headers"] = headers
+    return Options(**values, errors=tuple(errors))  # type: ignore[arg-type]
+
+
+def _headers(found: Mapping[str, str], bad: Callable[[str, str], None]) -> tuple[tuple[str, str], ...]:
+    """The response headers of the safe set in found (http_header_<name>), by name, each once."""
     headers = []
     for key in sorted(k for k in found if k.startswith(HEADER_PREFIX)):
         header = HEADERS.get(key.removeprefix(HEADER_PREFIX).replace("_", "-").lower())
@@ -155,9 +163,7 @@ def read(name: str, metas: Iterable[Mapping[str, str]]) -> Options:
             bad(key, 'is not printable ASCII of at most 1024 characters without " \\ $ %')
         else:
             headers.append((header, value))
-    if headers:
-        values["headers"] = tuple(sorted(dict(headers).items()))  # by name; each name once
-    return Options(**values, errors=tuple(errors))  # type: ignore[arg-type]
+    return tuple(sorted(dict(headers).items()))
 
 
 def _networks(text: str) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ import itertools
 import operator
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -175,20 +175,24 @@ def splits(entries: Iterable[Mapping[str, object]], prefix: str) -> tuple[dict[s
     warning for each bad value. Pure."""
     found: dict[str, dict[str, int]] = {}
     warnings = []
-    base = prefix.strip("/")
-    for entry in entries:
-        key = str(entry.get("Key", ""))
-        service, _, leaf = key[len(base) :].strip("/").rpartition("/")
-        if leaf != WEIGHTS_KEY or not service or "/" in service:
-            continue
-        raw = entry.get("Value")
-        text = base64.b64decode(str(raw)).decode("utf-8", "replace") if raw else ""
+    for service, key, text in _service_keys(entries, prefix, WEIGHTS_KEY):
         split = parse_split(text)
         if split is None:
             warnings.append(f"service {service}: kv {key}={text[:200]!r} is not version=weight,...: split left out")
         else:
             found[service] = split
     return found, warnings
+
+
+def _service_keys(entries: Iterable[Mapping[str, object]], prefix: str, leaf: str) -> Iterator[tuple[str, str, str]]:
+    """(service, key, text) of each raw KV entry `<prefix><service>/<leaf>`."""
+    base = prefix.strip("/")
+    for entry in entries:
+        key = str(entry.get("Key", ""))
+        service, _, last = key[len(base) :].strip("/").rpartition("/")
+        if last == leaf and service and "/" not in service:
+            raw = entry.get("Value")
+            yield service, key, base64.b64decode(str(raw)).decode("utf-8", "replace") if raw else ""
 
 
 def parse_users(text: str, where: str) -> tuple[Users, list[str]]:
@@ -211,14 +215,7 @@ def users(entries: Iterable[Mapping[str, object]], prefix: str) -> tuple[dict[st
     """Each service's basic-auth users from a KV prefix's raw entries (`<prefix><service>/users`). Pure."""
     found: dict[str, Users] = {}
     warnings: list[str] = []
-    base = prefix.strip("/")
-    for entry in entries:
-        key = str(entry.get("Key", ""))
-        service, _, leaf = key[len(base) :].strip("/").rpartition("/")
-        if leaf != USERS_KEY or not service or "/" in service:
-            continue
-        raw = entry.get("Value")
-        text = base64.b64decode(str(raw)).decode("utf-8", "replace") if raw else ""
+    for service, key, text in _service_keys(entries, prefix, USERS_KEY):
         found[service], said = parse_users(text, f"service {service}: kv {key}")
         warnings.extend(said)
         if not found[service]:
