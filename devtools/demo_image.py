@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
+from pathlib import Path
 
 import docker
 
@@ -65,22 +66,54 @@ def ensure_keepalive_image(client: docker.DockerClient, base: str) -> str:
 
     The tag carries a hash of the script, so an edit makes a new image."""
     import hashlib
-    from pathlib import Path
 
     script = (Path(__file__).parent / "keepalive_backend.py").read_bytes()
     tag = f"{KEEPALIVE_IMAGE}-{hashlib.sha256(script + base.encode()).hexdigest()[:12]}"
+    dockerfile = (
+        f"FROM {base}\nCOPY keepalive_backend.py /srv/backend.py\n"
+        'ENTRYPOINT ["python3", "/srv/backend.py"]\nCMD ["8080"]\nEXPOSE 8080\n'
+    ).encode()
+    return _built(client, tag, {"Dockerfile": dockerfile, "keepalive_backend.py": script})
+
+
+GRPC_IMAGE = "consul-sidecar-test:grpc"
+
+
+def ensure_grpc_image(client: docker.DockerClient, base: str, wheels: list[Path]) -> str:
+    """The gRPC backend (devtools/grpc_backend.py) on the local Debian base, with grpcio and its
+    dependencies from wheels downloaded on the host (containers reach no package index),
+    unpacked into /opt/grpc.
+
+    The tag carries a hash of the script, the base and the wheels' names."""
+    import hashlib
+
+    script = (Path(__file__).parent / "grpc_backend.py").read_bytes()
+    names = sorted(w.name for w in wheels)
+    tag = f"{GRPC_IMAGE}-{hashlib.sha256(script + base.encode() + ' '.join(names).encode()).hexdigest()[:12]}"
+    unpack = f"import zipfile; [zipfile.ZipFile('/tmp/w/' + n).extractall('/opt/grpc') for n in {names!r}]"
+    dockerfile = (
+        f"FROM {base}\nCOPY grpc_backend.py /srv/backend.py\nCOPY wheels/ /tmp/w/\n"
+        f'RUN python3 -c "{unpack}" && rm -r /tmp/w\nENV PYTHONPATH=/opt/grpc\n'
+        'ENTRYPOINT ["python3", "/srv/backend.py"]\nCMD ["8080"]\nEXPOSE 8080\n'
+    ).encode()
+    files = {
+        "Dockerfile": dockerfile,
+        "grpc_backend.py": script,
+        **{f"wheels/{w.name}": w.read_bytes() for w in wheels},
+    }
+    return _built(client, tag, files)
+
+
+def _built(client: docker.DockerClient, tag: str, files: dict[str, bytes]) -> str:
+    """tag, built from files (a Dockerfile and what it copies) unless the engine has it."""
     try:
         client.images.get(tag)
         return tag
     except docker.errors.ImageNotFound:
         pass
-    dockerfile = (
-        f"FROM {base}\nCOPY keepalive_backend.py /srv/backend.py\n"
-        'ENTRYPOINT ["python3", "/srv/backend.py"]\nCMD ["8080"]\nEXPOSE 8080\n'
-    ).encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in (("Dockerfile", dockerfile), ("keepalive_backend.py", script)):
+        for name, data in files.items():
             _add(tar, name, data, 0o644)
     buf.seek(0)
     client.images.build(fileobj=buf, custom_context=True, tag=tag, rm=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -16,7 +17,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 
-from devtools.demo_image import ensure_keepalive_image
+from devtools.demo_image import ensure_grpc_image, ensure_keepalive_image
 from tests.support import (
     ROOT,
     ConsulAgent,
@@ -167,6 +168,23 @@ def keepalive_image(docker_engine: docker.DockerClient) -> str:
     if base.returncode != 0:
         pytest.fail(f"the Debian base image for the keep-alive backend could not be made:\n{base.stderr[-2000:]}")
     return ensure_keepalive_image(docker_engine, base.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def grpc_image(docker_engine: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The gRPC backend's image (devtools/grpc_backend.py): grpcio, the version the tests' own
+    client runs, from wheels downloaded here, on the cached Debian base."""
+    import grpc
+
+    base = subprocess.run([str(ROOT / "scripts" / "base-image.sh")], capture_output=True, text=True, timeout=900)
+    if base.returncode != 0:
+        pytest.fail(f"the Debian base image for the gRPC backend could not be made:\n{base.stderr[-2000:]}")
+    wheels = tmp_path_factory.mktemp("wheels")
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "-d", str(wheels),
+                          f"grpcio=={grpc.__version__}"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    if got.returncode != 0:
+        pytest.fail(f"pip could not download grpcio's wheels for the gRPC backend:\n{got.stderr[-2000:]}")
+    return ensure_grpc_image(docker_engine, base.stdout.strip(), sorted(wheels.glob("*.whl")))
 
 
 @pytest.fixture
