@@ -233,7 +233,9 @@ class CatalogSource:
             self._keep_checks = on
             loaded = self._loaded
             self._index.keep_checks(on)
-            if not on or not loaded:  # off at once; or the first read reads them with the rest
+            if not loaded:  # the first read reads them with the rest
+                return
+            if not on:  # off at once: instances without their checks
                 self._publish_changes()
                 return
         self._start_loading_checks()

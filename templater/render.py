@@ -11,7 +11,7 @@ import fnmatch
 import re
 import sys
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType, MethodType
 from typing import Any, Protocol
@@ -194,16 +194,8 @@ class _Recorder:
         A block that calls it is rendered every time: key blocks by `table.version` and
         `route.version` instead."""
         ports = frozenset(int(p) for p in reserved if str(p).isdigit())
-        by_version: dict[str, dict[str, int]] = {}
-        if weights:
-            by_version, split_warnings = self.route_memo.splits(self._kv(weights, True, dc), weights)
-            for warning in split_warnings:
-                self._effect("warning", warning)
-        users: dict[str, tuple[tuple[str, str], ...]] = {}
-        if auth:
-            users, user_warnings = self.route_memo.users(self._kv(auth, True, dc), auth)
-            for warning in user_warnings:
-                self._effect("warning", warning)
+        by_version = self._per_service(self.route_memo.splits, weights, dc)
+        users = self._per_service(self.route_memo.users, auth, dc)
         self._effect("query", f"routes({dc or ''}|{failover_dc})")
         here = self._catalog(dc)
         there = self._catalog(failover_dc) if failover_dc else Snapshot()
@@ -213,6 +205,17 @@ class _Recorder:
         for warning in table.warnings:
             self._effect("warning", warning)
         return table
+
+    def _per_service(self, parse: Callable[[Any, str], tuple[dict[str, Any], list[str]]], prefix: str,
+                     dc: str | None) -> dict[str, Any]:  # fmt: skip
+        """What parse makes of a KV prefix's `<service>/<leaf>` keys (nothing without a prefix),
+        its warnings said."""
+        if not prefix:
+            return {}
+        found, warnings = parse(self._kv(prefix, True, dc), prefix)
+        for warning in warnings:
+            self._effect("warning", warning)
+        return found
 
     def side_file(self, name: str, text: str) -> str:
         """A file beside the template's destination (`<dest>.d/<name>`) with text, written

@@ -162,29 +162,32 @@ def proxy_stack(consul, registrar, templater, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def keepalive_image(docker_engine: docker.DockerClient) -> str:
-    """The keep-alive backend's image (devtools/keepalive_backend.py) on the cached Debian base."""
+def debian_base(docker_engine: docker.DockerClient) -> str:
+    """The cached Debian base image (scripts/base-image.sh) the test backends' images build on."""
     base = subprocess.run([str(ROOT / "scripts" / "base-image.sh")], capture_output=True, text=True, timeout=900)
     if base.returncode != 0:
-        pytest.fail(f"the Debian base image for the keep-alive backend could not be made:\n{base.stderr[-2000:]}")
-    return ensure_keepalive_image(docker_engine, base.stdout.strip())
+        pytest.fail(f"the Debian base image for the test backends could not be made:\n{base.stderr[-2000:]}")
+    return base.stdout.strip()
 
 
 @pytest.fixture(scope="session")
-def grpc_image(docker_engine: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> str:
+def keepalive_image(docker_engine: docker.DockerClient, debian_base: str) -> str:
+    """The keep-alive backend's image (devtools/keepalive_backend.py) on the cached Debian base."""
+    return ensure_keepalive_image(docker_engine, debian_base)
+
+
+@pytest.fixture(scope="session")
+def grpc_image(docker_engine: docker.DockerClient, debian_base: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The gRPC backend's image (devtools/grpc_backend.py): grpcio, the version the tests' own
     client runs, from wheels downloaded here, on the cached Debian base."""
     import grpc
 
-    base = subprocess.run([str(ROOT / "scripts" / "base-image.sh")], capture_output=True, text=True, timeout=900)
-    if base.returncode != 0:
-        pytest.fail(f"the Debian base image for the gRPC backend could not be made:\n{base.stderr[-2000:]}")
     wheels = tmp_path_factory.mktemp("wheels")
     got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "-d", str(wheels),
                           f"grpcio=={grpc.__version__}"], capture_output=True, text=True, timeout=300)  # fmt: skip
     if got.returncode != 0:
         pytest.fail(f"pip could not download grpcio's wheels for the gRPC backend:\n{got.stderr[-2000:]}")
-    return ensure_grpc_image(docker_engine, base.stdout.strip(), sorted(wheels.glob("*.whl")))
+    return ensure_grpc_image(docker_engine, debian_base, sorted(wheels.glob("*.whl")))
 
 
 @pytest.fixture
