@@ -27,6 +27,7 @@ from tests.support import (
     ensure_image,
     free_port,
     remove_test_containers,
+    tempdir,
     wait_until,
 )
 from tests.traffic import get
@@ -77,6 +78,16 @@ def containers(docker_engine: docker.DockerClient) -> Iterator[Containers]:
     runner = Containers(docker_engine, tag)
     yield runner
     remove_test_containers(docker_engine, tag)
+
+
+@pytest.fixture
+def readable_dir() -> Iterator[Path]:
+    """A directory other users can read (NGINX's workers run as nobody; tmp_path's parents are
+    0700). A test lists it before the fixtures whose processes write into it, so that pytest
+    removes it after those processes stopped, never while one still writes there."""
+    with tempdir() as path:
+        path.chmod(0o755)
+        yield path
 
 
 @pytest.fixture

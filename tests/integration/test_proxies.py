@@ -930,7 +930,7 @@ def _basic(port: int, host: str, user: str | None, password: str = "", tls: bool
 
 
 @pytest.mark.parametrize("kind", ["haproxy", "nginx"])
-def test_basic_auth_from_a_kv_key(consul, proxy_stack, kind):
+def test_basic_auth_from_a_kv_key(readable_dir, consul, proxy_stack, kind):
     """Issue 24: with auth_prefix, the KV key routes/<service>/users (user:crypt-hash lines)
     gives the route basic auth: 401 without or with a wrong password, 200 with a right one; a
     new hash in the key takes over; a key with no valid line lets nobody in; the hashes never
@@ -943,33 +943,31 @@ def test_basic_auth_from_a_kv_key(consul, proxy_stack, kind):
                               check=True).stdout.strip()  # fmt: skip
 
     first, second = crypt("s3cret"), crypt("n3w")
-    with tempdir() as dest_dir:
-        dest_dir.chmod(0o755)  # NGINX's workers (user nobody here) read the side file
-        try:
-            register(consul, "auth-1", "authsvc", backend.server_address[1], http_host="auth.test")
-            register(consul, "shut-1", "shutsvc", backend.server_address[1], http_host="shut.test")
-            register(consul, "open-1", "opensvc", backend.server_address[1], http_host="open.test")
-            consul.kv_put("routes/authsvc/users", f"# the team\nalice:{first}\nbob:plain-text\n")
-            consul.kv_put("routes/shutsvc/users", "nobody-valid")
-            port, proc = proxy_stack(kind, "--var", "auth_prefix=routes/", dest_dir=dest_dir)
-            wait_until(lambda: _basic(port, "auth.test", None) == 401, timeout=15, what=f"{kind} asking for a user")
-            assert _basic(port, "auth.test", "alice", "s3cret") == 200
-            assert _basic(port, "auth.test", "alice", "wrong") == 401
-            assert _basic(port, "auth.test", "bob", "plain-text") == 401  # not a crypt hash: left out
-            assert _basic(port, "shut.test", None) == 401 and _basic(port, "shut.test", "x", "y") == 401  # closed
-            assert _basic(port, "open.test", None) == 200  # no key: no auth
-            consul.kv_put("routes/authsvc/users", f"alice:{second}\n")
-            # (HAProxy reloads: a connection the old worker took in the meantime still knows the old hash)
-            wait_until(lambda: (_basic(port, "auth.test", "alice", "n3w"), _basic(port, "auth.test", "alice", "s3cret"))
-                       == (200, 401), timeout=15, what="the new hash only")  # fmt: skip
-            output = proc.output()
-            assert "kv routes/authsvc/users line 3 is not user:crypt-hash" in output
-            assert "kv routes/shutsvc/users has no valid user: nobody is let in" in output
-            assert first not in output and second not in output and "plain-text" not in output
-            if kind == "nginx":
-                assert (dest_dir / "nginx.cfg.d" / "users-authsvc").read_text() == f"alice:{second}\n"
-            assert proc.alive()
-        finally:
-            backend.shutdown()
-            backend.server_close()
-            consul.put("/v1/kv/routes?recurse=true", method="DELETE")
+    try:
+        register(consul, "auth-1", "authsvc", backend.server_address[1], http_host="auth.test")
+        register(consul, "shut-1", "shutsvc", backend.server_address[1], http_host="shut.test")
+        register(consul, "open-1", "opensvc", backend.server_address[1], http_host="open.test")
+        consul.kv_put("routes/authsvc/users", f"# the team\nalice:{first}\nbob:plain-text\n")
+        consul.kv_put("routes/shutsvc/users", "nobody-valid")
+        port, proc = proxy_stack(kind, "--var", "auth_prefix=routes/", dest_dir=readable_dir)
+        wait_until(lambda: _basic(port, "auth.test", None) == 401, timeout=15, what=f"{kind} asking for a user")
+        assert _basic(port, "auth.test", "alice", "s3cret") == 200
+        assert _basic(port, "auth.test", "alice", "wrong") == 401
+        assert _basic(port, "auth.test", "bob", "plain-text") == 401  # not a crypt hash: left out
+        assert _basic(port, "shut.test", None) == 401 and _basic(port, "shut.test", "x", "y") == 401  # closed
+        assert _basic(port, "open.test", None) == 200  # no key: no auth
+        consul.kv_put("routes/authsvc/users", f"alice:{second}\n")
+        # (HAProxy reloads: a connection the old worker took in the meantime still knows the old hash)
+        wait_until(lambda: (_basic(port, "auth.test", "alice", "n3w"), _basic(port, "auth.test", "alice", "s3cret"))
+                   == (200, 401), timeout=15, what="the new hash only")  # fmt: skip
+        output = proc.output()
+        assert "kv routes/authsvc/users line 3 is not user:crypt-hash" in output
+        assert "kv routes/shutsvc/users has no valid user: nobody is let in" in output
+        assert first not in output and second not in output and "plain-text" not in output
+        if kind == "nginx":
+            assert (readable_dir / "nginx.cfg.d" / "users-authsvc").read_text() == f"alice:{second}\n"
+        assert proc.alive()
+    finally:
+        backend.shutdown()
+        backend.server_close()
+        consul.put("/v1/kv/routes?recurse=true", method="DELETE")

@@ -55,7 +55,13 @@ class _Forwarder:
                 continue
             upstream.settimeout(None)  # a blocking query holds its answer for up to its wait
             with self._lock:
-                self._conns += [client, upstream]
+                stopped = self._server is not server  # stop() ran since accept(): cut this one too
+                if not stopped:
+                    self._conns += [client, upstream]
+            if stopped:
+                client.close()
+                upstream.close()
+                return
             for a, b, up in ((client, upstream, True), (upstream, client, False)):
                 threading.Thread(target=self.pump, args=(a, b, up), name=f"{self.name}-pump", daemon=True).start()
 
@@ -75,11 +81,12 @@ class _Forwarder:
         """Every chunk forwarded (for counting forwarders)."""
 
     def stop(self) -> None:
-        if self._server is not None:
+        with self._lock:  # under the lock: an accept in flight sees the stop and closes its pair
+            server, self._server = self._server, None
+        if server is not None:
             with contextlib.suppress(OSError):
-                self._server.shutdown(socket.SHUT_RDWR)
-            self._server.close()
-            self._server = None
+                server.shutdown(socket.SHUT_RDWR)
+            server.close()
         self.cut()
         self._cleanup()
 
