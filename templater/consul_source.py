@@ -16,7 +16,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from sidecar.backoff import Backoff
 from sidecar.consul_conn import ConsulSettings
@@ -127,6 +127,70 @@ class ReadQueue:
         return min(self._due.values(), default=None)
 
 
+class CatalogReads:
+    """A dc's catalog reads that are not watches: nodes' lists, the checks, services; on a small
+    pool of connections. With --max-stale any server may answer them."""
+
+    def __init__(self, key: str, fetcher: ConsulFetcher, params: dict[str, str]) -> None:
+        self._key = key
+        self._fetcher = fetcher
+        self._params = params
+        self._pool = ThreadPoolExecutor(READ_POOL, thread_name_prefix="catalog-read")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _many(self, paths: dict[str, str]) -> dict[str, Response]:
+        """Each name's path read on the pool; once close() shut the pool down, a
+        ConsulUnavailable that the stopping watch loop swallows."""
+        try:
+            answers = list(self._pool.map(lambda p: self._fetcher.get(p, self._params), paths.values()))
+        except RuntimeError as err:  # cannot schedule new futures after shutdown
+            raise ConsulUnavailable(f"{self._key}: reads stopped ({err})") from None
+        return dict(zip(paths, answers, strict=True))
+
+    def nodes(self, names: list[str]) -> dict[str, Response]:
+        return self._many({n: f"/v1/catalog/node-services/{urllib.parse.quote(n, safe='')}" for n in names})
+
+    def services(self, names: list[str]) -> dict[str, Response]:
+        return self._many({n: f"/v1/health/service/{urllib.parse.quote(n, safe='')}" for n in names})
+
+    def not_passing(self) -> dict[str, Response]:
+        return {state: self._fetcher.get(f"/v1/health/state/{state}", self._params) for state in NOT_PASSING}
+
+    def all_checks(self) -> list[dict[str, Any]]:
+        return _checks(self._fetcher.get("/v1/health/state/any", self._params).data)
+
+    def whole(self, names: list[str], with_checks: bool) -> WholeRead:
+        """Every node's list, the checks that are not passing (and every check, with_checks):
+        the first read of a catalog, and the safety read."""
+        nodes = self.nodes(names)
+        not_passing = self.not_passing()
+        return WholeRead(nodes, not_passing, self.all_checks() if with_checks else None)
+
+
+class WholeRead(NamedTuple):
+    nodes: dict[str, Response]
+    not_passing: dict[str, Response]  # state -> its watch's first answer
+    all_checks: list[dict[str, Any]] | None
+
+    def load_into(self, index: CatalogIndex) -> None:
+        not_passing = _flatten({state: _checks(r.data) for state, r in self.not_passing.items()})
+        index.load({n: r.data for n, r in self.nodes.items()}, not_passing, self.all_checks)
+
+
+def rebuilt(whole: WholeRead) -> dict[str, Any]:
+    """Each service's instances in a catalog built afresh from a whole read."""
+    fresh = CatalogIndex(lambda _message: None)
+    whole.load_into(fresh)
+    fresh.take_changed()
+    return fresh.instances
+
+
+def differences(kept: dict[str, Any], fresh: dict[str, Any]) -> set[str]:
+    return {n for n in set(kept) | set(fresh) if kept.get(n) != fresh.get(n)}
+
+
 class CatalogSource:
     """A dc's catalog: services, instances with health, nodes; published as one Snapshot.
 
@@ -168,7 +232,7 @@ class CatalogSource:
         self._node_loops: dict[str, BlockingLoop] = {}
         self._checks_loops: dict[str, BlockingLoop] = {}  # state -> its watch
         self._not_passing: dict[str, list[dict[str, Any]]] = {}  # state -> the checks in it
-        self._pool = ThreadPoolExecutor(READ_POOL, thread_name_prefix="catalog-read")
+        self._reads = CatalogReads(self.key, fetcher, self._read_params)
         self.safety_reads = 0
         self._nodes_loop = self._loop(f"{self.key}.nodes", "/v1/catalog/nodes", self._nodes_changed)
 
@@ -188,7 +252,7 @@ class CatalogSource:
         with self._lock:
             self._stopped.set()
             self._lock.notify_all()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._reads.close()
 
     # -- reads
 
@@ -200,27 +264,6 @@ class CatalogSource:
             key, path, dict(self._params), self._fetcher, on_change, self._on_state,
             self._settings, skip_equal=skip_equal, supervisor=self._supervisor, start=start,
         )  # fmt: skip
-
-    def _map(self, fn: Callable[[str], Response], items: list[str]) -> list[Response]:
-        """fn over items on the read pool; once stop() shut the pool down, a ConsulUnavailable
-        that the stopping watch loop swallows."""
-        try:
-            return list(self._pool.map(fn, items))
-        except RuntimeError as err:  # cannot schedule new futures after shutdown
-            raise ConsulUnavailable(f"{self.key}: reads stopped ({err})") from None
-
-    def _read_nodes(self, names: list[str]) -> dict[str, Response]:
-        paths = [f"/v1/catalog/node-services/{urllib.parse.quote(n, safe='')}" for n in names]
-        return dict(zip(names, self._map(lambda p: self._fetcher.get(p, self._read_params), paths), strict=True))
-
-    def _read_not_passing(self) -> dict[str, Response]:
-        return {state: self._fetcher.get(f"/v1/health/state/{state}", self._read_params) for state in NOT_PASSING}
-
-    def _read_all_checks(self) -> list[dict[str, Any]] | None:
-        """Every check of the dc, when each instance's checks are kept (else None)."""
-        if not self._keep_checks:
-            return None
-        return _checks(self._fetcher.get("/v1/health/state/any", self._read_params).data)
 
     # -- each instance's checks
 
@@ -241,29 +284,28 @@ class CatalogSource:
         self._start_loading_checks()
 
     def _start_loading_checks(self) -> None:
-        done = threading.Event()  # a read once, on its own thread (restarted if it raises)
+        """Every check read once, on a thread of its own: again after a backoff while Consul
+        fails; given up when the checks are no longer wanted."""
+        done = threading.Event()
 
         def body() -> None:
-            self._load_checks()
-            done.set()
+            backoff = Backoff(self._settings.backoff_base, self._settings.backoff_cap)
+            while not self._stopped.is_set() and self._keep_checks:
+                try:
+                    checks = self._reads.all_checks()
+                except (ConsulUnavailable, ConsulRejected) as err:
+                    self._on_state(f"{self.key}.checks(any)", False, str(err))
+                    self._stopped.wait(backoff.next_delay())
+                    continue
+                self._on_state(f"{self.key}.checks(any)", True, "")
+                with self._lock:
+                    if self._keep_checks:
+                        self._index.load_checks(checks)
+                        self._publish_changes()
+                break
+            done.set()  # read, stopped or no longer wanted: not a thread to restart
 
         self._supervisor.start(f"checks {self.key}", body, done)
-
-    def _load_checks(self) -> None:
-        backoff = Backoff(self._settings.backoff_base, self._settings.backoff_cap)
-        while not self._stopped.is_set() and self._keep_checks:
-            try:
-                checks = self._read_all_checks()
-            except (ConsulUnavailable, ConsulRejected) as err:
-                self._on_state(f"{self.key}.checks(any)", False, str(err))
-                self._stopped.wait(backoff.next_delay())
-                continue
-            self._on_state(f"{self.key}.checks(any)", True, "")
-            with self._lock:
-                if checks is not None and self._keep_checks:
-                    self._index.load_checks(checks)
-                    self._publish_changes()
-            return
 
     # -- watch callbacks
 
@@ -294,26 +336,21 @@ class CatalogSource:
         """The first read: every node, then the checks; then the watches go on from there."""
         started = time.perf_counter()
         with gc_paused:
-            self._load_all(nodes, names)
+            whole = self._reads.whole(names, self._keep_checks)
+            with self._lock:
+                self._index.set_nodes(nodes)
+                self._not_passing = {state: _checks(answer.data) for state, answer in whole.not_passing.items()}
+                if whole.all_checks is None and self._keep_checks:  # turned on while the first read was on its way
+                    self._index.keep_checks(True)
+                    self._start_loading_checks()
+                whole.load_into(self._index)
+                for name, answer in whole.nodes.items():
+                    self._watch_node(name, answer)
+                for state, answer in whole.not_passing.items():
+                    self._watch_checks(state, answer)
+                self._loaded = True
+                self._publish_changes(first=True)
         log.info("%s: read %d nodes in %.0f ms", self.key, len(names), (time.perf_counter() - started) * 1000)
-
-    def _load_all(self, nodes: list[dict[str, Any]], names: list[str]) -> None:
-        answers = self._read_nodes(names)
-        checks = self._read_not_passing()
-        all_checks = self._read_all_checks()
-        with self._lock:
-            self._index.set_nodes(nodes)
-            self._not_passing = {state: _checks(answer.data) for state, answer in checks.items()}
-            if all_checks is None and self._keep_checks:  # turned on while the first read was on its way
-                self._index.keep_checks(True)
-                self._start_loading_checks()
-            self._index.load({n: r.data for n, r in answers.items()}, self._all_not_passing(), all_checks)
-            for name, answer in answers.items():
-                self._watch_node(name, answer)
-            for state, answer in checks.items():
-                self._watch_checks(state, answer)
-            self._loaded = True
-            self._publish_changes(first=True)
 
     def _watch_node(self, name: str, start: Response | None) -> None:
         quoted = urllib.parse.quote(name, safe="")
@@ -323,9 +360,7 @@ class CatalogSource:
                 if name not in self._node_loops:
                     return  # the node left while this answer was on its way
                 self._saw(f"node {name}", index)
-                self._queue.want(self._index.node_answer(name, data), time.monotonic())
-                self._publish_changes()
-                self._lock.notify_all()
+                self._read_soon(self._index.node_answer(name, data))
 
         # node_answer compares the node's entries itself: the loop neither compares nor keeps the
         # answer (the decoded list of a node with 30,000 instances is about 48 MiB)
@@ -341,16 +376,18 @@ class CatalogSource:
                 self._not_passing[state] = _checks(data)
                 # a check moving between the two states may be missing from both for a moment:
                 # read as better, which is believed only after its service is read again
-                self._queue.want(self._index.checks_answer(self._all_not_passing()), time.monotonic())
-                self._publish_changes()
-                self._lock.notify_all()
+                self._read_soon(self._index.checks_answer(_flatten(self._not_passing)))
 
         loop = self._loop(f"{self.key}.checks({state})", f"/v1/health/state/{state}", changed, start=start)
         self._checks_loops[state] = loop
         loop.start()
 
-    def _all_not_passing(self) -> list[dict[str, Any]]:
-        return _flatten(self._not_passing)
+    def _read_soon(self, names: set[str]) -> None:
+        """After a watch's answer (the lock held): what changed published, the services it
+        names read again on the pool."""
+        self._queue.want(names, time.monotonic())
+        self._publish_changes()
+        self._lock.notify_all()
 
     # -- service reads
 
@@ -367,7 +404,7 @@ class CatalogSource:
             if self._stopped.is_set():
                 return
             try:
-                answers = self._read_services(names)
+                answers = self._reads.services(names)
             except (ConsulUnavailable, ConsulRejected) as err:
                 self._on_state(f"{self.key}.reads", False, str(err))
                 with self._lock:
@@ -382,10 +419,6 @@ class CatalogSource:
                     if read.behind and self._queue.behind(name, now):
                         log.debug("%s: read of %s behind the node watches for %s", self.key, name, sorted(read.behind))
                 self._publish_changes()
-
-    def _read_services(self, names: list[str]) -> dict[str, Response]:
-        paths = [f"/v1/health/service/{urllib.parse.quote(n, safe='')}" for n in names]
-        return dict(zip(names, self._map(lambda p: self._fetcher.get(p, self._read_params), paths), strict=True))
 
     # -- the safety read
 
@@ -405,18 +438,10 @@ class CatalogSource:
         with self._lock:
             names = sorted(self._node_loops)
         with gc_paused:
-            answers = self._read_nodes(names)
-            checks = self._read_not_passing()
-            all_checks = self._read_all_checks()
-            fresh = CatalogIndex(lambda _message: None)
-            not_passing = _flatten({state: _checks(r.data) for state, r in checks.items()})
-            fresh.load({n: r.data for n, r in answers.items()}, not_passing, all_checks)
-            del answers
-            fresh.take_changed()
+            fresh = rebuilt(self._reads.whole(names, self._keep_checks))
         with self._lock:
             self.safety_reads += 1
-            kept = self._index.instances
-            differ = {n for n in set(kept) | set(fresh.instances) if kept.get(n) != fresh.instances.get(n)}
+            differ = differences(self._index.instances, fresh)
             if differ:
                 log.info("%s: safety read found changes: %s", self.key, ", ".join(sorted(differ)[:20]))
                 self._queue.want(differ, time.monotonic())

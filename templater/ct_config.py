@@ -120,11 +120,13 @@ _TEMPLATE_KEYS = {
 }
 
 
-class _Reader:
+class _Walker:
+    """A config file's keys walked against handlers: each handler takes its item into the
+    config (a flag's value, a switch, a note); an unknown key is an error naming file and line."""
+
     def __init__(self, path: Path, config: FileConfig) -> None:
         self.path = path
         self.config = config
-        self.delimiters = ("{{", "}}")
 
     def error(self, item: Item, message: str) -> ConfigError:
         return ConfigError(f"-config {self.path}:{item.line}: {message}")
@@ -199,6 +201,14 @@ class _Reader:
                 read(block, item)
 
         return handle
+
+
+class _Reader(_Walker):
+    """consul-template's keys: the top level, consul {}, exec {} and template {} blocks."""
+
+    def __init__(self, path: Path, config: FileConfig) -> None:
+        super().__init__(path, config)
+        self.delimiters = ("{{", "}}")
 
     def top(self, body: Body) -> None:
         self.walk(

@@ -207,9 +207,21 @@ def key_query(text: str) -> tuple[str, str | None]:
 
 def function_map(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
     """consul-template's functions over one render's recorder functions (render.py's context)."""
+    scratch = Scratch()
+    return {
+        **_catalog_functions(context),
+        **_kv_functions(context),
+        "datacenters": lambda *_ignore_inaccessible: list(context["datacenters"]()),
+        "env": lambda name: str(context["env"](name)),
+        "scratch": lambda: scratch,
+        **PURE,
+    }
+
+
+def _catalog_functions(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
+    """service, services, node and nodes, with consul-template's query syntax and values."""
     rec_service, rec_services, rec_nodes = context["service"], context["services"], context["nodes"]
     checks_of = context["checks_of"]
-    scratch = Scratch()
     node_meta: dict[str, Mapping[str, Mapping[str, str]]] = {}
 
     def meta_of(dc: str | None) -> Mapping[str, Mapping[str, str]]:
@@ -249,6 +261,12 @@ def function_map(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
                 return CatalogNode(Node(name, n["address"], n["meta"], dc), [CatalogNodeService(i) for i in found])
         return None
 
+    return {"service": service, "services": services, "node": node, "nodes": nodes}
+
+
+def _kv_functions(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
+    """key, keyOrDefault, keyExists, ls, safeLs, tree and safeTree (`path@dc` queries)."""
+
     def key(query: str) -> str:
         path, dc = key_query(query)
         return str(context["key"](path, dc))
@@ -282,24 +300,10 @@ def function_map(context: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
 
         return guarded
 
-    funcs: dict[str, Callable[..., Any]] = {
-        "service": service,
-        "services": services,
-        "node": node,
-        "nodes": nodes,
-        "datacenters": lambda *_ignore_inaccessible: list(context["datacenters"]()),
-        "key": key,
-        "keyOrDefault": key_or_default,
-        "keyExists": key_exists,
-        "ls": ls,
-        "safeLs": safe(ls),
-        "tree": tree,
-        "safeTree": safe(tree),
-        "env": lambda name: str(context["env"](name)),
-        "scratch": lambda: scratch,
-        **PURE,
-    }
-    return funcs
+    return {
+        "key": key, "keyOrDefault": key_or_default, "keyExists": key_exists,
+        "ls": ls, "safeLs": safe(ls), "tree": tree, "safeTree": safe(tree),
+    }  # fmt: skip
 
 
 # -- consul-template's pure helpers (dependency-free): argument orders as consul-template's

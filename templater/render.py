@@ -60,7 +60,10 @@ class RenderResult:
         return self.recorded_queries.union(*self.kept_queries)
 
 
-class _Recorder:
+class _Recording:
+    """What one render read and did: its result (dependencies, missing data, warnings, side
+    files, query names), and the atoms and effects a block being kept records."""
+
     def __init__(
         self,
         view: View,
@@ -136,7 +139,7 @@ class _Recorder:
             return snapshot.instances.get(name)
         return snapshot.services if kind == "services" else snapshot.nodes
 
-    # -- the template functions
+    # -- reads every function makes
 
     def _catalog(self, dc: str | None) -> Snapshot:
         dep = catalog(dc)
@@ -146,6 +149,31 @@ class _Recorder:
             self._effect("missing", dep)
             return Snapshot()
         return snapshot
+
+    def _kv(self, path: str, recurse: bool, dc: str | None) -> list[dict[str, Any]]:
+        return self._read(kv(path, recurse, dc))
+
+    def _read(self, dep: Dependency) -> list[Any]:
+        """What the store holds for dep (a KV key or prefix, the datacenters, the agent's node):
+        recorded as used, and as missing while it has not been read."""
+        self._effect("used", dep)
+        self._effect("query", dep.key)
+        entries = self.view.kv(dep.key)
+        self._atom(("kv", dep.key, ""), entries)
+        if entries is None:
+            self._effect("missing", dep)
+            return []
+        return entries
+
+    @staticmethod
+    def _value(entry: dict[str, Any]) -> str:
+        raw = entry.get("Value")
+        return base64.b64decode(raw).decode("utf-8", "replace") if raw else ""
+
+
+class _Recorder(_Recording):
+    """The template functions (render()'s context): reads recorded as the render's
+    dependencies, and as a kept block's, while one renders."""
 
     def services(self, dc: str | None = None) -> list[Mapping[str, Any]]:
         self._effect("query", f"catalog.services({dc or ''})")
@@ -231,26 +259,6 @@ class _Recorder:
         snapshot = self._catalog(dc)
         self._atom(("nodes", dc or "", ""), snapshot.nodes)
         return [{"name": n.name, "address": n.address, "meta": n.meta} for n in snapshot.nodes]
-
-    def _kv(self, path: str, recurse: bool, dc: str | None) -> list[dict[str, Any]]:
-        return self._read(kv(path, recurse, dc))
-
-    def _read(self, dep: Dependency) -> list[Any]:
-        """What the store holds for dep (a KV key or prefix, the datacenters, the agent's node):
-        recorded as used, and as missing while it has not been read."""
-        self._effect("used", dep)
-        self._effect("query", dep.key)
-        entries = self.view.kv(dep.key)
-        self._atom(("kv", dep.key, ""), entries)
-        if entries is None:
-            self._effect("missing", dep)
-            return []
-        return entries
-
-    @staticmethod
-    def _value(entry: dict[str, Any]) -> str:
-        raw = entry.get("Value")
-        return base64.b64decode(raw).decode("utf-8", "replace") if raw else ""
 
     def key(self, path: str, dc: str | None = None, secret: bool = False) -> str:
         """The key's value; a key that does not exist holds the render back until it does,

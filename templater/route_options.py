@@ -100,55 +100,67 @@ def read(name: str, metas: Iterable[Mapping[str, str]]) -> Options:
         errors.append(f"service {name}: {key}={found[key]!r} {why}: option left out")
 
     values: dict[str, object] = {}
-    for key, attr in (("http_redirect_https", "redirect_https"), ("http_strip_path", "strip_path")):
+    for key, (attr, parse, why) in _PARSERS.items():
         if key in found:
-            text = found[key].strip().lower()
-            if text in _TRUE | _FALSE:
-                values[attr] = text in _TRUE
+            value = parse(found[key])
+            if value is None:
+                bad(key, why)
             else:
-                bad(key, "is not true or false")
-    for key, attr, high in (("http_hsts", "hsts", HSTS_MAX), ("http_rate_limit", "rate_limit", 100_000)):
-        if key in found:
-            text = found[key].strip()
-            if text.isdigit() and 1 <= int(text) <= high:
-                values[attr] = int(text)
-            else:
-                bad(key, f"is not a whole number from 1 to {high}")
-    if "http_max_body" in found:
-        size = _SIZE.match(found["http_max_body"].strip())
-        number = int(size.group(1)) * _UNITS[size.group(2).lower()] if size else 0
-        if 1 <= number <= BODY_MAX:
-            values["max_body"] = number
-        else:
-            bad("http_max_body", "is not a size such as 512k, 10m or 1g")
-    timeouts = (("http_connect_timeout", "connect_timeout_ms", 3600), ("http_read_timeout", "read_timeout_ms", 86400))
-    for key, attr, high in timeouts:
-        if key in found:
-            try:
-                seconds = parse_duration(found[key])
-            except ValueError:
-                seconds = -1.0
-            if 0.001 <= seconds <= high:
-                values[attr] = round(seconds * 1000)
-            else:
-                bad(key, f"is not a duration from 1ms to {high // 3600}h")
-    for key, attr in (("http_allow", "allow"), ("http_deny", "deny")):
-        if key in found:
-            networks = _networks(found[key])
-            if networks:
-                values[attr] = networks
-            else:
-                bad(key, "is not a comma list of addresses or CIDRs")
-    if "http_proto" in found:
-        proto = found["http_proto"].strip().lower()
-        if proto in ("h2c", "grpc", "http1", "http"):
-            values["h2c"] = proto in ("h2c", "grpc")
-        else:
-            bad("http_proto", "is not h2c, grpc or http1")
+                values[attr] = value
     headers = _headers(found, bad)
     if headers:
         values["headers"] = headers
     return Options(**values, errors=tuple(errors))  # type: ignore[arg-type]
+
+
+def _flag(text: str) -> bool | None:
+    word = text.strip().lower()
+    return word in _TRUE if word in _TRUE | _FALSE else None
+
+
+def _whole(high: int) -> Callable[[str], int | None]:
+    def parse(text: str) -> int | None:
+        digits = text.strip()
+        return int(digits) if digits.isdigit() and 1 <= int(digits) <= high else None
+
+    return parse
+
+
+def _size(text: str) -> int | None:
+    size = _SIZE.match(text.strip())
+    number = int(size.group(1)) * _UNITS[size.group(2).lower()] if size else 0
+    return number if 1 <= number <= BODY_MAX else None
+
+
+def _milliseconds(high: int) -> Callable[[str], int | None]:
+    def parse(text: str) -> int | None:
+        try:
+            seconds = parse_duration(text)
+        except ValueError:
+            return None
+        return round(seconds * 1000) if 0.001 <= seconds <= high else None
+
+    return parse
+
+
+def _proto(text: str) -> bool | None:
+    proto = text.strip().lower()
+    return proto in ("h2c", "grpc") if proto in ("h2c", "grpc", "http1", "http") else None
+
+
+# meta key -> (Options field, its parser: the value or None when bad, what a good value is)
+_PARSERS: dict[str, tuple[str, Callable[[str], object], str]] = {
+    "http_redirect_https": ("redirect_https", _flag, "is not true or false"),
+    "http_strip_path": ("strip_path", _flag, "is not true or false"),
+    "http_hsts": ("hsts", _whole(HSTS_MAX), f"is not a whole number from 1 to {HSTS_MAX}"),
+    "http_rate_limit": ("rate_limit", _whole(100_000), "is not a whole number from 1 to 100000"),
+    "http_max_body": ("max_body", _size, "is not a size such as 512k, 10m or 1g"),
+    "http_connect_timeout": ("connect_timeout_ms", _milliseconds(3600), "is not a duration from 1ms to 1h"),
+    "http_read_timeout": ("read_timeout_ms", _milliseconds(86400), "is not a duration from 1ms to 24h"),
+    "http_allow": ("allow", lambda text: _networks(text) or None, "is not a comma list of addresses or CIDRs"),
+    "http_deny": ("deny", lambda text: _networks(text) or None, "is not a comma list of addresses or CIDRs"),
+    "http_proto": ("h2c", _proto, "is not h2c, grpc or http1"),
+}
 
 
 def _headers(found: Mapping[str, str], bad: Callable[[str, str], None]) -> tuple[tuple[str, str], ...]:

@@ -4,34 +4,25 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from jinja2.sandbox import SandboxedEnvironment
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
-from sidecar.logs import REDACTOR
-from sidecar.memory import gc_paused, give_back
+from sidecar.memory import give_back
 from sidecar.once import SayOnce
 from templater.child import Child
 from templater.deps import Catalog
-from templater.errors import TemplateError
-from templater.fragments import Fragments
-from templater.output import side_dir
 from templater.proxy_driver import ProxyDriver, ProxyHook
-from templater.quiesce import TemplateWaits
+from templater.quiesce import TEMPLATE_KEY, Pace, TemplateWaits, gather
 from templater.reload import reloaded
-from templater.render import RenderResult, compile_go, compile_template, env_allowed, make_environment, render
+from templater.render_step import TemplateRenderer
 from templater.settings import Settings, SettingsError
 from templater.sources import Sources
 from templater.status import Metrics
 from templater.store import FrozenView, Store
+from templater.template_files import TemplateFiles, watch_templates
 from templater.writer import TemplateState, Writer, Written
 
 if TYPE_CHECKING:
@@ -39,11 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("templater")
 
-TEMPLATE_KEY = "template:"
 RETRY_KEY = "retry:writes"  # a cycle that tries again the destinations it could not write
 WAIT_KEY = "wait:template"  # a cycle for a template whose own wait has run out
 RELOAD_KEY = "reload:config"  # SIGHUP with -config: the files are read again
-EDIT_SETTLE = 0.05
 
 
 WARNED_MAX = 10_000  # distinct warnings remembered (said once each); the oldest are forgotten
@@ -64,21 +53,6 @@ def _due(state: TemplateState, changed: set[str]) -> bool:
     return not state.done or bool(state.deps & changed) or state.failed
 
 
-class _TemplateEvents(FileSystemEventHandler):
-    def __init__(self, paths: set[str], store: Store) -> None:
-        self._paths = paths
-        self._store = store
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        # reading a template (ours included) raises opened/closed events: only writes count
-        if event.event_type not in ("modified", "created", "moved", "deleted", "closed"):
-            return
-        for path in (event.src_path, getattr(event, "dest_path", "")):
-            path = os.fsdecode(path) if path else ""
-            if path in self._paths:
-                self._store.touch(TEMPLATE_KEY + path)
-
-
 class Runner:
     def __init__(
         self, settings: Settings, metrics: Metrics | None = None, proxy_hook: ProxyHook | None = None,
@@ -90,7 +64,6 @@ class Runner:
         self.metrics = metrics or Metrics()
         self.metrics.watched = self._watched
         self.store = Store(settings.empty_grace)
-        self._envs: dict[tuple[tuple[str, str], bool], SandboxedEnvironment] = {}  # by delimiters, strictness
         self.templates = [TemplateState(spec) for spec in settings.templates]
         self.state_lock = threading.Lock()
         self.sources = Sources(settings, self.store, self.metrics, self._warn)
@@ -104,14 +77,14 @@ class Runner:
             from templater.dns_sync import make_dns_sync
 
             self.dns = make_dns_sync(settings, self.metrics, self._warn)
-        self._observer: Any = None
+        self._files: TemplateFiles | None = None
         self.writer = Writer(settings, self.metrics, self.driver)
         self.waits = TemplateWaits()
+        self.renderer = TemplateRenderer(self.metrics, self._warn)
 
     # -- callbacks from watch threads
 
     def _warn(self, message: str) -> None:
-
         with self.state_lock:
             fresh = self.warned.new(message)
         if fresh:
@@ -130,52 +103,6 @@ class Runner:
 
     # -- rendering
 
-    def _load(self, state: TemplateState) -> None:
-        spec = state.spec
-        try:
-            source = spec.source.read_text() if spec.contents is None else spec.contents
-        except OSError as err:
-            raise TemplateError(spec.name, None, f"cannot read: {err}") from err
-        if not source.strip():
-            # an empty source is a file caught mid-write, never a config anyone wants
-            raise TemplateError(spec.name, None, "template file is empty")
-        if spec.go:
-            state.compiled = compile_go(spec.name, source, spec.delimiters, spec.strict)
-            return
-        options = (spec.delimiters, spec.strict)
-        if options not in self._envs:
-            self._envs[options] = make_environment(*options)
-        state.compiled = compile_template(self._envs[options], spec.name, source)
-        state.fragments = Fragments()  # blocks of the old source mean nothing to the new one
-
-    def _render(self, state: TemplateState, view: FrozenView) -> RenderResult | None:
-        spec = state.spec
-        try:
-            if state.compiled is None:
-                self._load(state)
-            assert state.compiled is not None
-            allow = self.settings.env_allow
-            env_vars = {k: v for k, v in os.environ.items() if env_allowed(k, allow)}
-            with gc_paused:  # its reference cycles are collected after the write (_finish)
-                result = render(
-                    state.compiled, spec.name, view, self.settings.variables, env_vars, allow, state.fragments,
-                    state.routes, side_dir(spec.dest).as_posix(),
-                )  # fmt: skip
-        except TemplateError as err:
-            state.failed = True
-            self.metrics.add(render_failures=1)
-            self.metrics.problem(f"render:{spec.name}", REDACTOR.text(str(err)))
-            log.error("%s; keeping the last good %s", err, spec.dest)
-            return None
-        self.metrics.problem(f"render:{spec.name}", None)
-        for warning in result.warnings:
-            self._warn(f"template {spec.name}: {warning}")
-        state.failed = False
-        state.result = result
-        state.deps = {dep.key for dep in result.used}
-        self.metrics.add(renders=1)
-        return result
-
     # -- the cycle: render, write, hand what changed to its consumers
 
     def cycle(self, changed: set[str]) -> CycleResult:
@@ -193,7 +120,7 @@ class Runner:
             elif not _due(state, changed):
                 continue
             started = time.perf_counter()
-            result = self._render(state, view)
+            result = self.renderer.render(state, view, self.settings)
             rendered = True
             if result is None:
                 failed = True
@@ -237,16 +164,6 @@ class Runner:
 
     # -- the loop
 
-    def _watch_templates(self) -> None:
-        paths = {str(t.spec.source) for t in self.templates if t.spec.contents is None}
-        observer = Observer()
-        handler = _TemplateEvents(paths, self.store)
-        for directory in sorted({str(Path(p).parent) for p in paths}):
-            observer.schedule(handler, directory, recursive=False)
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
-
     def _reload(self) -> None:
         """The -config files read again; a broken one keeps the running configuration."""
         if self._reread is None:
@@ -264,9 +181,9 @@ class Runner:
                 self.metrics.problem(f"{kind}:{name}", None)
             self.writer.forget(name)
         logging.getLogger().setLevel(done.settings.log_level)
-        if self._observer is not None:
-            self._observer.stop()
-            self._watch_templates()
+        if self._files is not None:
+            self._files.stop()
+            self._files = watch_templates(self.templates, self.store.touch)
         log.info(
             "configuration reloaded: %d templates (added %s, removed %s, changed %s)", len(self.templates),
             done.added or "none", done.removed or "none", done.changed or "none",
@@ -274,94 +191,65 @@ class Runner:
         if done.restart:
             log.warning("changed in the configuration, taken only on a restart: %s", ", ".join(done.restart))
 
-    def _quiesce(self, changed: set[str], stop: threading.Event) -> set[str]:
-        while any(k.startswith(TEMPLATE_KEY) for k in changed) and not stop.is_set():
-            more = self.store.wait(EDIT_SETTLE)  # a file being written arrives in several events
-            if not more:
-                break
-            changed |= more
-        changed = self._space_out(changed, stop)
-        if self.settings.wait_min <= 0:
-            return changed
-        first = last = time.monotonic()
-        while not stop.is_set():
-            now = time.monotonic()
-            remaining = min(last + self.settings.wait_min, first + self.settings.wait_max) - now
-            if remaining <= 0:
-                break
-            more = self.store.wait(remaining)
-            if more:
-                changed |= more
-                last = time.monotonic()
-        return changed
-
-    def _space_out(self, changed: set[str], stop: threading.Event) -> set[str]:
-        """--reload-interval: the first change after a quiet spell is written at once; changes
-        that follow within the interval are gathered into one write when it has passed, so a
-        burst costs a reload per interval, and a lone change no wait at all."""
-        interval = self.settings.reload_interval
-        if interval <= 0:
-            return changed
-        while not stop.is_set():
-            remaining = self.writer.last_write + interval - time.monotonic()
-            if remaining <= 0:
-                break
-            changed |= self.store.wait(remaining)
-        return changed
-
     def run(self, stop: threading.Event) -> int:
         """Until stopped (or, with --once, until every template is written). The exit code."""
         if not self.settings.once:
-            self._watch_templates()
+            self._files = watch_templates(self.templates, self.store.touch)
         if self.dns is not None:
             self.sources.watch(Catalog(self.dns.dc))
             if not self.settings.once:
                 self.dns.start(self.supervisor)
         changed: set[str] = set()
-        started_child = False
         try:
             while not stop.is_set():
                 if RELOAD_KEY in changed:
                     self._reload()
                 result = self.cycle(changed)
-                all_done, failed = result.all_done, result.failed
-                if self.settings.once and all_done:
-                    return 1 if failed else 0
-                if self.settings.once and failed and all(t.done or t.failed for t in self.templates):
+                if self.settings.once and result.all_done:
+                    return 1 if result.failed else 0
+                if self.settings.once and result.failed and all(t.done or t.failed for t in self.templates):
                     return 1
-                if all_done and self.settings.exec_command and not self.settings.dry:
-                    if not started_child:
-                        self.child = Child(
-                            self.settings.exec_command,
-                            self.settings.reload_signal,
-                            self.settings.kill_signal,
-                            self.settings.kill_timeout,
-                        )
-                        self.child.start()
-                        started_child = True
-                    elif result.wrote and any(t.spec.command is None for t in self.templates):
-                        assert self.child is not None
-                        self.child.reload()
-                changed = set()
-                while not stop.is_set() and not changed:
-                    next_at = [t for t in (self.writer.retry_at, self.waits.next_due()) if t is not None]
-                    changed = self.store.wait(max(0.0, min([0.5, *(t - time.monotonic() for t in next_at)])))
-                    if not changed and self.writer.retry_due():
-                        changed = {RETRY_KEY}
-                    due = self.waits.next_due()
-                    if not changed and due is not None and time.monotonic() >= due:
-                        changed = {WAIT_KEY}
-                    if self.sources.gave_up():
-                        return 1
-                    if self.child is not None and not self.child.running():
-                        code = self.child.exit_code()
-                        log.info("child exited code=%s; stopping", code)
-                        return code or 0
-                    self._watchdog()
-                changed = self._quiesce(changed, stop)
+                if result.all_done and self.settings.exec_command and not self.settings.dry:
+                    self._exec(result.wrote)
+                waited = self._next_changes(stop)
+                if isinstance(waited, int):
+                    return waited
+                pace = Pace(self.settings.wait_min, self.settings.wait_max, self.settings.reload_interval)
+                changed = gather(waited, self.store.wait, pace, self.writer.last_write, stop)
             return 0
         finally:
             self.close()
+
+    def _exec(self, wrote: bool) -> None:
+        """Exec mode: the child starts after the first complete render, and is reloaded when a
+        template without a command of its own wrote."""
+        s = self.settings
+        if self.child is None:
+            self.child = Child(s.exec_command or "", s.reload_signal, s.kill_signal, s.kill_timeout)
+            self.child.start()
+        elif wrote and any(t.spec.command is None for t in self.templates):
+            self.child.reload()
+
+    def _next_changes(self, stop: threading.Event) -> set[str] | int:
+        """Wait for the next changes (data, a write to retry, a template's own wait run out),
+        checking health twice a second; an exit code when the templater must end."""
+        changed: set[str] = set()
+        while not stop.is_set() and not changed:
+            next_at = [t for t in (self.writer.retry_at, self.waits.next_due()) if t is not None]
+            changed = self.store.wait(max(0.0, min([0.5, *(t - time.monotonic() for t in next_at)])))
+            if not changed and self.writer.retry_due():
+                changed = {RETRY_KEY}
+            due = self.waits.next_due()
+            if not changed and due is not None and time.monotonic() >= due:
+                changed = {WAIT_KEY}
+            if self.sources.gave_up():
+                return 1
+            if self.child is not None and not self.child.running():
+                code = self.child.exit_code()
+                log.info("child exited code=%s; stopping", code)
+                return code or 0
+            self._watchdog()
+        return changed
 
     def _watchdog(self) -> None:
         """Twice a second: health of threads and watches for /health; the proxy still runs."""
@@ -372,9 +260,8 @@ class Runner:
 
     def close(self) -> None:
         self.sources.close()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(2)
+        if self._files is not None:
+            self._files.stop()
         if self.child is not None:
             self.child.stop()
         if self.dns is not None:

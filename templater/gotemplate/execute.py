@@ -79,7 +79,10 @@ def truth(v: Any) -> bool:
     return True
 
 
-class _State:
+class _Evaluator:
+    """Pipelines, commands, fields, calls and arguments evaluated against dot and the variables;
+    errors that name the template, line, column and node, as Go's do."""
+
     def __init__(self, trees: Mapping[str, Tree], funcs: Mapping[str, Callable[..., Any]], strict: bool) -> None:
         self.trees = trees
         self.funcs = funcs
@@ -114,95 +117,6 @@ class _State:
                 self.vars[i] = (name, value)
                 return
         raise self.error(f"undefined variable: {name}")
-
-    # -- walking the tree
-
-    def walk(self, dot: Any, node: Node) -> None:
-        self.node = node
-        if isinstance(node, TextNode):
-            self.out.append(node.text)
-        elif isinstance(node, ActionNode):
-            value = self.pipeline(dot, node.pipe)
-            if not node.pipe.decl:
-                self.node = node
-                self.out.append(self.printable(value))
-        elif isinstance(node, ListNode):
-            for child in node.nodes:
-                self.walk(dot, child)
-        elif isinstance(node, BranchNode):
-            self.branch(dot, node)
-        elif isinstance(node, TemplateNode):
-            self.template(dot, node)
-        elif isinstance(node, BreakNode):
-            raise _Break
-        elif isinstance(node, ContinueNode):
-            raise _Continue
-        else:
-            raise self.error(f"unknown node: {describe(node)}")
-
-    def printable(self, value: Any) -> str:
-        if callable(value) and not isinstance(value, type) and not hasattr(value, "go_string"):
-            raise self.error(f"can't print {describe(self.node) if self.node else ''} of type func")
-        return gofmt.value(value)
-
-    def branch(self, dot: Any, node: BranchNode) -> None:
-        mark = len(self.vars)
-        try:
-            value = self.pipeline(dot, node.pipe)
-            if node.kind == "range":
-                self.range(dot, node, value, mark)
-            elif truth(value):
-                self.walk(value if node.kind == "with" else dot, node.body)
-            elif node.else_body is not None:
-                self.walk(dot, node.else_body)
-        finally:
-            del self.vars[mark:]
-
-    def range(self, dot: Any, node: BranchNode, value: Any, mark: int) -> None:
-        found = range_items(value)
-        if found is None:  # at the pipeline's last node, as Go says it
-            raise self.error(f"range can't iterate over {gofmt.value(value)}")
-        items = list(found)
-        decl = node.pipe.decl
-        body_mark = len(self.vars)
-        for index, elem in items:
-            if decl:
-                if node.pipe.is_assign:
-                    self.set_var(decl[-1] if len(decl) == 1 else decl[1], elem)
-                    if len(decl) > 1:
-                        self.set_var(decl[0], index)
-                else:
-                    self.vars[-1] = (self.vars[-1][0], elem)
-                    if len(decl) > 1:
-                        self.vars[-2] = (self.vars[-2][0], index)
-            try:
-                self.walk(elem, node.body)
-            except _Continue:
-                pass
-            except _Break:
-                break
-            finally:
-                del self.vars[body_mark:]
-        if not items and node.else_body is not None:
-            self.walk(dot, node.else_body)
-
-    def template(self, dot: Any, node: TemplateNode) -> None:
-        tree = self.trees.get(node.name)
-        if tree is None:
-            raise self.error(f'template "{node.name}" not defined')
-        new_dot = self.pipeline(dot, node.pipe) if node.pipe is not None else None
-        self.depth += 1
-        if self.depth >= MAX_DEPTH:
-            raise self.error(f"exceeded maximum template depth ({MAX_DEPTH})")
-        saved = (self.tree, self.vars, self.node)
-        self.tree, self.vars = tree, [("$", new_dot)]
-        try:
-            self.walk(new_dot, tree.root)
-        finally:
-            self.tree, self.vars, self.node = saved
-            self.depth -= 1
-
-    # -- pipelines and commands
 
     def pipeline(self, dot: Any, pipe: PipeNode) -> Any:
         value = _NO_FINAL
@@ -356,6 +270,97 @@ class _State:
         if isinstance(node, StringNode):
             return node.value
         raise self.error(f"can't handle {describe(node)} for arg")
+
+
+class _State(_Evaluator):
+    """Go's exec.go state: walks the tree, writing text and the values of actions."""
+
+    def walk(self, dot: Any, node: Node) -> None:
+        self.node = node
+        if isinstance(node, TextNode):
+            self.out.append(node.text)
+        elif isinstance(node, ActionNode):
+            value = self.pipeline(dot, node.pipe)
+            if not node.pipe.decl:
+                self.node = node
+                self.out.append(self.printable(value))
+        elif isinstance(node, ListNode):
+            for child in node.nodes:
+                self.walk(dot, child)
+        elif isinstance(node, BranchNode):
+            self.branch(dot, node)
+        elif isinstance(node, TemplateNode):
+            self.template(dot, node)
+        elif isinstance(node, BreakNode):
+            raise _Break
+        elif isinstance(node, ContinueNode):
+            raise _Continue
+        else:
+            raise self.error(f"unknown node: {describe(node)}")
+
+    def printable(self, value: Any) -> str:
+        if callable(value) and not isinstance(value, type) and not hasattr(value, "go_string"):
+            raise self.error(f"can't print {describe(self.node) if self.node else ''} of type func")
+        return gofmt.value(value)
+
+    def branch(self, dot: Any, node: BranchNode) -> None:
+        mark = len(self.vars)
+        try:
+            value = self.pipeline(dot, node.pipe)
+            if node.kind == "range":
+                self.range(dot, node, value, mark)
+            elif truth(value):
+                self.walk(value if node.kind == "with" else dot, node.body)
+            elif node.else_body is not None:
+                self.walk(dot, node.else_body)
+        finally:
+            del self.vars[mark:]
+
+    def range(self, dot: Any, node: BranchNode, value: Any, mark: int) -> None:
+        found = range_items(value)
+        if found is None:  # at the pipeline's last node, as Go says it
+            raise self.error(f"range can't iterate over {gofmt.value(value)}")
+        items = list(found)
+        decl = node.pipe.decl
+        body_mark = len(self.vars)
+        for index, elem in items:
+            if decl:
+                if node.pipe.is_assign:
+                    self.set_var(decl[-1] if len(decl) == 1 else decl[1], elem)
+                    if len(decl) > 1:
+                        self.set_var(decl[0], index)
+                else:
+                    self.vars[-1] = (self.vars[-1][0], elem)
+                    if len(decl) > 1:
+                        self.vars[-2] = (self.vars[-2][0], index)
+            try:
+                self.walk(elem, node.body)
+            except _Continue:
+                pass
+            except _Break:
+                break
+            finally:
+                del self.vars[body_mark:]
+        if not items and node.else_body is not None:
+            self.walk(dot, node.else_body)
+
+    def template(self, dot: Any, node: TemplateNode) -> None:
+        tree = self.trees.get(node.name)
+        if tree is None:
+            raise self.error(f'template "{node.name}" not defined')
+        new_dot = self.pipeline(dot, node.pipe) if node.pipe is not None else None
+        self.depth += 1
+        if self.depth >= MAX_DEPTH:
+            raise self.error(f"exceeded maximum template depth ({MAX_DEPTH})")
+        saved = (self.tree, self.vars, self.node)
+        self.tree, self.vars = tree, [("$", new_dot)]
+        try:
+            self.walk(new_dot, tree.root)
+        finally:
+            self.tree, self.vars, self.node = saved
+            self.depth -= 1
+
+    # -- pipelines and commands
 
 
 def _arity(fn: Callable[..., Any]) -> int | None:

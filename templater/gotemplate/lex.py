@@ -112,76 +112,86 @@ class Lexer:
                 return
             if self.pos >= len(text):
                 raise self.error(self.pos, "unclosed action")
-            ch = text[self.pos]
-            start = self.pos
-            if ch in _SPACE:
-                while self.pos < len(text) and text[self.pos] in _SPACE:
-                    if text.startswith("-" + self.right, self.pos + 1) and text[self.pos] in _SPACE:
-                        self.pos += 1
-                        break
+            self._item(text[self.pos], self.pos)
+
+    def _item(self, ch: str, start: int) -> None:
+        """One item of an action, starting at start with ch: a space, an operator, a string, a
+        variable or a field; the rest in _word."""
+        text = self.text
+        if ch in _SPACE:
+            while self.pos < len(text) and text[self.pos] in _SPACE:
+                if text.startswith("-" + self.right, self.pos + 1) and text[self.pos] in _SPACE:
                     self.pos += 1
-                self.emit("space", start, self.pos)
-            elif ch == "\n":
-                raise self.error(start, "unclosed action")
-            elif text.startswith(":=", start):
-                self.pos += 2
-                self.emit(":=", start, self.pos)
-            elif ch in "=|,":
+                    break
                 self.pos += 1
-                self.emit(ch if ch != "|" else "pipe", start, self.pos)
-            elif ch == '"':
-                self._quoted(start, '"')
-            elif ch == "`":
-                end = text.find("`", start + 1)
-                if end < 0:
-                    raise self.error(start, "unterminated raw quoted string")
-                self.pos = end + 1
-                self.emit("rawstring", start, self.pos)
-            elif ch == "'":
-                self._quoted(start, "'")
-            elif ch == "$":
-                match = _IDENT.match(text, start + 1)
-                self.pos = match.end() if match else start + 1
-                self.emit("variable", start, self.pos)
-            elif ch == "." and not (start + 1 < len(text) and text[start + 1].isdigit()):
-                match = _IDENT.match(text, start + 1)
-                if match:
-                    self.pos = match.end()
-                    self.emit("field", start, self.pos)
-                else:
-                    self.pos += 1
-                    self.emit(".", start, self.pos)
-            elif ch.isdigit() or ch in "+-.":
-                match = _NUMBER.match(text, start)
-                if not match or match.end() == start:
-                    raise self.error(start, f"bad character {ch!r}")
+            self.emit("space", start, self.pos)
+        elif ch == "\n":
+            raise self.error(start, "unclosed action")
+        elif text.startswith(":=", start):
+            self.pos += 2
+            self.emit(":=", start, self.pos)
+        elif ch in "=|,":
+            self.pos += 1
+            self.emit(ch if ch != "|" else "pipe", start, self.pos)
+        elif ch == '"':
+            self._quoted(start, '"')
+        elif ch == "`":
+            end = text.find("`", start + 1)
+            if end < 0:
+                raise self.error(start, "unterminated raw quoted string")
+            self.pos = end + 1
+            self.emit("rawstring", start, self.pos)
+        elif ch == "'":
+            self._quoted(start, "'")
+        elif ch == "$":
+            match = _IDENT.match(text, start + 1)
+            self.pos = match.end() if match else start + 1
+            self.emit("variable", start, self.pos)
+        elif ch == "." and not (start + 1 < len(text) and text[start + 1].isdigit()):
+            match = _IDENT.match(text, start + 1)
+            if match:
                 self.pos = match.end()
-                if self.pos < len(text) and (text[self.pos].isalnum() or text[self.pos] == "_"):
-                    raise self.error(start, f"bad number syntax: {text[start : self.pos + 1]!r}")
-                self.emit("number", start, self.pos)
-            elif ch.isalpha() or ch == "_":
-                match = _IDENT.match(text, start)
-                assert match is not None
-                self.pos = match.end()
-                word = match.group(0)
-                if word in KEYWORDS:
-                    self.emit("keyword", start, self.pos)
-                elif word in ("true", "false"):
-                    self.emit("bool", start, self.pos)
-                else:
-                    self.emit("ident", start, self.pos)
-            elif ch == "(":
-                self.paren += 1
-                self.pos += 1
-                self.emit("(", start, self.pos)
-            elif ch == ")":
-                self.paren -= 1
-                if self.paren < 0:
-                    raise self.error(start, "unexpected right paren")
-                self.pos += 1
-                self.emit(")", start, self.pos)
+                self.emit("field", start, self.pos)
             else:
-                raise self.error(start, f"unrecognized character in action: {ch!r}")
+                self.pos += 1
+                self.emit(".", start, self.pos)
+        else:
+            self._word(ch, start)
+
+    def _word(self, ch: str, start: int) -> None:
+        """A number, an identifier, a keyword, a bool or a parenthesis."""
+        text = self.text
+        if ch.isdigit() or ch in "+-.":
+            match = _NUMBER.match(text, start)
+            if not match or match.end() == start:
+                raise self.error(start, f"bad character {ch!r}")
+            self.pos = match.end()
+            if self.pos < len(text) and (text[self.pos].isalnum() or text[self.pos] == "_"):
+                raise self.error(start, f"bad number syntax: {text[start : self.pos + 1]!r}")
+            self.emit("number", start, self.pos)
+        elif ch.isalpha() or ch == "_":
+            match = _IDENT.match(text, start)
+            assert match is not None
+            self.pos = match.end()
+            word = match.group(0)
+            if word in KEYWORDS:
+                self.emit("keyword", start, self.pos)
+            elif word in ("true", "false"):
+                self.emit("bool", start, self.pos)
+            else:
+                self.emit("ident", start, self.pos)
+        elif ch == "(":
+            self.paren += 1
+            self.pos += 1
+            self.emit("(", start, self.pos)
+        elif ch == ")":
+            self.paren -= 1
+            if self.paren < 0:
+                raise self.error(start, "unexpected right paren")
+            self.pos += 1
+            self.emit(")", start, self.pos)
+        else:
+            raise self.error(start, f"unrecognized character in action: {ch!r}")
 
     def _quoted(self, start: int, quote: str) -> None:
         text = self.text

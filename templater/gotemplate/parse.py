@@ -233,18 +233,13 @@ def number(text: str) -> int | float:
     return sign * int(digits)
 
 
-class _Parser:
-    def __init__(self, name: str, text: str, items: list[Item], funcs: Callable[[str], bool]) -> None:
+class _Items:
+    """The lexer's items as the parser walks them, and its errors, which name the template and line."""
+
+    def __init__(self, name: str, items: list[Item]) -> None:
         self.name = name
-        self.text = text
         self.items = items
         self.i = 0
-        self.funcs = funcs
-        self.vars: list[str] = ["$"]
-        self.range_depth = 0
-        self.trees: dict[str, Tree] = {}
-
-    # -- items
 
     def next(self) -> Item:
         item = self.items[self.i]
@@ -285,134 +280,15 @@ class _Parser:
             raise self.unexpected(item, context)
         return item
 
-    # -- the grammar
 
-    def top(self) -> ListNode:
-        root = ListNode()
-        while self.peek().kind != "eof":
-            if self.peek().kind == "left":
-                mark = self.i
-                left = self.next()
-                if self.peek_non_space().kind == "keyword" and self.peek_non_space().value == "define":
-                    self.next_non_space()
-                    self.define(left)
-                    continue
-                self.i = mark
-            node = self.text_or_action()
-            if isinstance(node, (_End, _Else)):
-                raise self.error(f"unexpected {{{{{'end' if isinstance(node, _End) else 'else'}}}}}")
-            root.nodes.append(node)
-        return root
+class _Expressions(_Items):
+    """Pipelines, commands and operands, with the variables declared so far and the functions
+    known (Go's parser refuses an undeclared variable or an unknown function)."""
 
-    def define(self, left: Item) -> None:
-        name_item = self.next_non_space()
-        if name_item.kind not in ("string", "rawstring"):
-            raise self.unexpected(name_item, "define clause")
-        name = self.string_value(name_item)
-        self.expect("right", "define clause")
-        body, end = self.item_list()
-        if not isinstance(end, _End):
-            raise self.error("unexpected {{else}} in define clause")
-        self.add(name, body)
-
-    def add(self, name: str, body: ListNode) -> None:
-        existing = self.trees.get(name)
-        if existing is not None and _has_content(existing.root) and _has_content(body):
-            raise self.error(f"template: multiple definition of template {name!r}")
-        if existing is None or _has_content(body):
-            self.trees[name] = Tree(name, body, self.text)
-
-    def item_list(self) -> tuple[ListNode, Node]:
-        body = ListNode(self.peek().pos, self.peek().line)
-        while self.peek_non_space().kind != "eof":
-            node = self.text_or_action()
-            if isinstance(node, (_End, _Else)):
-                return body, node
-            body.nodes.append(node)
-        raise self.error("unexpected EOF")
-
-    def text_or_action(self) -> Node:
-        item = self.next_non_space()
-        if item.kind == "text":
-            return TextNode(item.pos, item.line, item.value)
-        if item.kind == "left":
-            return self.action()
-        raise self.unexpected(item, "input")
-
-    def action(self) -> Node:
-        item = self.next_non_space()
-        if item.kind == "keyword":
-            word = item.value
-            if word == "block":
-                return self.block(item)
-            if word in ("break", "continue"):
-                if self.range_depth == 0:
-                    raise self.error(f"{{{{{word}}}}} outside {{{{range}}}}", item)
-                self.expect("right", word)
-                return (BreakNode if word == "break" else ContinueNode)(item.pos, item.line)
-            if word == "define":
-                raise self.error("unexpected <define> in command", item)
-            if word == "else":
-                return self.else_control(item)
-            if word == "end":
-                self.expect("right", "end")
-                return _End(item.pos, item.line)
-            if word in ("if", "range", "with"):
-                return self.control(word, item)
-            if word == "template":
-                return self.template(item)
-        self.backup()
-        pipe = self.pipeline("command", "right")
-        return ActionNode(item.pos, item.line, pipe)
-
-    def else_control(self, item: Item) -> Node:
-        following = self.peek_non_space()
-        if following.kind == "keyword" and following.value == "if":
-            return _Else(item.pos, item.line)  # "else if": the if is left for the caller
-        self.expect("right", "else")
-        return _Else(item.pos, item.line)
-
-    def control(self, kind: str, item: Item) -> BranchNode:
-        saved = len(self.vars)
-        self.range_depth += kind == "range"
-        try:
-            pipe = self.pipeline(kind, "right")
-            body, end = self.item_list()
-            else_body = None
-            if isinstance(end, _Else):
-                following = self.peek_non_space()
-                if kind == "if" and following.kind == "keyword" and following.value == "if":
-                    nested = self.next_non_space()  # {{else if x}} is {{else}}{{if x}}...{{end}}{{end}}
-                    else_body = ListNode(nested.pos, nested.line, [self.control("if", nested)])
-                else:
-                    else_body, end = self.item_list()
-                    if not isinstance(end, _End):
-                        raise self.error("expected end; found {{else}}")
-            return BranchNode(item.pos, item.line, kind, pipe, body, else_body)
-        finally:
-            self.range_depth -= kind == "range"
-            del self.vars[saved:]
-
-    def template(self, item: Item) -> TemplateNode:
-        name_item = self.next_non_space()
-        if name_item.kind not in ("string", "rawstring"):
-            raise self.unexpected(name_item, "template clause")
-        name = self.string_value(name_item)
-        pipe = None
-        if self.next_non_space().kind != "right":
-            self.backup()
-            pipe = self.pipeline("template clause", "right")
-        return TemplateNode(name_item.pos, name_item.line, name, pipe)
-
-    def block(self, item: Item) -> TemplateNode:
-        node = self.template(item)
-        saved = len(self.vars)
-        body, end = self.item_list()
-        del self.vars[saved:]
-        if not isinstance(end, _End):
-            raise self.error("unexpected {{else}} in block clause")
-        self.add(node.name, body)
-        return node
+    def __init__(self, name: str, items: list[Item], funcs: Callable[[str], bool]) -> None:
+        super().__init__(name, items)
+        self.funcs = funcs
+        self.vars: list[str] = ["$"]
 
     def string_value(self, item: Item) -> str:
         if item.kind == "rawstring":
@@ -547,6 +423,144 @@ class _Parser:
             return StringNode(item.pos, item.line, item.value, self.string_value(item))
         self.backup()
         return None
+
+
+class _Parser(_Expressions):
+    """Go's text/template grammar (text/template/parse/parse.go) over the items: the actions,
+    control structures and templates; their pipelines come from _Expressions."""
+
+    def __init__(self, name: str, text: str, items: list[Item], funcs: Callable[[str], bool]) -> None:
+        super().__init__(name, items, funcs)
+        self.text = text
+        self.range_depth = 0
+        self.trees: dict[str, Tree] = {}
+
+    def top(self) -> ListNode:
+        root = ListNode()
+        while self.peek().kind != "eof":
+            if self.peek().kind == "left":
+                mark = self.i
+                left = self.next()
+                if self.peek_non_space().kind == "keyword" and self.peek_non_space().value == "define":
+                    self.next_non_space()
+                    self.define(left)
+                    continue
+                self.i = mark
+            node = self.text_or_action()
+            if isinstance(node, (_End, _Else)):
+                raise self.error(f"unexpected {{{{{'end' if isinstance(node, _End) else 'else'}}}}}")
+            root.nodes.append(node)
+        return root
+
+    def define(self, left: Item) -> None:
+        name_item = self.next_non_space()
+        if name_item.kind not in ("string", "rawstring"):
+            raise self.unexpected(name_item, "define clause")
+        name = self.string_value(name_item)
+        self.expect("right", "define clause")
+        body, end = self.item_list()
+        if not isinstance(end, _End):
+            raise self.error("unexpected {{else}} in define clause")
+        self.add(name, body)
+
+    def add(self, name: str, body: ListNode) -> None:
+        existing = self.trees.get(name)
+        if existing is not None and _has_content(existing.root) and _has_content(body):
+            raise self.error(f"template: multiple definition of template {name!r}")
+        if existing is None or _has_content(body):
+            self.trees[name] = Tree(name, body, self.text)
+
+    def item_list(self) -> tuple[ListNode, Node]:
+        body = ListNode(self.peek().pos, self.peek().line)
+        while self.peek_non_space().kind != "eof":
+            node = self.text_or_action()
+            if isinstance(node, (_End, _Else)):
+                return body, node
+            body.nodes.append(node)
+        raise self.error("unexpected EOF")
+
+    def text_or_action(self) -> Node:
+        item = self.next_non_space()
+        if item.kind == "text":
+            return TextNode(item.pos, item.line, item.value)
+        if item.kind == "left":
+            return self.action()
+        raise self.unexpected(item, "input")
+
+    def action(self) -> Node:
+        item = self.next_non_space()
+        if item.kind == "keyword":
+            word = item.value
+            if word == "block":
+                return self.block(item)
+            if word in ("break", "continue"):
+                if self.range_depth == 0:
+                    raise self.error(f"{{{{{word}}}}} outside {{{{range}}}}", item)
+                self.expect("right", word)
+                return (BreakNode if word == "break" else ContinueNode)(item.pos, item.line)
+            if word == "define":
+                raise self.error("unexpected <define> in command", item)
+            if word == "else":
+                return self.else_control(item)
+            if word == "end":
+                self.expect("right", "end")
+                return _End(item.pos, item.line)
+            if word in ("if", "range", "with"):
+                return self.control(word, item)
+            if word == "template":
+                return self.template(item)
+        self.backup()
+        pipe = self.pipeline("command", "right")
+        return ActionNode(item.pos, item.line, pipe)
+
+    def else_control(self, item: Item) -> Node:
+        following = self.peek_non_space()
+        if following.kind == "keyword" and following.value == "if":
+            return _Else(item.pos, item.line)  # "else if": the if is left for the caller
+        self.expect("right", "else")
+        return _Else(item.pos, item.line)
+
+    def control(self, kind: str, item: Item) -> BranchNode:
+        saved = len(self.vars)
+        self.range_depth += kind == "range"
+        try:
+            pipe = self.pipeline(kind, "right")
+            body, end = self.item_list()
+            else_body = None
+            if isinstance(end, _Else):
+                following = self.peek_non_space()
+                if kind == "if" and following.kind == "keyword" and following.value == "if":
+                    nested = self.next_non_space()  # {{else if x}} is {{else}}{{if x}}...{{end}}{{end}}
+                    else_body = ListNode(nested.pos, nested.line, [self.control("if", nested)])
+                else:
+                    else_body, end = self.item_list()
+                    if not isinstance(end, _End):
+                        raise self.error("expected end; found {{else}}")
+            return BranchNode(item.pos, item.line, kind, pipe, body, else_body)
+        finally:
+            self.range_depth -= kind == "range"
+            del self.vars[saved:]
+
+    def template(self, item: Item) -> TemplateNode:
+        name_item = self.next_non_space()
+        if name_item.kind not in ("string", "rawstring"):
+            raise self.unexpected(name_item, "template clause")
+        name = self.string_value(name_item)
+        pipe = None
+        if self.next_non_space().kind != "right":
+            self.backup()
+            pipe = self.pipeline("template clause", "right")
+        return TemplateNode(name_item.pos, name_item.line, name, pipe)
+
+    def block(self, item: Item) -> TemplateNode:
+        node = self.template(item)
+        saved = len(self.vars)
+        body, end = self.item_list()
+        del self.vars[saved:]
+        if not isinstance(end, _End):
+            raise self.error("unexpected {{else}} in block clause")
+        self.add(node.name, body)
+        return node
 
 
 def _has_content(body: ListNode) -> bool:
