@@ -191,6 +191,46 @@ def test_a_templates_own_wait_holds_its_changes_until_quiet_or_max():
     assert not waits.ready(1, (0.5, 2.0), True, 20.0) and waits.ready(1, (0.5, 2.0), False, 20.5)
 
 
+def test_the_wait_before_a_cycle_settles_edits_spaces_bursts_and_waits_for_quiet():
+    import threading
+    import time
+
+    from templater.quiesce import EDIT_SETTLE, Pace, gather
+
+    asked: list[float] = []
+
+    def scripted(*answers: set[str]):
+        queue = list(answers)
+
+        def wait(seconds: float) -> set[str]:
+            asked.append(seconds)
+            if queue:
+                return queue.pop(0)
+            time.sleep(seconds)
+            return set()
+
+        return wait
+
+    stop = threading.Event()
+    none = Pace(0.0, 0.0, 0.0)
+    # a template being written: its events are gathered until a settle period passes quiet
+    got = gather({"template:/t"}, scripted({"template:/t"}, {"kv"}), none, 0.0, stop)
+    assert got == {"template:/t", "kv"} and asked == [EDIT_SETTLE] * 3
+    asked.clear()
+    assert gather({"kv"}, scripted(), none, 0.0, stop) == {"kv"} and asked == []  # nothing to wait for
+    # --reload-interval: a change soon after a write waits for the rest of the interval, and takes what came
+    started = time.monotonic()
+    got = gather({"a"}, scripted({"b"}), Pace(0.0, 0.0, 0.2), started, stop)
+    assert got == {"a", "b"} and time.monotonic() - started >= 0.2
+    assert gather({"a"}, scripted(), Pace(0.0, 0.0, 0.2), started - 1.0, stop) == {"a"}  # a quiet spell: at once
+    # --wait min:max: until nothing changed for min, or max after the first change
+    started = time.monotonic()
+    got = gather({"a"}, scripted({"b"}, {"c"}), Pace(0.1, 5.0, 0.0), 0.0, stop)
+    assert got == {"a", "b", "c"} and 0.1 <= time.monotonic() - started < 1.0
+    stop.set()  # stopping ends every wait at once
+    assert gather({"a"}, scripted(), Pace(10.0, 20.0, 10.0), time.monotonic(), stop) == {"a"}
+
+
 def test_a_reload_keeps_unchanged_templates_and_says_what_needs_a_restart(tmp_path: Path):
     from templater.reload import reloaded
     from templater.writer import TemplateState
