@@ -175,6 +175,8 @@ class Scope:
     def finish(self) -> None:
         """After a complete render: drop the blocks it did not use."""
         entries = self.fragments.entries
+        if len(self._used) == len(entries):
+            return  # a complete render kept every block it used, so it used every block kept
         for key in [k for k in entries if k not in self._used]:
             del entries[key]
 

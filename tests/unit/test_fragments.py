@@ -122,6 +122,7 @@ def test_cached_output_equals_a_plain_render_after_any_changes(changes):
             plain.used,
             plain.queries,
         )
+        assert set(fragments.entries) == {(name,) for name in data}  # a block no longer rendered is dropped
 
 
 def test_a_kept_block_still_makes_its_side_files():
