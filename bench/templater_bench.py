@@ -221,6 +221,7 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
     listeners = Listeners([20000 + i for i in range(args.instances)]) if args.bundled else None
     proc = Process("templater", argv, work)
     haproxy_idle = None
+    haproxy_window = 10.0
     try:
         while not dest.exists():
             time.sleep(0.005)
@@ -276,6 +277,11 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
         time.sleep(10.0)
         cpu1 = ps.cpu_times()
         if haproxy_pid:
+            # HAProxy spreads a backend's checks over its interval: with few servers a backend,
+            # they come in bursts, and a window shorter than the interval can see none of them
+            inter = re.search(r"default-server inter (\d+)ms", dest.read_text())
+            haproxy_window = max(10.0, int(inter.group(1)) / 1000 + 1.0) if inter else 10.0
+            time.sleep(haproxy_window - 10.0)
             haproxy_idle = proxy_cpu(haproxy_pid) - h0
         if idle_spy is not None:
             idle_spy.send_signal(signal.SIGINT)
@@ -317,7 +323,10 @@ def measure(url: str, http_port: int, work: Path, args: argparse.Namespace) -> N
     print(f"CPU while idle (10 s)          {idle_cpu * 1000:.0f} ms")
     print(f"templater RSS                  {rss / 2**20:.1f} MiB")
     if haproxy_idle is not None:
-        print(f"HAProxy CPU while idle (10 s)  {haproxy_idle * 1000:.0f} ms (master and workers, backends answering)")
+        share = haproxy_idle / haproxy_window * 100
+        spent = f"{haproxy_idle * 1000:.0f} ms in {haproxy_window:.0f} s"
+        print(f"HAProxy CPU while idle         {spent} ({share:.2f}% of a core;")
+        print("                               master and workers, backends answering)")
 
 
 def main() -> int:
