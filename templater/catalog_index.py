@@ -247,16 +247,13 @@ class CatalogIndex:
         self._node_status = node_status
         to_read = set()
         for name in set(bad) | set(self._watch_bad):
-            if bad.get(name) == self._watch_bad.get(name):
-                continue
-            applied, new = self._bad.get(name, {}), bad.get(name, {})
-            if any(severity(new.get(key, PASSING)) < severity(status) for key, status in applied.items()):
-                to_read.add(name)
-            merged = dict(applied)
-            for key, status in new.items():
-                merged[key] = _worst(status, applied.get(key))
-            if merged != applied:
-                self._set_bad(name, merged)
+            if bad.get(name) != self._watch_bad.get(name):
+                applied = self._bad.get(name, {})
+                better, merged = took_worse(applied, bad.get(name, {}))
+                if better:
+                    to_read.add(name)
+                if merged != applied:
+                    self._set_bad(name, merged)
         self._watch_bad = bad
         return to_read
 
@@ -371,17 +368,9 @@ class CatalogIndex:
         if not built:
             self._built.pop(name, None)
             self.instances.pop(name, None)
-        elif self.checks_kept:
-            assert self._book is not None
-            of = self._book.of
-            self.instances[name] = tuple(
-                replace(i, status=_worst(i.status, self._node_status.get(i.node)), checks=of(i.node, i.id))
-                for i in built
-            )
         else:
-            self.instances[name] = tuple(
-                _with_status(i, _worst(i.status, self._node_status.get(i.node))) for i in built
-            )
+            book = self._book if self.checks_kept else None
+            self.instances[name] = with_health(built, self._node_status, book.of if book is not None else None)
         if name not in self._by_name:
             if self.services.pop(name, None) is not None:
                 self._listing = None
@@ -393,6 +382,29 @@ class CatalogIndex:
                 self._listing = None
         elif name not in self.services:
             self._warn(f"left out service name={name!r}: not a safe name")
+
+
+def with_health(
+    built: tuple[Instance, ...], node_status: Mapping[str, str], checks_of: Callable[[str, str], Any] | None
+) -> tuple[Instance, ...]:
+    """A service's instances as templates see them: each with its node's status when worse, and
+    with its checks (checks_of) while they are kept."""
+    if checks_of is not None:
+        return tuple(
+            replace(i, status=_worst(i.status, node_status.get(i.node)), checks=checks_of(i.node, i.id)) for i in built
+        )
+    return tuple(_with_status(i, _worst(i.status, node_status.get(i.node))) for i in built)
+
+
+def took_worse(applied: dict[InstanceKey, str], new: dict[InstanceKey, str]) -> tuple[bool, dict[InstanceKey, str]]:
+    """A service's instances not passing: as applied, and as a checks answer has them now.
+    Whether one got better (believed only after its service is read again), and the statuses
+    with every worse one taken at once."""
+    better = any(severity(new.get(key, PASSING)) < severity(status) for key, status in applied.items())
+    merged = dict(applied)
+    for key, status in new.items():
+        merged[key] = _worst(status, applied.get(key))
+    return better, merged
 
 
 def _worst(status: str, node_status: str | None) -> str:
