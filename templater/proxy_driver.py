@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Protocol
 
+from sidecar.backoff import Backoff
 from templater.catalog import CRITICAL, PASSING, WARNING
 from templater.errors import ProxyError, ProxyWaiting
 from templater.haproxy_runtime import Outcome
@@ -75,6 +76,10 @@ class ProxyDriver:
         self._version = ""
         self.running_text: str | None = None  # the configuration last written for it
         self._applied: bytes | None = None  # the configuration last taken at runtime, until a reload
+        # a reload that failed is tried again (capped backoff) from the file last written: else the
+        # proxy served its old configuration until the next change of data, however long that was
+        self._reload_again_at: float | None = None
+        self._reload_backoff = Backoff(0.5, 30.0)
 
     def describe(self) -> dict[str, object]:
         """The proxy as the routes page shows it: kind, version, master's PID, config, drains."""
@@ -148,9 +153,13 @@ class ProxyDriver:
             self._metrics.add(reload_failures=1)
             self._metrics.problem(key, str(err))
             self._metrics.history.failed(key, str(err))
-            log.error("%s", err)
+            delay = self._reload_backoff.next_delay()
+            self._reload_again_at = time.monotonic() + delay
+            log.error("%s; trying again in %.1f s", err, delay)
             return False
         self._metrics.problem(key, None)
+        self._reload_again_at = None
+        self._reload_backoff.reset()
         return True
 
     # -- twice a second
@@ -166,6 +175,9 @@ class ProxyDriver:
         if pid is None:
             self._report(None)  # the proxy's own check says so before the restart
             pid = self._restart()
+        elif self._reload_again_at is not None and time.monotonic() >= self._reload_again_at:
+            log.info("reloading %s again from its file after a failed reload", self.proxy.key)
+            self._start_or_reload(None, self.running_text)
         self._report(pid)
 
     def _restart(self) -> int | None:
@@ -183,6 +195,7 @@ class ProxyDriver:
             log.error("%s", err)
             return None
         self._metrics.problem(key, None)
+        self._reload_again_at = None  # started from the file as it is
         if self.hook is not None and self.running_text is not None:
             try:
                 self.hook.after_reload(self.running_text, first_workers(pid))

@@ -162,7 +162,9 @@ def test_added_server_gets_default_server_settings(consul, raw_haproxy, tmp_path
 
 def test_failed_reload_is_reported_as_failed(consul, raw_haproxy, tmp_path):
     """Point 8: a configuration that passes `haproxy -c` but cannot be loaded (its port is
-    taken) leaves the old worker serving; that is a failed reload in the log and /health."""
+    taken) leaves the old worker serving; that is a failed reload in the log and /health. Once
+    the port is free, the reload is tried again from the file with no change of data (it used
+    to wait for the next change, serving the old configuration until then)."""
     status = free_port()
     extra = free_port()
     register(consul, "f1", "raw", 9301)
@@ -177,6 +179,9 @@ def test_failed_reload_is_reported_as_failed(consul, raw_haproxy, tmp_path):
         code, body = health(status)
         assert code == 503 and any(k.startswith("reload:") for k in body["problems"]), body
         assert get(port, "x", "/")[0] == 200  # the old worker still serves
+    wait_until(lambda: get(extra, "x", "/")[0] == 200, timeout=60, what=f"the new frontend {proc.output()[-3000:]}")
+    assert "again from its file after a failed reload" in proc.output()
+    wait_until(lambda: health(status)[0] == 200, timeout=20, what="healthy after the reload tried again")
     kv_delete(consul, "hard/extra")
     wait_until(
         lambda: health(status)[0] == 200, timeout=20, what=f"healthy after a good reload {proc.output()[-3000:]}"
