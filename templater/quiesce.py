@@ -74,7 +74,7 @@ def gather(
         return changed
     first = last = time.monotonic()
     while not stop.is_set():
-        remaining = min(last + pace.wait_min, first + pace.wait_max) - time.monotonic()
+        remaining = _due((first, last, pace.wait_min, pace.wait_max)) - time.monotonic()
         if remaining <= 0:
             break
         more = wait(remaining)

@@ -100,7 +100,7 @@ def read(name: str, metas: Iterable[Mapping[str, str]]) -> Options:
         errors.append(f"service {name}: {key}={found[key]!r} {why}: option left out")
 
     values: dict[str, object] = {}
-    for key, (attr, parse, why) in _PARSERS.items():
+    for key, (attr, (parse, why)) in _PARSERS.items():
         if key in found:
             value = parse(found[key])
             if value is None:
@@ -113,17 +113,20 @@ def read(name: str, metas: Iterable[Mapping[str, str]]) -> Options:
     return Options(**values, errors=tuple(errors))  # type: ignore[arg-type]
 
 
+Parser = tuple[Callable[[str], object], str]  # the value or None when bad; what a good value is
+
+
 def _flag(text: str) -> bool | None:
     word = text.strip().lower()
     return word in _TRUE if word in _TRUE | _FALSE else None
 
 
-def _whole(high: int) -> Callable[[str], int | None]:
+def _whole(high: int) -> Parser:
     def parse(text: str) -> int | None:
         digits = text.strip()
         return int(digits) if digits.isdigit() and 1 <= int(digits) <= high else None
 
-    return parse
+    return parse, f"is not a whole number from 1 to {high}"
 
 
 def _size(text: str) -> int | None:
@@ -132,7 +135,7 @@ def _size(text: str) -> int | None:
     return number if 1 <= number <= BODY_MAX else None
 
 
-def _milliseconds(high: int) -> Callable[[str], int | None]:
+def _milliseconds(high: int) -> Parser:  # high: seconds, whole hours
     def parse(text: str) -> int | None:
         try:
             seconds = parse_duration(text)
@@ -140,7 +143,11 @@ def _milliseconds(high: int) -> Callable[[str], int | None]:
             return None
         return round(seconds * 1000) if 0.001 <= seconds <= high else None
 
-    return parse
+    return parse, f"is not a duration from 1ms to {high // 3600}h"
+
+
+def _network_list(text: str) -> tuple[str, ...] | None:
+    return _networks(text) or None
 
 
 def _proto(text: str) -> bool | None:
@@ -148,18 +155,20 @@ def _proto(text: str) -> bool | None:
     return proto in ("h2c", "grpc") if proto in ("h2c", "grpc", "http1", "http") else None
 
 
-# meta key -> (Options field, its parser: the value or None when bad, what a good value is)
-_PARSERS: dict[str, tuple[str, Callable[[str], object], str]] = {
-    "http_redirect_https": ("redirect_https", _flag, "is not true or false"),
-    "http_strip_path": ("strip_path", _flag, "is not true or false"),
-    "http_hsts": ("hsts", _whole(HSTS_MAX), f"is not a whole number from 1 to {HSTS_MAX}"),
-    "http_rate_limit": ("rate_limit", _whole(100_000), "is not a whole number from 1 to 100000"),
-    "http_max_body": ("max_body", _size, "is not a size such as 512k, 10m or 1g"),
-    "http_connect_timeout": ("connect_timeout_ms", _milliseconds(3600), "is not a duration from 1ms to 1h"),
-    "http_read_timeout": ("read_timeout_ms", _milliseconds(86400), "is not a duration from 1ms to 24h"),
-    "http_allow": ("allow", lambda text: _networks(text) or None, "is not a comma list of addresses or CIDRs"),
-    "http_deny": ("deny", lambda text: _networks(text) or None, "is not a comma list of addresses or CIDRs"),
-    "http_proto": ("h2c", _proto, "is not h2c, grpc or http1"),
+_FLAG: Parser = (_flag, "is not true or false")
+_NETWORKS: Parser = (_network_list, "is not a comma list of addresses or CIDRs")
+# meta key -> (Options field, its parser)
+_PARSERS: dict[str, tuple[str, Parser]] = {
+    "http_redirect_https": ("redirect_https", _FLAG),
+    "http_strip_path": ("strip_path", _FLAG),
+    "http_hsts": ("hsts", _whole(HSTS_MAX)),
+    "http_rate_limit": ("rate_limit", _whole(100_000)),
+    "http_max_body": ("max_body", (_size, "is not a size such as 512k, 10m or 1g")),
+    "http_connect_timeout": ("connect_timeout_ms", _milliseconds(3600)),
+    "http_read_timeout": ("read_timeout_ms", _milliseconds(86400)),
+    "http_allow": ("allow", _NETWORKS),
+    "http_deny": ("deny", _NETWORKS),
+    "http_proto": ("h2c", (_proto, "is not h2c, grpc or http1")),
 }
 
 

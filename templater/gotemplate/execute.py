@@ -83,15 +83,12 @@ class _Evaluator:
     """Pipelines, commands, fields, calls and arguments evaluated against dot and the variables;
     errors that name the template, line, column and node, as Go's do."""
 
-    def __init__(self, trees: Mapping[str, Tree], funcs: Mapping[str, Callable[..., Any]], strict: bool) -> None:
-        self.trees = trees
+    def __init__(self, funcs: Mapping[str, Callable[..., Any]], strict: bool) -> None:
         self.funcs = funcs
         self.strict = strict  # missingkey=error
-        self.out: list[str] = []
         self.vars: list[tuple[str, Any]] = []
-        self.tree: Tree | None = None
+        self.tree: Tree | None = None  # where an error is said to be
         self.node: Node | None = None
-        self.depth = 0
 
     def error(self, message: str) -> ExecError:
         tree, node = self.tree, self.node
@@ -274,6 +271,12 @@ class _Evaluator:
 
 class _State(_Evaluator):
     """Go's exec.go state: walks the tree, writing text and the values of actions."""
+
+    def __init__(self, trees: Mapping[str, Tree], funcs: Mapping[str, Callable[..., Any]], strict: bool) -> None:
+        super().__init__(funcs, strict)
+        self.trees = trees
+        self.out: list[str] = []
+        self.depth = 0  # templates called within templates
 
     def walk(self, dot: Any, node: Node) -> None:
         self.node = node
